@@ -1,0 +1,32 @@
+# nxserve developer entry points. Only Python 3.11, make and pip are needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CACHE  := .cache
+DEFAULT_MODEL := $(CACHE)/models/tiny-llama
+
+.PHONY: setup test run model clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+$(DEFAULT_MODEL)/config.json: | $(STAMP)
+	$(VENV)/bin/nxserve make-model --arch llama --preset tiny --out $(DEFAULT_MODEL)
+
+model: $(DEFAULT_MODEL)/config.json
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: $(STAMP) $(DEFAULT_MODEL)/config.json
+	$(VENV)/bin/nxserve generate --model $(DEFAULT_MODEL) \
+		--prompt "The quick brown fox" --prompt "Once upon a time" --max-new-tokens 24
+
+clean:
+	rm -rf $(VENV) $(CACHE) *.egg-info

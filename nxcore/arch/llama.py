@@ -1,0 +1,150 @@
+"""Llama: the base architecture. Other architectures reuse these functions and change a few facts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from nxcore.arch import Architecture, register
+from nxcore.model_config import ModelConfig, RopeConfig
+from nxcore.modules.rotary import ROPE_TYPES
+
+
+def read_rope(hf: Any) -> RopeConfig:
+    """Rotary settings from HF `rope_parameters` (transformers >= 5) or `rope_theta`/`rope_scaling`."""
+    params = getattr(hf, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(hf, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    params = dict(params)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported: supported types are {list(ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported: only 1.0")
+    rope = RopeConfig(theta=float(params.get("rope_theta", 10000.0)), rope_type=rope_type)
+    if rope_type == "linear":
+        rope = RopeConfig(theta=rope.theta, rope_type=rope_type, factor=float(params["factor"]))
+    elif rope_type == "llama3":
+        rope = RopeConfig(
+            theta=rope.theta,
+            rope_type=rope_type,
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    return rope
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def config_fields(hf: Any) -> dict[str, Any]:
+    """The ModelConfig fields every Llama-like HF config provides."""
+    num_heads = hf.num_attention_heads
+    dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None) or "float32"
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    return dict(
+        model_type=hf.model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or num_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // num_heads,
+        rms_norm_eps=hf.rms_norm_eps,
+        max_position_embeddings=hf.max_position_embeddings,
+        rope=read_rope(hf),
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        hidden_act=getattr(hf, "hidden_act", "silu"),
+        dtype=dtype,
+        bos_token_id=getattr(hf, "bos_token_id", None),
+        eos_token_ids=_token_ids(getattr(hf, "eos_token_id", None)),
+        pad_token_id=getattr(hf, "pad_token_id", None),
+    )
+
+
+def read_config(hf: Any) -> ModelConfig:
+    bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(
+        **config_fields(hf),
+        attention_bias=bias,
+        o_proj_bias=bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+    )
+
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def convert_state_dict(hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF Llama-family tensors -> nxcore names: strip `model.`, fuse q/k/v and gate/up, tie lm_head."""
+    taken: set[str] = set()
+    missing: list[str] = []
+
+    def take(name: str) -> torch.Tensor | None:
+        if name not in hf:
+            missing.append(name)
+            return None
+        taken.add(name)
+        return hf[name]
+
+    def take_optional(name: str) -> torch.Tensor | None:
+        return take(name) if name in hf else None
+
+    out: dict[str, torch.Tensor] = {
+        "embed_tokens.weight": take("model.embed_tokens.weight"),
+        "norm.weight": take("model.norm.weight"),
+    }
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        attn = src + "self_attn."
+        qkv = [take(f"{attn}{p}_proj.weight") for p in "qkv"]
+        out[dst + "attn.qkv_proj.weight"] = _cat(qkv)
+        if cfg.attention_bias:
+            out[dst + "attn.qkv_proj.bias"] = _cat([take(f"{attn}{p}_proj.bias") for p in "qkv"])
+        out[dst + "attn.o_proj.weight"] = take(attn + "o_proj.weight")
+        if cfg.o_proj_bias:
+            out[dst + "attn.o_proj.bias"] = take(attn + "o_proj.bias")
+        if cfg.qk_norm:
+            out[dst + "attn.q_norm.weight"] = take(attn + "q_norm.weight")
+            out[dst + "attn.k_norm.weight"] = take(attn + "k_norm.weight")
+        mlp = src + "mlp."
+        out[dst + "mlp.gate_up_proj.weight"] = _cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
+        out[dst + "mlp.down_proj.weight"] = take(mlp + "down_proj.weight")
+        if cfg.mlp_bias:
+            out[dst + "mlp.gate_up_proj.bias"] = _cat([take(mlp + "gate_proj.bias"), take(mlp + "up_proj.bias")])
+            out[dst + "mlp.down_proj.bias"] = take(mlp + "down_proj.bias")
+        out[dst + "input_norm.weight"] = take(src + "input_layernorm.weight")
+        out[dst + "post_attn_norm.weight"] = take(src + "post_attention_layernorm.weight")
+    if cfg.tie_word_embeddings:
+        take_optional("lm_head.weight")
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    else:
+        out["lm_head.weight"] = take("lm_head.weight")
+    unexpected = sorted(k for k in hf if k not in taken and not k.endswith(IGNORED_SUFFIXES))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the {cfg.model_type} architecture: "
+            f"missing tensors {missing or 'none'}; unexpected tensors {unexpected or 'none'}"
+        )
+    return out
+
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if any(p is None for p in parts):
+        return None
+    return torch.cat(parts, dim=0)
+
+
+LLAMA = register(Architecture(model_type="llama", read_config=read_config, convert_state_dict=convert_state_dict))

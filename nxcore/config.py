@@ -1,0 +1,129 @@
+"""Runtime config: the analog of NxD's NeuronConfig.
+
+It fixes every static shape the graphs are built for (slots, context batch, sequence length,
+context buckets, speculation length, top-k width) plus the execution choices (dtype, TP degree,
+backend). It is validated once, at construction, and saved as JSON next to compiled artifacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+BACKENDS = ("eager", "compile")
+MIN_BUCKET = 128
+
+
+def default_buckets(seq_len: int) -> tuple[int, ...]:
+    """Powers of two from 128 up to seq_len, plus seq_len itself."""
+    buckets = []
+    size = MIN_BUCKET
+    while size < seq_len:
+        buckets.append(size)
+        size *= 2
+    buckets.append(seq_len)
+    return tuple(buckets)
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"RuntimeConfig.{name}={value!r} is invalid: allowed {allowed}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Static shapes and execution choices of one engine instance."""
+
+    batch_size: int = 4
+    """Decode slots: rows of the token-generation graph and of the KV cache."""
+    ctx_batch_size: int = 1
+    """Rows of the context-encoding graph (prompts encoded per call)."""
+    seq_len: int = 512
+    """Longest sequence (prompt + generated tokens) a slot holds."""
+    buckets: tuple[int, ...] = ()
+    """Context-encoding lengths, ascending; empty means `default_buckets(seq_len)`."""
+    tp_degree: int = 1
+    """Tensor-parallel degree the graphs are built for."""
+    dtype: str = "auto"
+    """Weights, activations and KV cache dtype: one of DTYPES, or `auto` for the checkpoint's own."""
+    on_device_sampling: bool = True
+    """Sample inside the graph (True) or return logits and sample on the host (False)."""
+    max_topk: int = 256
+    """Width of the in-graph top-k candidate set; a request's top_k may not exceed it."""
+    speculation_length: int = 0
+    """Tokens scored per speculation-graph call; 0 builds no speculation graph."""
+    backend: str = "eager"
+    """Graph backend: one of BACKENDS."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        _require(
+            isinstance(self.ctx_batch_size, int) and 1 <= self.ctx_batch_size <= self.batch_size,
+            "ctx_batch_size", self.ctx_batch_size, f"1..batch_size ({self.batch_size})",
+        )
+        _require(isinstance(self.seq_len, int) and self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
+        buckets = tuple(self.buckets) if self.buckets else default_buckets(self.seq_len)
+        _require(
+            all(isinstance(b, int) and 1 <= b <= self.seq_len for b in buckets),
+            "buckets", buckets, f"integers in 1..seq_len ({self.seq_len})",
+        )
+        _require(list(buckets) == sorted(set(buckets)), "buckets", buckets, "strictly ascending values")
+        object.__setattr__(self, "buckets", buckets)
+        _require(isinstance(self.tp_degree, int) and self.tp_degree >= 1, "tp_degree", self.tp_degree, ">= 1")
+        _require(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {sorted(DTYPES)}")
+        _require(isinstance(self.max_topk, int) and self.max_topk >= 1, "max_topk", self.max_topk, ">= 1")
+        _require(
+            isinstance(self.speculation_length, int) and 0 <= self.speculation_length < self.seq_len,
+            "speculation_length", self.speculation_length, f"0..{self.seq_len - 1}",
+        )
+        _require(self.backend in BACKENDS, "backend", self.backend, f"one of {list(BACKENDS)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            raise ValueError("RuntimeConfig.dtype is 'auto': resolve it against the checkpoint first")
+        return DTYPES[self.dtype]
+
+    @property
+    def max_prompt_len(self) -> int:
+        return self.buckets[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["buckets"] = list(self.buckets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RuntimeConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown RuntimeConfig fields {unknown}; known fields: {sorted(names)}")
+        data = dict(data)
+        if "buckets" in data:
+            data["buckets"] = tuple(data["buckets"])
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RuntimeConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> RuntimeConfig:
+        """A copy with `changes`; default buckets follow a new seq_len unless buckets are given."""
+        if "seq_len" in changes and "buckets" not in changes and self.buckets == default_buckets(self.seq_len):
+            changes["buckets"] = ()
+        return dataclasses.replace(self, **changes)
+

@@ -1,0 +1,285 @@
+"""The engine: a loaded model, its static KV cache and its three graphs, behind a few methods.
+
+Services and the generate loop talk only to this object: `context_encode`, `token_generate`,
+`speculate`, `export_kv`, `import_kv`, `free`. Each call validates its requests against the
+compiled shapes, pads them into one graph call and returns plain Python token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nxcore.arch import get_architecture
+from nxcore.backends import build_graph
+from nxcore.checkpoint import load_tensors, read_eos_token_ids, read_hf_config
+from nxcore.config import DTYPES, RuntimeConfig
+from nxcore.errors import EngineError
+from nxcore.graphs import ContextEncodingGraph, DecodeGraph, GraphInputs
+from nxcore.kv_cache import KVSnapshot
+from nxcore.model_config import ModelConfig
+from nxcore.modules.decoder import CausalLM
+from nxcore.sampling import RequestRng, SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """Tokens to run for one slot: a whole prompt (context encoding), one token (token generation)
+    or k proposed tokens (speculation)."""
+
+    slot: int
+    token_ids: Sequence[int]
+    sampling: SamplingParams
+    rng: RequestRng
+
+
+class Engine:
+    def __init__(self, *, model: CausalLM, model_config: ModelConfig, config: RuntimeConfig, fingerprint: str) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.config = config
+        self.fingerprint = fingerprint
+        self.slot_lengths: list[int | None] = [None] * config.batch_size
+        """Tokens held by each slot's cache, None for a slot with no sequence."""
+        logits = not config.on_device_sampling
+        self._ctx_graph = ContextEncodingGraph(model, max_topk=config.max_topk, output_logits=logits)
+        self._decode_graph = DecodeGraph(model, max_topk=config.max_topk, output_logits=logits)
+        self._compiled: dict[tuple[str, int], object] = {}
+
+    # ---------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, config: RuntimeConfig | None = None) -> Engine:
+        """Load an HF checkpoint directory into an engine built for `config`."""
+        config = config or RuntimeConfig()
+        start = time.perf_counter()
+        hf_config = read_hf_config(model_dir)
+        arch = get_architecture(hf_config.model_type)
+        model_config = arch.read_config(hf_config)
+        extra_eos = [t for t in read_eos_token_ids(model_dir) if t not in model_config.eos_token_ids]
+        if extra_eos:
+            model_config = dataclasses.replace(model_config, eos_token_ids=model_config.eos_token_ids + tuple(extra_eos))
+        if config.dtype == "auto":
+            config = config.replace(dtype=model_config.dtype if model_config.dtype in DTYPES else "float32")
+        check_fits(model_config, config)
+        dtype = config.torch_dtype
+        with torch.device("meta"):
+            model = CausalLM(model_config, slots=config.batch_size, seq_len=config.seq_len, dtype=dtype)
+        model.to_empty(device="cpu")
+        model.init_buffers()
+        state = arch.convert_state_dict(load_tensors(model_dir, dtype=dtype), model_config)
+        model.load_state_dict(state, strict=True)
+        model.tie_weights()
+        model.eval().requires_grad_(False)
+        engine = cls(model=model, model_config=model_config, config=config, fingerprint=fingerprint_of(model_config, state))
+        log.info(
+            "loaded %s (%s, %s) in %.2fs: %d slots, seq_len %d, buckets %s",
+            model_dir, model_config.model_type, config.dtype, time.perf_counter() - start,
+            config.batch_size, config.seq_len, list(config.buckets),
+        )
+        return engine
+
+    # ---------------------------------------------------------------- graph calls
+
+    @torch.no_grad()
+    def context_encode(self, requests: Sequence[SequenceRequest]) -> list[int]:
+        """Encode prompts into their (free) slots; returns the first generated token of each."""
+        cfg = self.config
+        if not 1 <= len(requests) <= cfg.ctx_batch_size:
+            raise EngineError(f"{len(requests)} prompts in one context-encoding call: allowed 1..ctx_batch_size ({cfg.ctx_batch_size})")
+        self._check_slots(requests)
+        for r in requests:
+            if self.slot_lengths[r.slot] is not None:
+                raise EngineError(f"slot {r.slot} already holds a sequence of {self.slot_lengths[r.slot]} tokens: free it first")
+            self._check_request(r)
+            if len(r.token_ids) > cfg.max_prompt_len:
+                raise EngineError(
+                    f"prompt of {len(r.token_ids)} tokens is longer than the largest context bucket ({cfg.max_prompt_len}): "
+                    f"shorten it or serve with a larger --seq-len"
+                )
+        longest = max(len(r.token_ids) for r in requests)
+        bucket = next(b for b in cfg.buckets if b >= longest)
+        inputs = self._inputs(requests, rows=cfg.ctx_batch_size, width=bucket, prefill=True)
+        outputs = self._run("context", bucket, inputs)
+        tokens = self._tokens(outputs, inputs, rows=len(requests))
+        for r in requests:
+            self.slot_lengths[r.slot] = len(r.token_ids)
+        return tokens[:, 0].tolist()
+
+    @torch.no_grad()
+    def token_generate(self, requests: Sequence[SequenceRequest]) -> list[int]:
+        """Append one token to each request's slot; returns the next token of each."""
+        if any(len(r.token_ids) != 1 for r in requests):
+            raise EngineError("token generation takes exactly one token per request")
+        return [t[0] for t in self._decode(requests, width=1, kind="token_generation")]
+
+    @torch.no_grad()
+    def speculate(self, requests: Sequence[SequenceRequest]) -> list[list[int]]:
+        """Append k = speculation_length tokens to each slot; returns, for each of the k inputs,
+        the token the model samples after it."""
+        k = self.config.speculation_length
+        if k == 0:
+            raise EngineError("speculation_length is 0: build the engine with speculation_length >= 1")
+        if any(len(r.token_ids) != k for r in requests):
+            raise EngineError(f"speculation takes exactly speculation_length={k} tokens per request")
+        return self._decode(requests, width=k, kind="speculation")
+
+    def _decode(self, requests: Sequence[SequenceRequest], *, width: int, kind: str) -> list[list[int]]:
+        cfg = self.config
+        if not requests:
+            return []
+        self._check_slots(requests)
+        for r in requests:
+            length = self.slot_lengths[r.slot]
+            if length is None:
+                raise EngineError(f"{kind} on slot {r.slot}, which had no context encoding: encode a prompt into it first")
+            if length + width > cfg.seq_len:
+                raise EngineError(
+                    f"slot {r.slot} holds {length} tokens; {width} more exceed seq_len ({cfg.seq_len})"
+                )
+            self._check_request(r)
+        inputs = self._inputs(requests, rows=cfg.batch_size, width=width, prefill=False)
+        outputs = self._run(kind, width, inputs)
+        tokens = self._tokens(outputs, inputs, rows=len(requests))
+        for r in requests:
+            self.slot_lengths[r.slot] += width
+        return tokens.tolist()
+
+    def _run(self, kind: str, width: int, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
+        key = (kind, width)
+        graph = self._compiled.get(key)
+        if graph is None:
+            module = self._ctx_graph if kind == "context" else self._decode_graph
+            graph = self._compiled[key] = build_graph(module, backend=self.config.backend)
+        return graph(inputs)
+
+    def _tokens(self, outputs: tuple[torch.Tensor, ...], inputs: GraphInputs, *, rows: int) -> torch.Tensor:
+        """[rows, T] tokens of the real rows; samples on the host when the graph returned logits."""
+        if self.config.on_device_sampling:
+            tokens = outputs[0]
+        else:
+            logits = outputs[1].reshape(-1, outputs[1].shape[-1])
+            per_row = logits.shape[0] // inputs.temperature.shape[0]
+            tokens = sample(
+                logits,
+                temperature=inputs.temperature.repeat_interleave(per_row),
+                top_k=inputs.top_k.repeat_interleave(per_row),
+                top_p=inputs.top_p.repeat_interleave(per_row),
+                rand=inputs.rand.reshape(-1),
+                max_topk=self.config.max_topk,
+            ).view(inputs.temperature.shape[0], per_row)
+        return tokens.reshape(tokens.shape[0], -1)[:rows]
+
+    def _inputs(self, requests: Sequence[SequenceRequest], *, rows: int, width: int, prefill: bool) -> GraphInputs:
+        """Pad requests into `rows` x `width` graph inputs; padding rows use the scratch slot."""
+        input_ids = torch.zeros(rows, width, dtype=torch.int64)
+        positions = torch.arange(width, dtype=torch.int64).repeat(rows, 1)
+        slot_ids = torch.full((rows,), self.model.kv_cache.scratch_slot, dtype=torch.int64)
+        last_index = torch.zeros(rows, dtype=torch.int64)
+        temperature = torch.zeros(rows, dtype=torch.float32)
+        top_k = torch.zeros(rows, dtype=torch.int64)
+        top_p = torch.ones(rows, dtype=torch.float32)
+        rand = torch.zeros(rows, 1 if prefill else width, dtype=torch.float32)
+        for row, r in enumerate(requests):
+            n = len(r.token_ids)
+            input_ids[row, :n] = torch.tensor(r.token_ids, dtype=torch.int64)
+            if not prefill:
+                positions[row] += self.slot_lengths[r.slot]
+            slot_ids[row] = r.slot
+            last_index[row] = n - 1
+            temperature[row] = r.sampling.temperature
+            top_k[row] = r.sampling.top_k
+            top_p[row] = r.sampling.top_p
+            rand[row] = r.rng.draw(rand.shape[1])
+        return GraphInputs(
+            input_ids=input_ids, position_ids=positions, slot_ids=slot_ids, last_index=last_index,
+            temperature=temperature, top_k=top_k, top_p=top_p, rand=rand,
+        )
+
+    def _check_slots(self, requests: Sequence[SequenceRequest]) -> None:
+        slots = [r.slot for r in requests]
+        bad = [s for s in slots if not 0 <= s < self.config.batch_size]
+        if bad:
+            raise EngineError(f"slot ids {bad} out of range: allowed 0..{self.config.batch_size - 1} (batch_size)")
+        if len(set(slots)) != len(slots):
+            raise EngineError(f"slot ids {slots} repeat a slot within one call")
+
+    def _check_request(self, r: SequenceRequest) -> None:
+        if not r.token_ids:
+            raise EngineError(f"slot {r.slot}: no tokens given")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in r.token_ids if not 0 <= t < vocab]
+        if bad:
+            raise EngineError(f"token ids {bad[:8]} out of range: allowed 0..{vocab - 1} (vocab_size)")
+        try:
+            r.sampling.validate(max_topk=self.config.max_topk)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
+
+    # ---------------------------------------------------------------- slots and KV hand-off
+
+    def free_slots(self) -> list[int]:
+        return [i for i, n in enumerate(self.slot_lengths) if n is None]
+
+    def free(self, slot: int) -> None:
+        self.slot_lengths[slot] = None
+
+    def export_kv(self, slot: int, n_tokens: int) -> KVSnapshot:
+        """The slot's first n_tokens of KV for every layer, as plain tensors."""
+        length = self.slot_lengths[slot]
+        if length is None or not 1 <= n_tokens <= length:
+            raise EngineError(f"cannot export {n_tokens} tokens from slot {slot}, which holds {length or 0}")
+        return self.model.kv_cache.export(slot, n_tokens)
+
+    def import_kv(self, slot: int, kv: KVSnapshot) -> None:
+        """Write a snapshot (from this or another engine of the same model) into a free slot."""
+        if self.slot_lengths[slot] is not None:
+            raise EngineError(f"slot {slot} already holds a sequence: free it first")
+        cfg = self.model_config
+        expected = (cfg.num_layers, cfg.num_kv_heads, kv.n_tokens, cfg.head_dim)
+        if tuple(kv.keys.shape) != expected or tuple(kv.values.shape) != expected:
+            raise EngineError(f"KV snapshot of shape {tuple(kv.keys.shape)} does not match this model: expected {expected}")
+        if kv.n_tokens > self.config.seq_len:
+            raise EngineError(f"KV snapshot of {kv.n_tokens} tokens exceeds seq_len ({self.config.seq_len})")
+        self.model.kv_cache.import_(slot, kv)
+        self.slot_lengths[slot] = kv.n_tokens
+
+    # ---------------------------------------------------------------- reference helpers
+
+    @torch.no_grad()
+    def prompt_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """float32 logits [T, vocab] at every prompt position (eager, scratch slot): for checks."""
+        ids = torch.tensor([list(token_ids)], dtype=torch.int64)
+        positions = torch.arange(ids.shape[1])[None]
+        slot = torch.tensor([self.model.kv_cache.scratch_slot])
+        ctx = self.model.context(prefill=True, slot_ids=slot, positions=positions)
+        return self.model.logits(self.model.hidden_states(ids, ctx))[0]
+
+
+def check_fits(model_config: ModelConfig, config: RuntimeConfig) -> None:
+    """Refuse runtime shapes the checkpoint cannot serve."""
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"seq_len={config.seq_len} exceeds the model's max_position_embeddings ({model_config.max_position_embeddings})"
+        )
+
+
+def fingerprint_of(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> str:
+    """A short hash of the architecture facts and a sample of every weight tensor."""
+    digest = hashlib.sha256(json.dumps(model_config.fingerprint_fields(), sort_keys=True).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().reshape(-1)
+        digest.update(name.encode())
+        digest.update(str(tuple(state[name].shape)).encode())
+        digest.update(tensor[:: max(1, tensor.numel() // 64)].to(torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]

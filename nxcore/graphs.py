@@ -1,0 +1,96 @@
+"""The three static-shape graphs over one `CausalLM`.
+
+- context encoding: `[ctx_batch, bucket]` prompt tokens -> prefix KV write, first token sampled at
+  each row's last real position;
+- token generation: `[batch, 1]` -> KV scatter at each row's position, next token per row;
+- speculation: `[batch, k]` -> KV scatter at k positions per row, the token the model samples
+  after each of the k inputs.
+
+Every input is a tensor (positions, slot ids, sampling parameters, random numbers), so one graph
+serves every value: the property torch.export and a Neuron trace need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nxcore.modules.decoder import CausalLM
+from nxcore.sampling import sample
+
+
+@dataclass
+class GraphInputs:
+    """One graph call. B rows, T tokens per row."""
+
+    input_ids: torch.Tensor
+    """[B, T] int64 token ids (padding rows and positions hold any valid id)."""
+    position_ids: torch.Tensor
+    """[B, T] int64 absolute positions of input_ids."""
+    slot_ids: torch.Tensor
+    """[B] int64 KV cache rows; padding rows use the scratch slot."""
+    last_index: torch.Tensor
+    """[B] int64 index along T of each row's last real token (context encoding only reads it)."""
+    temperature: torch.Tensor
+    """[B] float32, 0 = greedy."""
+    top_k: torch.Tensor
+    """[B] int64, 0 = the whole candidate set."""
+    top_p: torch.Tensor
+    """[B] float32 in (0, 1]."""
+    rand: torch.Tensor
+    """[B, R] float32 uniforms: R = 1 for context encoding and token generation, k for speculation."""
+
+
+torch.export.register_dataclass(GraphInputs, serialized_type_name="nxcore.GraphInputs")
+
+
+class ContextEncodingGraph(nn.Module):
+    def __init__(self, model: CausalLM, *, max_topk: int, output_logits: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.max_topk = max_topk
+        self.output_logits = output_logits
+
+    def forward(self, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
+        ctx = self.model.context(prefill=True, slot_ids=inputs.slot_ids, positions=inputs.position_ids)
+        hidden = self.model.hidden_states(inputs.input_ids, ctx)
+        index = inputs.last_index[:, None, None].expand(-1, 1, hidden.shape[-1])
+        logits = self.model.logits(hidden.gather(1, index).squeeze(1))
+        tokens = sample(
+            logits,
+            temperature=inputs.temperature,
+            top_k=inputs.top_k,
+            top_p=inputs.top_p,
+            rand=inputs.rand[:, 0],
+            max_topk=self.max_topk,
+        )
+        return (tokens, logits) if self.output_logits else (tokens,)
+
+
+class DecodeGraph(nn.Module):
+    """Token generation (T = 1) and speculation (T = k): T tokens per row appended at their positions."""
+
+    def __init__(self, model: CausalLM, *, max_topk: int, output_logits: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.max_topk = max_topk
+        self.output_logits = output_logits
+
+    def forward(self, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
+        ctx = self.model.context(prefill=False, slot_ids=inputs.slot_ids, positions=inputs.position_ids)
+        hidden = self.model.hidden_states(inputs.input_ids, ctx)
+        batch, length, _ = hidden.shape
+        logits = self.model.logits(hidden).reshape(batch * length, -1)
+        tokens = sample(
+            logits,
+            temperature=inputs.temperature.repeat_interleave(length),
+            top_k=inputs.top_k.repeat_interleave(length),
+            top_p=inputs.top_p.repeat_interleave(length),
+            rand=inputs.rand.reshape(-1),
+            max_topk=self.max_topk,
+        ).view(batch, length)
+        if self.output_logits:
+            return tokens, logits.view(batch, length, -1)
+        return (tokens,)

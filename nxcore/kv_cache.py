@@ -1,0 +1,94 @@
+"""Static KV cache in BHSD layout, updated in place.
+
+Per layer one K and one V buffer `[slots + 1, kv_heads, seq_len, head_dim]`. Rows 0..slots-1 are
+the decode slots; the extra last row is a scratch slot that padded graph rows write into, so a
+padded row can never touch a live request's cache.
+
+Writes are either a prefix write (context encoding: positions 0..bucket-1 of some slots) or a
+scatter at per-row positions (token generation and speculation). Positions and slot ids are
+tensors, so one compiled graph serves every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class KVSnapshot:
+    """One slot's first `n_tokens` of cache for every layer, independent of TP degree.
+
+    `keys` and `values` are `[num_layers, num_kv_heads, n_tokens, head_dim]`: the model's real KV
+    heads in checkpoint order.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+class KVCache(nn.Module):
+    def __init__(
+        self, *, num_layers: int, slots: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.slots = slots
+        self.seq_len = seq_len
+        shape = (slots + 1, kv_heads, seq_len, head_dim)
+        for i in range(num_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.slots
+
+    def buffers_of(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
+
+    def write_prefix(self, layer: int, slot_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v `[rows, kv_heads, T, D]` at positions 0..T-1 of `slot_ids` `[rows]`."""
+        k_buf, v_buf = self.buffers_of(layer)
+        length = k.shape[2]
+        k_buf[:, :, :length].index_copy_(0, slot_ids, k)
+        v_buf[:, :, :length].index_copy_(0, slot_ids, v)
+
+    def scatter(
+        self, layer: int, slot_ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write k, v `[rows, kv_heads, T, D]` at `positions` `[rows, T]` of `slot_ids` `[rows]`."""
+        k_buf, v_buf = self.buffers_of(layer)
+        heads = torch.arange(k_buf.shape[1], device=k.device)
+        index = (slot_ids[:, None, None], heads[None, :, None], positions[:, None, :])
+        k_buf.index_put_(index, k)
+        v_buf.index_put_(index, v)
+
+    def gather(self, layer: int, slot_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[rows, kv_heads, seq_len, D]` of `slot_ids`."""
+        k_buf, v_buf = self.buffers_of(layer)
+        return k_buf.index_select(0, slot_ids), v_buf.index_select(0, slot_ids)
+
+    @torch.no_grad()
+    def export(self, slot: int, n_tokens: int) -> KVSnapshot:
+        keys = torch.stack([self.buffers_of(i)[0][slot, :, :n_tokens] for i in range(self.num_layers)])
+        values = torch.stack([self.buffers_of(i)[1][slot, :, :n_tokens] for i in range(self.num_layers)])
+        return KVSnapshot(keys=keys, values=values)
+
+    @torch.no_grad()
+    def import_(self, slot: int, kv: KVSnapshot) -> None:
+        n = kv.n_tokens
+        for i in range(self.num_layers):
+            k_buf, v_buf = self.buffers_of(i)
+            k_buf[slot, :, :n].copy_(kv.keys[i])
+            v_buf[slot, :, :n].copy_(kv.values[i])

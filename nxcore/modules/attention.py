@@ -1,0 +1,110 @@
+"""Attention with GQA/MQA over the static KV cache.
+
+Two modes, one per graph family:
+- `prefill` (context encoding): attends over the bucket's own keys with a causal mask and writes
+  them as a prefix into the slots' cache rows.
+- `decode` (token generation, speculation): scatters the T new keys at their positions, then
+  attends over the slot's whole cache row with a mask `key_pos <= query_pos` (and the sliding
+  window, where the layer has one). Stale entries past a slot's length are always masked.
+
+Grouped-query attention runs as a grouped matmul (queries of one KV group share its keys) instead
+of repeating K and V per query head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nxcore.kv_cache import KVCache
+from nxcore.modules.norm import RMSNorm
+from nxcore.modules.rotary import apply_rotary
+
+
+@dataclass
+class AttentionContext:
+    """Per-call state shared by every layer of one graph call."""
+
+    prefill: bool
+    slot_ids: torch.Tensor
+    """[B] cache rows."""
+    positions: torch.Tensor
+    """[B, T] absolute positions of the T input tokens."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    """[B, T, head_dim] rotary tables at `positions`, in the model dtype."""
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    """Boolean masks (True = attend) by sliding window: [B, 1, T, T] prefill, [B, 1, T, S] decode."""
+
+
+def build_mask(*, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, 1, T, S] boolean mask for queries at q_pos [B, T] over keys at k_pos [B or 1, S]."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        *,
+        layer_idx: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm_eps: float | None,
+        sliding_window: int | None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.sliding_window = sliding_window
+        self.scaling = head_dim**-0.5
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, hidden_size, bias=o_bias)
+        self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else None
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), ctx.cos, ctx.sin)
+        k = apply_rotary(k.transpose(1, 2), ctx.cos, ctx.sin)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.prefill:
+            cache.write_prefix(self.layer_idx, ctx.slot_ids, k, v)
+            keys, values = k, v
+        else:
+            cache.scatter(self.layer_idx, ctx.slot_ids, ctx.positions, k, v)
+            keys, values = cache.gather(self.layer_idx, ctx.slot_ids)
+        out = self._attend(q, keys, values, ctx.masks[self.sliding_window])
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [B, H, T, D], k/v [B, KV, S, D], mask [B, 1, T, S] -> [B, H, T, D]."""
+        batch, _, length, dim = q.shape
+        groups = self.num_heads // self.num_kv_heads
+        qg = q.reshape(batch, self.num_kv_heads, groups * length, dim)
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * self.scaling
+        scores = scores.view(batch, self.num_kv_heads, groups, length, -1)
+        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = probs.view(batch, self.num_kv_heads, groups * length, -1)
+        out = torch.matmul(probs, v)
+        return out.view(batch, self.num_heads, length, dim)

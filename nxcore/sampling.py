@@ -1,0 +1,87 @@
+"""Sampling inside the graph, per row, with static shapes.
+
+Greedy when temperature is 0; otherwise temperature, then top-k over a fixed-width candidate set
+(`max_topk`, like NxD's global top-k), then top-p (nucleus), then inverse-CDF sampling with a
+uniform random number that comes in as an input tensor. Because the random number is drawn by
+the host from the request's own seeded generator, a request's tokens never depend on the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings."""
+
+    temperature: float = 0.0
+    """0 is greedy; otherwise logits are divided by it (> 0)."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 means the graph's whole candidate set (max_topk)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches top_p, in (0, 1]."""
+    seed: int | None = None
+    """Seed of the request's random generator; None picks one at random."""
+
+    def validate(self, *, max_topk: int) -> None:
+        if not (self.temperature >= 0.0 and self.temperature == self.temperature):
+            raise ValueError(f"temperature={self.temperature} is invalid: allowed >= 0 (0 is greedy)")
+        if not 0 <= self.top_k <= max_topk:
+            raise ValueError(f"top_k={self.top_k} is invalid: allowed 0..{max_topk} (max_topk; 0 means max_topk)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} is invalid: allowed (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RequestRng:
+    """A request's stream of uniform random numbers, one per sampled token.
+
+    `offset` counts the numbers drawn so far, so the stream can be resumed elsewhere (another
+    engine after a KV hand-off) as `RequestRng(seed, offset=n)`.
+    """
+
+    def __init__(self, seed: int | None, *, offset: int = 0) -> None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.seed = seed
+        self.offset = 0
+        self._gen = torch.Generator().manual_seed(seed)
+        if offset:
+            self.draw(offset)
+
+    def draw(self, n: int = 1) -> torch.Tensor:
+        self.offset += n
+        return torch.rand(n, generator=self._gen, dtype=torch.float32)
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    rand: torch.Tensor,
+    max_topk: int,
+) -> torch.Tensor:
+    """Tokens [N] from float32 logits [N, V] with per-row parameters [N] and uniforms rand [N]."""
+    greedy_tokens = torch.argmax(logits, dim=-1)
+    width = min(max_topk, logits.shape[-1])
+    safe_temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    values, indices = torch.topk(logits / safe_temp[:, None], width, dim=-1)
+    rank = torch.arange(width, device=logits.device)[None, :]
+    k = torch.where((top_k > 0) & (top_k < width), top_k, torch.full_like(top_k, width))
+    values = values.masked_fill(rank >= k[:, None], float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs
+    probs = probs.masked_fill((before >= top_p[:, None]) & (rank > 0), 0.0)
+    cdf = torch.cumsum(probs, dim=-1)
+    threshold = rand[:, None] * cdf[:, -1:]
+    choice = (cdf <= threshold).sum(dim=-1).clamp(max=width - 1)
+    sampled = indices.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy_tokens)
