@@ -1,0 +1,50 @@
+"""KV cache: in-place writes, and export/import between engine instances."""
+
+from __future__ import annotations
+
+import torch
+
+from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria, generate
+from nxcore.kv_cache import KVCache
+from tests.conftest import Checkpoint, random_prompt
+
+
+def test_prefix_write_and_scatter_touch_only_their_cells() -> None:
+    cache = KVCache(num_layers=1, slots=3, kv_heads=2, seq_len=8, head_dim=4, dtype=torch.float32)
+    k = torch.randn(2, 2, 5, 4)
+    cache.write_prefix(0, torch.tensor([2, 0]), k, -k)
+    k_buf, v_buf = cache.buffers_of(0)
+    assert torch.equal(k_buf[2, :, :5], k[0]) and torch.equal(k_buf[0, :, :5], k[1])
+    assert torch.equal(v_buf[0, :, :5], -k[1])
+    assert k_buf[1].abs().sum() == 0 and k_buf[:, :, 5:].abs().sum() == 0
+    new = torch.randn(2, 2, 2, 4)
+    cache.scatter(0, torch.tensor([0, 1]), torch.tensor([[5, 6], [0, 1]]), new, new)
+    assert torch.equal(k_buf[0, :, 5:7], new[0]) and torch.equal(k_buf[1, :, :2], new[1])
+    assert torch.equal(k_buf[0, :, :5], k[1])  # the prefix is untouched
+    assert cache.export(0, 7).keys.shape == (1, 2, 7, 4)
+
+
+def test_generation_continued_after_import_equals_one_engine(checkpoints: dict[str, Checkpoint]) -> None:
+    ckpt = checkpoints["qwen3"]
+    config = RuntimeConfig(batch_size=2, ctx_batch_size=1, seq_len=64, buckets=(32, 64))
+    prompt = random_prompt(20, seed=3)
+    sampling = SamplingParams(temperature=0.9, top_k=20, seed=11)
+    stopping = StoppingCriteria(max_new_tokens=10, ignore_eos=True)
+    [whole] = generate(Engine.from_pretrained(ckpt.path, config), [prompt], sampling=sampling, stopping=stopping)
+
+    prefill = Engine.from_pretrained(ckpt.path, config)
+    rng = RequestRng(sampling.seed)
+    [first] = prefill.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=sampling, rng=rng)])
+    snapshot = prefill.export_kv(0, len(prompt))
+    prefill.free(0)
+
+    decode = Engine.from_pretrained(ckpt.path, config)
+    decode.import_kv(1, snapshot)
+    rng = RequestRng(sampling.seed, offset=rng.offset)
+    tokens = [first]
+    while len(tokens) < stopping.max_new_tokens:
+        [nxt] = decode.token_generate([SequenceRequest(slot=1, token_ids=[tokens[-1]], sampling=sampling, rng=rng)])
+        tokens.append(nxt)
+    assert tokens == whole.output_ids
+    assert snapshot.keys.shape == (2, ckpt.hf_model.config.num_key_value_heads, 20, 32)
+    assert snapshot.nbytes == 2 * snapshot.keys.numel() * 4
