@@ -1,0 +1,238 @@
+"""The continuous-batching loop: one thread owns the engine and runs one token-generation call per
+step over every running request.
+
+Requests arrive with their KV snapshot (already received and checked), wait in a bounded queue
+for a free slot, are imported into it, and from then on join every step. A finished or cancelled
+request frees its slot at once, and the next waiting request takes it before the next step.
+Events (ack, tokens, final) go back through each request's `emit` callback, which the gRPC layer
+makes thread-safe.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest, StoppingCriteria
+from nxcore.detokenizer import Decoder, IncrementalDetokenizer
+from nxcore.generate import FinishReason, GenerationResult, finish_reason
+from nxcore.kv_cache import KVSnapshot
+
+log = logging.getLogger(__name__)
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+    CANCELLED = 3
+
+    def is_done(self) -> bool:
+        return self >= RequestStatus.FINISHED
+
+
+@dataclass(frozen=True)
+class Acked:
+    slot: int
+    queue_ms: float
+
+
+@dataclass(frozen=True)
+class Tokens:
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    decoded_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Acked | Tokens | Finished | Failed
+
+
+@dataclass
+class DecodeJob:
+    request_id: str
+    prompt_ids: list[int]
+    first_token: int
+    kv: KVSnapshot | None
+    sampling: SamplingParams
+    rng: RequestRng
+    stopping: StoppingCriteria
+    stop_strings: tuple[str, ...]
+    emit: Callable[[Event], None]
+    status: RequestStatus = RequestStatus.WAITING
+    enqueued_at: float = field(default_factory=time.monotonic)
+    result: GenerationResult | None = None
+    detok: IncrementalDetokenizer | None = None
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DecodeLoop:
+    def __init__(self, engine: Engine, *, tokenizer: Decoder, max_queue: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self._waiting: deque[DecodeJob] = deque()
+        self._running: dict[int, DecodeJob] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self.steps = 0
+        self.completed = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------- called from the gRPC side
+
+    def has_room(self) -> bool:
+        with self._cond:
+            return len(self._waiting) < self.max_queue or self._free_count() > 0
+
+    def submit(self, job: DecodeJob) -> None:
+        with self._cond:
+            if self._stop:
+                raise QueueFull("the decode service is shutting down")
+            if len(self._waiting) >= self.max_queue and self._free_count() == 0:
+                raise QueueFull(
+                    f"all {self.engine.config.batch_size} decode slots are busy and {len(self._waiting)} requests "
+                    f"wait (max_queue={self.max_queue}): retry later or add decode replicas"
+                )
+            self._waiting.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: DecodeJob) -> None:
+        with self._cond:
+            if not job.status.is_done():
+                job.status = RequestStatus.CANCELLED
+                self._cond.notify_all()
+
+    def load(self) -> tuple[int, int, int]:
+        """(free slots, total slots, queued requests)."""
+        with self._cond:
+            return self._free_count(), self.engine.config.batch_size, len(self._waiting)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._waiting and not self._running
+
+    def _free_count(self) -> int:
+        return self.engine.config.batch_size - len(self._running)
+
+    # ------------------------------------------------------------- the loop thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._drop_cancelled()
+                admitted = self._admit()
+                while not self._running and not self._stop:
+                    self._cond.wait()
+                    self._drop_cancelled()
+                    admitted += self._admit()
+                if self._stop:
+                    self._fail_all("the decode service is shutting down")
+                    return
+                batch = list(self._running.items())
+            for job, slot, queue_ms in admitted:
+                job.emit(Acked(slot=slot, queue_ms=queue_ms))
+            try:
+                self._step(batch)
+            except Exception as exc:  # a bug or a bad state: fail these requests, keep serving
+                log.exception("decode step failed")
+                with self._cond:
+                    for slot, job in batch:
+                        self._finish(slot, job, RequestStatus.CANCELLED)
+                for _, job in batch:
+                    job.emit(Failed(f"decode step failed: {exc}"))
+
+    def _admit(self) -> list[tuple[DecodeJob, int, float]]:
+        admitted = []
+        free = self.engine.free_slots()
+        while self._waiting and free:
+            job = self._waiting.popleft()
+            if job.status.is_done():
+                continue
+            slot = free.pop(0)
+            self.engine.import_kv(slot, job.kv)
+            job.kv = None
+            job.status = RequestStatus.RUNNING
+            job.result = GenerationResult(prompt_ids=job.prompt_ids, output_ids=[job.first_token])
+            job.detok = IncrementalDetokenizer(self.tokenizer, stop_strings=job.stop_strings)
+            job.detok.add([job.first_token])
+            self._running[slot] = job
+            admitted.append((job, slot, (time.monotonic() - job.enqueued_at) * 1000))
+        return admitted
+
+    def _drop_cancelled(self) -> None:
+        for slot, job in list(self._running.items()):
+            if job.status == RequestStatus.CANCELLED:
+                self._finish(slot, job, RequestStatus.CANCELLED)
+        if any(j.status.is_done() for j in self._waiting):
+            self._waiting = deque(j for j in self._waiting if not j.status.is_done())
+
+    def _finish(self, slot: int, job: DecodeJob, status: RequestStatus) -> None:
+        job.status = status
+        self.engine.free(slot)
+        self._running.pop(slot, None)
+
+    def _step(self, batch: Sequence[tuple[int, DecodeJob]]) -> None:
+        requests = [
+            SequenceRequest(slot=slot, token_ids=[job.result.output_ids[-1]], sampling=job.sampling, rng=job.rng)
+            for slot, job in batch
+        ]
+        tokens = self.engine.token_generate(requests)
+        self.steps += 1
+        finished: list[tuple[DecodeJob, FinishReason]] = []
+        with self._cond:
+            for (slot, job), token in zip(batch, tokens):
+                if job.status != RequestStatus.RUNNING:
+                    continue
+                job.result.output_ids.append(token)
+                job.detok.add([token])
+                reason = FinishReason.STOP if job.detok.stopped else finish_reason(
+                    job.result,
+                    stopping=job.stopping,
+                    eos_token_ids=self.engine.model_config.eos_token_ids,
+                    seq_len=self.engine.config.seq_len,
+                )
+                if reason is not None:
+                    self._finish(slot, job, RequestStatus.FINISHED)
+                    self.completed += 1
+                    finished.append((job, reason))
+        done = {id(job) for job, _ in finished}
+        for (slot, job), token in zip(batch, tokens):
+            if job.status == RequestStatus.RUNNING or id(job) in done:
+                job.emit(Tokens([token]))
+        for job, reason in finished:
+            job.emit(Finished(reason=reason, decoded_tokens=len(job.result.output_ids) - 1))
+
+    def _fail_all(self, message: str) -> None:
+        for slot, job in list(self._running.items()):
+            self._finish(slot, job, RequestStatus.CANCELLED)
+            job.emit(Failed(message))
+        while self._waiting:
+            job = self._waiting.popleft()
+            job.status = RequestStatus.CANCELLED
+            job.emit(Failed(message))

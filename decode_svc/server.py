@@ -1,0 +1,180 @@
+"""The internal Decode gRPC service: receives a request's KV cache, runs it in the continuous
+batch, streams tokens back. Protobuf is converted here and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from opentelemetry import trace
+
+from decode_svc.loop import Acked, DecodeJob, DecodeLoop, Event, Failed, Finished, QueueFull, Tokens
+from nxcore import Engine, RequestRng
+from nxcore.kv_wire import KVAssembler, KVChunk, KVTransferError
+from nxserve.grpc_common import FINISH_TO_PB, sampling_from_pb, stopping_from_pb
+from nxserve.tracing import extract_context
+from nxserve.v1 import decode_pb2, decode_pb2_grpc
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("nxserve.decode_svc")
+
+
+def fingerprint_pb(engine: Engine) -> decode_pb2.ModelFingerprint:
+    return decode_pb2.ModelFingerprint(
+        digest=engine.fingerprint, architecture=engine.model_config.model_type, dtype=engine.config.dtype
+    )
+
+
+def layout_mismatch(engine: Engine, header: decode_pb2.DecodeHeader) -> str | None:
+    """Why this engine cannot take the header's KV, or None."""
+    mine = fingerprint_pb(engine)
+    theirs = header.fingerprint
+    if (theirs.digest, theirs.architecture, theirs.dtype) != (mine.digest, mine.architecture, mine.dtype):
+        return (
+            f"model fingerprint mismatch: request has {theirs.architecture}/{theirs.dtype}/{theirs.digest}, "
+            f"this decode replica serves {mine.architecture}/{mine.dtype}/{mine.digest}"
+        )
+    cfg, lay = engine.model_config, header.layout
+    expected = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, engine.config.dtype)
+    got = (lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype)
+    if got != expected:
+        return f"KV layout mismatch: request has (layers, kv_heads, head_dim, dtype)={got}, this replica expects {expected}"
+    if lay.n_tokens != len(header.prompt_token_ids):
+        return f"KV layout has {lay.n_tokens} tokens for a prompt of {len(header.prompt_token_ids)}"
+    if lay.n_tokens >= engine.config.seq_len:
+        return f"prompt of {lay.n_tokens} tokens leaves no room in this replica's seq_len ({engine.config.seq_len})"
+    return None
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    """Registered before the server starts (so health answers while loading); `attach` makes it serve."""
+
+    def __init__(self) -> None:
+        self.loop: DecodeLoop | None = None
+        self.engine: Engine | None = None
+
+    def attach(self, loop: DecodeLoop) -> None:
+        self.loop, self.engine = loop, loop.engine
+
+    async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
+        if self.loop is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the decode service is still loading its model: retry when health reports SERVING")
+
+    async def GetLoad(self, request: decode_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> decode_pb2.GetLoadResponse:
+        await self._require_ready(context)
+        free, total, queued = self.loop.load()
+        return decode_pb2.GetLoadResponse(
+            free_slots=free, total_slots=total, queued_requests=queued, max_queue=self.loop.max_queue,
+            fingerprint=self.engine.fingerprint, completed_requests=self.loop.completed, steps=self.loop.steps,
+        )
+
+    async def Decode(
+        self, request_iterator: AsyncIterator[decode_pb2.DecodeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decode_pb2.DecodeResponse]:
+        await self._require_ready(context)
+        parent = extract_context(context.invocation_metadata())
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        aio_loop = asyncio.get_running_loop()
+
+        def emit(event: Event) -> None:
+            aio_loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job: DecodeJob | None = None
+        with tracer.start_as_current_span("decode", context=parent) as span:
+            try:
+                job = await self._receive(request_iterator, context, span, emit)
+                try:
+                    self.loop.submit(job)
+                except QueueFull as exc:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                async for response in self._relay(events, context, span):
+                    yield response
+            finally:
+                if job is not None:
+                    self.loop.cancel(job)
+
+    async def _receive(self, requests, context, span, emit) -> DecodeJob:  # noqa: ANN001
+        """Header, checked before any KV byte is read; then chunks and the commit."""
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("kind") != "header":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Decode stream must start with a header")
+        header = first.header
+        span.set_attribute("nxserve.request_id", header.request_id)
+        problem = layout_mismatch(self.engine, header)
+        if problem:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        if not self.loop.has_room():
+            _, total, queued = self.loop.load()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"all {total} decode slots are busy and {queued} requests wait (max_queue={self.loop.max_queue})",
+            )
+        snapshot = await self._receive_kv(requests, context, header.layout)
+        stopping, stop_strings = stopping_from_pb(header.stopping)
+        sampling = sampling_from_pb(header.sampling)
+        return DecodeJob(
+            request_id=header.request_id,
+            prompt_ids=list(header.prompt_token_ids),
+            first_token=header.first_token,
+            kv=snapshot,
+            sampling=sampling,
+            rng=RequestRng(sampling.seed, offset=header.rng_offset),
+            stopping=stopping,
+            stop_strings=stop_strings,
+            emit=emit,
+        )
+
+    async def _receive_kv(self, requests, context, lay: decode_pb2.KvLayout):  # noqa: ANN001, ANN202
+        with tracer.start_as_current_span("kv_receive") as span:
+            assembler = KVAssembler(
+                num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
+                n_tokens=lay.n_tokens, dtype=lay.dtype,
+            )
+            try:
+                async for message in requests:
+                    kind = message.WhichOneof("kind")
+                    if kind == "commit":
+                        break
+                    if kind != "chunk":
+                        raise KVTransferError(f"unexpected {kind} message after the header")
+                    c = message.chunk
+                    assembler.add(KVChunk(c.layer_start, c.layer_end, c.token_start, c.token_end, c.data, c.crc32))
+                else:
+                    raise KVTransferError("the stream ended before the commit message")
+                snapshot = assembler.snapshot()
+            except KVTransferError as exc:
+                await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+            span.set_attribute("nxserve.kv_bytes", assembler.bytes_received)
+            return snapshot
+
+    async def _relay(self, events: asyncio.Queue, context, span) -> AsyncIterator[decode_pb2.DecodeResponse]:  # noqa: ANN001
+        """Ack, token batches, final; tokens that piled up since the last send go out as one batch."""
+        while True:
+            event = await events.get()
+            pending = [event]
+            while not events.empty():
+                pending.append(events.get_nowait())
+            tokens: list[int] = []
+            for event in pending:
+                if isinstance(event, Tokens):
+                    tokens.extend(event.token_ids)
+                    continue
+                if tokens:
+                    yield decode_pb2.DecodeResponse(tokens=decode_pb2.TokenBatch(token_ids=tokens))
+                    tokens = []
+                if isinstance(event, Acked):
+                    span.set_attribute("nxserve.slot", event.slot)
+                    span.add_event("kv_in_slot", {"queue_ms": event.queue_ms})
+                    yield decode_pb2.DecodeResponse(ack=decode_pb2.Ack(slot=event.slot, queue_ms=event.queue_ms))
+                elif isinstance(event, Finished):
+                    span.set_attribute("nxserve.decoded_tokens", event.decoded_tokens)
+                    yield decode_pb2.DecodeResponse(
+                        final=decode_pb2.DecodeFinal(finish_reason=FINISH_TO_PB[event.reason], decoded_tokens=event.decoded_tokens)
+                    )
+                    return
+                elif isinstance(event, Failed):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
+            if tokens:
+                yield decode_pb2.DecodeResponse(tokens=decode_pb2.TokenBatch(token_ids=tokens))

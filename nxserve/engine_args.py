@@ -1,0 +1,46 @@
+"""Engine flags shared by every command that loads a model, and the RuntimeConfig they build."""
+
+from __future__ import annotations
+
+import argparse
+
+from nxcore import RuntimeConfig
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, *, batch_size: int | None, seq_len: int | None) -> None:
+    """--dtype --batch-size --ctx-batch-size --seq-len --backend --max-topk; None defaults are decided by the command."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights/activations/KV dtype (default: the checkpoint's own)")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"decode slots (default: {batch_size if batch_size else 'the number of prompts'})")
+    g.add_argument("--ctx-batch-size", type=int, default=None, help="prompts per context-encoding call (default: batch size)")
+    g.add_argument("--seq-len", type=int, default=seq_len,
+                   help=f"tokens per slot, prompt + output (default: {seq_len if seq_len else 'fits the longest prompt plus --max-new-tokens'}; "
+                        "capped at the model's max_position_embeddings)")
+    g.add_argument("--buckets", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
+                   help="context-encoding bucket lengths, e.g. 128,512,2048 (default: powers of two from 128 to seq-len, plus seq-len)")
+    g.add_argument("--backend", choices=["eager", "compile"], default="eager", help="graph backend (default: eager)")
+    g.add_argument("--max-topk", type=int, default=256, help="width of the in-graph top-k candidate set (default: 256)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, usually one per core)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def config_from_args(args: argparse.Namespace, *, max_positions: int, batch_size: int | None = None,
+                     seq_len: int | None = None) -> RuntimeConfig:
+    batch = batch_size or args.batch_size or 1
+    return RuntimeConfig(
+        batch_size=batch,
+        ctx_batch_size=min(args.ctx_batch_size or batch, batch),
+        seq_len=min(seq_len or args.seq_len, max_positions),
+        buckets=args.buckets,
+        dtype=args.dtype,
+        backend=args.backend,
+        max_topk=args.max_topk,
+    )

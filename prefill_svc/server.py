@@ -1,0 +1,255 @@
+"""The public Generation service: validate, encode the prompt, hand the KV to a decode replica,
+relay tokens and text. Protobuf is converted here and nowhere else."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from opentelemetry import trace
+
+from nxcore import Engine, RequestRng, SamplingParams, StoppingCriteria
+from nxcore.detokenizer import IncrementalDetokenizer
+from nxcore.generate import FinishReason, GenerationResult, finish_reason
+from nxcore.kv_wire import DEFAULT_CHUNK_BYTES, iter_chunks
+from nxserve.grpc_common import FINISH_FROM_PB, FINISH_TO_PB, sampling_from_pb, sampling_to_pb, stopping_from_pb, stopping_to_pb
+from nxserve.tracing import extract_context, inject_metadata
+from nxserve.v1 import decode_pb2, generation_pb2 as pb, generation_pb2_grpc
+from prefill_svc.router import DecodeRouter, NoReplica, Replica
+from prefill_svc.worker import PrefillQueueFull, PrefillResult, PrefillWorker
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("nxserve.prefill_svc")
+
+# A replica refusing for one of these reasons may still be replaced by another one.
+RETRY_ELSEWHERE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class InvalidRequest(Exception):
+    pass
+
+
+@dataclass
+class Prepared:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stopping: StoppingCriteria
+    stop_strings: tuple[str, ...]
+
+
+def _ns(monotonic_s: float) -> int:
+    """A time.monotonic() instant as epoch nanoseconds, for spans recorded after the fact."""
+    return time.time_ns() - int((time.monotonic() - monotonic_s) * 1e9)
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    """Registered before the server starts (so health answers while loading); `attach` makes it serve."""
+
+    def __init__(self, *, model_name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.model_name = model_name
+        self.chunk_bytes = chunk_bytes
+        self.engine: Engine | None = None
+
+    def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer) -> None:  # noqa: ANN001
+        self.worker = worker
+        self.router = router
+        self.tokenizer = tokenizer
+        self.engine = engine
+
+    async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill service is still loading its model: retry when health reports SERVING")
+
+    # ------------------------------------------------------------------ small RPCs
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
+        await self._require_ready(context)
+        cfg, mc = self.engine.config, self.engine.model_config
+        return pb.ModelInfoResponse(
+            model=self.model_name, architecture=mc.model_type, dtype=cfg.dtype, buckets=list(cfg.buckets),
+            batch_size=cfg.batch_size, ctx_batch_size=cfg.ctx_batch_size, max_prompt_tokens=cfg.max_prompt_len,
+            max_total_tokens=cfg.seq_len, vocab_size=mc.vocab_size, decode_replicas=len(self.router.replicas),
+            fingerprint=self.engine.fingerprint,
+        )
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        await self._require_ready(context)
+        hf = getattr(self.tokenizer, "hf", None)
+        if hf is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.model_name} has no tokenizer files")
+        ids = hf(request.text, add_special_tokens=request.add_special_tokens)["input_ids"]
+        return pb.TokenizeResponse(token_ids=ids, tokens=hf.convert_ids_to_tokens(ids))
+
+    # ------------------------------------------------------------------ Generate
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        await self._require_ready(context)
+        parent = extract_context(context.invocation_metadata())
+        with tracer.start_as_current_span("generate", context=parent, kind=trace.SpanKind.SERVER) as span:
+            try:
+                req = self._prepare(request)
+            except InvalidRequest as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            span.set_attributes({
+                "nxserve.request_id": req.request_id,
+                "gen_ai.request.model": self.model_name,
+                "gen_ai.request.max_tokens": req.stopping.max_new_tokens,
+                "gen_ai.request.temperature": req.sampling.temperature,
+                "gen_ai.usage.input_tokens": len(req.prompt_ids),
+            })
+            rng = RequestRng(req.sampling.seed)
+            req.sampling = dataclasses.replace(req.sampling, seed=rng.seed)
+            prefill = await self._prefill(req, rng, context)
+            result = GenerationResult(prompt_ids=req.prompt_ids, output_ids=[prefill.first_token])
+            detok = IncrementalDetokenizer(self.tokenizer, stop_strings=req.stop_strings)
+            first = pb.GenerateResponse(request_id=req.request_id, token_ids=[prefill.first_token],
+                                        text=detok.add([prefill.first_token]), prompt_token_ids=req.prompt_ids)
+            reason = FinishReason.STOP if detok.stopped else finish_reason(
+                result, stopping=req.stopping, eos_token_ids=self.engine.model_config.eos_token_ids, seq_len=self.engine.config.seq_len)
+            if reason is not None:
+                first.text += detok.flush()
+                yield self._finalize(first, req, result, reason, span)
+                return
+            yield first
+            async for response in self._decode(req, rng, prefill, result, detok, context, span):
+                yield response
+
+    def _prepare(self, request: pb.GenerateRequest) -> Prepared:
+        cfg = self.engine.config
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            try:
+                prompt_ids = self.tokenizer.encode(request.text)
+            except FileNotFoundError as exc:
+                raise InvalidRequest(str(exc)) from None
+        elif kind == "token_ids":
+            prompt_ids = list(request.token_ids.ids)
+            vocab = self.engine.model_config.vocab_size
+            bad = [t for t in prompt_ids if t >= vocab]
+            if bad:
+                raise InvalidRequest(f"token ids {bad[:8]} out of range: allowed 0..{vocab - 1} (vocab_size)")
+        else:
+            raise InvalidRequest("no prompt: set text or token_ids")
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        if len(prompt_ids) > cfg.max_prompt_len:
+            raise InvalidRequest(
+                f"prompt of {len(prompt_ids)} tokens is longer than the largest context bucket ({cfg.max_prompt_len} tokens)"
+            )
+        try:
+            sampling = sampling_from_pb(request.sampling)
+            sampling.validate(max_topk=cfg.max_topk)
+            stopping, stop_strings = stopping_from_pb(request.stopping)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return Prepared(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling,
+                        stopping=stopping, stop_strings=stop_strings)
+
+    async def _prefill(self, req: Prepared, rng: RequestRng, context: grpc.aio.ServicerContext) -> PrefillResult:
+        try:
+            future = self.worker.submit(req.prompt_ids, req.sampling, rng)
+        except PrefillQueueFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            result: PrefillResult = await future
+        finally:
+            future.cancel()
+        queue_span = tracer.start_span("queue", start_time=_ns(result.enqueued_at))
+        queue_span.end(end_time=_ns(result.started_at))
+        encode_span = tracer.start_span("context_encoding", start_time=_ns(result.started_at),
+                                        attributes={"nxserve.batch": result.batch, "nxserve.prompt_tokens": len(req.prompt_ids)})
+        encode_span.end(end_time=_ns(result.finished_at))
+        return result
+
+    def _header(self, req: Prepared, rng: RequestRng, prefill: PrefillResult) -> decode_pb2.DecodeRequest:
+        layers, heads, tokens, dim = prefill.kv.keys.shape
+        return decode_pb2.DecodeRequest(header=decode_pb2.DecodeHeader(
+            request_id=req.request_id,
+            sampling=sampling_to_pb(req.sampling),
+            stopping=stopping_to_pb(req.stopping, req.stop_strings),
+            prompt_token_ids=req.prompt_ids,
+            first_token=prefill.first_token,
+            rng_offset=rng.offset,
+            fingerprint=decode_pb2.ModelFingerprint(digest=self.engine.fingerprint, architecture=self.engine.model_config.model_type,
+                                                    dtype=self.engine.config.dtype),
+            layout=decode_pb2.KvLayout(num_layers=layers, num_kv_heads=heads, head_dim=dim, n_tokens=tokens, dtype=self.engine.config.dtype),
+        ))
+
+    async def _hand_off(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, context: grpc.aio.ServicerContext):  # noqa: ANN202
+        """Open a Decode stream on the least-loaded replica and send the KV; returns (replica, call) after the ack."""
+        tried: set[str] = set()
+        while True:
+            try:
+                replica = self.router.pick(tried)
+            except NoReplica as exc:
+                await context.abort(exc.code, str(exc))
+            tried.add(replica.target)
+            call = replica.stub.Decode(metadata=inject_metadata(), timeout=context.time_remaining())
+            try:
+                with tracer.start_as_current_span("kv_transfer", attributes={"nxserve.decode_replica": replica.target}) as span:
+                    start = time.perf_counter()
+                    await call.write(self._header(req, rng, prefill))
+                    sent = 0
+                    for chunk in iter_chunks(prefill.kv, max_bytes=self.chunk_bytes):
+                        sent += len(chunk.data)
+                        await call.write(decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(
+                            layer_start=chunk.layer_start, layer_end=chunk.layer_end, token_start=chunk.token_start,
+                            token_end=chunk.token_end, data=chunk.data, crc32=chunk.crc32)))
+                    await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
+                    await call.done_writing()
+                    ack = await call.read()
+                    seconds = time.perf_counter() - start
+                    span.set_attributes({"nxserve.kv_bytes": sent, "nxserve.kv_transfer_ms": seconds * 1000,
+                                         "nxserve.kv_gbps": sent / max(seconds, 1e-9) / 1e9})
+                if ack is grpc.aio.EOF or ack.WhichOneof("kind") != "ack":
+                    raise RuntimeError(f"decode replica {replica.target} answered without an ack")
+                return replica, call
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in RETRY_ELSEWHERE:
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.router.mark_down(replica, f"{exc.code().name}: {exc.details()}")
+                    continue
+                await context.abort(exc.code(), f"decode replica {replica.target}: {exc.details()}")
+
+    async def _decode(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, result: GenerationResult,
+                      detok: IncrementalDetokenizer, context: grpc.aio.ServicerContext, span: trace.Span) -> AsyncIterator[pb.GenerateResponse]:
+        replica, call = await self._hand_off(req, rng, prefill, context)
+        del prefill  # our copy of the KV is no longer needed once decode holds it
+        try:
+            with tracer.start_as_current_span("decoding", attributes={"nxserve.decode_replica": replica.target}):
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode replica {replica.target} closed the stream without a final message")
+                    kind = message.WhichOneof("kind")
+                    if kind == "tokens":
+                        ids = list(message.tokens.token_ids)
+                        result.output_ids.extend(ids)
+                        yield pb.GenerateResponse(request_id=req.request_id, token_ids=ids, text=detok.add(ids))
+                    elif kind == "final":
+                        last = pb.GenerateResponse(request_id=req.request_id, text=detok.flush())
+                        yield self._finalize(last, req, result, FINISH_FROM_PB[message.final.finish_reason], span)
+                        return
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code() if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"decode replica {replica.target} failed mid-request: {exc.code().name}: {exc.details()}")
+        finally:
+            call.cancel()
+
+    @staticmethod
+    def _finalize(response: pb.GenerateResponse, req: Prepared, result: GenerationResult, reason: FinishReason,
+                  span: trace.Span) -> pb.GenerateResponse:
+        response.finish_reason = FINISH_TO_PB[reason]
+        response.usage.prompt_tokens = len(req.prompt_ids)
+        response.usage.completion_tokens = len(result.output_ids)
+        span.set_attributes({"gen_ai.usage.output_tokens": len(result.output_ids), "gen_ai.response.finish_reasons": [str(reason)]})
+        return response
+
+
+__all__ = ["GenerationServicer", "Replica"]

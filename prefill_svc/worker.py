@@ -1,0 +1,126 @@
+"""The context-encoding worker: one thread owns the prefill engine.
+
+Prompts wait in a bounded queue; each call encodes up to ctx_batch_size of them at once (the
+first token is sampled in the graph), exports each prompt's KV and frees the slot at once, so the
+engine's slots only live for one call. Results go back through asyncio futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest
+from nxcore.kv_cache import KVSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefillJob:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    rng: RequestRng
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    kv: KVSnapshot
+    enqueued_at: float
+    started_at: float
+    """time.monotonic() when the context-encoding call (shared by the batch) started."""
+    finished_at: float
+    """time.monotonic() when it and the KV export finished."""
+    batch: int
+    """Prompts encoded in the same call."""
+
+
+class PrefillQueueFull(Exception):
+    pass
+
+
+class PrefillWorker:
+    def __init__(self, engine: Engine, *, max_queue: int) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self._queue: queue.Queue[PrefillJob | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="prefill-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, rng: RequestRng) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        job = PrefillJob(prompt_ids=prompt_ids, sampling=sampling, rng=rng, future=loop.create_future(), loop=loop)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise PrefillQueueFull(
+                f"{self.max_queue} prompts already wait for context encoding (max_queue): retry later"
+            ) from None
+        return job.future
+
+    def _take_batch(self) -> list[PrefillJob] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        jobs = [first]
+        while len(jobs) < self.engine.config.ctx_batch_size:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)
+                break
+            jobs.append(job)
+        return [j for j in jobs if not j.future.cancelled()]
+
+    def _run(self) -> None:
+        while (jobs := self._take_batch()) is not None:
+            if jobs:
+                self._encode(jobs)
+
+    def _encode(self, jobs: list[PrefillJob]) -> None:
+        start = time.monotonic()
+        requests = [SequenceRequest(slot=i, token_ids=j.prompt_ids, sampling=j.sampling, rng=j.rng) for i, j in enumerate(jobs)]
+        try:
+            tokens = self.engine.context_encode(requests)
+            snapshots = [self.engine.export_kv(r.slot, len(r.token_ids)) for r in requests]
+        except Exception as exc:  # validated before submit; anything here is reported per request
+            log.exception("context encoding failed")
+            for j in jobs:
+                j.loop.call_soon_threadsafe(_set_exception, j.future, exc)
+            return
+        finally:
+            for r in requests:
+                self.engine.free(r.slot)
+        end = time.monotonic()
+        for j, token, kv in zip(jobs, tokens, snapshots):
+            result = PrefillResult(first_token=token, kv=kv, enqueued_at=j.enqueued_at, started_at=start, finished_at=end, batch=len(jobs))
+            j.loop.call_soon_threadsafe(_set_result, j.future, result)
+
+
+def _set_result(future: asyncio.Future, value: PrefillResult) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: Exception) -> None:
+    if not future.done():
+        future.set_exception(exc)
