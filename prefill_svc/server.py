@@ -3,6 +3,7 @@ relay tokens and text. Protobuf is converted here and nowhere else."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -25,10 +26,6 @@ from prefill_svc.worker import PrefillQueueFull, PrefillResult, PrefillWorker
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("nxserve.prefill_svc")
-
-# A replica refusing for one of these reasons may still be replaced by another one.
-RETRY_ELSEWHERE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-
 
 class InvalidRequest(Exception):
     pass
@@ -184,10 +181,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def _hand_off(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, context: grpc.aio.ServicerContext):  # noqa: ANN202
         """Open a Decode stream on the least-loaded replica and send the KV; returns (replica, call) after the ack."""
         tried: set[str] = set()
+        busy: list[str] = []
         while True:
             try:
                 replica = self.router.pick(tried)
             except NoReplica as exc:
+                if busy:  # every replica that could take it is full
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "; ".join(busy))
                 await context.abort(exc.code, str(exc))
             tried.add(replica.target)
             call = replica.stub.Decode(metadata=inject_metadata(), timeout=context.time_remaining())
@@ -204,18 +204,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
                     await call.done_writing()
                     ack = await call.read()
-                    seconds = time.perf_counter() - start
+                    if ack is grpc.aio.EOF or ack.WhichOneof("kind") != "ack":
+                        await context.abort(grpc.StatusCode.INTERNAL, f"decode replica {replica.target} answered without an ack")
+                    # The ack waits for a free slot: report the transfer without that wait.
+                    seconds = time.perf_counter() - start - ack.ack.queue_ms / 1000
                     span.set_attributes({"nxserve.kv_bytes": sent, "nxserve.kv_transfer_ms": seconds * 1000,
+                                         "nxserve.decode_queue_ms": ack.ack.queue_ms,
                                          "nxserve.kv_gbps": sent / max(seconds, 1e-9) / 1e9})
-                if ack is grpc.aio.EOF or ack.WhichOneof("kind") != "ack":
-                    raise RuntimeError(f"decode replica {replica.target} answered without an ack")
                 return replica, call
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in RETRY_ELSEWHERE:
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                        self.router.mark_down(replica, f"{exc.code().name}: {exc.details()}")
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # A write to a call that already failed raises InvalidStateError; the status says why.
+                code, details = await call.code(), await call.details()
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    busy.append(f"decode replica {replica.target}: {details}")
                     continue
-                await context.abort(exc.code(), f"decode replica {replica.target}: {exc.details()}")
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self.router.mark_down(replica, f"{code.name}: {details}")
+                    continue
+                await context.abort(code, f"decode replica {replica.target}: {details}")
 
     async def _decode(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, result: GenerationResult,
                       detok: IncrementalDetokenizer, context: grpc.aio.ServicerContext, span: trace.Span) -> AsyncIterator[pb.GenerateResponse]:

@@ -1,0 +1,128 @@
+"""Service lifecycle end to end: health while loading, graceful SIGTERM, full queues, a lost
+replica, and one trace across client, prefill and decode (exported over real OTLP)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from nxserve.client import Client
+from nxserve.cluster import LocalCluster, _free_ports
+from nxserve.model_factory import make_model
+
+pytestmark = pytest.mark.slow
+
+ENGINE_ARGS = ["--seq-len", "256", "--batch-size", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(arch="qwen3", preset="tiny", out=tmp_path_factory.mktemp("life") / "tiny-qwen3", seed=5)
+
+
+def test_health_reports_not_serving_while_loading_then_serving_and_sigterm_exits_0(model_dir: Path) -> None:
+    [port] = _free_ports(1)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "decode_svc", "--model", str(model_dir), "--port", str(port), *ENGINE_ARGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    seen: list[int] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and health_pb2.HealthCheckResponse.SERVING not in seen:
+                try:
+                    seen.append(stub.Check(health_pb2.HealthCheckRequest(service="nxserve.v1.Decode"), timeout=1).status)
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.01)
+        assert seen[0] == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert seen[-1] == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def test_full_decode_queue_is_resource_exhausted_and_cluster_stops_cleanly(model_dir: Path) -> None:
+    cluster = LocalCluster(model_dir, decode_replicas=1, engine_args=[*ENGINE_ARGS, "--max-queue", "0"]).start()
+    try:
+        with Client(cluster.target) as client:
+            stream = client.generate([5, 6, 7], max_new_tokens=240, ignore_eos=True)
+            next(stream)
+            next(stream)  # the only slot is taken
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate_text([8, 9], max_new_tokens=4)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue=0" in err.value.details()
+            assert sum(len(c.token_ids) for c in stream) > 0  # the running request is unaffected
+    finally:
+        cluster.stop(grace=10)
+    assert [s.process.returncode for s in cluster.services] == [0, 0]
+
+
+def test_lost_decode_replica_is_skipped(model_dir: Path) -> None:
+    with LocalCluster(model_dir, decode_replicas=2, engine_args=ENGINE_ARGS) as cluster, Client(cluster.target) as client:
+        cluster.services[0].process.kill()
+        cluster.services[0].process.wait()
+        for _ in range(4):
+            result = client.generate_text([5, 6, 7], max_new_tokens=8, ignore_eos=True)
+            assert len(result.output_ids) == 8
+
+
+class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace endpoint that keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, str, bytes]] = []  # (service.name, span name, trace id)
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):  # noqa: ANN001, N802
+        with self.lock:
+            for rs in request.resource_spans:
+                service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+                for ss in rs.scope_spans:
+                    self.spans.extend((service, s.name, s.trace_id) for s in ss.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_one_trace_spans_client_prefill_and_decode(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    receiver = _Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    tracer = TracerProvider().get_tracer("test-client")
+    try:
+        with LocalCluster(model_dir, decode_replicas=1, engine_args=ENGINE_ARGS) as cluster, Client(cluster.target) as client:
+            with tracer.start_as_current_span("client-request") as span:
+                client.generate_text("Hello there", max_new_tokens=6, ignore_eos=True)
+            trace_id = span.get_span_context().trace_id.to_bytes(16, "big")
+        # stop() sent SIGTERM: each service flushed its spans before exiting.
+        deadline = time.monotonic() + 10
+        expected = {("nxserve-prefill", n) for n in ("generate", "queue", "context_encoding", "kv_transfer", "decoding")}
+        expected |= {("nxserve-decode", n) for n in ("decode", "kv_receive")}
+        while time.monotonic() < deadline:
+            with receiver.lock:
+                ours = {(svc, name) for svc, name, tid in receiver.spans if tid == trace_id}
+            if expected <= ours:
+                break
+            time.sleep(0.1)
+        assert expected <= ours, f"spans with the client's trace id: {sorted(ours)}; all: {receiver.spans}"
+    finally:
+        server.stop(0)
