@@ -24,9 +24,11 @@ model: $(DEFAULT_MODEL)/config.json
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Starts a local cluster (1 prefill + 2 decode processes) on the default model, streams a few
+# requests through the public gRPC API, prints them with TTFT and tokens/s, and stops the cluster.
+# RUN_ARGS=--keep-running keeps it serving afterwards.
 run: $(STAMP) $(DEFAULT_MODEL)/config.json
-	$(VENV)/bin/nxserve generate --model $(DEFAULT_MODEL) \
-		--prompt "The quick brown fox" --prompt "Once upon a time" --max-new-tokens 24
+	$(VENV)/bin/nxserve demo --model $(DEFAULT_MODEL) $(RUN_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CACHE) *.egg-info

@@ -14,7 +14,7 @@ from decode_svc.loop import Acked, DecodeJob, DecodeLoop, Event, Failed, Finishe
 from nxcore import Engine, RequestRng
 from nxcore.kv_wire import KVAssembler, KVChunk, KVTransferError
 from nxserve.grpc_common import FINISH_TO_PB, sampling_from_pb, stopping_from_pb
-from nxserve.tracing import extract_context
+from nxserve.tracing import extract_context, span_in
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             aio_loop.call_soon_threadsafe(events.put_nowait, event)
 
         job: DecodeJob | None = None
-        with tracer.start_as_current_span("decode", context=parent) as span:
+        with span_in(tracer, "decode", parent=parent, kind=trace.SpanKind.SERVER) as (span, ctx):
             try:
-                job = await self._receive(request_iterator, context, span, emit)
+                job = await self._receive(request_iterator, context, span, emit, ctx)
                 try:
                     self.loop.submit(job)
                 except QueueFull as exc:
@@ -95,7 +95,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 if job is not None:
                     self.loop.cancel(job)
 
-    async def _receive(self, requests, context, span, emit) -> DecodeJob:  # noqa: ANN001
+    async def _receive(self, requests, context, span, emit, ctx) -> DecodeJob:  # noqa: ANN001
         """Header, checked before any KV byte is read; then chunks and the commit."""
         first = await anext(aiter(requests), None)
         if first is None or first.WhichOneof("kind") != "header":
@@ -111,7 +111,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"all {total} decode slots are busy and {queued} requests wait (max_queue={self.loop.max_queue})",
             )
-        snapshot = await self._receive_kv(requests, context, header.layout)
+        snapshot = await self._receive_kv(requests, context, header.layout, ctx)
         stopping, stop_strings = stopping_from_pb(header.stopping)
         sampling = sampling_from_pb(header.sampling)
         return DecodeJob(
@@ -126,8 +126,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             emit=emit,
         )
 
-    async def _receive_kv(self, requests, context, lay: decode_pb2.KvLayout):  # noqa: ANN001, ANN202
-        with tracer.start_as_current_span("kv_receive") as span:
+    async def _receive_kv(self, requests, context, lay: decode_pb2.KvLayout, ctx):  # noqa: ANN001, ANN202
+        with span_in(tracer, "kv_receive", parent=ctx) as (span, _):
             assembler = KVAssembler(
                 num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
                 n_tokens=lay.n_tokens, dtype=lay.dtype,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -56,3 +58,20 @@ def extract_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> otel_
     """The trace context a caller sent in gRPC metadata (empty context when none)."""
     carrier = {key: value for key, value in (metadata or ()) if isinstance(value, str)}
     return propagate.extract(carrier)
+
+
+@contextmanager
+def span_in(tracer: trace.Tracer, name: str, *, parent: otel_context.Context, **kwargs: Any) -> Iterator[tuple[trace.Span, otel_context.Context]]:
+    """A span under `parent` and the context that holds it, without touching the current context.
+
+    gRPC aio runs a streaming handler's steps in different contexts, so `start_as_current_span`
+    around a `yield` fails to detach; pass the returned context to child spans instead.
+    """
+    span = tracer.start_span(name, context=parent, **kwargs)
+    try:
+        yield span, trace.set_span_in_context(span, parent)
+    except BaseException as exc:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        span.end()

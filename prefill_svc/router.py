@@ -21,6 +21,7 @@ class Replica:
     channel: grpc.aio.Channel
     up: bool = False
     free_slots: int = 0
+    total_slots: int = 0
     queued: int = 0
     fingerprint: str = ""
     picks_since_report: int = 0
@@ -76,7 +77,7 @@ class DecodeRouter:
             return
         if not r.up:
             log.info("decode replica %s is up: %d/%d slots free", r.target, load.free_slots, load.total_slots)
-        r.up, r.free_slots, r.queued, r.fingerprint = True, load.free_slots, load.queued_requests, load.fingerprint
+        r.up, r.free_slots, r.total_slots, r.queued, r.fingerprint = True, load.free_slots, load.total_slots, load.queued_requests, load.fingerprint
         r.picks_since_report = 0
         if r.fingerprint != self.fingerprint:
             r.last_error = f"serves model {r.fingerprint}, prefill serves {self.fingerprint}"

@@ -19,7 +19,7 @@ from nxcore.detokenizer import IncrementalDetokenizer
 from nxcore.generate import FinishReason, GenerationResult, finish_reason
 from nxcore.kv_wire import DEFAULT_CHUNK_BYTES, iter_chunks
 from nxserve.grpc_common import FINISH_FROM_PB, FINISH_TO_PB, sampling_from_pb, sampling_to_pb, stopping_from_pb, stopping_to_pb
-from nxserve.tracing import extract_context, inject_metadata
+from nxserve.tracing import extract_context, inject_metadata, span_in
 from nxserve.v1 import decode_pb2, generation_pb2 as pb, generation_pb2_grpc
 from prefill_svc.router import DecodeRouter, NoReplica, Replica
 from prefill_svc.worker import PrefillQueueFull, PrefillResult, PrefillWorker
@@ -70,7 +70,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         cfg, mc = self.engine.config, self.engine.model_config
         return pb.ModelInfoResponse(
             model=self.model_name, architecture=mc.model_type, dtype=cfg.dtype, buckets=list(cfg.buckets),
-            batch_size=cfg.batch_size, ctx_batch_size=cfg.ctx_batch_size, max_prompt_tokens=cfg.max_prompt_len,
+            batch_size=max((r.total_slots for r in self.router.usable()), default=0), ctx_batch_size=cfg.ctx_batch_size, max_prompt_tokens=cfg.max_prompt_len,
             max_total_tokens=cfg.seq_len, vocab_size=mc.vocab_size, decode_replicas=len(self.router.replicas),
             fingerprint=self.engine.fingerprint,
         )
@@ -88,7 +88,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         await self._require_ready(context)
         parent = extract_context(context.invocation_metadata())
-        with tracer.start_as_current_span("generate", context=parent, kind=trace.SpanKind.SERVER) as span:
+        with span_in(tracer, "generate", parent=parent, kind=trace.SpanKind.SERVER) as (span, ctx):
             try:
                 req = self._prepare(request)
             except InvalidRequest as exc:
@@ -102,7 +102,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             })
             rng = RequestRng(req.sampling.seed)
             req.sampling = dataclasses.replace(req.sampling, seed=rng.seed)
-            prefill = await self._prefill(req, rng, context)
+            prefill = await self._prefill(req, rng, context, ctx)
             result = GenerationResult(prompt_ids=req.prompt_ids, output_ids=[prefill.first_token])
             detok = IncrementalDetokenizer(self.tokenizer, stop_strings=req.stop_strings)
             first = pb.GenerateResponse(request_id=req.request_id, token_ids=[prefill.first_token],
@@ -114,7 +114,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 yield self._finalize(first, req, result, reason, span)
                 return
             yield first
-            async for response in self._decode(req, rng, prefill, result, detok, context, span):
+            async for response in self._decode(req, rng, prefill, result, detok, context, span, ctx):
                 yield response
 
     def _prepare(self, request: pb.GenerateRequest) -> Prepared:
@@ -148,7 +148,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return Prepared(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling,
                         stopping=stopping, stop_strings=stop_strings)
 
-    async def _prefill(self, req: Prepared, rng: RequestRng, context: grpc.aio.ServicerContext) -> PrefillResult:
+    async def _prefill(self, req: Prepared, rng: RequestRng, context: grpc.aio.ServicerContext, ctx) -> PrefillResult:  # noqa: ANN001
         try:
             future = self.worker.submit(req.prompt_ids, req.sampling, rng)
         except PrefillQueueFull as exc:
@@ -157,9 +157,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             result: PrefillResult = await future
         finally:
             future.cancel()
-        queue_span = tracer.start_span("queue", start_time=_ns(result.enqueued_at))
+        queue_span = tracer.start_span("queue", context=ctx, start_time=_ns(result.enqueued_at))
         queue_span.end(end_time=_ns(result.started_at))
-        encode_span = tracer.start_span("context_encoding", start_time=_ns(result.started_at),
+        encode_span = tracer.start_span("context_encoding", context=ctx, start_time=_ns(result.started_at),
                                         attributes={"nxserve.batch": result.batch, "nxserve.prompt_tokens": len(req.prompt_ids)})
         encode_span.end(end_time=_ns(result.finished_at))
         return result
@@ -178,7 +178,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             layout=decode_pb2.KvLayout(num_layers=layers, num_kv_heads=heads, head_dim=dim, n_tokens=tokens, dtype=self.engine.config.dtype),
         ))
 
-    async def _hand_off(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, context: grpc.aio.ServicerContext):  # noqa: ANN202
+    async def _hand_off(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, context: grpc.aio.ServicerContext, ctx):  # noqa: ANN001, ANN202
         """Open a Decode stream on the least-loaded replica and send the KV; returns (replica, call) after the ack."""
         tried: set[str] = set()
         busy: list[str] = []
@@ -190,9 +190,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "; ".join(busy))
                 await context.abort(exc.code, str(exc))
             tried.add(replica.target)
-            call = replica.stub.Decode(metadata=inject_metadata(), timeout=context.time_remaining())
+            call = replica.stub.Decode(metadata=inject_metadata(ctx), timeout=context.time_remaining())
             try:
-                with tracer.start_as_current_span("kv_transfer", attributes={"nxserve.decode_replica": replica.target}) as span:
+                with span_in(tracer, "kv_transfer", parent=ctx, attributes={"nxserve.decode_replica": replica.target}) as (span, _):
                     start = time.perf_counter()
                     await call.write(self._header(req, rng, prefill))
                     sent = 0
@@ -224,11 +224,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 await context.abort(code, f"decode replica {replica.target}: {details}")
 
     async def _decode(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, result: GenerationResult,
-                      detok: IncrementalDetokenizer, context: grpc.aio.ServicerContext, span: trace.Span) -> AsyncIterator[pb.GenerateResponse]:
-        replica, call = await self._hand_off(req, rng, prefill, context)
+                      detok: IncrementalDetokenizer, context: grpc.aio.ServicerContext, span: trace.Span,
+                      ctx) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN001
+        replica, call = await self._hand_off(req, rng, prefill, context, ctx)
         del prefill  # our copy of the KV is no longer needed once decode holds it
         try:
-            with tracer.start_as_current_span("decoding", attributes={"nxserve.decode_replica": replica.target}):
+            with span_in(tracer, "decoding", parent=ctx, attributes={"nxserve.decode_replica": replica.target}):
                 while True:
                     message = await call.read()
                     if message is grpc.aio.EOF:

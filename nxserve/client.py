@@ -1,0 +1,304 @@
+"""Python client of the public `nxserve.v1.Generation` API, blocking (`Client`) and asyncio (`AsyncClient`).
+
+    with Client("127.0.0.1:50051") as client:
+        for chunk in client.generate("Once upon a time", max_new_tokens=24):
+            print(chunk.text, end="", flush=True)
+        result = client.generate_text([1, 15, 27], temperature=0.8, seed=7)
+
+Protobuf stays inside this module: callers get `GenerationChunk`, `GenerationResult`, dicts and
+lists. Errors are not translated: a failed call raises `grpc.RpcError` (`grpc.aio.AioRpcError` for
+`AsyncClient`), whose `code()` and `details()` say what went wrong; arguments protobuf cannot hold
+(a negative token id) raise `ValueError`/`TypeError` before anything is sent. When an OpenTelemetry
+span is active, its W3C trace context travels in the call metadata, so the server's spans join
+the caller's trace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict, Unpack
+
+import grpc
+
+from nxserve.tracing import inject_metadata
+from nxserve.v1 import generation_pb2 as pb
+from nxserve.v1 import generation_pb2_grpc as pb_grpc
+
+FinishReason = Literal["length", "eos", "stop"]
+
+_FINISH_REASONS: dict[int, FinishReason] = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_EOS: "eos",
+    pb.FINISH_REASON_STOP: "stop",
+}
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of a finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One streamed message: the tokens generated since the previous one."""
+
+    request_id: str
+    token_ids: list[int]
+    # Text of these tokens; may be empty while a multi-byte character is incomplete.
+    text: str
+    # Set on the last chunk only.
+    finish_reason: FinishReason | None
+    # The prompt as the server encoded it, on the first chunk only.
+    prompt_token_ids: list[int] = field(default_factory=list)
+    # Set on the last chunk only.
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A whole completion, folded from its chunks."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    # None only when the stream ended without a final message.
+    finish_reason: FinishReason | None
+    usage: Usage | None
+    # Seconds from sending the request to the first generated token (None if none came).
+    ttft_s: float | None
+    # Seconds from sending the request to the end of the stream.
+    elapsed_s: float
+    request_id: str = ""
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens per second after the first one (None with fewer than two tokens)."""
+        if self.ttft_s is None or len(self.output_ids) < 2 or self.elapsed_s <= self.ttft_s:
+            return None
+        return (len(self.output_ids) - 1) / (self.elapsed_s - self.ttft_s)
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Keyword arguments of `generate` and `generate_text` (defaults in `_build_request`)."""
+
+    max_new_tokens: int  # tokens to generate at most (16)
+    temperature: float  # 0 is greedy (0.0)
+    top_k: int  # sample among the k most likely tokens; 0 = the server's max_topk (0)
+    top_p: float  # nucleus threshold in (0, 1] (1.0)
+    seed: int | None  # per-request seed; None lets the server pick one (None)
+    stop_token_ids: Sequence[int]  # token ids that end generation, kept in the output (())
+    stop_strings: Sequence[str]  # strings that end generation; the text stops before them (())
+    ignore_eos: bool  # keep generating past end-of-sequence tokens (False)
+    request_id: str  # echoed in responses, logs and traces; "" lets the server pick one ("")
+
+
+def _build_request(
+    prompt: str | Sequence[int],
+    *,
+    max_new_tokens: int = 16,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    ignore_eos: bool = False,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """The GenerateRequest for a prompt given as text (tokenized by the server) or token ids.
+
+    temperature 0 is greedy; top_k 0 means the server's candidate width; seed None lets the
+    server pick one; request_id "" lets the server pick one.
+    """
+    sampling = pb.SamplingParameters(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    stopping = pb.StoppingParameters(
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=list(stop_token_ids),
+        stop_strings=list(stop_strings),
+        ignore_eos=ignore_eos,
+    )
+    request = pb.GenerateRequest(request_id=request_id, sampling=sampling, stopping=stopping)
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.token_ids.ids.extend(prompt)
+    return request
+
+
+def _chunk_from_pb(message: pb.GenerateResponse) -> GenerationChunk:
+    usage = None
+    if message.HasField("usage"):
+        usage = Usage(prompt_tokens=message.usage.prompt_tokens, completion_tokens=message.usage.completion_tokens)
+    return GenerationChunk(
+        request_id=message.request_id,
+        token_ids=list(message.token_ids),
+        text=message.text,
+        finish_reason=_FINISH_REASONS.get(message.finish_reason),
+        prompt_token_ids=list(message.prompt_token_ids),
+        usage=usage,
+    )
+
+
+def _message_to_dict(message: Any) -> dict[str, Any]:
+    return {
+        f.name: list(getattr(message, f.name)) if f.is_repeated else getattr(message, f.name)
+        for f in message.DESCRIPTOR.fields
+    }
+
+
+class _ResultBuilder:
+    """Folds chunks into a GenerationResult, timing them from the builder's creation."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+        self._ttft: float | None = None
+        self._last: GenerationChunk | None = None
+        self._prompt_ids: list[int] = []
+        self._output_ids: list[int] = []
+        self._texts: list[str] = []
+
+    def add(self, chunk: GenerationChunk) -> None:
+        if chunk.token_ids and self._ttft is None:
+            self._ttft = time.perf_counter() - self._start
+        self._prompt_ids = self._prompt_ids or chunk.prompt_token_ids
+        self._output_ids.extend(chunk.token_ids)
+        self._texts.append(chunk.text)
+        self._last = chunk
+
+    def result(self) -> GenerationResult:
+        last = self._last
+        return GenerationResult(
+            prompt_ids=self._prompt_ids,
+            output_ids=self._output_ids,
+            text="".join(self._texts),
+            finish_reason=last.finish_reason if last else None,
+            usage=last.usage if last else None,
+            ttft_s=self._ttft,
+            elapsed_s=time.perf_counter() - self._start,
+            request_id=last.request_id if last else "",
+        )
+
+
+class _Base:
+    """What both clients share: target, default deadline, and per-call metadata."""
+
+    def __init__(self, target: str, timeout: float | None) -> None:
+        self.target = target
+        self.timeout = timeout
+
+    def _call_args(self, timeout: float | None) -> dict[str, Any]:
+        """Deadline (the call's, else the client's) and metadata carrying the active trace context."""
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": inject_metadata()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.target!r})"
+
+
+class Client(_Base):
+    """Blocking client. `timeout` is the default deadline of every call in seconds (None: none)."""
+
+    def __init__(self, target: str, *, timeout: float | None = None) -> None:
+        super().__init__(target, timeout)
+        self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+
+    def generate(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> Iterator[GenerationChunk]:
+        """Send the request now; iterating yields its chunks as they arrive.
+
+        Leaving the iteration early cancels the request. Raises grpc.RpcError while iterating.
+        """
+        call = self._stub.Generate(_build_request(prompt, **options), **self._call_args(timeout))
+        return self._chunks(call)
+
+    @staticmethod
+    def _chunks(call: Any) -> Iterator[GenerationChunk]:
+        try:
+            for message in call:
+                yield _chunk_from_pb(message)
+        finally:
+            call.cancel()  # no-op once the stream has ended
+
+    def generate_text(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> GenerationResult:
+        """Generate and wait for the whole completion."""
+        builder = _ResultBuilder()
+        for chunk in self.generate(prompt, timeout=timeout, **options):
+            builder.add(chunk)
+        return builder.result()
+
+    def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The served model and its shapes (the fields of ModelInfoResponse)."""
+        return _message_to_dict(self._stub.ModelInfo(pb.ModelInfoRequest(), **self._call_args(timeout)))
+
+    def tokenize(self, text: str, add_special_tokens: bool = False, *, timeout: float | None = None) -> list[int]:
+        """Token ids of `text` in the served model's tokenizer."""
+        request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        return list(self._stub.Tokenize(request, **self._call_args(timeout)).token_ids)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """asyncio client (grpc.aio); create it inside the event loop that uses it."""
+
+    def __init__(self, target: str, *, timeout: float | None = None) -> None:
+        super().__init__(target, timeout)
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+
+    def generate(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> AsyncIterator[GenerationChunk]:
+        """Send the request now; `async for` yields its chunks as they arrive.
+
+        Leaving the iteration early cancels the request. Raises grpc.aio.AioRpcError while iterating.
+        """
+        call = self._stub.Generate(_build_request(prompt, **options), **self._call_args(timeout))
+        return self._chunks(call)
+
+    @staticmethod
+    async def _chunks(call: Any) -> AsyncIterator[GenerationChunk]:
+        try:
+            async for message in call:
+                yield _chunk_from_pb(message)
+        finally:
+            call.cancel()
+
+    async def generate_text(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+    ) -> GenerationResult:
+        builder = _ResultBuilder()
+        async for chunk in self.generate(prompt, timeout=timeout, **options):
+            builder.add(chunk)
+        return builder.result()
+
+    async def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return _message_to_dict(await self._stub.ModelInfo(pb.ModelInfoRequest(), **self._call_args(timeout)))
+
+    async def tokenize(self, text: str, add_special_tokens: bool = False, *, timeout: float | None = None) -> list[int]:
+        request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        return list((await self._stub.Tokenize(request, **self._call_args(timeout))).token_ids)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

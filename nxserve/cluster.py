@@ -1,0 +1,219 @@
+"""A local nxserve deployment: N decode_svc processes and one prefill_svc process on 127.0.0.1.
+
+    with LocalCluster("/tmp/tiny-llama", decode_replicas=2) as cluster:
+        Client(cluster.target).generate_text("Hello")
+
+The decode replicas start first (in parallel); prefill starts once they report SERVING, so its
+router sees them from its first request. Each child writes stdout and stderr to its own log file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+# Reconnect quickly while a service is still starting (gRPC's default backoff grows to minutes).
+_PROBE_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ClusterError(RuntimeError):
+    """A service exited or did not become SERVING in time."""
+
+
+@dataclass
+class _Service:
+    name: str  # "decode-0", ..., "prefill"
+    module: str  # run as `python -m module`
+    health_name: str  # the gRPC service whose health is checked
+    port: int
+    log_path: Path
+    process: subprocess.Popen | None = None
+    log_file: IO[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free on HOST right now (the sockets are held until all are picked)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class LocalCluster:
+    """Start, health-check and stop a prefill process and `decode_replicas` decode processes.
+
+    `port` is prefill's (public) port, 0 for a free one; `engine_args` (e.g. ["--dtype", "float32",
+    "--seq-len", "512"]) go to every service, so both sides build the same KV layout. Logs go to
+    `log_dir`, or to a temporary directory that is removed when every service stopped cleanly.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        decode_replicas: int = 2,
+        port: int = 0,
+        engine_args: Sequence[str] = (),
+        log_dir: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 120.0,
+    ) -> None:
+        if decode_replicas < 1:
+            raise ValueError(f"decode_replicas must be >= 1, got {decode_replicas}")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {port}")
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"{Path(model_dir) / 'config.json'} does not exist: not a Hugging Face checkpoint directory")
+        self.model_dir = str(model_dir)
+        self.engine_args = list(engine_args)
+        self.startup_timeout = startup_timeout
+        self._owns_log_dir = log_dir is None
+        self.log_dir = Path(tempfile.mkdtemp(prefix="nxserve-cluster-") if log_dir is None else log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        *decode_ports, free_port = _free_ports(decode_replicas + 1)
+        self._decodes = [
+            _Service(f"decode-{i}", "decode_svc", "nxserve.v1.Decode", p, self.log_dir / f"decode-{i}.log")
+            for i, p in enumerate(decode_ports)
+        ]
+        self._prefill = _Service("prefill", "prefill_svc", "nxserve.v1.Generation", port or free_port, self.log_dir / "prefill.log")
+
+    @property
+    def target(self) -> str:
+        """Public address (prefill's Generation service)."""
+        return self._prefill.target
+
+    @property
+    def decode_targets(self) -> list[str]:
+        return [s.target for s in self._decodes]
+
+    @property
+    def services(self) -> list[_Service]:
+        return [*self._decodes, self._prefill]
+
+    def start(self) -> LocalCluster:
+        """Start every service and wait until all are SERVING; on failure stop them and raise ClusterError."""
+        atexit.register(self._kill)
+        deadline = time.monotonic() + self.startup_timeout
+        try:
+            for s in self._decodes:
+                self._spawn(s, [])
+            self._wait_serving(self._decodes, deadline)
+            self._spawn(self._prefill, ["--decode", ",".join(self.decode_targets)])
+            self._wait_serving([self._prefill], deadline)
+        except BaseException:
+            self.stop(grace=2)
+            raise
+        log.info("cluster up: prefill %s, decode %s (logs in %s)", self.target, ", ".join(self.decode_targets), self.log_dir)
+        return self
+
+    def _spawn(self, service: _Service, extra: list[str]) -> None:
+        argv = [sys.executable, "-m", service.module, "--model", self.model_dir, "--port", str(service.port), *extra, *self.engine_args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
+        service.log_file = open(service.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        log.debug("starting %s: %s", service.name, " ".join(argv))
+        # A session of their own: the parent decides when they stop (a terminal's Ctrl-C reaches only it).
+        service.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=service.log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def _wait_serving(self, services: list[_Service], deadline: float) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        pending = {s.name: s for s in services}
+        channels = {s.name: grpc.insecure_channel(s.target, options=_PROBE_OPTIONS) for s in services}
+        try:
+            while pending:
+                for name, s in list(pending.items()):
+                    if s.process.poll() is not None:
+                        raise ClusterError(
+                            f"{name} exited with code {s.process.returncode} before serving; "
+                            f"last lines of {s.log_path}:\n{s.log_tail()}"
+                        )
+                    stub = health_pb2_grpc.HealthStub(channels[name])
+                    try:
+                        status = stub.Check(health_pb2.HealthCheckRequest(service=s.health_name), timeout=1.0).status
+                    except grpc.RpcError:  # not listening yet, or the service not registered yet
+                        continue
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        log.info("%s SERVING on %s", name, s.target)
+                        del pending[name]
+                if pending and time.monotonic() > deadline:
+                    tails = "\n".join(f"--- {s.log_path}:\n{s.log_tail()}" for s in pending.values())
+                    raise ClusterError(f"{', '.join(pending)} not SERVING after {self.startup_timeout:.0f}s\n{tails}")
+                if pending:
+                    time.sleep(0.1)
+        finally:
+            for channel in channels.values():
+                channel.close()
+
+    def exited(self) -> list[tuple[str, int]]:
+        """(name, exit code) of every started service that is no longer running."""
+        return [(s.name, s.process.returncode) for s in self.services if s.process and s.process.poll() is not None]
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every service, wait up to `grace` seconds, then SIGKILL what is left."""
+        running = [s for s in self.services if s.process and s.process.poll() is None]
+        for s in running:
+            s.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for s in running:
+            try:
+                s.process.wait(timeout=max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs: killing it", s.name, grace)
+        self._kill()
+        atexit.unregister(self._kill)
+        clean = all(s.process is None or s.process.returncode == 0 for s in self.services)
+        if self._owns_log_dir and clean:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        elif not clean:
+            log.info("service logs kept in %s", self.log_dir)
+
+    def _kill(self) -> None:
+        for s in self.services:
+            if s.process and s.process.poll() is None:
+                s.process.kill()
+                s.process.wait()
+            if s.log_file:
+                s.log_file.close()
+                s.log_file = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

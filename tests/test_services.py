@@ -1,0 +1,216 @@
+"""End to end: real prefill and decode processes on loopback, real gRPC, compared with the
+in-process engine and transformers."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from nxcore import Engine, RuntimeConfig, SamplingParams, StoppingCriteria, generate
+from nxserve.client import Client
+from nxserve.cluster import LocalCluster
+from nxserve.model_factory import make_model
+from nxserve.v1 import decode_pb2, decode_pb2_grpc, generation_pb2 as pb, generation_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+SEQ_LEN = 256
+SLOTS = 4
+ENGINE_ARGS = ["--seq-len", str(SEQ_LEN), "--batch-size", str(SLOTS), "--threads", "1", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(arch="llama", preset="tiny", out=tmp_path_factory.mktemp("svc") / "tiny-llama", seed=3)
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path):
+    with LocalCluster(model_dir, decode_replicas=2, engine_args=[*ENGINE_ARGS, "--max-queue", "64"]) as c:
+        yield c
+        assert c.exited() == []  # nothing crashed during the tests
+
+
+@pytest.fixture(scope="module")
+def client(cluster: LocalCluster):
+    with Client(cluster.target) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Engine:
+    return Engine.from_pretrained(model_dir, RuntimeConfig(batch_size=SLOTS, seq_len=SEQ_LEN, dtype="float32"))
+
+
+def prompts(n: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(n)
+    return [torch.randint(4, 512, (int(length),), generator=gen).tolist() for length in torch.randint(3, 60, (n,), generator=gen)]
+
+
+def loads(cluster: LocalCluster) -> list[decode_pb2.GetLoadResponse]:
+    out = []
+    for target in cluster.decode_targets:
+        with grpc.insecure_channel(target) as ch:
+            out.append(decode_pb2_grpc.DecodeStub(ch).GetLoad(decode_pb2.GetLoadRequest(), timeout=5))
+    return out
+
+
+def wait_all_free(cluster: LocalCluster, timeout: float = 10.0) -> list[decode_pb2.GetLoadResponse]:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = loads(cluster)
+        if all(s.free_slots == s.total_slots and s.queued_requests == 0 for s in state) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
+
+
+def test_greedy_single_request_equals_in_process_and_transformers(client: Client, engine: Engine, model_dir: Path) -> None:
+    prompt = prompts(1)[0]
+    result = client.generate_text(prompt, max_new_tokens=20, ignore_eos=True)
+    [local] = generate(engine, [prompt], stopping=StoppingCriteria(max_new_tokens=20, ignore_eos=True))
+    assert result.output_ids == local.output_ids
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([prompt])
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=2)
+    assert result.output_ids == ref[0, len(prompt):].tolist()
+    assert result.finish_reason == "length"
+    assert result.usage.prompt_tokens == len(prompt) and result.usage.completion_tokens == 20
+
+
+def test_sixteen_concurrent_requests_over_two_replicas(client: Client, cluster: LocalCluster, engine: Engine) -> None:
+    batch = prompts(16)
+    before = [s.completed_requests for s in loads(cluster)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: client.generate_text(p, max_new_tokens=24, ignore_eos=True), batch))
+    local = generate(engine, batch, stopping=StoppingCriteria(max_new_tokens=24, ignore_eos=True))
+    assert [r.output_ids for r in results] == [r.output_ids for r in local]
+    after = wait_all_free(cluster)
+    served = [a.completed_requests - b for a, b in zip(after, before)]
+    assert sum(served) == 16 and all(n > 0 for n in served)  # both replicas took requests
+    assert all(s.free_slots == SLOTS for s in after)  # 16 requests > 8 slots, all completed, nothing leaked
+
+
+def test_seeded_sampling_equals_in_process(client: Client, engine: Engine) -> None:
+    batch = prompts(3)
+    settings = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=s) for s in (1, 2, 3)]
+    with ThreadPoolExecutor(3) as pool:
+        remote = list(pool.map(
+            lambda a: client.generate_text(a[0], max_new_tokens=16, ignore_eos=True, temperature=a[1].temperature,
+                                           top_k=a[1].top_k, top_p=a[1].top_p, seed=a[1].seed),
+            zip(batch, settings),
+        ))
+    local = generate(engine, batch, sampling=settings, stopping=StoppingCriteria(max_new_tokens=16, ignore_eos=True))
+    assert [r.output_ids for r in remote] == [r.output_ids for r in local]
+
+
+def test_text_stream_and_stop_strings(client: Client, engine: Engine) -> None:
+    full = client.generate_text("Once upon a time", max_new_tokens=30, ignore_eos=True)
+    chunks = list(client.generate("Once upon a time", max_new_tokens=30, ignore_eos=True))
+    assert "".join(c.text for c in chunks) == full.text
+    assert [t for c in chunks for t in c.token_ids] == full.output_ids
+    assert chunks[0].prompt_token_ids == full.prompt_ids and chunks[-1].finish_reason == "length"
+    stop = full.text[len(full.text) // 2:][:3]
+    if stop.strip():
+        stopped = client.generate_text("Once upon a time", max_new_tokens=30, ignore_eos=True, stop_strings=[stop])
+        assert stopped.finish_reason == "stop"
+        assert stopped.text == full.text[: full.text.index(stop)]
+
+
+def test_request_joins_running_batch_without_waiting(client: Client, cluster: LocalCluster) -> None:
+    long_prompt, short_prompt = prompts(2)
+    streams = [client.generate(long_prompt, max_new_tokens=SEQ_LEN - len(long_prompt), ignore_eos=True) for _ in range(2)]
+    for stream in streams:
+        next(stream)
+        next(stream)  # both long requests are decoding now
+    short = client.generate_text(short_prompt, max_new_tokens=4, ignore_eos=True)
+    assert short.finish_reason == "length" and len(short.output_ids) == 4
+    remaining = [sum(1 for _ in stream) for stream in streams]
+    assert all(n > 10 for n in remaining)  # the short request finished while both long ones still ran
+
+
+def test_invalid_requests_get_precise_status(client: Client, cluster: LocalCluster) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate_text([5] * (SEQ_LEN + 1), max_new_tokens=4)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "largest context bucket (256 tokens)" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate_text([5, 512], max_new_tokens=4)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "out of range" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate_text("hi", temperature=1.0, top_k=1000)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_k=1000" in err.value.details()
+
+
+def test_cancel_and_deadline_free_the_decode_slot(cluster: LocalCluster) -> None:
+    with grpc.insecure_channel(cluster.target) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), stopping=pb.StoppingParameters(max_new_tokens=250, ignore_eos=True))
+        stream = stub.Generate(request)
+        next(stream)
+        next(stream)
+        assert any(s.free_slots < s.total_slots for s in loads(cluster))
+        stream.cancel()
+        assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
+
+        received = 0
+        with pytest.raises(grpc.RpcError) as err:
+            for message in stub.Generate(request, timeout=0.25):  # expires mid-decode: 250 steps take longer
+                received += len(message.token_ids)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and 0 < received < 250
+        assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
+
+
+def test_model_info_and_tokenize(client: Client) -> None:
+    info = client.model_info()
+    assert info["architecture"] == "llama" and info["max_total_tokens"] == SEQ_LEN and info["decode_replicas"] == 2
+    assert client.tokenize("Hello", add_special_tokens=True)[0] == 0  # bos
+
+
+def _header(cluster: LocalCluster, engine: Engine, **changes) -> decode_pb2.DecodeRequest:
+    fp = decode_pb2.ModelFingerprint(digest=engine.fingerprint, architecture="llama", dtype="float32")
+    layout = decode_pb2.KvLayout(num_layers=2, num_kv_heads=2, head_dim=16, n_tokens=3, dtype="float32")
+    header = decode_pb2.DecodeHeader(request_id="t", prompt_token_ids=[5, 6, 7], first_token=9, fingerprint=fp, layout=layout,
+                                     stopping=pb.StoppingParameters(max_new_tokens=4))
+    for key, value in changes.items():
+        getattr(header, key).CopyFrom(value)
+    return decode_pb2.DecodeRequest(header=header)
+
+
+def test_decode_refuses_other_model_and_corrupted_chunks(cluster: LocalCluster, engine: Engine) -> None:
+    target = cluster.decode_targets[0]
+    other = decode_pb2.ModelFingerprint(digest="0123456789abcdef", architecture="qwen3", dtype="float32")
+    with grpc.insecure_channel(target) as ch:
+        stub = decode_pb2_grpc.DecodeStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Decode(iter([_header(cluster, engine, fingerprint=other)]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "qwen3/float32/0123456789abcdef" in err.value.details() and engine.fingerprint in err.value.details()
+
+        data = bytes(2 * 2 * 2 * 3 * 16 * 4)
+        bad = decode_pb2.KvChunk(layer_start=0, layer_end=2, token_start=0, token_end=3, data=data, crc32=zlib.crc32(data) ^ 1)
+        messages = [_header(cluster, engine), decode_pb2.DecodeRequest(chunk=bad), decode_pb2.DecodeRequest(commit=decode_pb2.Commit())]
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Decode(iter(messages), timeout=10))
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS and "CRC-32" in err.value.details()
+
+        good = decode_pb2.KvChunk(layer_start=0, layer_end=2, token_start=0, token_end=3, data=data, crc32=zlib.crc32(data))
+        messages = [_header(cluster, engine), decode_pb2.DecodeRequest(chunk=good), decode_pb2.DecodeRequest(commit=decode_pb2.Commit())]
+        kinds = [m.WhichOneof("kind") for m in stub.Decode(iter(messages), timeout=10)]
+        assert kinds[0] == "ack" and kinds[-1] == "final"
+    assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
+
+
+def test_reflection_lists_services(cluster: LocalCluster) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    for target, name in [(cluster.target, "nxserve.v1.Generation"), (cluster.decode_targets[0], "nxserve.v1.Decode")]:
+        with grpc.insecure_channel(target) as ch:
+            services = ProtoReflectionDescriptorDatabase(ch).get_services()
+        assert name in services and "grpc.health.v1.Health" in services
