@@ -17,10 +17,11 @@ from opentelemetry import trace
 from nxcore import Engine, RequestRng, SamplingParams, StoppingCriteria
 from nxcore.detokenizer import IncrementalDetokenizer
 from nxcore.generate import FinishReason, GenerationResult, finish_reason
-from nxcore.kv_wire import DEFAULT_CHUNK_BYTES, iter_chunks
-from nxserve.grpc_common import FINISH_FROM_PB, FINISH_TO_PB, sampling_from_pb, sampling_to_pb, stopping_from_pb, stopping_to_pb
+from nxcore.kv_wire import DEFAULT_CHUNK_BYTES
+from nxserve.grpc_common import FINISH_FROM_PB, FINISH_TO_PB, sampling_from_pb, stopping_from_pb
 from nxserve.tracing import extract_context, inject_metadata, span_in
-from nxserve.v1 import decode_pb2, generation_pb2 as pb, generation_pb2_grpc
+from nxserve.v1 import generation_pb2 as pb, generation_pb2_grpc
+from prefill_svc.kv_sender import NoAck, decode_header, send_kv
 from prefill_svc.router import DecodeRouter, NoReplica, Replica
 from prefill_svc.worker import PrefillQueueFull, PrefillResult, PrefillWorker
 
@@ -164,22 +165,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         encode_span.end(end_time=_ns(result.finished_at))
         return result
 
-    def _header(self, req: Prepared, rng: RequestRng, prefill: PrefillResult) -> decode_pb2.DecodeRequest:
-        layers, heads, tokens, dim = prefill.kv.keys.shape
-        return decode_pb2.DecodeRequest(header=decode_pb2.DecodeHeader(
-            request_id=req.request_id,
-            sampling=sampling_to_pb(req.sampling),
-            stopping=stopping_to_pb(req.stopping, req.stop_strings),
-            prompt_token_ids=req.prompt_ids,
-            first_token=prefill.first_token,
-            rng_offset=rng.offset,
-            fingerprint=decode_pb2.ModelFingerprint(digest=self.engine.fingerprint, architecture=self.engine.model_config.model_type,
-                                                    dtype=self.engine.config.dtype),
-            layout=decode_pb2.KvLayout(num_layers=layers, num_kv_heads=heads, head_dim=dim, n_tokens=tokens, dtype=self.engine.config.dtype),
-        ))
-
     async def _hand_off(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, context: grpc.aio.ServicerContext, ctx):  # noqa: ANN001, ANN202
         """Open a Decode stream on the least-loaded replica and send the KV; returns (replica, call) after the ack."""
+        header = decode_header(
+            self.engine, prefill.kv, request_id=req.request_id, prompt_ids=req.prompt_ids, sampling=req.sampling,
+            stopping=req.stopping, stop_strings=req.stop_strings, first_token=prefill.first_token, rng_offset=rng.offset,
+        )
         tried: set[str] = set()
         busy: list[str] = []
         while True:
@@ -193,25 +184,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             call = replica.stub.Decode(metadata=inject_metadata(ctx), timeout=context.time_remaining())
             try:
                 with span_in(tracer, "kv_transfer", parent=ctx, attributes={"nxserve.decode_replica": replica.target}) as (span, _):
-                    start = time.perf_counter()
-                    await call.write(self._header(req, rng, prefill))
-                    sent = 0
-                    for chunk in iter_chunks(prefill.kv, max_bytes=self.chunk_bytes):
-                        sent += len(chunk.data)
-                        await call.write(decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(
-                            layer_start=chunk.layer_start, layer_end=chunk.layer_end, token_start=chunk.token_start,
-                            token_end=chunk.token_end, data=chunk.data, crc32=chunk.crc32)))
-                    await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
-                    await call.done_writing()
-                    ack = await call.read()
-                    if ack is grpc.aio.EOF or ack.WhichOneof("kind") != "ack":
-                        await context.abort(grpc.StatusCode.INTERNAL, f"decode replica {replica.target} answered without an ack")
-                    # The ack waits for a free slot: report the transfer without that wait.
-                    seconds = time.perf_counter() - start - ack.ack.queue_ms / 1000
-                    span.set_attributes({"nxserve.kv_bytes": sent, "nxserve.kv_transfer_ms": seconds * 1000,
-                                         "nxserve.decode_queue_ms": ack.ack.queue_ms,
-                                         "nxserve.kv_gbps": sent / max(seconds, 1e-9) / 1e9})
+                    sent = await send_kv(call, header, prefill.kv, chunk_bytes=self.chunk_bytes)
+                    span.set_attributes({"nxserve.kv_bytes": sent.bytes_sent, "nxserve.kv_transfer_ms": sent.seconds * 1000,
+                                         "nxserve.decode_queue_ms": sent.queue_ms, "nxserve.decode_slot": sent.slot,
+                                         "nxserve.kv_gbps": sent.bytes_sent / max(sent.seconds, 1e-9) / 1e9})
                 return replica, call
+            except NoAck as exc:
+                await context.abort(grpc.StatusCode.INTERNAL, f"decode replica {replica.target}: {exc}")
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 # A write to a call that already failed raises InvalidStateError; the status says why.
                 code, details = await call.code(), await call.details()
@@ -227,7 +206,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                       detok: IncrementalDetokenizer, context: grpc.aio.ServicerContext, span: trace.Span,
                       ctx) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN001
         replica, call = await self._hand_off(req, rng, prefill, context, ctx)
-        del prefill  # our copy of the KV is no longer needed once decode holds it
+        prefill.kv = None  # decode holds the KV now: free prefill's copy
         try:
             with span_in(tracer, "decoding", parent=ctx, attributes={"nxserve.decode_replica": replica.target}):
                 while True:

@@ -30,10 +30,11 @@ class PrefillJob:
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PrefillResult:
     first_token: int
-    kv: KVSnapshot
+    kv: KVSnapshot | None
+    """The prompt's KV; dropped (None) once a decode replica holds it."""
     enqueued_at: float
     started_at: float
     """time.monotonic() when the context-encoding call (shared by the batch) started."""

@@ -72,26 +72,36 @@ def wait_all_free(cluster: LocalCluster, timeout: float = 10.0) -> list[decode_p
         time.sleep(0.05)
 
 
-def test_greedy_single_request_equals_in_process_and_transformers(client: Client, engine: Engine, model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def hf_model(model_dir: Path):
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:  # noqa: ANN001
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=2)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_single_request_equals_in_process_and_transformers(client: Client, engine: Engine, hf_model) -> None:  # noqa: ANN001
     prompt = prompts(1)[0]
     result = client.generate_text(prompt, max_new_tokens=20, ignore_eos=True)
     [local] = generate(engine, [prompt], stopping=StoppingCriteria(max_new_tokens=20, ignore_eos=True))
     assert result.output_ids == local.output_ids
-    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = torch.tensor([prompt])
-    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=2)
-    assert result.output_ids == ref[0, len(prompt):].tolist()
+    assert result.output_ids == hf_greedy(hf_model, prompt, 20)
     assert result.finish_reason == "length"
     assert result.usage.prompt_tokens == len(prompt) and result.usage.completion_tokens == 20
 
 
-def test_sixteen_concurrent_requests_over_two_replicas(client: Client, cluster: LocalCluster, engine: Engine) -> None:
+def test_sixteen_concurrent_requests_over_two_replicas(client: Client, cluster: LocalCluster, engine: Engine, hf_model) -> None:  # noqa: ANN001
     batch = prompts(16)
     before = [s.completed_requests for s in loads(cluster)]
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda p: client.generate_text(p, max_new_tokens=24, ignore_eos=True), batch))
     local = generate(engine, batch, stopping=StoppingCriteria(max_new_tokens=24, ignore_eos=True))
     assert [r.output_ids for r in results] == [r.output_ids for r in local]
+    assert [r.output_ids for r in results] == [hf_greedy(hf_model, p, 24) for p in batch]
     after = wait_all_free(cluster)
     served = [a.completed_requests - b for a, b in zip(after, before)]
     assert sum(served) == 16 and all(n > 0 for n in served)  # both replicas took requests

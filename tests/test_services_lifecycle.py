@@ -40,12 +40,14 @@ def test_health_reports_not_serving_while_loading_then_serving_and_sigterm_exits
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     seen: list[int] = []
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        # Reconnect fast while the process starts, so polling sees the short loading window.
+        fast = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20), ("grpc.max_reconnect_backoff_ms", 50)]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=fast) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and health_pb2.HealthCheckResponse.SERVING not in seen:
                 try:
-                    seen.append(stub.Check(health_pb2.HealthCheckRequest(service="nxserve.v1.Decode"), timeout=1).status)
+                    seen.append(stub.Check(health_pb2.HealthCheckRequest(service="nxserve.v1.Decode"), timeout=1, wait_for_ready=True).status)
                 except grpc.RpcError:
                     pass
                 time.sleep(0.01)
@@ -71,6 +73,46 @@ def test_full_decode_queue_is_resource_exhausted_and_cluster_stops_cleanly(model
     finally:
         cluster.stop(grace=10)
     assert [s.process.returncode for s in cluster.services] == [0, 0]
+
+
+def test_sigterm_lets_running_requests_finish(model_dir: Path) -> None:
+    cluster = LocalCluster(model_dir, decode_replicas=1, engine_args=ENGINE_ARGS).start()
+    try:
+        with Client(cluster.target) as client:
+            stream = client.generate([5, 6, 7], max_new_tokens=200, ignore_eos=True)
+            received = len(next(stream).token_ids) + len(next(stream).token_ids)
+            for service in cluster.services:
+                service.process.send_signal(signal.SIGTERM)
+            chunks = list(stream)
+        assert received + sum(len(c.token_ids) for c in chunks) == 200 and chunks[-1].finish_reason == "length"
+        for service in cluster.services:
+            assert service.process.wait(timeout=30) == 0
+    finally:
+        cluster.stop(grace=5)
+
+
+def test_prefill_refuses_decode_replicas_of_another_model(model_dir: Path, tmp_path: Path) -> None:
+    other = make_model(arch="qwen3", preset="tiny", out=tmp_path / "other", seed=6)  # same shapes, other weights
+    decode_port, prefill_port = _free_ports(2)
+    common = [sys.executable, "-m"]
+    procs = [subprocess.Popen([*common, "decode_svc", "--model", str(other), "--port", str(decode_port), *ENGINE_ARGS],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs.append(subprocess.Popen([*common, "prefill_svc", "--model", str(model_dir), "--port", str(prefill_port),
+                                   "--decode", f"127.0.0.1:{decode_port}", *ENGINE_ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        with Client(f"127.0.0.1:{prefill_port}") as client:
+            deadline = time.monotonic() + 60
+            while True:
+                with pytest.raises(grpc.RpcError) as err:
+                    client.generate_text([5, 6, 7], max_new_tokens=4, timeout=5)
+                if err.value.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)  # still starting
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "serves model" in err.value.details()
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=30) for proc in procs] == [0, 0]
 
 
 def test_lost_decode_replica_is_skipped(model_dir: Path) -> None:

@@ -1,0 +1,73 @@
+"""Sending one request's KV snapshot on a Decode stream: header, CRC-checked chunks, commit, ack."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from nxcore import Engine, SamplingParams, StoppingCriteria
+from nxcore.kv_cache import KVSnapshot
+from nxcore.kv_wire import iter_chunks
+from nxserve.grpc_common import sampling_to_pb, stopping_to_pb
+from nxserve.v1 import decode_pb2
+
+
+def decode_header(
+    engine: Engine,
+    kv: KVSnapshot,
+    *,
+    request_id: str,
+    prompt_ids: Sequence[int],
+    sampling: SamplingParams,
+    stopping: StoppingCriteria,
+    stop_strings: Sequence[str],
+    first_token: int,
+    rng_offset: int,
+) -> decode_pb2.DecodeRequest:
+    layers, heads, tokens, dim = kv.keys.shape
+    dtype = engine.config.dtype
+    return decode_pb2.DecodeRequest(header=decode_pb2.DecodeHeader(
+        request_id=request_id,
+        sampling=sampling_to_pb(sampling),
+        stopping=stopping_to_pb(stopping, stop_strings),
+        prompt_token_ids=list(prompt_ids),
+        first_token=first_token,
+        rng_offset=rng_offset,
+        fingerprint=decode_pb2.ModelFingerprint(digest=engine.fingerprint, architecture=engine.model_config.model_type, dtype=dtype),
+        layout=decode_pb2.KvLayout(num_layers=layers, num_kv_heads=heads, head_dim=dim, n_tokens=tokens, dtype=dtype),
+    ))
+
+
+@dataclass(frozen=True)
+class Transfer:
+    bytes_sent: int
+    seconds: float
+    """From the header to the ack, less the time decode queued the request for a slot."""
+    queue_ms: float
+    slot: int
+
+
+class NoAck(Exception):
+    pass
+
+
+async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequest, kv: KVSnapshot, *, chunk_bytes: int) -> Transfer:
+    """Write header, chunks and commit, then read the ack. gRPC errors propagate."""
+    start = time.perf_counter()
+    await call.write(header)
+    sent = 0
+    for c in iter_chunks(kv, max_bytes=chunk_bytes):
+        sent += len(c.data)
+        await call.write(decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(
+            layer_start=c.layer_start, layer_end=c.layer_end, token_start=c.token_start, token_end=c.token_end,
+            data=c.data, crc32=c.crc32)))
+    await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
+    await call.done_writing()
+    ack = await call.read()
+    if ack is grpc.aio.EOF or ack.WhichOneof("kind") != "ack":
+        raise NoAck("the decode replica answered the KV without an ack")
+    seconds = time.perf_counter() - start - ack.ack.queue_ms / 1000
+    return Transfer(bytes_sent=sent, seconds=seconds, queue_ms=ack.ack.queue_ms, slot=ack.ack.slot)
