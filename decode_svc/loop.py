@@ -179,8 +179,9 @@ class DecodeLoop:
             job.kv = None
             job.status = RequestStatus.RUNNING
             job.result = GenerationResult(prompt_ids=job.prompt_ids, output_ids=[job.first_token])
-            job.detok = IncrementalDetokenizer(self.tokenizer, stop_strings=job.stop_strings)
-            job.detok.add([job.first_token])
+            if job.stop_strings:  # text is only needed here to find stop strings
+                job.detok = IncrementalDetokenizer(self.tokenizer, stop_strings=job.stop_strings)
+                job.detok.add([job.first_token])
             self._running[slot] = job
             admitted.append((job, slot, (time.monotonic() - job.enqueued_at) * 1000))
         return admitted
@@ -210,8 +211,8 @@ class DecodeLoop:
                 if job.status != RequestStatus.RUNNING:
                     continue
                 job.result.output_ids.append(token)
-                job.detok.add([token])
-                reason = FinishReason.STOP if job.detok.stopped else finish_reason(
+                stopped = job.detok is not None and job.detok.add([token]) is not None and job.detok.stopped
+                reason = FinishReason.STOP if stopped else finish_reason(
                     job.result,
                     stopping=job.stopping,
                     eos_token_ids=self.engine.model_config.eos_token_ids,

@@ -24,15 +24,20 @@ BACKENDS = ("eager", "compile")
 MIN_BUCKET = 128
 
 
-def default_buckets(seq_len: int) -> tuple[int, ...]:
-    """Powers of two from 128 up to seq_len, plus seq_len itself."""
+def power_of_two_buckets(limit: int, *, start: int = 1) -> tuple[int, ...]:
+    """Powers of two from `start` up to `limit`, plus `limit` itself."""
     buckets = []
-    size = MIN_BUCKET
-    while size < seq_len:
+    size = start
+    while size < limit:
         buckets.append(size)
         size *= 2
-    buckets.append(seq_len)
+    buckets.append(limit)
     return tuple(buckets)
+
+
+def default_buckets(seq_len: int) -> tuple[int, ...]:
+    """Context-encoding lengths: powers of two from 128 up to seq_len, plus seq_len itself."""
+    return power_of_two_buckets(seq_len, start=min(MIN_BUCKET, seq_len))
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -93,6 +98,17 @@ class RuntimeConfig:
         if self.dtype == "auto":
             raise ValueError("RuntimeConfig.dtype is 'auto': resolve it against the checkpoint first")
         return DTYPES[self.dtype]
+
+    @property
+    def ctx_batch_buckets(self) -> tuple[int, ...]:
+        """Row counts the context-encoding graph is built for: a call with fewer prompts runs the
+        smallest that fits, so padding rows cost at most as many rows as real ones."""
+        return power_of_two_buckets(self.ctx_batch_size)
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        """Row counts the token-generation and speculation graphs are built for (see ctx_batch_buckets)."""
+        return power_of_two_buckets(self.batch_size)
 
     @property
     def max_prompt_len(self) -> int:

@@ -54,7 +54,7 @@ class Engine:
         logits = not config.on_device_sampling
         self._ctx_graph = ContextEncodingGraph(model, max_topk=config.max_topk, output_logits=logits)
         self._decode_graph = DecodeGraph(model, max_topk=config.max_topk, output_logits=logits)
-        self._compiled: dict[tuple[str, int], object] = {}
+        self._compiled: dict[tuple[str, int, int], object] = {}
 
     # ---------------------------------------------------------------- loading
 
@@ -108,9 +108,10 @@ class Engine:
                     f"shorten it or serve with a larger --seq-len"
                 )
         longest = max(len(r.token_ids) for r in requests)
-        bucket = next(b for b in cfg.buckets if b >= longest)
-        inputs = self._inputs(requests, rows=cfg.ctx_batch_size, width=bucket, prefill=True)
-        outputs = self._run("context", bucket, inputs)
+        bucket = _fit(longest, cfg.buckets)
+        rows = _fit(len(requests), cfg.ctx_batch_buckets)
+        inputs = self._inputs(requests, rows=rows, width=bucket, prefill=True)
+        outputs = self._run("context", rows, bucket, inputs)
         tokens = self._tokens(outputs, inputs, rows=len(requests))
         for r in requests:
             self.slot_lengths[r.slot] = len(r.token_ids)
@@ -148,15 +149,17 @@ class Engine:
                     f"slot {r.slot} holds {length} tokens; {width} more exceed seq_len ({cfg.seq_len})"
                 )
             self._check_request(r)
-        inputs = self._inputs(requests, rows=cfg.batch_size, width=width, prefill=False)
-        outputs = self._run(kind, width, inputs)
+        rows = _fit(len(requests), cfg.batch_buckets)
+        inputs = self._inputs(requests, rows=rows, width=width, prefill=False)
+        outputs = self._run(kind, rows, width, inputs)
         tokens = self._tokens(outputs, inputs, rows=len(requests))
         for r in requests:
             self.slot_lengths[r.slot] += width
         return tokens.tolist()
 
-    def _run(self, kind: str, width: int, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
-        key = (kind, width)
+    def _run(self, kind: str, rows: int, width: int, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
+        """Run the graph for this (kind, rows, width) shape, building it on first use."""
+        key = (kind, rows, width)
         graph = self._compiled.get(key)
         if graph is None:
             module = self._ctx_graph if kind == "context" else self._decode_graph
@@ -264,6 +267,11 @@ class Engine:
         slot = torch.tensor([self.model.kv_cache.scratch_slot])
         ctx = self.model.context(prefill=True, slot_ids=slot, positions=positions)
         return self.model.logits(self.model.hidden_states(ids, ctx))[0]
+
+
+def _fit(n: int, sizes: Sequence[int]) -> int:
+    """The smallest size that holds n."""
+    return next(size for size in sizes if size >= n)
 
 
 def check_fits(model_config: ModelConfig, config: RuntimeConfig) -> None:

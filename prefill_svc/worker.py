@@ -112,6 +112,7 @@ class PrefillWorker:
             for r in requests:
                 self.engine.free(r.slot)
         end = time.monotonic()
+        log.debug("encoded %d prompt(s) in %.1f ms", len(jobs), (end - start) * 1000)
         for j, token, kv in zip(jobs, tokens, snapshots):
             result = PrefillResult(first_token=token, kv=kv, enqueued_at=j.enqueued_at, started_at=start, finished_at=end, batch=len(jobs))
             j.loop.call_soon_threadsafe(_set_result, j.future, result)
