@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, default=50061, help="port to listen on (default: 50061)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; past it RESOURCE_EXHAUSTED (default: 64)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (default: INFO)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to finish on SIGTERM (default: 10)")
     add_engine_flags(p, batch_size=8, seq_len=1024)
     return p
@@ -86,7 +87,7 @@ def _warm_up(engine) -> None:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     asyncio.run(serve(args))
     return 0
 

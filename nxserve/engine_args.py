@@ -7,13 +7,14 @@ import argparse
 from nxcore import RuntimeConfig
 
 
-def add_engine_flags(parser: argparse.ArgumentParser, *, batch_size: int | None, seq_len: int | None) -> None:
+def add_engine_flags(parser: argparse.ArgumentParser, *, batch_size: int | None, seq_len: int | None,
+                     batch_help: str | None = None) -> None:
     """--dtype --batch-size --ctx-batch-size --seq-len --backend --max-topk; None defaults are decided by the command."""
     g = parser.add_argument_group("engine")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights/activations/KV dtype (default: the checkpoint's own)")
     g.add_argument("--batch-size", type=int, default=batch_size,
-                   help=f"decode slots (default: {batch_size if batch_size else 'the number of prompts'})")
+                   help=batch_help or f"decode slots (default: {batch_size if batch_size else 'the number of prompts'})")
     g.add_argument("--ctx-batch-size", type=int, default=None, help="prompts per context-encoding call (default: batch size)")
     g.add_argument("--seq-len", type=int, default=seq_len,
                    help=f"tokens per slot, prompt + output (default: {seq_len if seq_len else 'fits the longest prompt plus --max-new-tokens'}; "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import time
 
@@ -32,9 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, default=50051, help="port to listen on (default: 50051)")
     p.add_argument("--max-queue", type=int, default=256, help="prompts that may wait for context encoding; past it RESOURCE_EXHAUSTED (default: 256)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (default: INFO)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to finish on SIGTERM (default: 10)")
     p.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="KV bytes per chunk sent to decode (default: 1 MiB)")
-    add_engine_flags(p, batch_size=None, seq_len=1024)
+    add_engine_flags(p, batch_size=4, seq_len=1024,
+                     batch_help="prompts encoded together per context-encoding call, same as --ctx-batch-size (default: 4)")
     return p
 
 
@@ -88,7 +89,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("NXSERVE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     asyncio.run(serve(args))
     return 0
 
