@@ -8,12 +8,10 @@ import logging
 import sys
 import time
 
-import grpc
-
 from decode_svc.loop import DecodeLoop
 from decode_svc.server import DecodeServicer
 from nxserve.engine_args import add_engine_flags, apply_threads, config_from_args
-from nxserve.grpc_common import add_health_and_reflection, install_shutdown, server_options, set_health
+from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
 
@@ -28,11 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         "in a continuous batch over fixed slots, streaming tokens back.",
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (the same as prefill's)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)")
-    p.add_argument("--port", type=int, default=50061, help="port to listen on (default: 50061)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; past it RESOURCE_EXHAUSTED (default: 64)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (default: INFO)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to finish on SIGTERM (default: 10)")
+    add_server_flags(p, port=50061, max_queue=64, queue_help="requests that may wait for a free slot")
     add_engine_flags(p, batch_size=8, seq_len=1024)
     return p
 
@@ -43,14 +37,9 @@ async def serve(args: argparse.Namespace) -> None:
     from nxcore.tokenizer import load_tokenizer
 
     configure_tracing("nxserve-decode")
-    server = grpc.aio.server(options=server_options())
-    health = add_health_and_reflection(server, SERVICE)
     servicer = DecodeServicer()
-    decode_pb2_grpc.add_DecodeServicer_to_server(servicer, server)
-    await set_health(health, SERVICE, serving=False)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    await server.start()
-    log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", args.host, port)
+    server, health, port = await start_server(
+        args, service=SERVICE, register=lambda s: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, s))
 
     start = time.perf_counter()
     apply_threads(args)
@@ -76,20 +65,20 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def _warm_up(engine) -> None:  # noqa: ANN001
-    """Run the token-generation graph once (compiles it on the compile backend)."""
+    """Run the token-generation graph at every row count (compiles them on the compile backend)."""
     from nxcore import RequestRng, SamplingParams, SequenceRequest
 
     greedy = SamplingParams()
-    engine.context_encode([SequenceRequest(slot=0, token_ids=[0], sampling=greedy, rng=RequestRng(0))])
-    engine.token_generate([SequenceRequest(slot=0, token_ids=[0], sampling=greedy, rng=RequestRng(0))])
-    engine.free(0)
+    for slot in range(engine.config.batch_size):
+        engine.context_encode([SequenceRequest(slot=slot, token_ids=[0], sampling=greedy, rng=RequestRng(0))])
+    for rows in engine.config.batch_buckets:
+        engine.token_generate([SequenceRequest(slot=s, token_ids=[0], sampling=greedy, rng=RequestRng(0)) for s in range(rows)])
+    for slot in range(engine.config.batch_size):
+        engine.free(slot)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(serve, build_parser(), argv)
 
 
 if __name__ == "__main__":

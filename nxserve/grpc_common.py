@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
@@ -108,3 +110,33 @@ def stopping_to_pb(criteria: StoppingCriteria, stop_strings: Sequence[str]) -> g
         stop_strings=list(stop_strings),
         ignore_eos=criteria.ignore_eos,
     )
+
+
+def add_server_flags(parser: argparse.ArgumentParser, *, port: int, max_queue: int, queue_help: str) -> None:
+    """--host --port --max-queue --grace --log-level, shared by both services."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=port, help=f"port to listen on (default: {port})")
+    parser.add_argument("--max-queue", type=int, default=max_queue, help=f"{queue_help}; past it RESOURCE_EXHAUSTED (default: {max_queue})")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to finish on SIGTERM (default: 10)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (default: INFO)")
+
+
+async def start_server(args: argparse.Namespace, *, service: str, register: Callable[[grpc.aio.Server], None]) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """A started server with health (NOT_SERVING for now), reflection and the servicer `register` adds."""
+    server = grpc.aio.server(options=server_options())
+    servicer = add_health_and_reflection(server, service)
+    register(server)
+    await set_health(servicer, service, serving=False)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", args.host, port)
+    return server, servicer, port
+
+
+def run_service(serve: Callable[[argparse.Namespace], Awaitable[None]], parser: argparse.ArgumentParser,
+                argv: Sequence[str] | None) -> int:
+    """Parse flags, set up logging, run `serve` until it returns (after a signal)."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    asyncio.run(serve(args))
+    return 0

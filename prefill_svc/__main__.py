@@ -8,10 +8,8 @@ import logging
 import sys
 import time
 
-import grpc
-
 from nxserve.engine_args import add_engine_flags, apply_threads, config_from_args
-from nxserve.grpc_common import add_health_and_reflection, install_shutdown, server_options, set_health
+from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import generation_pb2, generation_pb2_grpc
 
@@ -28,11 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--decode", required=True, type=lambda s: [t for t in s.split(",") if t],
                    help="decode replicas as HOST:PORT[,HOST:PORT...]")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)")
-    p.add_argument("--port", type=int, default=50051, help="port to listen on (default: 50051)")
-    p.add_argument("--max-queue", type=int, default=256, help="prompts that may wait for context encoding; past it RESOURCE_EXHAUSTED (default: 256)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (default: INFO)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to finish on SIGTERM (default: 10)")
+    add_server_flags(p, port=50051, max_queue=256, queue_help="prompts that may wait for context encoding")
     p.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="KV bytes per chunk sent to decode (default: 1 MiB)")
     add_engine_flags(p, batch_size=4, seq_len=1024,
                      batch_help="prompts encoded together per context-encoding call, same as --ctx-batch-size (default: 4)")
@@ -48,14 +42,9 @@ async def serve(args: argparse.Namespace) -> None:
     from prefill_svc.worker import PrefillWorker
 
     configure_tracing("nxserve-prefill")
-    server = grpc.aio.server(options=server_options())
-    health = add_health_and_reflection(server, SERVICE)
     servicer = GenerationServicer(model_name=str(args.model), chunk_bytes=args.kv_chunk_bytes)
-    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, server)
-    await set_health(health, SERVICE, serving=False)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    await server.start()
-    log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", args.host, port)
+    server, health, port = await start_server(
+        args, service=SERVICE, register=lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s))
 
     start = time.perf_counter()
     apply_threads(args)
@@ -88,10 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    asyncio.run(serve(args))
-    return 0
+    return run_service(serve, build_parser(), argv)
 
 
 if __name__ == "__main__":

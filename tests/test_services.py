@@ -3,7 +3,6 @@ in-process engine and transformers."""
 
 from __future__ import annotations
 
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
