@@ -7,27 +7,27 @@ compiled shapes, pads them into one graph call and returns plain Python token id
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from nxcore.arch import get_architecture
-from nxcore.backends import build_graph
-from nxcore.checkpoint import load_tensors, read_eos_token_ids, read_hf_config
-from nxcore.config import DTYPES, RuntimeConfig
+from nxcore.config import RuntimeConfig
 from nxcore.errors import EngineError
-from nxcore.graphs import ContextEncodingGraph, DecodeGraph, GraphInputs
+from nxcore.executor import LocalExecutor
+from nxcore.graphs import GraphInputs
 from nxcore.kv_cache import KVSnapshot
+from nxcore.loader import load_rank, read_model_config, resolve_config
 from nxcore.model_config import ModelConfig
 from nxcore.modules.decoder import CausalLM
 from nxcore.sampling import RequestRng, SamplingParams, sample
+
+if TYPE_CHECKING:
+    from nxcore.parallel.executor import TPExecutor
 
 log = logging.getLogger(__name__)
 
@@ -44,50 +44,49 @@ class SequenceRequest:
 
 
 class Engine:
-    def __init__(self, *, model: CausalLM, model_config: ModelConfig, config: RuntimeConfig, fingerprint: str) -> None:
-        self.model = model
+    def __init__(self, *, executor: LocalExecutor | TPExecutor, model_config: ModelConfig, config: RuntimeConfig,
+                 fingerprint: str) -> None:
+        self.executor = executor
         self.model_config = model_config
         self.config = config
         self.fingerprint = fingerprint
         self.slot_lengths: list[int | None] = [None] * config.batch_size
         """Tokens held by each slot's cache, None for a slot with no sequence."""
-        logits = not config.on_device_sampling
-        self._ctx_graph = ContextEncodingGraph(model, max_topk=config.max_topk, output_logits=logits)
-        self._decode_graph = DecodeGraph(model, max_topk=config.max_topk, output_logits=logits)
-        self._compiled: dict[tuple[str, int, int], object] = {}
+
+    @property
+    def model(self) -> CausalLM:
+        """The in-process model (TP=1 only; under TP each rank process holds its slice)."""
+        if not isinstance(self.executor, LocalExecutor):
+            raise AttributeError(f"the model lives in {self.config.tp_degree} TP rank processes, not in this one")
+        return self.executor.model
 
     # ---------------------------------------------------------------- loading
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: RuntimeConfig | None = None) -> Engine:
-        """Load an HF checkpoint directory into an engine built for `config`."""
-        config = config or RuntimeConfig()
+        """Load an HF checkpoint directory into an engine built for `config` (TP ranks started as needed)."""
         start = time.perf_counter()
-        hf_config = read_hf_config(model_dir)
-        arch = get_architecture(hf_config.model_type)
-        model_config = arch.read_config(hf_config)
-        extra_eos = [t for t in read_eos_token_ids(model_dir) if t not in model_config.eos_token_ids]
-        if extra_eos:
-            model_config = dataclasses.replace(model_config, eos_token_ids=model_config.eos_token_ids + tuple(extra_eos))
-        if config.dtype == "auto":
-            config = config.replace(dtype=model_config.dtype if model_config.dtype in DTYPES else "float32")
-        check_fits(model_config, config)
-        dtype = config.torch_dtype
-        with torch.device("meta"):
-            model = CausalLM(model_config, slots=config.batch_size, seq_len=config.seq_len, dtype=dtype)
-        model.to_empty(device="cpu")
-        model.init_buffers()
-        state = arch.convert_state_dict(load_tensors(model_dir, dtype=dtype), model_config)
-        model.load_state_dict(state, strict=True)
-        model.tie_weights()
-        model.eval().requires_grad_(False)
-        engine = cls(model=model, model_config=model_config, config=config, fingerprint=fingerprint_of(model_config, state))
+        model_config = read_model_config(model_dir)
+        config = resolve_config(model_config, config or RuntimeConfig())
+        if config.tp_degree == 1:
+            model, fingerprint = load_rank(model_dir, model_config, config)
+            executor: LocalExecutor | TPExecutor = LocalExecutor(model, config)
+        else:
+            from nxcore.parallel.executor import TPExecutor
+
+            executor = TPExecutor(model_dir, model_config, config)
+            fingerprint = executor.fingerprint
+        engine = cls(executor=executor, model_config=model_config, config=config, fingerprint=fingerprint)
         log.info(
-            "loaded %s (%s, %s) in %.2fs: %d slots, seq_len %d, buckets %s",
-            model_dir, model_config.model_type, config.dtype, time.perf_counter() - start,
+            "loaded %s (%s, %s, TP=%d) in %.2fs: %d slots, seq_len %d, buckets %s",
+            model_dir, model_config.model_type, config.dtype, config.tp_degree, time.perf_counter() - start,
             config.batch_size, config.seq_len, list(config.buckets),
         )
         return engine
+
+    def close(self) -> None:
+        """Stop TP rank processes (nothing to do at TP=1)."""
+        self.executor.close()
 
     # ---------------------------------------------------------------- graph calls
 
@@ -158,13 +157,8 @@ class Engine:
         return tokens.tolist()
 
     def _run(self, kind: str, rows: int, width: int, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
-        """Run the graph for this (kind, rows, width) shape, building it on first use."""
-        key = (kind, rows, width)
-        graph = self._compiled.get(key)
-        if graph is None:
-            module = self._ctx_graph if kind == "context" else self._decode_graph
-            graph = self._compiled[key] = build_graph(module, backend=self.config.backend)
-        return graph(inputs)
+        """Run the graph for this (kind, rows, width) shape, built on first use."""
+        return self.executor.run((kind, rows, width), inputs)
 
     def _tokens(self, outputs: tuple[torch.Tensor, ...], inputs: GraphInputs, *, rows: int) -> torch.Tensor:
         """[rows, T] tokens of the real rows; samples on the host when the graph returned logits."""
@@ -187,7 +181,7 @@ class Engine:
         """Pad requests into `rows` x `width` graph inputs; padding rows use the scratch slot."""
         input_ids = torch.zeros(rows, width, dtype=torch.int64)
         positions = torch.arange(width, dtype=torch.int64).repeat(rows, 1)
-        slot_ids = torch.full((rows,), self.model.kv_cache.scratch_slot, dtype=torch.int64)
+        slot_ids = torch.full((rows,), self.executor.scratch_slot, dtype=torch.int64)
         last_index = torch.zeros(rows, dtype=torch.int64)
         temperature = torch.zeros(rows, dtype=torch.float32)
         top_k = torch.zeros(rows, dtype=torch.int64)
@@ -242,7 +236,7 @@ class Engine:
         length = self.slot_lengths[slot]
         if length is None or not 1 <= n_tokens <= length:
             raise EngineError(f"cannot export {n_tokens} tokens from slot {slot}, which holds {length or 0}")
-        return self.model.kv_cache.export(slot, n_tokens)
+        return self.executor.export_kv(slot, n_tokens)
 
     def import_kv(self, slot: int, kv: KVSnapshot) -> None:
         """Write a snapshot (from this or another engine of the same model) into a free slot."""
@@ -254,40 +248,16 @@ class Engine:
             raise EngineError(f"KV snapshot of shape {tuple(kv.keys.shape)} does not match this model: expected {expected}")
         if kv.n_tokens > self.config.seq_len:
             raise EngineError(f"KV snapshot of {kv.n_tokens} tokens exceeds seq_len ({self.config.seq_len})")
-        self.model.kv_cache.import_(slot, kv)
+        self.executor.import_kv(slot, kv)
         self.slot_lengths[slot] = kv.n_tokens
 
     # ---------------------------------------------------------------- reference helpers
 
-    @torch.no_grad()
     def prompt_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """float32 logits [T, vocab] at every prompt position (eager, scratch slot): for checks."""
-        ids = torch.tensor([list(token_ids)], dtype=torch.int64)
-        positions = torch.arange(ids.shape[1])[None]
-        slot = torch.tensor([self.model.kv_cache.scratch_slot])
-        ctx = self.model.context(prefill=True, slot_ids=slot, positions=positions)
-        return self.model.logits(self.model.hidden_states(ids, ctx))[0]
+        return self.executor.prompt_logits(token_ids)
 
 
 def _fit(n: int, sizes: Sequence[int]) -> int:
     """The smallest size that holds n."""
     return next(size for size in sizes if size >= n)
-
-
-def check_fits(model_config: ModelConfig, config: RuntimeConfig) -> None:
-    """Refuse runtime shapes the checkpoint cannot serve."""
-    if config.seq_len > model_config.max_position_embeddings:
-        raise ValueError(
-            f"seq_len={config.seq_len} exceeds the model's max_position_embeddings ({model_config.max_position_embeddings})"
-        )
-
-
-def fingerprint_of(model_config: ModelConfig, state: dict[str, torch.Tensor]) -> str:
-    """A short hash of the architecture facts and a sample of every weight tensor."""
-    digest = hashlib.sha256(json.dumps(model_config.fingerprint_fields(), sort_keys=True).encode())
-    for name in sorted(state):
-        tensor = state[name].detach().reshape(-1)
-        digest.update(name.encode())
-        digest.update(str(tuple(state[name].shape)).encode())
-        digest.update(tensor[:: max(1, tensor.numel() // 64)].to(torch.float32).numpy().tobytes())
-    return digest.hexdigest()[:16]

@@ -65,8 +65,9 @@ class ContextEncodingGraph(nn.Module):
             top_p=inputs.top_p,
             rand=inputs.rand[:, 0],
             max_topk=self.max_topk,
+            comm=self.model.comm,
         )
-        return (tokens, logits) if self.output_logits else (tokens,)
+        return (tokens, full_logits(self.model, logits)) if self.output_logits else (tokens,)
 
 
 class DecodeGraph(nn.Module):
@@ -90,7 +91,13 @@ class DecodeGraph(nn.Module):
             top_p=inputs.top_p.repeat_interleave(length),
             rand=inputs.rand.reshape(-1),
             max_topk=self.max_topk,
+            comm=self.model.comm,
         ).view(batch, length)
         if self.output_logits:
-            return tokens, logits.view(batch, length, -1)
+            return tokens, full_logits(self.model, logits).view(batch, length, -1)
         return (tokens,)
+
+
+def full_logits(model: CausalLM, logits: torch.Tensor) -> torch.Tensor:
+    """The whole vocabulary's logits [N, vocab_size], gathered from the shards under TP."""
+    return model.comm.all_gather(logits, dim=-1)[:, : model.cfg.vocab_size]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nxcore.parallel.comm import TPComm
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -68,12 +70,28 @@ def sample(
     top_p: torch.Tensor,
     rand: torch.Tensor,
     max_topk: int,
+    comm: TPComm | None = None,
 ) -> torch.Tensor:
-    """Tokens [N] from float32 logits [N, V] with per-row parameters [N] and uniforms rand [N]."""
-    greedy_tokens = torch.argmax(logits, dim=-1)
-    width = min(max_topk, logits.shape[-1])
+    """Tokens [N] from float32 logits [N, V] with per-row parameters [N] and uniforms rand [N].
+
+    Under TP, `logits` is this rank's vocabulary slice: the greedy token is a global argmax over
+    the shards' maxima and the candidates a global top-k over the shards' top-k, so no rank ever
+    holds the full logits.
+    """
+    offset = comm.vocab_offset if comm is not None else 0
+    sharded = comm is not None and comm.world > 1
+    local_best = torch.argmax(logits, dim=-1, keepdim=True)
+    best_value, best_index = logits.gather(-1, local_best), local_best + offset
     safe_temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    values, indices = torch.topk(logits / safe_temp[:, None], width, dim=-1)
+    values, indices = torch.topk(logits / safe_temp[:, None], min(max_topk, logits.shape[-1]), dim=-1)
+    indices = indices + offset
+    if sharded:
+        best_value, best_index = comm.all_gather(best_value, dim=1), comm.all_gather(best_index, dim=1)
+        values, indices = comm.all_gather(values, dim=1), comm.all_gather(indices, dim=1)
+        values, order = torch.topk(values, min(max_topk, values.shape[-1]), dim=-1)
+        indices = indices.gather(-1, order)
+    greedy_tokens = best_index.gather(-1, torch.argmax(best_value, dim=-1, keepdim=True)).squeeze(-1)
+    width = values.shape[-1]
     rank = torch.arange(width, device=logits.device)[None, :]
     k = torch.where((top_k > 0) & (top_k < width), top_k, torch.full_like(top_k, width))
     values = values.masked_fill(rank >= k[:, None], float("-inf"))

@@ -11,17 +11,28 @@ from nxcore.modules.attention import Attention, AttentionContext, build_mask
 from nxcore.modules.mlp import GatedMLP
 from nxcore.modules.norm import RMSNorm
 from nxcore.modules.rotary import cos_sin_table, inv_frequencies
+from nxcore.parallel.comm import TPComm, single_rank
+from nxcore.parallel.plan import make_plan
+
+
+def _comm(cfg: ModelConfig, comm: TPComm | None) -> TPComm:
+    return comm if comm is not None else single_rank(make_plan(cfg, 1))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+    """Attention and MLP hold this rank's heads and intermediate units (row-parallel outputs are
+    partial sums); the layer all-reduces them before the residual add."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, comm: TPComm | None = None) -> None:
         super().__init__()
+        self.comm = _comm(cfg, comm)
+        plan = self.comm.plan
         self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.attn = Attention(
             layer_idx=layer_idx,
             hidden_size=cfg.hidden_size,
-            num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
+            num_heads=plan.q_per_rank,
+            num_kv_heads=plan.kv_per_rank,
             head_dim=cfg.head_dim,
             qkv_bias=cfg.attention_bias,
             o_bias=cfg.o_proj_bias,
@@ -31,33 +42,39 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = GatedMLP(
             hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
+            intermediate_size=plan.intermediate_per_rank,
             bias=cfg.mlp_bias,
             act=cfg.hidden_act,
         )
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), ctx, cache)
-        return x + self.mlp(self.post_attn_norm(x))
+        x = x + self.comm.all_reduce(self.attn(self.input_norm(x), ctx, cache))
+        return x + self.comm.all_reduce(self.mlp(self.post_attn_norm(x)))
 
 
 class CausalLM(nn.Module):
-    """Embedding, decoder layers, final norm, LM head, rotary tables and the KV cache."""
+    """Embedding, decoder layers, final norm, LM head, rotary tables and the KV cache.
 
-    def __init__(self, cfg: ModelConfig, *, slots: int, seq_len: int, dtype: torch.dtype) -> None:
+    Under TP the embedding and LM head hold this rank's vocabulary rows (vocab-parallel): the
+    embedding all-reduces masked lookups, and `logits` returns this rank's vocabulary slice.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, slots: int, seq_len: int, dtype: torch.dtype, comm: TPComm | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.comm = _comm(cfg, comm)
+        plan = self.comm.plan
+        self.embed_tokens = nn.Embedding(plan.vocab_per_rank, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.comm) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, plan.vocab_per_rank, bias=False)
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(seq_len, cfg.head_dim, dtype=dtype), persistent=False)
         self.register_buffer("rope_sin", torch.empty(seq_len, cfg.head_dim, dtype=dtype), persistent=False)
         self.kv_cache = KVCache(
             num_layers=cfg.num_layers,
             slots=slots,
-            kv_heads=cfg.num_kv_heads,
+            kv_heads=plan.kv_per_rank,
             seq_len=seq_len,
             head_dim=cfg.head_dim,
             dtype=dtype,
@@ -97,11 +114,25 @@ class CausalLM(nn.Module):
             masks=masks,
         )
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.comm.world == 1:
+            return self.embed_tokens(input_ids)
+        local = input_ids - self.comm.vocab_offset
+        inside = (local >= 0) & (local < self.comm.plan.vocab_per_rank)
+        x = self.embed_tokens(torch.where(inside, local, torch.zeros_like(local)))
+        return self.comm.all_reduce(x * inside.unsqueeze(-1).to(x.dtype))
+
     def hidden_states(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x, ctx, self.kv_cache)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).to(torch.float32)
+        """float32 logits of this rank's vocabulary slice; padded vocab entries are -inf."""
+        logits = self.lm_head(hidden).to(torch.float32)
+        real = self.comm.plan.vocab_size - self.comm.vocab_offset
+        if real < logits.shape[-1]:
+            index = torch.arange(logits.shape[-1], device=logits.device)
+            logits = logits.masked_fill(index >= real, float("-inf"))
+        return logits

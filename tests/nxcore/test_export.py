@@ -27,12 +27,12 @@ def test_all_graphs_export_strict(checkpoints: dict[str, Checkpoint], name: str)
     layers = engine.model_config.num_layers
     sampling = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=0)
     prompt = SequenceRequest(slot=0, token_ids=[5, 6, 7], sampling=sampling, rng=RequestRng(0))
-    _export_and_check(engine._ctx_graph, engine._inputs([prompt], rows=2, width=32, prefill=True), layers)
+    _export_and_check(engine.executor.runner.ctx_graph, engine._inputs([prompt], rows=2, width=32, prefill=True), layers)
     engine.context_encode([prompt])
     one = SequenceRequest(slot=0, token_ids=[8], sampling=sampling, rng=RequestRng(0))
-    _export_and_check(engine._decode_graph, engine._inputs([one], rows=2, width=1, prefill=False), layers)
+    _export_and_check(engine.executor.runner.decode_graph, engine._inputs([one], rows=2, width=1, prefill=False), layers)
     spec = SequenceRequest(slot=0, token_ids=[8, 9, 10], sampling=sampling, rng=RequestRng(0))
-    _export_and_check(engine._decode_graph, engine._inputs([spec], rows=2, width=3, prefill=False), layers)
+    _export_and_check(engine.executor.runner.decode_graph, engine._inputs([spec], rows=2, width=3, prefill=False), layers)
 
 
 def test_exported_token_generation_equals_eager(checkpoints: dict[str, Checkpoint]) -> None:
@@ -42,9 +42,9 @@ def test_exported_token_generation_equals_eager(checkpoints: dict[str, Checkpoin
     engine.context_encode([SequenceRequest(slot=1, token_ids=[3, 4, 5, 6], sampling=greedy, rng=RequestRng(0))])
     step = SequenceRequest(slot=1, token_ids=[9], sampling=greedy, rng=RequestRng(0))
     inputs = engine._inputs([step], rows=2, width=1, prefill=False)
-    exported = torch.export.export(engine._decode_graph, (inputs,), strict=True).module()
+    exported = torch.export.export(engine.executor.runner.decode_graph, (inputs,), strict=True).module()
     snapshot = engine.export_kv(1, 4)
-    (expected,) = engine._decode_graph(inputs)
+    (expected,) = engine.executor.runner.decode_graph(inputs)
     engine.model.kv_cache.import_(1, snapshot)  # undo the eager call's write before the exported one
     (actual,) = exported(inputs)
     assert torch.equal(actual, expected)

@@ -1,0 +1,85 @@
+"""Executors run the graphs an engine asks for: in this process (TP=1) or over TP rank processes.
+
+Both expose the same calls: `run(kind, rows, width, inputs)`, `export_kv`, `import_kv`,
+`prompt_logits`, `close`. `export_kv` always returns the logical layout (the model's real KV
+heads in order) and `import_kv` takes it, whatever the TP degree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from nxcore.backends import build_graph
+from nxcore.config import RuntimeConfig
+from nxcore.graphs import ContextEncodingGraph, DecodeGraph, GraphInputs
+from nxcore.kv_cache import KVSnapshot
+from nxcore.modules.decoder import CausalLM
+
+GraphKey = tuple[str, int, int]
+"""(kind, rows, width): kind is "context", "token_generation" or "speculation"."""
+
+
+class GraphRunner:
+    """One rank's model and its graphs, each built on first use per (kind, rows, width)."""
+
+    def __init__(self, model: CausalLM, config: RuntimeConfig) -> None:
+        self.model = model
+        self.config = config
+        logits = not config.on_device_sampling
+        self.ctx_graph = ContextEncodingGraph(model, max_topk=config.max_topk, output_logits=logits)
+        self.decode_graph = DecodeGraph(model, max_topk=config.max_topk, output_logits=logits)
+        self._graphs: dict[GraphKey, Callable[..., tuple[torch.Tensor, ...]]] = {}
+
+    @torch.no_grad()
+    def run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
+        graph = self._graphs.get(key)
+        if graph is None:
+            module = self.ctx_graph if key[0] == "context" else self.decode_graph
+            graph = self._graphs[key] = build_graph(module, backend=self.config.backend)
+        return graph(inputs)
+
+    def export_local(self, slot: int, n_tokens: int) -> KVSnapshot:
+        return self.model.kv_cache.export(slot, n_tokens)
+
+    def import_heads(self, slot: int, kv: KVSnapshot, heads: Sequence[int]) -> None:
+        """Write the logical snapshot's `heads` (this rank's KV heads) into `slot`."""
+        index = torch.tensor(list(heads))
+        self.model.kv_cache.import_(slot, KVSnapshot(kv.keys.index_select(1, index), kv.values.index_select(1, index)))
+
+    @torch.no_grad()
+    def prompt_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        ids = torch.tensor([list(token_ids)], dtype=torch.int64)
+        positions = torch.arange(ids.shape[1])[None]
+        slot = torch.tensor([self.model.kv_cache.scratch_slot])
+        ctx = self.model.context(prefill=True, slot_ids=slot, positions=positions)
+        logits = self.model.logits(self.model.hidden_states(ids, ctx))[0]
+        return self.model.comm.all_gather(logits, dim=-1)[:, : self.model.cfg.vocab_size]
+
+
+class LocalExecutor:
+    """TP=1: the graphs run in this process."""
+
+    def __init__(self, model: CausalLM, config: RuntimeConfig) -> None:
+        self.runner = GraphRunner(model, config)
+        self.scratch_slot = model.kv_cache.scratch_slot
+
+    @property
+    def model(self) -> CausalLM:
+        return self.runner.model
+
+    def run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
+        return self.runner.run(key, inputs)
+
+    def export_kv(self, slot: int, n_tokens: int) -> KVSnapshot:
+        return self.runner.export_local(slot, n_tokens)
+
+    def import_kv(self, slot: int, kv: KVSnapshot) -> None:
+        self.model.kv_cache.import_(slot, kv)
+
+    def prompt_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        return self.runner.prompt_logits(token_ids)
+
+    def close(self) -> None:
+        pass

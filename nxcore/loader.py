@@ -1,0 +1,77 @@
+"""Loading one rank of a model from an HF checkpoint: config, converted weights, TP slice."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nxcore.arch import get_architecture
+from nxcore.checkpoint import load_tensors, read_eos_token_ids, read_hf_config
+from nxcore.config import DTYPES, RuntimeConfig
+from nxcore.model_config import ModelConfig
+from nxcore.modules.decoder import CausalLM
+from nxcore.parallel.comm import TPComm
+from nxcore.parallel.plan import make_plan
+from nxcore.parallel.sharding import shard_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    """The checkpoint's architecture facts, with eos ids from generation_config.json merged in."""
+    hf_config = read_hf_config(model_dir)
+    model_config = get_architecture(hf_config.model_type).read_config(hf_config)
+    extra_eos = [t for t in read_eos_token_ids(model_dir) if t not in model_config.eos_token_ids]
+    if extra_eos:
+        model_config = dataclasses.replace(model_config, eos_token_ids=model_config.eos_token_ids + tuple(extra_eos))
+    return model_config
+
+
+def resolve_config(model_config: ModelConfig, config: RuntimeConfig) -> RuntimeConfig:
+    """`config` with dtype `auto` resolved, checked against what the checkpoint can serve."""
+    if config.dtype == "auto":
+        config = config.replace(dtype=model_config.dtype if model_config.dtype in DTYPES else "float32")
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"seq_len={config.seq_len} exceeds the model's max_position_embeddings ({model_config.max_position_embeddings})"
+        )
+    make_plan(model_config, config.tp_degree)  # raises for a TP degree the heads cannot take
+    return config
+
+
+def load_rank(
+    model_dir: str | Path, model_config: ModelConfig, config: RuntimeConfig, *, rank: int = 0, group: Any = None
+) -> tuple[CausalLM, str]:
+    """This rank's model (weights sliced for `config.tp_degree`) and the fingerprint of the whole model."""
+    arch = get_architecture(model_config.model_type)
+    plan = make_plan(model_config, config.tp_degree)
+    dtype = config.torch_dtype
+    state = arch.convert_state_dict(load_tensors(model_dir, dtype=dtype), model_config)
+    fingerprint = fingerprint_of(model_config, state, config.dtype)
+    state = shard_state_dict(state, model_config, plan, rank)
+    comm = TPComm(plan=plan, rank=rank, group=group)
+    with torch.device("meta"):
+        model = CausalLM(model_config, slots=config.batch_size, seq_len=config.seq_len, dtype=dtype, comm=comm)
+    model.to_empty(device="cpu")
+    model.init_buffers()
+    model.load_state_dict(state, strict=True)
+    model.tie_weights()
+    model.eval().requires_grad_(False)
+    return model, fingerprint
+
+
+def fingerprint_of(model_config: ModelConfig, state: dict[str, torch.Tensor], dtype: str) -> str:
+    """A short hash of the architecture facts, the dtype and a sample of every (unsharded) weight."""
+    digest = hashlib.sha256(json.dumps({**model_config.fingerprint_fields(), "dtype": dtype}, sort_keys=True).encode())
+    for name in sorted(state):
+        tensor = state[name].detach().reshape(-1)
+        digest.update(name.encode())
+        digest.update(str(tuple(state[name].shape)).encode())
+        digest.update(tensor[:: max(1, tensor.numel() // 64)].to(torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
