@@ -58,6 +58,7 @@ async def serve(args: argparse.Namespace) -> None:
         await set_health(health, SERVICE, serving=False)
         await server.stop(args.grace)
         loop.stop(timeout=5)
+        engine.close()
 
     await install_shutdown(stop).wait()
     shutdown_tracing()

@@ -137,6 +137,13 @@ class RuntimeConfig:
     def load(cls, path: str | Path) -> RuntimeConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def check_matches(self, saved: RuntimeConfig, *, what: str = "the saved config") -> None:
+        """Raise if a shape or execution field differs from `saved` (e.g. compiled artifacts' config)."""
+        mine, theirs = self.to_dict(), saved.to_dict()
+        diffs = [f"{k}={mine[k]!r} (saved: {theirs[k]!r})" for k in mine if mine[k] != theirs[k]]
+        if diffs:
+            raise ValueError(f"runtime config does not match {what}: {', '.join(diffs)}; use the saved values or rebuild")
+
     def replace(self, **changes: Any) -> RuntimeConfig:
         """A copy with `changes`; default buckets follow a new seq_len unless buckets are given."""
         if "seq_len" in changes and "buckets" not in changes and self.buckets == default_buckets(self.seq_len):

@@ -63,11 +63,18 @@ class Engine:
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, config: RuntimeConfig | None = None) -> Engine:
-        """Load an HF checkpoint directory into an engine built for `config` (TP ranks started as needed)."""
+    def from_pretrained(cls, model_dir: str | Path, config: RuntimeConfig | None = None, *,
+                        saved_config: str | Path | None = None) -> Engine:
+        """Load an HF checkpoint directory into an engine built for `config` (TP ranks started as needed).
+
+        `saved_config` is the JSON RuntimeConfig that artifacts were built for; any difference
+        (TP degree, shapes, dtype) is an error rather than a silent rebuild.
+        """
         start = time.perf_counter()
         model_config = read_model_config(model_dir)
         config = resolve_config(model_config, config or RuntimeConfig())
+        if saved_config is not None:
+            config.check_matches(RuntimeConfig.load(saved_config), what=str(saved_config))
         if config.tp_degree == 1:
             model, fingerprint = load_rank(model_dir, model_config, config)
             executor: LocalExecutor | TPExecutor = LocalExecutor(model, config)

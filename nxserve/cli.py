@@ -13,6 +13,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from nxserve.engine_args import add_engine_flags, apply_threads, config_from_args
+
 log = logging.getLogger("nxserve")
 
 
@@ -51,16 +53,6 @@ def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_make_model)
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="weights/activations dtype (default: the checkpoint's own)")
-    g.add_argument("--batch-size", type=int, default=None, help="decode slots (default: the number of prompts)")
-    g.add_argument("--ctx-batch-size", type=int, default=None, help="prompts per context-encoding call (default: batch size)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per slot, prompt + output (default: fits the longest prompt plus --max-new-tokens)")
-    g.add_argument("--backend", choices=["eager", "compile"], default="eager", help="graph backend (default: eager)")
-    g.add_argument("--max-topk", type=int, default=256, help="width of the in-graph top-k candidate set (default: 256)")
-
-
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling and stopping")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
@@ -82,7 +74,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", dest="prompts", action=_AppendPrompt, metavar="TEXT", help="prompt text (repeatable)")
     p.add_argument("--prompt-ids", dest="prompts", action=_AppendPrompt, type=_token_ids, metavar="1,2,3", help="prompt as token ids (repeatable)")
     _add_sampling_flags(p)
-    _add_engine_flags(p)
+    add_engine_flags(p, batch_size=None, seq_len=None)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt: prompt_ids, output_ids, text, finish_reason")
     p.set_defaults(func=_cmd_generate)
 
@@ -106,7 +98,7 @@ def _seq_len_for(prompt_lens: Sequence[int], max_new_tokens: int, max_positions:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from nxcore import Engine, RuntimeConfig, SamplingParams, StoppingCriteria, generate
+    from nxcore import Engine, SamplingParams, StoppingCriteria, generate
     from nxcore.checkpoint import read_hf_config
     from nxcore.tokenizer import load_tokenizer
 
@@ -114,16 +106,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit("nxserve generate: give at least one --prompt TEXT or --prompt-ids 1,2,3")
     tokenizer = load_tokenizer(args.model, required=any(kind == "text" for kind, _ in args.prompts))
     prompts = [tokenizer.encode(value) if kind == "text" else value for kind, value in args.prompts]
-    hf_config = read_hf_config(args.model)
-    batch = args.batch_size or len(prompts)
-    config = RuntimeConfig(
-        batch_size=batch,
-        ctx_batch_size=args.ctx_batch_size or batch,
-        seq_len=args.seq_len or _seq_len_for([len(p) for p in prompts], args.max_new_tokens, hf_config.max_position_embeddings),
-        dtype=args.dtype,
-        backend=args.backend,
-        max_topk=args.max_topk,
+    max_positions = read_hf_config(args.model).max_position_embeddings
+    config = config_from_args(
+        args, max_positions=max_positions, batch_size=args.batch_size or len(prompts),
+        seq_len=args.seq_len or _seq_len_for([len(p) for p in prompts], args.max_new_tokens, max_positions),
     )
+    apply_threads(args)
     log.info("loading %s", args.model)
     engine = Engine.from_pretrained(args.model, config)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -146,6 +134,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             if len(results) > 1:
                 print(f"--- [{i}] {tokenizer.decode(result.prompt_ids)!r}")
             print(text)
+    engine.close()
     total = sum(len(r.output_ids) for r in results)
     log.info("generated %d tokens for %d prompts in %.2fs (%.1f tokens/s)", total, len(results), elapsed, total / max(elapsed, 1e-9))
     return 0
@@ -162,6 +151,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="decode slots per decode replica (default: decode_svc's)")
     g.add_argument("--ctx-batch-size", type=int, default=None, help="prompts per context-encoding call (default: prefill_svc's)")
     g.add_argument("--seq-len", type=int, default=None, help="tokens per slot, prompt + output (default: the services')")
+    g.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel degree of the prefill service (default: 1)")
+    g.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of each decode replica (default: 1)")
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
@@ -280,7 +271,7 @@ def _cluster_from_args(args: argparse.Namespace):  # noqa: ANN202 (a LocalCluste
             engine_args += [flag, str(value)]
     return LocalCluster(
         args.model or _default_model(), decode_replicas=args.decode_replicas, port=args.port,
-        engine_args=engine_args, log_dir=args.log_dir, startup_timeout=args.startup_timeout,
+        engine_args=engine_args, prefill_args=["--tp", str(args.prefill_tp)], decode_args=["--tp", str(args.decode_tp)], log_dir=args.log_dir, startup_timeout=args.startup_timeout,
     )
 
 

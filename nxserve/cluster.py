@@ -87,6 +87,8 @@ class LocalCluster:
         decode_replicas: int = 2,
         port: int = 0,
         engine_args: Sequence[str] = (),
+        prefill_args: Sequence[str] = (),
+        decode_args: Sequence[str] = (),
         log_dir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 120.0,
     ) -> None:
@@ -98,6 +100,10 @@ class LocalCluster:
             raise FileNotFoundError(f"{Path(model_dir) / 'config.json'} does not exist: not a Hugging Face checkpoint directory")
         self.model_dir = str(model_dir)
         self.engine_args = list(engine_args)
+        self.prefill_args = list(prefill_args)
+        """Extra flags for prefill only (e.g. ["--tp", "2"])."""
+        self.decode_args = list(decode_args)
+        """Extra flags for every decode replica only."""
         self.startup_timeout = startup_timeout
         self._owns_log_dir = log_dir is None
         self.log_dir = Path(tempfile.mkdtemp(prefix="nxserve-cluster-") if log_dir is None else log_dir)
@@ -128,9 +134,9 @@ class LocalCluster:
         deadline = time.monotonic() + self.startup_timeout
         try:
             for s in self._decodes:
-                self._spawn(s, [])
+                self._spawn(s, self.decode_args)
             self._wait_serving(self._decodes, deadline)
-            self._spawn(self._prefill, ["--decode", ",".join(self.decode_targets)])
+            self._spawn(self._prefill, ["--decode", ",".join(self.decode_targets), *self.prefill_args])
             self._wait_serving([self._prefill], deadline)
         except BaseException:
             self.stop(grace=2)
@@ -139,7 +145,7 @@ class LocalCluster:
         return self
 
     def _spawn(self, service: _Service, extra: list[str]) -> None:
-        argv = [sys.executable, "-m", service.module, "--model", self.model_dir, "--port", str(service.port), *extra, *self.engine_args]
+        argv = [sys.executable, "-m", service.module, "--model", self.model_dir, "--port", str(service.port), *self.engine_args, *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
         service.log_file = open(service.log_path, "wb")  # noqa: SIM115 (closed in stop)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from nxcore import RuntimeConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nxcore import RuntimeConfig
 
 
 def add_engine_flags(parser: argparse.ArgumentParser, *, batch_size: int | None, seq_len: int | None,
@@ -23,6 +26,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, batch_size: int | None,
                    help="context-encoding bucket lengths, e.g. 128,512,2048 (default: powers of two from 128 to seq-len, plus seq-len)")
     g.add_argument("--backend", choices=["eager", "compile"], default="eager", help="graph backend (default: eager)")
     g.add_argument("--max-topk", type=int, default=256, help="width of the in-graph top-k candidate set (default: 256)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: rank processes for this engine (default: 1)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, usually one per core)")
 
 
@@ -35,6 +39,8 @@ def apply_threads(args: argparse.Namespace) -> None:
 
 def config_from_args(args: argparse.Namespace, *, max_positions: int, batch_size: int | None = None,
                      seq_len: int | None = None) -> RuntimeConfig:
+    from nxcore import RuntimeConfig
+
     batch = batch_size or args.batch_size or 1
     return RuntimeConfig(
         batch_size=batch,
@@ -44,4 +50,5 @@ def config_from_args(args: argparse.Namespace, *, max_positions: int, batch_size
         dtype=args.dtype,
         backend=args.backend,
         max_topk=args.max_topk,
+        tp_degree=args.tp,
     )

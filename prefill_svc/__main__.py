@@ -70,6 +70,7 @@ async def serve(args: argparse.Namespace) -> None:
         await server.stop(args.grace)
         await router.close()
         worker.stop()
+        engine.close()
 
     await install_shutdown(stop).wait()
     shutdown_tracing()

@@ -167,3 +167,17 @@ def test_one_trace_spans_client_prefill_and_decode(model_dir: Path, monkeypatch:
         assert expected <= ours, f"spans with the client's trace id: {sorted(ours)}; all: {receiver.spans}"
     finally:
         server.stop(0)
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)])
+def test_kv_hand_off_between_tp_degrees(model_dir: Path, prefill_tp: int, decode_tp: int) -> None:
+    from nxcore import Engine, RuntimeConfig, StoppingCriteria, generate
+
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40))]
+    engine = Engine.from_pretrained(model_dir, RuntimeConfig(batch_size=2, seq_len=256))
+    expected = [r.output_ids for r in generate(engine, prompts, stopping=StoppingCriteria(max_new_tokens=12, ignore_eos=True))]
+    args = ["--seq-len", "256", "--batch-size", "2"]
+    with LocalCluster(model_dir, decode_replicas=1, engine_args=args, prefill_args=["--tp", str(prefill_tp)],
+                      decode_args=["--tp", str(decode_tp)]) as cluster, Client(cluster.target) as client:
+        got = [client.generate_text(p, max_new_tokens=12, ignore_eos=True).output_ids for p in prompts]
+    assert got == expected

@@ -124,22 +124,30 @@ class TPExecutor:
             try:
                 rank, ok, value = self._results.get(timeout=POLL_S)
             except queue.Empty:
-                dead = [(i, p.exitcode) for i, p in enumerate(self._procs) if not p.is_alive()]
-                if dead:
-                    self._abort()
-                    raise TPRankError(
-                        f"TP rank {dead[0][0]} exited with code {dead[0][1]} during {op!r}: the engine stopped all "
-                        f"{len(self._procs)} ranks; check memory and the logs above, then load it again"
-                    ) from None
+                self._raise_if_dead(op)
                 if deadline is not None and time.monotonic() > deadline:
                     self._abort()
                     raise TPRankError(f"TP ranks did not finish {op!r} within {timeout:.0f}s") from None
                 continue
             if not ok:
+                # A peer's death surfaces first as a connection error on the others: name the dead rank.
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end:
+                    self._raise_if_dead(op)
+                    time.sleep(POLL_S)
                 self._abort()
                 raise TPRankError(f"TP rank {rank} failed during {op!r}:\n{value}")
             answers[rank] = value
         return [answers[r] for r in range(len(self._procs))]
+
+    def _raise_if_dead(self, op: str) -> None:
+        dead = [(i, p.exitcode) for i, p in enumerate(self._procs) if not p.is_alive()]
+        if dead:
+            self._abort()
+            raise TPRankError(
+                f"TP rank {dead[0][0]} exited with code {dead[0][1]} during {op!r}: the engine stopped all "
+                f"{len(self._procs)} ranks; check memory and the logs above, then load it again"
+            )
 
     def _abort(self) -> None:
         self.closed = True
