@@ -40,6 +40,19 @@ class GraphRunner:
             graph = self._graphs[key] = build_graph(module, backend=self.config.backend)
         return graph(inputs)
 
+    def profile(self, key: GraphKey, inputs: GraphInputs, steps: int) -> dict[str, float]:
+        """Milliseconds per call of this graph, and how many of them went to collectives (for benchmarks)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        self.run(key, inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                self.run(key, inputs)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 1000 / steps
+        collective = sum(e.self_cpu_time_total for e in events if "c10d" in e.key or "gloo" in e.key) / 1000 / steps
+        return {"step_ms": total, "collective_ms": collective}
+
     def export_local(self, slot: int, n_tokens: int) -> KVSnapshot:
         return self.model.kv_cache.export(slot, n_tokens)
 
@@ -80,6 +93,9 @@ class LocalExecutor:
 
     def prompt_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         return self.runner.prompt_logits(token_ids)
+
+    def profile(self, key: GraphKey, inputs: GraphInputs, steps: int) -> dict[str, float]:
+        return self.runner.profile(key, inputs, steps)
 
     def close(self) -> None:
         pass

@@ -90,6 +90,10 @@ class TPExecutor:
     def prompt_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         return self._call("prompt_logits", list(token_ids))[0]
 
+    def profile(self, key: GraphKey, inputs: GraphInputs, steps: int) -> dict[str, float]:
+        """Rank 0's figures (see GraphRunner.profile); every rank runs the same calls."""
+        return self._call("profile", (key, inputs, steps))[0]
+
     def close(self) -> None:
         if self.closed:
             return
@@ -191,6 +195,8 @@ def _rank_main(rank: int, port: int, model_dir: str, model_config: ModelConfig, 
                 slot, kv = payload
                 runner.import_heads(slot, kv, plan.kv_heads[rank])
                 value = None
+            elif op == "profile":
+                value = runner.profile(*payload)
             elif op == "prompt_logits":
                 value = runner.prompt_logits(payload)
                 value = value if rank == 0 else None

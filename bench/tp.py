@@ -1,0 +1,78 @@
+"""Decode step latency at TP=1 and TP=2, and the share of the step spent in collectives.
+
+    python -m bench.tp --model DIR [--batch 1] [--prompt-len 128] [--steps 32]
+
+One run: both engines on the same checkpoint, dtype and shapes. Step time is measured around the
+engine's token_generate call (what a decode service pays); the collective share comes from the
+torch profiler on rank 0 over the same graph. Prints a table; --json writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest
+
+
+def measure(engine: Engine, *, batch: int, prompt_len: int, steps: int) -> dict[str, float]:
+    greedy = SamplingParams()
+    gen = torch.Generator().manual_seed(0)
+    vocab = engine.model_config.vocab_size
+    requests = []
+    for slot in range(batch):
+        prompt = torch.randint(4, vocab, (prompt_len,), generator=gen).tolist()
+        [first] = engine.context_encode([SequenceRequest(slot=slot, token_ids=prompt, sampling=greedy, rng=RequestRng(0))])
+        requests.append(SequenceRequest(slot=slot, token_ids=[first], sampling=greedy, rng=RequestRng(0)))
+    engine.token_generate(requests)  # warm
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        tokens = engine.token_generate(requests)
+        times.append(time.perf_counter() - start)
+        requests = [SequenceRequest(slot=r.slot, token_ids=[t], sampling=greedy, rng=r.rng) for r, t in zip(requests, tokens)]
+    inputs = engine._inputs(requests, rows=batch, width=1, prefill=False)
+    prof = engine.executor.profile(("token_generation", batch, 1), inputs, 8)
+    for slot in range(batch):
+        engine.free(slot)
+    return {"step_ms": statistics.median(times) * 1000, "graph_ms": prof["step_ms"], "collective_ms": prof["collective_ms"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch", type=int, default=1, help="decode rows (default: 1)")
+    p.add_argument("--prompt-len", type=int, default=128, help="tokens in each slot before decoding (default: 128)")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps (default: 32)")
+    p.add_argument("--dtype", default="auto", help="engine dtype (default: the checkpoint's)")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP degrees to compare (default: 1 2)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    results = {}
+    for tp in args.tp:
+        config = RuntimeConfig(batch_size=args.batch, seq_len=512, dtype=args.dtype, tp_degree=tp)
+        print(f"TP={tp}: loading {args.model} ...", file=sys.stderr)
+        engine = Engine.from_pretrained(args.model, config)
+        try:
+            results[tp] = measure(engine, batch=args.batch, prompt_len=args.prompt_len, steps=args.steps)
+        finally:
+            engine.close()
+    base = results[args.tp[0]]["step_ms"]
+    print(f"\n{args.model}: batch {args.batch}, {args.prompt_len}-token context, median of {args.steps} steps")
+    print(f"{'TP':>4}{'step ms':>10}{'vs TP=' + str(args.tp[0]):>10}{'graph ms':>10}{'collectives ms':>16}{'share':>8}")
+    for tp, r in results.items():
+        share = r["collective_ms"] / r["graph_ms"] if r["graph_ms"] else 0.0
+        print(f"{tp:>4}{r['step_ms']:>10.2f}{r['step_ms'] / base:>10.2f}{r['graph_ms']:>10.2f}{r['collective_ms']:>16.2f}{share:>8.1%}")
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(args.model), "batch": args.batch, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
