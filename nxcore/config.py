@@ -59,6 +59,10 @@ class RuntimeConfig:
     """Context-encoding lengths, ascending; empty means `default_buckets(seq_len)`."""
     tp_degree: int = 1
     """Tensor-parallel degree the graphs are built for."""
+    ep_degree: int = 1
+    """Expert-parallel degree: MoE experts split into this many groups over the TP ranks (divides tp_degree)."""
+    moe_capacity_factor: float | None = None
+    """Per-expert token capacity factor for MoE dispatch; None computes every routed token exactly."""
     dtype: str = "auto"
     """Weights, activations and KV cache dtype: one of DTYPES, or `auto` for the checkpoint's own."""
     on_device_sampling: bool = True
@@ -85,6 +89,12 @@ class RuntimeConfig:
         _require(list(buckets) == sorted(set(buckets)), "buckets", buckets, "strictly ascending values")
         object.__setattr__(self, "buckets", buckets)
         _require(isinstance(self.tp_degree, int) and self.tp_degree >= 1, "tp_degree", self.tp_degree, ">= 1")
+        _require(
+            isinstance(self.ep_degree, int) and self.ep_degree >= 1 and self.tp_degree % self.ep_degree == 0,
+            "ep_degree", self.ep_degree, f"a divisor of tp_degree ({self.tp_degree})",
+        )
+        _require(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
+                 self.moe_capacity_factor, "None or > 0")
         _require(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {sorted(DTYPES)}")
         _require(isinstance(self.max_topk, int) and self.max_topk >= 1, "max_topk", self.max_topk, ">= 1")
         _require(

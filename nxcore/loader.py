@@ -41,7 +41,7 @@ def resolve_config(model_config: ModelConfig, config: RuntimeConfig) -> RuntimeC
         raise ValueError(
             f"seq_len={config.seq_len} exceeds the model's max_position_embeddings ({model_config.max_position_embeddings})"
         )
-    make_plan(model_config, config.tp_degree)  # raises for a TP degree the heads cannot take
+    make_plan(model_config, config.tp_degree, config.ep_degree)  # raises for TP/EP degrees the model cannot take
     return config
 
 
@@ -50,14 +50,15 @@ def load_rank(
 ) -> tuple[CausalLM, str]:
     """This rank's model (weights sliced for `config.tp_degree`) and the fingerprint of the whole model."""
     arch = get_architecture(model_config.model_type)
-    plan = make_plan(model_config, config.tp_degree)
+    plan = make_plan(model_config, config.tp_degree, config.ep_degree)
     dtype = config.torch_dtype
     state = arch.convert_state_dict(load_tensors(model_dir, dtype=dtype), model_config)
     fingerprint = fingerprint_of(model_config, state, config.dtype)
     state = shard_state_dict(state, model_config, plan, rank)
     comm = TPComm(plan=plan, rank=rank, group=group)
     with torch.device("meta"):
-        model = CausalLM(model_config, slots=config.batch_size, seq_len=config.seq_len, dtype=dtype, comm=comm)
+        model = CausalLM(model_config, slots=config.batch_size, seq_len=config.seq_len, dtype=dtype, comm=comm,
+                         capacity_factor=config.moe_capacity_factor)
     model.to_empty(device="cpu")
     model.init_buffers()
     model.load_state_dict(state, strict=True)

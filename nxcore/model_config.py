@@ -51,6 +51,14 @@ class ModelConfig:
     """Per-head RMSNorm on queries and keys before rotary (Qwen3)."""
     sliding_windows: tuple[int | None, ...] = ()
     """Per layer: attention window in tokens, or None for full attention."""
+    num_experts: int = 0
+    """Experts per MoE layer; 0 for a dense model."""
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    """Renormalize the chosen experts' affinities to sum to 1."""
+    moe_layers: tuple[bool, ...] = ()
+    """Per layer: True for a mixture-of-experts MLP, False for a dense one."""
     hidden_act: str = "silu"
     dtype: str = "float32"
     """The checkpoint's own dtype (config.json), used when the runtime config does not say."""
@@ -68,6 +76,10 @@ class ModelConfig:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported: use silu, gelu, gelu_pytorch_tanh or relu")
         if not self.sliding_windows:
             object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
+        if not self.moe_layers:
+            object.__setattr__(self, "moe_layers", (self.num_experts > 0,) * self.num_layers)
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} is invalid: allowed 1..{self.num_experts}")
         if len(self.sliding_windows) != self.num_layers:
             raise ValueError(f"{len(self.sliding_windows)} sliding windows given for {self.num_layers} layers")
 

@@ -29,7 +29,7 @@ class Architecture:
 
 
 _REGISTRY: dict[str, Architecture] = {}
-_BUILTIN_MODULES = ("llama", "qwen2", "qwen3", "mistral")
+_BUILTIN_MODULES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe")
 
 
 def register(arch: Architecture) -> Architecture:

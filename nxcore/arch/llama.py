@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from nxcore.arch import Architecture, register
+from nxcore.arch import Architecture, StateDictConverter, register
 from nxcore.model_config import ModelConfig, RopeConfig
 from nxcore.modules.rotary import ROPE_TYPES
 
@@ -87,58 +87,86 @@ def read_config(hf: Any) -> ModelConfig:
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def convert_state_dict(hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF Llama-family tensors -> nxcore names: strip `model.`, fuse q/k/v and gate/up, tie lm_head."""
-    taken: set[str] = set()
-    missing: list[str] = []
+class Taker:
+    """Hands out checkpoint tensors by name and remembers which were missing or never taken."""
 
-    def take(name: str) -> torch.Tensor | None:
-        if name not in hf:
-            missing.append(name)
+    def __init__(self, hf: Mapping[str, torch.Tensor]) -> None:
+        self.hf = hf
+        self.taken: set[str] = set()
+        self.missing: list[str] = []
+
+    def __call__(self, name: str) -> torch.Tensor | None:
+        if name not in self.hf:
+            self.missing.append(name)
             return None
-        taken.add(name)
-        return hf[name]
+        self.taken.add(name)
+        return self.hf[name]
 
-    def take_optional(name: str) -> torch.Tensor | None:
-        return take(name) if name in hf else None
+    def optional(self, name: str) -> torch.Tensor | None:
+        return self(name) if name in self.hf else None
 
-    out: dict[str, torch.Tensor] = {
-        "embed_tokens.weight": take("model.embed_tokens.weight"),
-        "norm.weight": take("model.norm.weight"),
+    def check(self, model_type: str) -> None:
+        unexpected = sorted(k for k in self.hf if k not in self.taken and not k.endswith(IGNORED_SUFFIXES))
+        if self.missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match the {model_type} architecture: "
+                f"missing tensors {self.missing or 'none'}; unexpected tensors {unexpected or 'none'}"
+            )
+
+
+MlpConverter = Callable[[Taker, ModelConfig, int], dict[str, torch.Tensor]]
+"""(taker, config, layer index) -> nxcore tensors of that layer's MLP, named from `mlp.`."""
+
+
+def convert_dense_mlp(take: Taker, cfg: ModelConfig, layer: int, *, prefix: str = "mlp.") -> dict[str, torch.Tensor]:
+    mlp = f"model.layers.{layer}.{prefix}"
+    out = {
+        "mlp.gate_up_proj.weight": _cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
+        "mlp.down_proj.weight": take(mlp + "down_proj.weight"),
     }
-    for i in range(cfg.num_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        attn = src + "self_attn."
-        qkv = [take(f"{attn}{p}_proj.weight") for p in "qkv"]
-        out[dst + "attn.qkv_proj.weight"] = _cat(qkv)
-        if cfg.attention_bias:
-            out[dst + "attn.qkv_proj.bias"] = _cat([take(f"{attn}{p}_proj.bias") for p in "qkv"])
-        out[dst + "attn.o_proj.weight"] = take(attn + "o_proj.weight")
-        if cfg.o_proj_bias:
-            out[dst + "attn.o_proj.bias"] = take(attn + "o_proj.bias")
-        if cfg.qk_norm:
-            out[dst + "attn.q_norm.weight"] = take(attn + "q_norm.weight")
-            out[dst + "attn.k_norm.weight"] = take(attn + "k_norm.weight")
-        mlp = src + "mlp."
-        out[dst + "mlp.gate_up_proj.weight"] = _cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")])
-        out[dst + "mlp.down_proj.weight"] = take(mlp + "down_proj.weight")
-        if cfg.mlp_bias:
-            out[dst + "mlp.gate_up_proj.bias"] = _cat([take(mlp + "gate_proj.bias"), take(mlp + "up_proj.bias")])
-            out[dst + "mlp.down_proj.bias"] = take(mlp + "down_proj.bias")
-        out[dst + "input_norm.weight"] = take(src + "input_layernorm.weight")
-        out[dst + "post_attn_norm.weight"] = take(src + "post_attention_layernorm.weight")
-    if cfg.tie_word_embeddings:
-        take_optional("lm_head.weight")
-        out["lm_head.weight"] = out["embed_tokens.weight"]
-    else:
-        out["lm_head.weight"] = take("lm_head.weight")
-    unexpected = sorted(k for k in hf if k not in taken and not k.endswith(IGNORED_SUFFIXES))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not match the {cfg.model_type} architecture: "
-            f"missing tensors {missing or 'none'}; unexpected tensors {unexpected or 'none'}"
-        )
+    if cfg.mlp_bias:
+        out["mlp.gate_up_proj.bias"] = _cat([take(mlp + "gate_proj.bias"), take(mlp + "up_proj.bias")])
+        out["mlp.down_proj.bias"] = take(mlp + "down_proj.bias")
     return out
+
+
+def make_converter(mlp: MlpConverter = convert_dense_mlp) -> StateDictConverter:
+    """A Llama-family converter whose MLP tensors come from `mlp` (dense or experts)."""
+
+    def convert(hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """HF tensors -> nxcore names: strip `model.`, fuse q/k/v and gate/up, tie lm_head."""
+        take = Taker(hf)
+        out: dict[str, torch.Tensor] = {
+            "embed_tokens.weight": take("model.embed_tokens.weight"),
+            "norm.weight": take("model.norm.weight"),
+        }
+        for i in range(cfg.num_layers):
+            src, dst = f"model.layers.{i}.", f"layers.{i}."
+            attn = src + "self_attn."
+            out[dst + "attn.qkv_proj.weight"] = _cat([take(f"{attn}{p}_proj.weight") for p in "qkv"])
+            if cfg.attention_bias:
+                out[dst + "attn.qkv_proj.bias"] = _cat([take(f"{attn}{p}_proj.bias") for p in "qkv"])
+            out[dst + "attn.o_proj.weight"] = take(attn + "o_proj.weight")
+            if cfg.o_proj_bias:
+                out[dst + "attn.o_proj.bias"] = take(attn + "o_proj.bias")
+            if cfg.qk_norm:
+                out[dst + "attn.q_norm.weight"] = take(attn + "q_norm.weight")
+                out[dst + "attn.k_norm.weight"] = take(attn + "k_norm.weight")
+            out.update({dst + k: v for k, v in mlp(take, cfg, i).items()})
+            out[dst + "input_norm.weight"] = take(src + "input_layernorm.weight")
+            out[dst + "post_attn_norm.weight"] = take(src + "post_attention_layernorm.weight")
+        if cfg.tie_word_embeddings:
+            take.optional("lm_head.weight")
+            out["lm_head.weight"] = out["embed_tokens.weight"]
+        else:
+            out["lm_head.weight"] = take("lm_head.weight")
+        take.check(cfg.model_type)
+        return out
+
+    return convert
+
+
+convert_state_dict = make_converter()
 
 
 def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ from nxcore.kv_cache import KVCache
 from nxcore.model_config import ModelConfig
 from nxcore.modules.attention import Attention, AttentionContext, build_mask
 from nxcore.modules.mlp import GatedMLP
+from nxcore.modules.moe import MoE
 from nxcore.modules.norm import RMSNorm
 from nxcore.modules.rotary import cos_sin_table, inv_frequencies
 from nxcore.parallel.comm import TPComm, single_rank
@@ -23,7 +24,8 @@ class DecoderLayer(nn.Module):
     """Attention and MLP hold this rank's heads and intermediate units (row-parallel outputs are
     partial sums); the layer all-reduces them before the residual add."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, comm: TPComm | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, comm: TPComm | None = None, *,
+                 capacity_factor: float | None = None) -> None:
         super().__init__()
         self.comm = _comm(cfg, comm)
         plan = self.comm.plan
@@ -40,12 +42,24 @@ class DecoderLayer(nn.Module):
             sliding_window=cfg.sliding_windows[layer_idx],
         )
         self.post_attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.mlp = GatedMLP(
-            hidden_size=cfg.hidden_size,
-            intermediate_size=plan.intermediate_per_rank,
-            bias=cfg.mlp_bias,
-            act=cfg.hidden_act,
-        )
+        if cfg.moe_layers[layer_idx]:
+            self.mlp: nn.Module = MoE(
+                hidden_size=cfg.hidden_size,
+                intermediate_size=plan.moe_intermediate_per_rank,
+                num_experts=cfg.num_experts,
+                top_k=cfg.num_experts_per_tok,
+                normalize=cfg.norm_topk_prob,
+                act=cfg.hidden_act,
+                local_experts=plan.experts_of(self.comm.rank),
+                capacity_factor=capacity_factor,
+            )
+        else:
+            self.mlp = GatedMLP(
+                hidden_size=cfg.hidden_size,
+                intermediate_size=plan.intermediate_per_rank,
+                bias=cfg.mlp_bias,
+                act=cfg.hidden_act,
+            )
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
         x = x + self.comm.all_reduce(self.attn(self.input_norm(x), ctx, cache))
@@ -59,13 +73,16 @@ class CausalLM(nn.Module):
     embedding all-reduces masked lookups, and `logits` returns this rank's vocabulary slice.
     """
 
-    def __init__(self, cfg: ModelConfig, *, slots: int, seq_len: int, dtype: torch.dtype, comm: TPComm | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, *, slots: int, seq_len: int, dtype: torch.dtype, comm: TPComm | None = None,
+                 capacity_factor: float | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.comm = _comm(cfg, comm)
         plan = self.comm.plan
         self.embed_tokens = nn.Embedding(plan.vocab_per_rank, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.comm) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, self.comm, capacity_factor=capacity_factor) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, plan.vocab_per_rank, bias=False)
         self.tie_weights()

@@ -48,7 +48,7 @@ def _free_port() -> int:
 class TPExecutor:
     def __init__(self, model_dir: str | Path, model_config: ModelConfig, config: RuntimeConfig, *, start_timeout: float = 300) -> None:
         self.config = config
-        self.plan: ShardPlan = make_plan(model_config, config.tp_degree)
+        self.plan: ShardPlan = make_plan(model_config, config.tp_degree, config.ep_degree)
         log.info("%s", describe(self.plan, model_config))
         ctx = mp.get_context("spawn")
         port = _free_port()

@@ -44,6 +44,19 @@ class ShardPlan:
     intermediate_per_rank: int
     vocab_per_rank: int
     vocab_size: int
+    ep: int = 1
+    num_experts: int = 0
+    moe_intermediate_per_rank: int = 0
+
+    def experts_of(self, rank: int) -> range:
+        """The MoE experts rank `rank` holds: its expert-parallel group's share."""
+        per_group = self.num_experts // self.ep
+        group = rank // (self.tp // self.ep)
+        return range(group * per_group, (group + 1) * per_group)
+
+    def moe_slice_of(self, rank: int) -> int:
+        """Index of this rank's intermediate slice within its expert group."""
+        return rank % (self.tp // self.ep)
 
     @property
     def q_per_rank(self) -> int:
@@ -67,9 +80,16 @@ def unpadded_tp_degrees(cfg: ModelConfig) -> list[int]:
     return [tp for tp in range(1, cfg.num_heads + 1) if cfg.num_heads % tp == 0]
 
 
-def make_plan(cfg: ModelConfig, tp: int) -> ShardPlan:
+def make_plan(cfg: ModelConfig, tp: int, ep: int = 1) -> ShardPlan:
     heads, kv = cfg.num_heads, cfg.num_kv_heads
     group = heads // kv
+    if tp % ep:
+        raise ValueError(f"ep_degree={ep} does not divide tp_degree={tp}: valid EP degrees are {[d for d in range(1, tp + 1) if tp % d == 0]}")
+    if ep > 1 and (not cfg.num_experts or cfg.num_experts % ep):
+        raise ValueError(
+            f"ep_degree={ep} cannot split {cfg.num_experts} experts evenly: valid EP degrees are "
+            f"{[d for d in range(1, tp + 1) if tp % d == 0 and cfg.num_experts and cfg.num_experts % d == 0]}"
+        )
     if not 1 <= tp <= heads:
         raise ValueError(
             f"tp_degree={tp} cannot shard {heads} query heads and {kv} KV heads: valid TP degrees are 1..{heads} "
@@ -106,6 +126,9 @@ def make_plan(cfg: ModelConfig, tp: int) -> ShardPlan:
         intermediate_per_rank=_ceil_to(cfg.intermediate_size, tp) // tp,
         vocab_per_rank=_ceil_to(cfg.vocab_size, tp) // tp,
         vocab_size=cfg.vocab_size,
+        ep=ep,
+        num_experts=cfg.num_experts,
+        moe_intermediate_per_rank=_ceil_to(cfg.moe_intermediate_size, tp // ep) // (tp // ep) if cfg.num_experts else 0,
     )
     return plan
 
@@ -116,4 +139,6 @@ def describe(plan: ShardPlan, cfg: ModelConfig) -> str:
         f"TP={plan.tp}: {plan.strategy} (query heads {cfg.num_heads}, KV heads {cfg.num_kv_heads}); per rank "
         f"{plan.q_per_rank} query heads ({padded} padded in all), {plan.kv_per_rank} KV heads, "
         f"intermediate {plan.intermediate_per_rank}, vocab {plan.vocab_per_rank}"
+        + (f", experts {len(plan.experts_of(0))} of {plan.num_experts} (EP={plan.ep}) x intermediate "
+           f"{plan.moe_intermediate_per_rank}" if plan.num_experts else "")
     )
