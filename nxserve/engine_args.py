@@ -27,6 +27,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, batch_size: int | None,
     g.add_argument("--backend", choices=["eager", "compile"], default="eager", help="graph backend (default: eager)")
     g.add_argument("--max-topk", type=int, default=256, help="width of the in-graph top-k candidate set (default: 256)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: rank processes for this engine (default: 1)")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel degree for MoE models, a divisor of --tp (default: 1)")
+    g.add_argument("--moe-capacity-factor", type=float, default=None,
+                   help="MoE expert capacity factor; overflow tokens are dropped (default: none, every token exact)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice, usually one per core)")
 
 
@@ -51,4 +54,6 @@ def config_from_args(args: argparse.Namespace, *, max_positions: int, batch_size
         backend=args.backend,
         max_topk=args.max_topk,
         tp_degree=args.tp,
+        ep_degree=args.ep,
+        moe_capacity_factor=args.moe_capacity_factor,
     )

@@ -18,6 +18,21 @@ Presets:
   12 heads, 4 KV heads. Llama-shaped for every arch, each keeping its own config class (so qwen2
   keeps its qkv bias, qwen3 its q/k norms; qwen3's head_dim is set to 64 = hidden/heads).
 
+Mixture-of-Experts archs (``mixtral``, ``qwen3_moe``), top-2 routing, no sliding window:
+
+* ``tiny``: the tiny trunk with 4 experts. ``mixtral``: expert intermediate 96. ``qwen3_moe``:
+  expert (``moe_intermediate_size``) 48, head_dim 32, ``norm_topk_prob``, and ``mlp_only_layers=[1]``
+  so layer 0 is sparse and layer 1 a dense MLP (intermediate 128).
+* ``small``: ~140M parameters (~560 MB fp32): vocab 32000, hidden 512, 8 layers, 8 heads, 4 KV
+  heads, 8 experts of intermediate 1024 in every layer (``qwen3_moe``: head_dim 64, dense
+  intermediate 2048 unused since ``mlp_only_layers`` is empty).
+
+transformers 5 holds the experts fused in memory (``experts.gate_up_proj``, ``experts.down_proj``)
+but ``save_pretrained`` writes the standard per-expert tensors (Mixtral
+``model.layers.{i}.block_sparse_moe.experts.{j}.w1/w2/w3.weight``, Qwen3-MoE
+``model.layers.{i}.mlp.experts.{j}.gate_proj/up_proj/down_proj.weight``, routers ``...gate.weight``).
+Qwen3MoeConfig maps ``num_experts`` to ``num_local_experts``, so that is the key in its config.json.
+
 Every preset uses rope_theta 10000, rms_norm_eps 1e-6, untied embeddings, and the tokenizer's
 bos/eos/pad ids (0/1/2); mistral gets sliding_window 4096.
 
@@ -53,17 +68,19 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 from transformers.utils import logging as hf_logging
 
 logger = logging.getLogger(__name__)
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe")
 PRESETS = ("tiny", "small")
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN = "<s>", "</s>", "<pad>", "<unk>"
@@ -86,6 +103,8 @@ _CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
     "mistral": MistralConfig,
+    "mixtral": MixtralConfig,
+    "qwen3_moe": Qwen3MoeConfig,
 }
 
 _COMMON: dict[str, Any] = {
@@ -121,6 +140,14 @@ _PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The small preset's trunk for the MoE archs (vocab, max positions and init stay the small preset's).
+_SMALL_MOE_TRUNK: dict[str, Any] = {
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+}
+
 # Per-(preset, arch) tweaks. Qwen3Config defaults head_dim to 128, so it is always set explicitly:
 # tiny tests a head_dim that differs from hidden/heads (16), small stays Llama-shaped (64).
 _ARCH_PRESET_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
@@ -128,6 +155,43 @@ _ARCH_PRESET_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("small", "qwen3"): {"head_dim": 64},
     ("tiny", "mistral"): {"sliding_window": 4096},
     ("small", "mistral"): {"sliding_window": 4096},
+    # Mixture-of-Experts. tiny keeps the tiny trunk; qwen3_moe's layer 1 is a dense MLP (mlp_only_layers)
+    # so tests cover both layer kinds. small uses its own, narrower trunk (hidden 512, 8 layers) so
+    # that 8 experts per layer stay benchmark-sized.
+    ("tiny", "mixtral"): {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 96,
+        "sliding_window": None,
+    },
+    ("tiny", "qwen3_moe"): {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 48,
+        "intermediate_size": 128,
+        "head_dim": 32,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [1],
+    },
+    ("small", "mixtral"): {
+        **_SMALL_MOE_TRUNK,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 1024,
+        "sliding_window": None,
+    },
+    ("small", "qwen3_moe"): {
+        **_SMALL_MOE_TRUNK,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 1024,
+        "intermediate_size": 2048,
+        "head_dim": 64,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
 }
 
 # Synthetic corpus: common English words, a few non-ASCII words (multi-byte UTF-8), and

@@ -181,3 +181,25 @@ def test_kv_hand_off_between_tp_degrees(model_dir: Path, prefill_tp: int, decode
                       decode_args=["--tp", str(decode_tp)]) as cluster, Client(cluster.target) as client:
         got = [client.generate_text(p, max_new_tokens=12, ignore_eos=True).output_ids for p in prompts]
     assert got == expected
+
+
+@pytest.mark.parametrize(("arch", "prefill_args", "decode_args"), [
+    ("mixtral", ["--tp", "1"], ["--tp", "2", "--ep", "2"]),
+    ("qwen3_moe", ["--tp", "2"], ["--tp", "1"]),
+])
+def test_moe_through_services_matches_transformers(tmp_path: Path, arch: str, prefill_args: list[str], decode_args: list[str]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_model(arch=arch, preset="tiny", out=tmp_path / arch, seed=2)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = [[5, 6, 7, 8], list(range(20, 45))]
+    args = ["--seq-len", "128", "--batch-size", "2"]
+    with LocalCluster(model_dir, decode_replicas=1, engine_args=args, prefill_args=prefill_args,
+                      decode_args=decode_args) as cluster, Client(cluster.target) as client:
+        got = [client.generate_text(p, max_new_tokens=10, ignore_eos=True).output_ids for p in prompts]
+    for prompt, output in zip(prompts, got):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=2)
+        assert output == ref[0, len(prompt):].tolist()

@@ -4,7 +4,6 @@ generation at TP=1, TP=2 and EP=2, export."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -12,12 +12,13 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from nxserve import model_factory
-from nxserve.model_factory import ARCHS, PRESETS, build_tokenizer, make_model
+from nxserve.model_factory import ARCHS, PRESETS, build_config, build_tokenizer, make_model
 
 TEXT = "Hello, café 日本語 🙂"
 SAMPLES = (TEXT, "In 2024, the price was 12345.", "It's  two\n\nlines", "cafe\u0301 naïve", "👍🏽 €5 — ok")
 EXPECTED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 MAX_TINY_BYTES = 4 * 1024 * 1024
+MOE_ARCHS = ("mixtral", "qwen3_moe")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,93 @@ def test_arch_specific_config(tiny_dirs: dict[str, Path]) -> None:
     assert AutoConfig.from_pretrained(tiny_dirs["mistral"]).sliding_window == 4096
     with safe_open(tiny_dirs["qwen2"] / "model.safetensors", "pt") as f:
         assert "model.layers.0.self_attn.q_proj.bias" in f.keys()
+
+
+def test_moe_tiny_config(tiny_dirs: dict[str, Path]) -> None:
+    mixtral = AutoConfig.from_pretrained(tiny_dirs["mixtral"])
+    assert (mixtral.num_local_experts, mixtral.num_experts_per_tok, mixtral.intermediate_size) == (4, 2, 96)
+    assert mixtral.sliding_window is None
+    assert mixtral.initializer_range == 0.08 and mixtral.max_position_embeddings == 2048
+
+    qwen = AutoConfig.from_pretrained(tiny_dirs["qwen3_moe"])
+    assert (qwen.num_experts, qwen.num_experts_per_tok, qwen.moe_intermediate_size) == (4, 2, 48)
+    assert qwen.intermediate_size == 128 and qwen.head_dim == 32
+    assert qwen.norm_topk_prob is True and qwen.decoder_sparse_step == 1 and qwen.mlp_only_layers == [1]
+    assert qwen.sliding_window is None
+    assert qwen.initializer_range == 0.08 and qwen.max_position_embeddings == 2048
+
+
+# Per-expert on-disk names (what the hub checkpoints use), not transformers 5's fused in-memory ones.
+_EXPERT_KEYS = {
+    "mixtral": ["model.layers.0.block_sparse_moe.gate.weight"]
+    + [
+        f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight"
+        for i in (0, 1)
+        for j in range(4)
+        for w in ("w1", "w2", "w3")
+    ],
+    "qwen3_moe": ["model.layers.0.mlp.gate.weight"]
+    + [f"model.layers.0.mlp.experts.{j}.{w}.weight" for j in range(4) for w in ("gate_proj", "up_proj", "down_proj")],
+}
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_safetensors_use_per_expert_names_and_reload_identically(arch: str, tiny_dirs: dict[str, Path]) -> None:
+    path = tiny_dirs[arch]
+    with safe_open(path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+    assert set(_EXPERT_KEYS[arch]) <= keys
+    assert not [k for k in keys if "gate_up_proj" in k or k.endswith("experts.down_proj")]
+    if arch == "mixtral":
+        assert shapes["model.layers.0.block_sparse_moe.experts.0.w1.weight"] == (96, 64)
+        assert shapes["model.layers.0.block_sparse_moe.experts.0.w2.weight"] == (64, 96)
+        assert shapes["model.layers.0.block_sparse_moe.gate.weight"] == (4, 64)
+    else:
+        assert shapes["model.layers.0.mlp.experts.0.gate_proj.weight"] == (48, 64)
+        assert shapes["model.layers.0.mlp.experts.0.down_proj.weight"] == (64, 48)
+        assert shapes["model.layers.0.mlp.gate.weight"] == (4, 64)
+        # Layer 1 is in mlp_only_layers: a plain dense MLP, no router, no experts.
+        assert shapes["model.layers.1.mlp.gate_proj.weight"] == (128, 64)
+        layer1_mlp = [k for k in keys if k.startswith("model.layers.1.mlp.")]
+        assert sorted(layer1_mlp) == [f"model.layers.1.mlp.{w}.weight" for w in ("down_proj", "gate_proj", "up_proj")]
+        assert shapes["model.layers.0.self_attn.q_proj.weight"] == (4 * 32, 64)
+
+    # Loading converts back to the fused layout; every tensor must equal the seeded in-memory model's.
+    loaded = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    expected = model_factory._random_model(build_config(arch=arch, preset="tiny"), seed=0).state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_same_seed_is_byte_identical(arch: str, tmp_path: Path) -> None:
+    first = make_model(arch=arch, preset="tiny", out=tmp_path / "a", seed=5)
+    assert _bytes(first) == _bytes(make_model(arch=arch, preset="tiny", out=tmp_path / "b", seed=5))
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_moe_small_preset(arch: str) -> None:
+    cfg = build_config(arch=arch, preset="small")
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (32000, 512, 8)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (8, 4)
+    assert cfg.max_position_embeddings == 4096 and cfg.initializer_range == 0.02
+    assert cfg.num_experts_per_tok == 2 and cfg.sliding_window is None
+    if arch == "mixtral":
+        assert (cfg.num_local_experts, cfg.intermediate_size) == (8, 1024)
+    else:
+        assert (cfg.num_experts, cfg.moe_intermediate_size, cfg.intermediate_size, cfg.head_dim) == (8, 1024, 2048, 64)
+        assert cfg.norm_topk_prob is True and cfg.decoder_sparse_step == 1 and cfg.mlp_only_layers == []
+
+    # Parameter count without allocating the ~560 MB: every one of the 8 layers is sparse.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    h, hd, experts, inter = 512, 64, 8, 1024
+    attn = h * 8 * hd + 2 * h * 4 * hd + 8 * hd * h + (2 * hd if arch == "qwen3_moe" else 0)  # + q/k norms
+    layer = attn + experts * 3 * h * inter + experts * h + 2 * h
+    expected = 2 * 32000 * h + 8 * layer + h
+    assert sum(p.numel() for p in model.parameters()) == expected  # ~139.8M
 
 
 def test_same_seed_is_byte_identical_and_seed_changes_weights(tmp_path: Path) -> None:
