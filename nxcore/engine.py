@@ -132,16 +132,40 @@ class Engine:
 
     @torch.no_grad()
     def speculate(self, requests: Sequence[SequenceRequest]) -> list[list[int]]:
-        """Append k = speculation_length tokens to each slot; returns, for each of the k inputs,
-        the token the model samples after it."""
+        """Score the last token plus k = speculation_length proposed tokens per slot in one pass
+        (they are appended to the cache); returns, for each of the k + 1 inputs, the token the
+        model samples after it."""
+        return self._decode(requests, width=self._speculation_width(requests), kind="speculation")
+
+    @torch.no_grad()
+    def speculate_logits(self, requests: Sequence[SequenceRequest]) -> torch.Tensor:
+        """As `speculate`, but returns float32 logits [n, k + 1, vocab] for host-side acceptance."""
+        return self._decode(requests, width=self._speculation_width(requests), kind="scoring", logits=True)
+
+    @torch.no_grad()
+    def token_generate_logits(self, requests: Sequence[SequenceRequest]) -> torch.Tensor:
+        """As `token_generate`, but returns float32 logits [n, vocab] of the next token."""
+        if any(len(r.token_ids) != 1 for r in requests):
+            raise EngineError("token generation takes exactly one token per request")
+        return self._decode(requests, width=1, kind="scoring", logits=True)[:, 0]
+
+    def truncate(self, slot: int, n_tokens: int) -> None:
+        """Keep only the slot's first n_tokens (after a partial speculation acceptance); later
+        cache entries are masked until overwritten."""
+        length = self.slot_lengths[slot]
+        if length is None or not 1 <= n_tokens <= length:
+            raise EngineError(f"cannot truncate slot {slot} holding {length or 0} tokens to {n_tokens}")
+        self.slot_lengths[slot] = n_tokens
+
+    def _speculation_width(self, requests: Sequence[SequenceRequest]) -> int:
         k = self.config.speculation_length
         if k == 0:
             raise EngineError("speculation_length is 0: build the engine with speculation_length >= 1")
-        if any(len(r.token_ids) != k for r in requests):
-            raise EngineError(f"speculation takes exactly speculation_length={k} tokens per request")
-        return self._decode(requests, width=k, kind="speculation")
+        if any(len(r.token_ids) != k + 1 for r in requests):
+            raise EngineError(f"speculation takes the last token plus speculation_length={k} proposals per request")
+        return k + 1
 
-    def _decode(self, requests: Sequence[SequenceRequest], *, width: int, kind: str) -> list[list[int]]:
+    def _decode(self, requests: Sequence[SequenceRequest], *, width: int, kind: str, logits: bool = False):  # noqa: ANN202
         cfg = self.config
         if not requests:
             return []
@@ -158,10 +182,11 @@ class Engine:
         rows = _fit(len(requests), cfg.batch_buckets)
         inputs = self._inputs(requests, rows=rows, width=width, prefill=False)
         outputs = self._run(kind, rows, width, inputs)
-        tokens = self._tokens(outputs, inputs, rows=len(requests))
         for r in requests:
             self.slot_lengths[r.slot] += width
-        return tokens.tolist()
+        if logits:
+            return outputs[1][: len(requests)]
+        return self._tokens(outputs, inputs, rows=len(requests)).tolist()
 
     def _run(self, kind: str, rows: int, width: int, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
         """Run the graph for this (kind, rows, width) shape, built on first use."""

@@ -18,7 +18,7 @@ from nxcore.kv_cache import KVSnapshot
 from nxcore.modules.decoder import CausalLM
 
 GraphKey = tuple[str, int, int]
-"""(kind, rows, width): kind is "context", "token_generation" or "speculation"."""
+"""(kind, rows, width): kind is one of context, token_generation, speculation, scoring."""
 
 
 class GraphRunner:
@@ -30,13 +30,15 @@ class GraphRunner:
         logits = not config.on_device_sampling
         self.ctx_graph = ContextEncodingGraph(model, max_topk=config.max_topk, output_logits=logits)
         self.decode_graph = DecodeGraph(model, max_topk=config.max_topk, output_logits=logits)
+        self.scoring_graph = DecodeGraph(model, max_topk=config.max_topk, output_logits=True)
+        """Token generation / speculation that also returns full logits (host-side speculative acceptance)."""
         self._graphs: dict[GraphKey, Callable[..., tuple[torch.Tensor, ...]]] = {}
 
     @torch.no_grad()
     def run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
         graph = self._graphs.get(key)
         if graph is None:
-            module = self.ctx_graph if key[0] == "context" else self.decode_graph
+            module = {"context": self.ctx_graph, "scoring": self.scoring_graph}.get(key[0], self.decode_graph)
             graph = self._graphs[key] = build_graph(module, backend=self.config.backend)
         return graph(inputs)
 

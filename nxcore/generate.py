@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 from nxcore.engine import Engine, SequenceRequest
 from nxcore.sampling import RequestRng, SamplingParams
+from nxcore.speculation import DraftProposer, NgramProposer, SpecSequence, speculative_step
+
+Proposer = NgramProposer | DraftProposer
 
 
 class FinishReason(enum.StrEnum):
@@ -78,11 +81,14 @@ def generate(
     stopping: StoppingCriteria = StoppingCriteria(),
     eos_token_ids: Sequence[int] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    proposer: Proposer | None = None,
 ) -> list[GenerationResult]:
     """Generate for every prompt; more prompts than slots wait for a free slot.
 
     `sampling` is one setting for all prompts or one per prompt. `eos_token_ids` defaults to the
-    checkpoint's. `on_token(prompt_index, token)` is called as tokens are produced.
+    checkpoint's. `on_token(prompt_index, token)` is called as tokens are produced. With a
+    `proposer` (see nxcore.speculation) each step is a speculation round that emits 1 to k + 1
+    tokens per request; sequences too close to seq_len for a round take a plain step.
     """
     per_prompt = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
     if len(per_prompt) != len(prompts):
@@ -92,7 +98,8 @@ def generate(
     waiting = deque(range(len(prompts)))
     running: dict[int, _Running] = {}
 
-    def emit(slot: int, state: _Running, token: int) -> None:
+    def emit(slot: int, state: _Running, token: int) -> bool:
+        """Record a token; returns False once the request has finished."""
         state.result.output_ids.append(token)
         if on_token is not None:
             on_token(state.index, token)
@@ -100,7 +107,10 @@ def generate(
         if reason is not None:
             state.result.finish_reason = reason
             engine.free(slot)
+            if proposer is not None:
+                proposer.free(slot)
             del running[slot]
+        return reason is None
 
     try:
         while waiting or running:
@@ -108,17 +118,33 @@ def generate(
             if admit:
                 tokens = engine.context_encode(admit)
                 for request, token in zip(admit, tokens):
+                    if proposer is not None:
+                        proposer.prefill(request.slot, request.token_ids, request.sampling, request.rng)
                     emit(request.slot, running[request.slot], token)
                 continue
+            width = engine.config.speculation_length + 1
+            spec = [slot for slot in running
+                    if proposer is not None and engine.slot_lengths[slot] + width + 1 <= engine.config.seq_len]
+            plain = [slot for slot in running if slot not in spec]
+            if spec:
+                sequences = [SpecSequence(slot=slot, tokens=running[slot].result.prompt_ids + running[slot].result.output_ids,
+                                          sampling=running[slot].sampling, rng=running[slot].rng) for slot in spec]
+                for slot, tokens in zip(spec, speculative_step(engine, proposer, sequences)):
+                    for token in tokens:
+                        if not emit(slot, running[slot], token):
+                            break
             requests = [
-                SequenceRequest(slot=slot, token_ids=[s.result.output_ids[-1]], sampling=s.sampling, rng=s.rng)
-                for slot, s in running.items()
+                SequenceRequest(slot=slot, token_ids=[running[slot].result.output_ids[-1]], sampling=running[slot].sampling,
+                                rng=running[slot].rng)
+                for slot in plain
             ]
             for request, token in zip(requests, engine.token_generate(requests)):
                 emit(request.slot, running[request.slot], token)
     finally:
         for slot in list(running):
             engine.free(slot)
+            if proposer is not None:
+                proposer.free(slot)
     return results
 
 

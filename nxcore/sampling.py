@@ -103,3 +103,29 @@ def sample(
     choice = (cdf <= threshold).sum(dim=-1).clamp(max=width - 1)
     sampled = indices.gather(-1, choice[:, None]).squeeze(-1)
     return torch.where(temperature > 0, sampled, greedy_tokens)
+
+
+def distribution(
+    logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_topk: int
+) -> torch.Tensor:
+    """The probabilities [N, V] that `sample` draws from: one-hot argmax at temperature 0, else the
+    top-k / top-p candidates' renormalized softmax (zeros elsewhere)."""
+    vocab = logits.shape[-1]
+    greedy = torch.nn.functional.one_hot(torch.argmax(logits, dim=-1), vocab).to(torch.float32)
+    safe_temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    width = min(max_topk, vocab)
+    values, indices = torch.topk(logits / safe_temp[:, None], width, dim=-1)
+    rank = torch.arange(width, device=logits.device)[None, :]
+    k = torch.where((top_k > 0) & (top_k < width), top_k, torch.full_like(top_k, width))
+    probs = torch.softmax(values.masked_fill(rank >= k[:, None], float("-inf")), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs
+    probs = probs.masked_fill((before >= top_p[:, None]) & (rank > 0), 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    dense = torch.zeros_like(logits).scatter(-1, indices, probs)
+    return torch.where((temperature > 0)[:, None], dense, greedy)
+
+
+def draw(probs: torch.Tensor, u: float) -> int:
+    """Inverse-CDF draw from a probability vector [V] (need not be normalized) with a uniform u."""
+    cdf = torch.cumsum(probs.to(torch.float64), dim=0)
+    return int(min((cdf <= u * cdf[-1]).sum().item(), probs.shape[0] - 1))

@@ -75,8 +75,27 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-ids", dest="prompts", action=_AppendPrompt, type=_token_ids, metavar="1,2,3", help="prompt as token ids (repeatable)")
     _add_sampling_flags(p)
     add_engine_flags(p, batch_size=None, seq_len=None)
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculation", default=None, metavar="ngram|draft:DIR",
+                   help="propose tokens by prompt lookup (ngram) or with a draft model checkpoint (draft:DIR); default: off")
+    g.add_argument("--speculation-length", type=int, default=4, help="tokens proposed per round (default: 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt: prompt_ids, output_ids, text, finish_reason")
     p.set_defaults(func=_cmd_generate)
+
+
+def _proposer(args: argparse.Namespace, engine):  # noqa: ANN001, ANN202
+    """The speculation proposer --speculation asks for, or None."""
+    from nxcore import Engine
+    from nxcore.speculation import DraftProposer, NgramProposer
+
+    if not args.speculation:
+        return None
+    if args.speculation == "ngram":
+        return NgramProposer(args.speculation_length)
+    if args.speculation.startswith("draft:"):
+        draft = Engine.from_pretrained(args.speculation.removeprefix("draft:"), engine.config.replace(tp_degree=1, ep_degree=1))
+        return DraftProposer(draft, args.speculation_length, target_vocab=engine.model_config.vocab_size)
+    raise ValueError(f"--speculation {args.speculation!r} is invalid: use ngram or draft:DIR")
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
@@ -111,15 +130,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args, max_positions=max_positions, batch_size=args.batch_size or len(prompts),
         seq_len=args.seq_len or _seq_len_for([len(p) for p in prompts], args.max_new_tokens, max_positions),
     )
+    if args.speculation:
+        config = config.replace(speculation_length=args.speculation_length)
     apply_threads(args)
     log.info("loading %s", args.model)
     engine = Engine.from_pretrained(args.model, config)
+    proposer = _proposer(args, engine)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stopping = StoppingCriteria(
         max_new_tokens=args.max_new_tokens, stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos
     )
     start = time.perf_counter()
-    results = generate(engine, prompts, sampling=sampling, stopping=stopping)
+    results = generate(engine, prompts, sampling=sampling, stopping=stopping, proposer=proposer)
     elapsed = time.perf_counter() - start
     for i, result in enumerate(results):
         text = tokenizer.decode(result.output_ids)
@@ -135,6 +157,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 print(f"--- [{i}] {tokenizer.decode(result.prompt_ids)!r}")
             print(text)
     engine.close()
+    if proposer is not None:
+        st = proposer.stats
+        log.info("speculation (%s, k=%d): %d rounds, acceptance rate %.2f, %.2f tokens per round",
+                 args.speculation, args.speculation_length, st.rounds, st.acceptance_rate, st.tokens_per_round)
     total = sum(len(r.output_ids) for r in results)
     log.info("generated %d tokens for %d prompts in %.2fs (%.1f tokens/s)", total, len(results), elapsed, total / max(elapsed, 1e-9))
     return 0
