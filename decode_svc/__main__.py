@@ -10,7 +10,7 @@ import time
 
 from decode_svc.loop import DecodeLoop
 from decode_svc.server import DecodeServicer
-from nxserve.engine_args import add_engine_flags, apply_threads, config_from_args
+from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args
 from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (the same as prefill's)")
     add_server_flags(p, port=50061, max_queue=64, queue_help="requests that may wait for a free slot")
     add_engine_flags(p, batch_size=8, seq_len=1024)
+    add_speculation_flags(p)
     return p
 
 
@@ -44,10 +45,13 @@ async def serve(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     apply_threads(args)
     config = config_from_args(args, max_positions=read_hf_config(args.model).max_position_embeddings)
+    if args.speculation:
+        config = config.replace(speculation_length=args.speculation_length)
     engine = await asyncio.to_thread(Engine.from_pretrained, args.model, config)
+    proposer = await asyncio.to_thread(build_proposer, args.speculation, engine)
     tokenizer = load_tokenizer(args.model, required=False)
     await asyncio.to_thread(_warm_up, engine)
-    loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue)
+    loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer)
     loop.start()
     servicer.attach(loop)
     await set_health(health, SERVICE, serving=True)

@@ -22,6 +22,7 @@ from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest, Stopping
 from nxcore.detokenizer import Decoder, IncrementalDetokenizer
 from nxcore.generate import FinishReason, GenerationResult, finish_reason
 from nxcore.kv_cache import KVSnapshot
+from nxcore.speculation import DraftProposer, NgramProposer, SpecSequence, speculative_step
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class Tokens:
 class Finished:
     reason: FinishReason
     decoded_tokens: int
+    steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,13 @@ class DecodeJob:
     enqueued_at: float = field(default_factory=time.monotonic)
     result: GenerationResult | None = None
     detok: IncrementalDetokenizer | None = None
+    draft_kv: KVSnapshot | None = None
+    """The draft model's KV from prefill (speculation with a draft model), if it sent one."""
+    speculate: bool = True
+    """False when the request opted out of speculative decoding."""
+    steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
 
 
 class QueueFull(Exception):
@@ -83,8 +94,10 @@ class QueueFull(Exception):
 
 
 class DecodeLoop:
-    def __init__(self, engine: Engine, *, tokenizer: Decoder, max_queue: int) -> None:
+    def __init__(self, engine: Engine, *, tokenizer: Decoder, max_queue: int,
+                 proposer: NgramProposer | DraftProposer | None = None) -> None:
         self.engine = engine
+        self.proposer = proposer
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self._waiting: deque[DecodeJob] = deque()
@@ -177,6 +190,7 @@ class DecodeLoop:
             slot = free.pop(0)
             self.engine.import_kv(slot, job.kv)
             job.kv = None
+            self._prepare_draft(slot, job)
             job.status = RequestStatus.RUNNING
             job.result = GenerationResult(prompt_ids=job.prompt_ids, output_ids=[job.first_token])
             if job.stop_strings:  # text is only needed here to find stop strings
@@ -185,6 +199,16 @@ class DecodeLoop:
             self._running[slot] = job
             admitted.append((job, slot, (time.monotonic() - job.enqueued_at) * 1000))
         return admitted
+
+    def _prepare_draft(self, slot: int, job: DecodeJob) -> None:
+        """Give the draft model the prompt's KV: prefill's copy, or its own context encoding."""
+        if not isinstance(self.proposer, DraftProposer):
+            return
+        if job.draft_kv is not None:
+            self.proposer.draft.import_kv(slot, job.draft_kv)
+            job.draft_kv = None
+        else:
+            self.proposer.prefill(slot, job.prompt_ids, job.sampling, job.rng)
 
     def _drop_cancelled(self) -> None:
         for slot, job in list(self._running.items()):
@@ -196,38 +220,65 @@ class DecodeLoop:
     def _finish(self, slot: int, job: DecodeJob, status: RequestStatus) -> None:
         job.status = status
         self.engine.free(slot)
+        if self.proposer is not None:
+            self.proposer.free(slot)
         self._running.pop(slot, None)
 
     def _step(self, batch: Sequence[tuple[int, DecodeJob]]) -> None:
-        requests = [
-            SequenceRequest(slot=slot, token_ids=[job.result.output_ids[-1]], sampling=job.sampling, rng=job.rng)
-            for slot, job in batch
-        ]
-        tokens = self.engine.token_generate(requests)
+        """One step: a speculation round for requests that can take one, one token for the rest."""
+        produced = self._generate(batch)
         self.steps += 1
         finished: list[tuple[DecodeJob, FinishReason]] = []
+        sent: dict[int, list[int]] = {}
         with self._cond:
-            for (slot, job), token in zip(batch, tokens):
+            for slot, job in batch:
                 if job.status != RequestStatus.RUNNING:
                     continue
-                job.result.output_ids.append(token)
-                stopped = job.detok is not None and job.detok.add([token]) is not None and job.detok.stopped
-                reason = FinishReason.STOP if stopped else finish_reason(
-                    job.result,
-                    stopping=job.stopping,
-                    eos_token_ids=self.engine.model_config.eos_token_ids,
-                    seq_len=self.engine.config.seq_len,
-                )
-                if reason is not None:
-                    self._finish(slot, job, RequestStatus.FINISHED)
-                    self.completed += 1
-                    finished.append((job, reason))
-        done = {id(job) for job, _ in finished}
-        for (slot, job), token in zip(batch, tokens):
-            if job.status == RequestStatus.RUNNING or id(job) in done:
-                job.emit(Tokens([token]))
+                job.steps += 1
+                sent[slot] = []
+                for token in produced[slot]:
+                    sent[slot].append(token)
+                    reason = self._add_token(job, token)
+                    if reason is not None:
+                        self._finish(slot, job, RequestStatus.FINISHED)
+                        self.completed += 1
+                        finished.append((job, reason))
+                        break
+        for slot, job in batch:
+            if sent.get(slot):
+                job.emit(Tokens(sent[slot]))
         for job, reason in finished:
-            job.emit(Finished(reason=reason, decoded_tokens=len(job.result.output_ids) - 1))
+            job.emit(Finished(reason=reason, decoded_tokens=len(job.result.output_ids) - 1, steps=job.steps,
+                              proposed=job.proposed, accepted=job.accepted))
+
+    def _generate(self, batch: Sequence[tuple[int, DecodeJob]]) -> dict[int, list[int]]:
+        width = self.engine.config.speculation_length + 1
+        limit = self.engine.config.seq_len
+        spec = [(slot, job) for slot, job in batch
+                if self.proposer is not None and job.speculate and self.engine.slot_lengths[slot] + width + 1 <= limit]
+        plain = [(slot, job) for slot, job in batch if (slot, job) not in spec]
+        produced: dict[int, list[int]] = {}
+        if spec:
+            sequences = [SpecSequence(slot=slot, tokens=job.prompt_ids + job.result.output_ids, sampling=job.sampling, rng=job.rng)
+                         for slot, job in spec]
+            for (slot, job), tokens in zip(spec, speculative_step(self.engine, self.proposer, sequences)):
+                produced[slot] = tokens
+                job.proposed += width - 1
+                job.accepted += len(tokens) - 1
+        if plain:
+            requests = [SequenceRequest(slot=slot, token_ids=[job.result.output_ids[-1]], sampling=job.sampling, rng=job.rng)
+                        for slot, job in plain]
+            for (slot, _), token in zip(plain, self.engine.token_generate(requests)):
+                produced[slot] = [token]
+        return produced
+
+    def _add_token(self, job: DecodeJob, token: int) -> FinishReason | None:
+        job.result.output_ids.append(token)
+        stopped = job.detok is not None and job.detok.add([token]) is not None and job.detok.stopped
+        if stopped:
+            return FinishReason.STOP
+        return finish_reason(job.result, stopping=job.stopping, eos_token_ids=self.engine.model_config.eos_token_ids,
+                             seq_len=self.engine.config.seq_len)
 
     def _fail_all(self, message: str) -> None:
         for slot, job in list(self._running.items()):

@@ -111,14 +111,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"all {total} decode slots are busy and {queued} requests wait (max_queue={self.loop.max_queue})",
             )
-        snapshot = await self._receive_kv(requests, context, header.layout, ctx)
+        layouts = [header.layout] + ([header.draft_layout] if header.HasField("draft_layout") else [])
+        snapshots = await self._receive_kv(requests, context, layouts, ctx)
         stopping, stop_strings = stopping_from_pb(header.stopping)
         sampling = sampling_from_pb(header.sampling)
         return DecodeJob(
             request_id=header.request_id,
             prompt_ids=list(header.prompt_token_ids),
             first_token=header.first_token,
-            kv=snapshot,
+            kv=snapshots[0],
+            draft_kv=snapshots[1] if len(snapshots) > 1 else None,
+            speculate=not header.disable_speculation,
             sampling=sampling,
             rng=RequestRng(sampling.seed, offset=header.rng_offset),
             stopping=stopping,
@@ -126,13 +129,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             emit=emit,
         )
 
-    async def _receive_kv(self, requests, context, lay: decode_pb2.KvLayout, ctx):  # noqa: ANN001, ANN202
+    async def _receive_kv(self, requests, context, layouts: list[decode_pb2.KvLayout], ctx):  # noqa: ANN001, ANN202
+        """Chunks until the commit, into one snapshot per KV set (target, then draft when sent)."""
         with span_in(tracer, "kv_receive", parent=ctx) as (span, _):
-            assembler = KVAssembler(
-                num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
-                n_tokens=lay.n_tokens, dtype=lay.dtype,
-            )
             try:
+                assemblers = [
+                    KVAssembler(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
+                                n_tokens=lay.n_tokens, dtype=lay.dtype)
+                    for lay in layouts
+                ]
                 async for message in requests:
                     kind = message.WhichOneof("kind")
                     if kind == "commit":
@@ -140,14 +145,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     if kind != "chunk":
                         raise KVTransferError(f"unexpected {kind} message after the header")
                     c = message.chunk
-                    assembler.add(KVChunk(c.layer_start, c.layer_end, c.token_start, c.token_end, c.data, c.crc32))
+                    if c.kv_set >= len(assemblers):
+                        raise KVTransferError(f"chunk for KV set {c.kv_set}, but the header announced {len(assemblers)} set(s)")
+                    assemblers[c.kv_set].add(KVChunk(c.layer_start, c.layer_end, c.token_start, c.token_end, c.data, c.crc32))
                 else:
                     raise KVTransferError("the stream ended before the commit message")
-                snapshot = assembler.snapshot()
+                snapshots = [a.snapshot() for a in assemblers]
             except KVTransferError as exc:
                 await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
-            span.set_attribute("nxserve.kv_bytes", assembler.bytes_received)
-            return snapshot
+            span.set_attribute("nxserve.kv_bytes", sum(a.bytes_received for a in assemblers))
+            return snapshots
 
     async def _relay(self, events: asyncio.Queue, context, span) -> AsyncIterator[decode_pb2.DecodeResponse]:  # noqa: ANN001
         """Ack, token batches, final; tokens that piled up since the last send go out as one batch."""
@@ -169,10 +176,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     span.add_event("kv_in_slot", {"queue_ms": event.queue_ms})
                     yield decode_pb2.DecodeResponse(ack=decode_pb2.Ack(slot=event.slot, queue_ms=event.queue_ms))
                 elif isinstance(event, Finished):
-                    span.set_attribute("nxserve.decoded_tokens", event.decoded_tokens)
-                    yield decode_pb2.DecodeResponse(
-                        final=decode_pb2.DecodeFinal(finish_reason=FINISH_TO_PB[event.reason], decoded_tokens=event.decoded_tokens)
-                    )
+                    span.set_attributes({
+                        "nxserve.decoded_tokens": event.decoded_tokens,
+                        "nxserve.decode_steps": event.steps,
+                        "nxserve.speculation.proposed_tokens": event.proposed,
+                        "nxserve.speculation.accepted_tokens": event.accepted,
+                        "nxserve.speculation.acceptance_rate": event.accepted / event.proposed if event.proposed else 0.0,
+                        "nxserve.tokens_per_step": event.decoded_tokens / event.steps if event.steps else 0.0,
+                    })
+                    yield decode_pb2.DecodeResponse(final=decode_pb2.DecodeFinal(
+                        finish_reason=FINISH_TO_PB[event.reason], decoded_tokens=event.decoded_tokens, steps=event.steps,
+                        proposed_tokens=event.proposed, accepted_tokens=event.accepted,
+                    ))
                     return
                 elif isinstance(event, Failed):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from nxserve.engine_args import add_engine_flags, apply_threads, config_from_args
+from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args
 
 log = logging.getLogger("nxserve")
 
@@ -75,27 +75,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-ids", dest="prompts", action=_AppendPrompt, type=_token_ids, metavar="1,2,3", help="prompt as token ids (repeatable)")
     _add_sampling_flags(p)
     add_engine_flags(p, batch_size=None, seq_len=None)
-    g = p.add_argument_group("speculative decoding")
-    g.add_argument("--speculation", default=None, metavar="ngram|draft:DIR",
-                   help="propose tokens by prompt lookup (ngram) or with a draft model checkpoint (draft:DIR); default: off")
-    g.add_argument("--speculation-length", type=int, default=4, help="tokens proposed per round (default: 4)")
+    add_speculation_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt: prompt_ids, output_ids, text, finish_reason")
     p.set_defaults(func=_cmd_generate)
-
-
-def _proposer(args: argparse.Namespace, engine):  # noqa: ANN001, ANN202
-    """The speculation proposer --speculation asks for, or None."""
-    from nxcore import Engine
-    from nxcore.speculation import DraftProposer, NgramProposer
-
-    if not args.speculation:
-        return None
-    if args.speculation == "ngram":
-        return NgramProposer(args.speculation_length)
-    if args.speculation.startswith("draft:"):
-        draft = Engine.from_pretrained(args.speculation.removeprefix("draft:"), engine.config.replace(tp_degree=1, ep_degree=1))
-        return DraftProposer(draft, args.speculation_length, target_vocab=engine.model_config.vocab_size)
-    raise ValueError(f"--speculation {args.speculation!r} is invalid: use ngram or draft:DIR")
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
@@ -135,7 +117,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     apply_threads(args)
     log.info("loading %s", args.model)
     engine = Engine.from_pretrained(args.model, config)
-    proposer = _proposer(args, engine)
+    proposer = build_proposer(args.speculation, engine)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stopping = StoppingCriteria(
         max_new_tokens=args.max_new_tokens, stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos
@@ -177,6 +159,9 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="decode slots per decode replica (default: decode_svc's)")
     g.add_argument("--ctx-batch-size", type=int, default=None, help="prompts per context-encoding call (default: prefill_svc's)")
     g.add_argument("--seq-len", type=int, default=None, help="tokens per slot, prompt + output (default: the services')")
+    g.add_argument("--speculation", default=None, metavar="ngram|draft:DIR",
+                   help="speculative decoding on the decode replicas (and the draft's prefill): ngram or draft:DIR (default: off)")
+    g.add_argument("--speculation-length", type=int, default=None, help="tokens proposed per round (default: the services')")
     g.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel degree of the prefill service (default: 1)")
     g.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of each decode replica (default: 1)")
 
@@ -292,7 +277,8 @@ def _cluster_from_args(args: argparse.Namespace):  # noqa: ANN202 (a LocalCluste
 
     engine_args: list[str] = []
     for flag, value in (("--dtype", args.dtype), ("--batch-size", args.batch_size),
-                        ("--ctx-batch-size", args.ctx_batch_size), ("--seq-len", args.seq_len)):
+                        ("--ctx-batch-size", args.ctx_batch_size), ("--seq-len", args.seq_len),
+                        ("--speculation", args.speculation), ("--speculation-length", args.speculation_length)):
         if value is not None:
             engine_args += [flag, str(value)]
     return LocalCluster(

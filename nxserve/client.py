@@ -95,6 +95,7 @@ class GenerateOptions(TypedDict, total=False):
     stop_strings: Sequence[str]  # strings that end generation; the text stops before them (())
     ignore_eos: bool  # keep generating past end-of-sequence tokens (False)
     request_id: str  # echoed in responses, logs and traces; "" lets the server pick one ("")
+    disable_speculation: bool  # opt out of speculative decoding on the server (False)
 
 
 def _build_request(
@@ -109,6 +110,7 @@ def _build_request(
     stop_strings: Sequence[str] = (),
     ignore_eos: bool = False,
     request_id: str = "",
+    disable_speculation: bool = False,
 ) -> pb.GenerateRequest:
     """The GenerateRequest for a prompt given as text (tokenized by the server) or token ids.
 
@@ -122,7 +124,8 @@ def _build_request(
         stop_strings=list(stop_strings),
         ignore_eos=ignore_eos,
     )
-    request = pb.GenerateRequest(request_id=request_id, sampling=sampling, stopping=stopping)
+    request = pb.GenerateRequest(request_id=request_id, sampling=sampling, stopping=stopping,
+                                 disable_speculation=disable_speculation)
     if isinstance(prompt, str):
         request.text = prompt
     else:

@@ -57,3 +57,27 @@ def config_from_args(args: argparse.Namespace, *, max_positions: int, batch_size
         ep_degree=args.ep,
         moe_capacity_factor=args.moe_capacity_factor,
     )
+
+
+def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding")
+    g.add_argument("--speculation", default=None, metavar="ngram|draft:DIR",
+                   help="propose tokens by prompt lookup (ngram) or with a draft model checkpoint (draft:DIR); default: off")
+    g.add_argument("--speculation-length", type=int, default=4, help="tokens proposed per round (default: 4)")
+
+
+def build_proposer(spec: str | None, engine, *, draft_only: bool = False):  # noqa: ANN001, ANN201
+    """The proposer `--speculation` names for `engine` (None when off); `draft_only` skips n-gram
+    (prefill has nothing to do for it)."""
+    if not spec:
+        return None
+    from nxcore import Engine
+    from nxcore.speculation import DraftProposer, NgramProposer
+
+    k = engine.config.speculation_length
+    if spec == "ngram":
+        return None if draft_only else NgramProposer(k)
+    if spec.startswith("draft:"):
+        draft = Engine.from_pretrained(spec.removeprefix("draft:"), engine.config.replace(tp_degree=1, ep_degree=1))
+        return DraftProposer(draft, k, target_vocab=engine.model_config.vocab_size)
+    raise ValueError(f"--speculation {spec!r} is invalid: use ngram or draft:DIR")

@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from nxserve.engine_args import add_engine_flags, apply_threads, config_from_args
+from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args
 from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import generation_pb2, generation_pb2_grpc
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode replicas as HOST:PORT[,HOST:PORT...]")
     add_server_flags(p, port=50051, max_queue=256, queue_help="prompts that may wait for context encoding")
     p.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="KV bytes per chunk sent to decode (default: 1 MiB)")
+    add_speculation_flags(p)
     add_engine_flags(p, batch_size=4, seq_len=1024,
                      batch_help="prompts encoded together per context-encoding call, same as --ctx-batch-size (default: 4)")
     return p
@@ -56,7 +57,13 @@ async def serve(args: argparse.Namespace) -> None:
     for bucket in config.buckets:  # warm every context-encoding graph
         await asyncio.to_thread(engine.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
         engine.free(0)
-    worker = PrefillWorker(engine, max_queue=args.max_queue)
+    proposer = await asyncio.to_thread(build_proposer, args.speculation, engine, draft_only=True)
+    draft = proposer.draft if proposer is not None else None
+    if draft is not None:  # warm the draft's context-encoding graphs too
+        for bucket in config.buckets:
+            await asyncio.to_thread(draft.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
+            draft.free(0)
+    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft)
     worker.start()
     router = DecodeRouter(args.decode, fingerprint=engine.fingerprint)
     await router.start()
@@ -71,6 +78,8 @@ async def serve(args: argparse.Namespace) -> None:
         await router.close()
         worker.stop()
         engine.close()
+        if draft is not None:
+            draft.close()
 
     await install_shutdown(stop).wait()
     shutdown_tracing()

@@ -26,10 +26,11 @@ def decode_header(
     stop_strings: Sequence[str],
     first_token: int,
     rng_offset: int,
+    draft: tuple[Engine, KVSnapshot] | None = None,
+    disable_speculation: bool = False,
 ) -> decode_pb2.DecodeRequest:
-    layers, heads, tokens, dim = kv.keys.shape
     dtype = engine.config.dtype
-    return decode_pb2.DecodeRequest(header=decode_pb2.DecodeHeader(
+    header = decode_pb2.DecodeRequest(header=decode_pb2.DecodeHeader(
         request_id=request_id,
         sampling=sampling_to_pb(sampling),
         stopping=stopping_to_pb(stopping, stop_strings),
@@ -37,8 +38,17 @@ def decode_header(
         first_token=first_token,
         rng_offset=rng_offset,
         fingerprint=decode_pb2.ModelFingerprint(digest=engine.fingerprint, architecture=engine.model_config.model_type, dtype=dtype),
-        layout=decode_pb2.KvLayout(num_layers=layers, num_kv_heads=heads, head_dim=dim, n_tokens=tokens, dtype=dtype),
+        layout=_layout(kv, dtype),
+        disable_speculation=disable_speculation,
     ))
+    if draft is not None:
+        header.header.draft_layout.CopyFrom(_layout(draft[1], draft[0].config.dtype))
+    return header
+
+
+def _layout(kv: KVSnapshot, dtype: str) -> decode_pb2.KvLayout:
+    layers, heads, tokens, dim = kv.keys.shape
+    return decode_pb2.KvLayout(num_layers=layers, num_kv_heads=heads, head_dim=dim, n_tokens=tokens, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -54,16 +64,19 @@ class NoAck(Exception):
     pass
 
 
-async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequest, kv: KVSnapshot, *, chunk_bytes: int) -> Transfer:
-    """Write header, chunks and commit, then read the ack. gRPC errors propagate."""
+async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequest, kv: KVSnapshot, *, chunk_bytes: int,
+                  draft_kv: KVSnapshot | None = None) -> Transfer:
+    """Write header, chunks (target KV, then the draft's when given) and commit, then read the ack.
+    gRPC errors propagate."""
     start = time.perf_counter()
     await call.write(header)
     sent = 0
-    for c in iter_chunks(kv, max_bytes=chunk_bytes):
-        sent += len(c.data)
-        await call.write(decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(
-            layer_start=c.layer_start, layer_end=c.layer_end, token_start=c.token_start, token_end=c.token_end,
-            data=c.data, crc32=c.crc32)))
+    for kv_set, snapshot in enumerate([kv] if draft_kv is None else [kv, draft_kv]):
+        for c in iter_chunks(snapshot, max_bytes=chunk_bytes):
+            sent += len(c.data)
+            await call.write(decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(
+                layer_start=c.layer_start, layer_end=c.layer_end, token_start=c.token_start, token_end=c.token_end,
+                data=c.data, crc32=c.crc32, kv_set=kv_set)))
     await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
     await call.done_writing()
     ack = await call.read()

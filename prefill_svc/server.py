@@ -39,6 +39,7 @@ class Prepared:
     sampling: SamplingParams
     stopping: StoppingCriteria
     stop_strings: tuple[str, ...]
+    disable_speculation: bool = False
 
 
 def _ns(monotonic_s: float) -> int:
@@ -147,7 +148,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         return Prepared(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling,
-                        stopping=stopping, stop_strings=stop_strings)
+                        stopping=stopping, stop_strings=stop_strings, disable_speculation=request.disable_speculation)
 
     async def _prefill(self, req: Prepared, rng: RequestRng, context: grpc.aio.ServicerContext, ctx) -> PrefillResult:  # noqa: ANN001
         try:
@@ -167,9 +168,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def _hand_off(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, context: grpc.aio.ServicerContext, ctx):  # noqa: ANN001, ANN202
         """Open a Decode stream on the least-loaded replica and send the KV; returns (replica, call) after the ack."""
+        draft = (self.worker.draft, prefill.draft_kv) if prefill.draft_kv is not None else None
         header = decode_header(
             self.engine, prefill.kv, request_id=req.request_id, prompt_ids=req.prompt_ids, sampling=req.sampling,
             stopping=req.stopping, stop_strings=req.stop_strings, first_token=prefill.first_token, rng_offset=rng.offset,
+            draft=draft, disable_speculation=req.disable_speculation,
         )
         tried: set[str] = set()
         busy: list[str] = []
@@ -184,7 +187,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             call = replica.stub.Decode(metadata=inject_metadata(ctx), timeout=context.time_remaining())
             try:
                 with span_in(tracer, "kv_transfer", parent=ctx, attributes={"nxserve.decode_replica": replica.target}) as (span, _):
-                    sent = await send_kv(call, header, prefill.kv, chunk_bytes=self.chunk_bytes)
+                    sent = await send_kv(call, header, prefill.kv, chunk_bytes=self.chunk_bytes, draft_kv=prefill.draft_kv)
                     span.set_attributes({"nxserve.kv_bytes": sent.bytes_sent, "nxserve.kv_transfer_ms": sent.seconds * 1000,
                                          "nxserve.decode_queue_ms": sent.queue_ms, "nxserve.decode_slot": sent.slot,
                                          "nxserve.kv_gbps": sent.bytes_sent / max(sent.seconds, 1e-9) / 1e9})
@@ -206,7 +209,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                       detok: IncrementalDetokenizer, context: grpc.aio.ServicerContext, span: trace.Span,
                       ctx) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN001
         replica, call = await self._hand_off(req, rng, prefill, context, ctx)
-        prefill.kv = None  # decode holds the KV now: free prefill's copy
+        prefill.kv = prefill.draft_kv = None  # decode holds the KV now: free prefill's copies
         try:
             with span_in(tracer, "decoding", parent=ctx, attributes={"nxserve.decode_replica": replica.target}):
                 while True:
@@ -219,6 +222,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         result.output_ids.extend(ids)
                         yield pb.GenerateResponse(request_id=req.request_id, token_ids=ids, text=detok.add(ids))
                     elif kind == "final":
+                        f = message.final
+                        span.set_attributes({
+                            "nxserve.decode_steps": f.steps, "nxserve.speculation.proposed_tokens": f.proposed_tokens,
+                            "nxserve.speculation.accepted_tokens": f.accepted_tokens,
+                            "nxserve.speculation.acceptance_rate": f.accepted_tokens / f.proposed_tokens if f.proposed_tokens else 0.0,
+                            "nxserve.tokens_per_step": f.decoded_tokens / f.steps if f.steps else 0.0,
+                        })
                         last = pb.GenerateResponse(request_id=req.request_id, text=detok.flush())
                         yield self._finalize(last, req, result, FINISH_FROM_PB[message.final.finish_reason], span)
                         return

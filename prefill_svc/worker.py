@@ -35,6 +35,7 @@ class PrefillResult:
     first_token: int
     kv: KVSnapshot | None
     """The prompt's KV; dropped (None) once a decode replica holds it."""
+    draft_kv: KVSnapshot | None
     enqueued_at: float
     started_at: float
     """time.monotonic() when the context-encoding call (shared by the batch) started."""
@@ -49,8 +50,10 @@ class PrefillQueueFull(Exception):
 
 
 class PrefillWorker:
-    def __init__(self, engine: Engine, *, max_queue: int) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int, draft: Engine | None = None) -> None:
         self.engine = engine
+        self.draft = draft
+        """Draft model for speculative decoding: its prompt KV travels to decode with the target's."""
         self.max_queue = max_queue
         self._queue: queue.Queue[PrefillJob | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="prefill-worker", daemon=True)
@@ -92,6 +95,18 @@ class PrefillWorker:
             jobs.append(job)
         return [j for j in jobs if not j.future.cancelled()]
 
+    def _encode_draft(self, requests: list[SequenceRequest]) -> list[KVSnapshot | None]:
+        """The draft model's prompt KV (its sampled token is not used, so greedy with a fixed seed)."""
+        if self.draft is None:
+            return _unused(requests)
+        greedy = [SequenceRequest(slot=r.slot, token_ids=r.token_ids, sampling=SamplingParams(), rng=RequestRng(0)) for r in requests]
+        try:
+            self.draft.context_encode(greedy)
+            return [self.draft.export_kv(r.slot, len(r.token_ids)) for r in requests]
+        finally:
+            for r in requests:
+                self.draft.free(r.slot)
+
     def _run(self) -> None:
         while (jobs := self._take_batch()) is not None:
             if jobs:
@@ -103,6 +118,7 @@ class PrefillWorker:
         try:
             tokens = self.engine.context_encode(requests)
             snapshots = [self.engine.export_kv(r.slot, len(r.token_ids)) for r in requests]
+            draft_snapshots = self._encode_draft(requests)
         except Exception as exc:  # validated before submit; anything here is reported per request
             log.exception("context encoding failed")
             for j in jobs:
@@ -113,9 +129,13 @@ class PrefillWorker:
                 self.engine.free(r.slot)
         end = time.monotonic()
         log.debug("encoded %d prompt(s) in %.1f ms", len(jobs), (end - start) * 1000)
-        for j, token, kv in zip(jobs, tokens, snapshots):
-            result = PrefillResult(first_token=token, kv=kv, enqueued_at=j.enqueued_at, started_at=start, finished_at=end, batch=len(jobs))
+        for j, token, kv, draft_kv in zip(jobs, tokens, snapshots, draft_snapshots):
+            result = PrefillResult(first_token=token, kv=kv, draft_kv=draft_kv, enqueued_at=j.enqueued_at, started_at=start, finished_at=end, batch=len(jobs))
             j.loop.call_soon_threadsafe(_set_result, j.future, result)
+
+
+def _unused(requests: list[SequenceRequest]) -> list[None]:
+    return [None] * len(requests)
 
 
 def _set_result(future: asyncio.Future, value: PrefillResult) -> None:

@@ -223,3 +223,24 @@ def test_reflection_lists_services(cluster: LocalCluster) -> None:
         with grpc.insecure_channel(target) as ch:
             services = ProtoReflectionDescriptorDatabase(ch).get_services()
         assert name in services and "grpc.health.v1.Health" in services
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft", "draft-decode-only"])
+def test_speculative_decoding_through_services_keeps_greedy_output(model_dir: Path, engine: Engine, method: str) -> None:
+    spec = "ngram" if method == "ngram" else f"draft:{model_dir}"  # a draft equal to the target accepts everything
+    flags = ["--speculation", spec, "--speculation-length", "3"]
+    # draft-decode-only: prefill sends no draft KV, so the decode replica encodes the prompt with its draft itself.
+    shared, decode_only = (ENGINE_ARGS, flags) if method == "draft-decode-only" else ([*ENGINE_ARGS, *flags], [])
+    batch = prompts(4) + [[9, 10, 11, 12] * 5]
+    local = generate(engine, batch, stopping=StoppingCriteria(max_new_tokens=20, ignore_eos=True))
+    with LocalCluster(model_dir, decode_replicas=1, engine_args=shared, decode_args=decode_only) as cluster, \
+            Client(cluster.target) as client:
+        with ThreadPoolExecutor(len(batch)) as pool:
+            remote = list(pool.map(lambda p: client.generate_text(p, max_new_tokens=20, ignore_eos=True), batch))
+        opted_out = client.generate_text(batch[0], max_new_tokens=20, ignore_eos=True, disable_speculation=True)
+        state = wait_all_free(cluster)
+    assert [r.output_ids for r in remote] == [r.output_ids for r in local]
+    assert opted_out.output_ids == local[0].output_ids
+    assert all(s.free_slots == s.total_slots for s in state)
+    if method != "ngram":  # every proposal accepted: 4 tokens per step instead of 1
+        assert state[0].steps < sum(len(r.output_ids) for r in remote) / 2

@@ -32,7 +32,7 @@ class KvLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., n_tokens: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class DecodeHeader(_message.Message):
-    __slots__ = ("request_id", "sampling", "stopping", "prompt_token_ids", "first_token", "rng_offset", "fingerprint", "layout")
+    __slots__ = ("request_id", "sampling", "stopping", "prompt_token_ids", "first_token", "rng_offset", "fingerprint", "layout", "disable_speculation", "draft_layout")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class DecodeHeader(_message.Message):
     RNG_OFFSET_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sampling: _generation_pb2.SamplingParameters
     stopping: _generation_pb2.StoppingParameters
@@ -49,23 +51,27 @@ class DecodeHeader(_message.Message):
     rng_offset: int
     fingerprint: ModelFingerprint
     layout: KvLayout
-    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generation_pb2.StoppingParameters, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., rng_offset: _Optional[int] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ...) -> None: ...
+    disable_speculation: bool
+    draft_layout: KvLayout
+    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generation_pb2.StoppingParameters, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., rng_offset: _Optional[int] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., disable_speculation: _Optional[bool] = ..., draft_layout: _Optional[_Union[KvLayout, _Mapping]] = ...) -> None: ...
 
 class KvChunk(_message.Message):
-    __slots__ = ("layer_start", "layer_end", "token_start", "token_end", "data", "crc32")
+    __slots__ = ("layer_start", "layer_end", "token_start", "token_end", "data", "crc32", "kv_set")
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_END_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    KV_SET_FIELD_NUMBER: _ClassVar[int]
     layer_start: int
     layer_end: int
     token_start: int
     token_end: int
     data: bytes
     crc32: int
-    def __init__(self, layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    kv_set: int
+    def __init__(self, layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., kv_set: _Optional[int] = ...) -> None: ...
 
 class Commit(_message.Message):
     __slots__ = ()
@@ -96,12 +102,18 @@ class TokenBatch(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeFinal(_message.Message):
-    __slots__ = ("finish_reason", "decoded_tokens")
+    __slots__ = ("finish_reason", "decoded_tokens", "steps", "proposed_tokens", "accepted_tokens")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     DECODED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     finish_reason: _generation_pb2.FinishReason
     decoded_tokens: int
-    def __init__(self, finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., decoded_tokens: _Optional[int] = ...) -> None: ...
+    steps: int
+    proposed_tokens: int
+    accepted_tokens: int
+    def __init__(self, finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., decoded_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("ack", "tokens", "final")
