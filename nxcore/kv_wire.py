@@ -34,8 +34,14 @@ class KVTransferError(ValueError):
     """A chunk that does not fit the announced layout, or whose checksum does not match."""
 
 
-def _to_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""An integer dtype of each element size: numpy has no bfloat16, so raw copies go through these."""
+
+
+def _block_bytes(k: torch.Tensor, v: torch.Tensor) -> bytes:
+    """K block then V block as raw bytes: one gather into a flat buffer, one copy out."""
+    flat = torch.cat([k.reshape(-1), v.reshape(-1)]).view(_INT_VIEW[k.element_size()])
+    return flat.numpy().tobytes()
 
 
 def iter_chunks(kv: KVSnapshot, *, max_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[KVChunk]:
@@ -49,7 +55,7 @@ def iter_chunks(kv: KVSnapshot, *, max_bytes: int = DEFAULT_CHUNK_BYTES) -> Iter
         per = max(1, max_bytes // token_bytes)
         spans = [(l, l + 1, t, min(t + per, tokens)) for l in range(layers) for t in range(0, tokens, per)]
     for l0, l1, t0, t1 in spans:
-        data = _to_bytes(kv.keys[l0:l1, :, t0:t1]) + _to_bytes(kv.values[l0:l1, :, t0:t1])
+        data = _block_bytes(kv.keys[l0:l1, :, t0:t1], kv.values[l0:l1, :, t0:t1])
         yield KVChunk(layer_start=l0, layer_end=l1, token_start=t0, token_end=t1, data=data, crc32=zlib.crc32(data))
 
 
@@ -76,11 +82,12 @@ class KVAssembler:
         block_bytes = int(np.prod(block_shape)) * self.keys.element_size()
         if len(chunk.data) != 2 * block_bytes:
             raise KVTransferError(f"chunk layers [{l0}, {l1}) x tokens [{t0}, {t1}) has {len(chunk.data)} bytes, expected {2 * block_bytes}")
-        raw = torch.frombuffer(bytearray(chunk.data), dtype=torch.uint8)
-        k = raw[:block_bytes].view(self.keys.dtype).view(block_shape)
-        v = raw[block_bytes:].view(self.keys.dtype).view(block_shape)
-        self.keys[l0:l1, :, t0:t1] = k
-        self.values[l0:l1, :, t0:t1] = v
+        # Copy straight from the message's bytes into the snapshot (numpy reads bytes without a copy).
+        int_dtype = _INT_VIEW[self.keys.element_size()]
+        raw = np.frombuffer(chunk.data, dtype=torch.empty(0, dtype=int_dtype).numpy().dtype)
+        half = raw.shape[0] // 2
+        self.keys.view(int_dtype).numpy()[l0:l1, :, t0:t1] = raw[:half].reshape(block_shape)
+        self.values.view(int_dtype).numpy()[l0:l1, :, t0:t1] = raw[half:].reshape(block_shape)
         self._filled[l0:l1, t0:t1] = True
         self.bytes_received += len(chunk.data)
 
