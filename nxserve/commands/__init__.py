@@ -1,0 +1,1 @@
+"""The `nxserve` subcommands, one module per group."""

@@ -1,0 +1,114 @@
+"""In-process commands: `nxserve make-model` and `nxserve generate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from nxserve.commands.common import AppendPrompt, add_sampling_flags, token_ids
+from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args
+
+log = logging.getLogger("nxserve")
+
+
+def add_make_model(sub: argparse._SubParsersAction) -> None:
+    from nxserve.model_factory import ARCHS, PRESETS
+
+    p = sub.add_parser(
+        "make-model",
+        help="write a random-weight Hugging Face checkpoint (config, safetensors, tokenizer)",
+        description="Write a seeded random-weight checkpoint in real Hugging Face format, for tests and demos.",
+    )
+    p.add_argument("--arch", choices=ARCHS, required=True, help="architecture (model_type)")
+    p.add_argument("--preset", choices=PRESETS, default="tiny", help="tiny: a few MB, for tests; small: ~100M+ params, for benchmarks (default: tiny)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed for weights and tokenizer (default: 0)")
+    p.set_defaults(func=_cmd_make_model)
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text in-process from a checkpoint",
+        description="Load a checkpoint into the nxcore engine and generate for one or more prompts (one batch).",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--prompt", dest="prompts", action=AppendPrompt, metavar="TEXT", help="prompt text (repeatable)")
+    p.add_argument("--prompt-ids", dest="prompts", action=AppendPrompt, type=token_ids, metavar="1,2,3", help="prompt as token ids (repeatable)")
+    add_sampling_flags(p)
+    add_engine_flags(p, batch_size=None, seq_len=None)
+    add_speculation_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt: prompt_ids, output_ids, text, finish_reason")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from nxserve.model_factory import make_model
+
+    start = time.perf_counter()
+    out = make_model(arch=args.arch, preset=args.preset, out=args.out, seed=args.seed)
+    print(f"wrote {args.preset} {args.arch} checkpoint to {out} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _seq_len_for(prompt_lens: Sequence[int], max_new_tokens: int, max_positions: int) -> int:
+    """Smallest power of two (>= 128) holding the longest prompt plus max_new_tokens, within the model's limit."""
+    need = max(prompt_lens) + max_new_tokens
+    size = 128
+    while size < need:
+        size *= 2
+    return min(size, max_positions)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from nxcore import Engine, SamplingParams, StoppingCriteria, generate
+    from nxcore.checkpoint import read_hf_config
+    from nxcore.tokenizer import load_tokenizer
+
+    if not args.prompts:
+        raise SystemExit("nxserve generate: give at least one --prompt TEXT or --prompt-ids 1,2,3")
+    tokenizer = load_tokenizer(args.model, required=any(kind == "text" for kind, _ in args.prompts))
+    prompts = [tokenizer.encode(value) if kind == "text" else value for kind, value in args.prompts]
+    max_positions = read_hf_config(args.model).max_position_embeddings
+    config = config_from_args(
+        args, max_positions=max_positions, batch_size=args.batch_size or len(prompts),
+        seq_len=args.seq_len or _seq_len_for([len(p) for p in prompts], args.max_new_tokens, max_positions),
+    )
+    if args.speculation:
+        config = config.replace(speculation_length=args.speculation_length)
+    apply_threads(args)
+    log.info("loading %s", args.model)
+    engine = Engine.from_pretrained(args.model, config)
+    proposer = build_proposer(args.speculation, engine)
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    stopping = StoppingCriteria(
+        max_new_tokens=args.max_new_tokens, stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos
+    )
+    start = time.perf_counter()
+    results = generate(engine, prompts, sampling=sampling, stopping=stopping, proposer=proposer)
+    elapsed = time.perf_counter() - start
+    for i, result in enumerate(results):
+        text = tokenizer.decode(result.output_ids)
+        if args.json:
+            print(json.dumps({
+                "prompt_ids": result.prompt_ids,
+                "output_ids": result.output_ids,
+                "text": text,
+                "finish_reason": str(result.finish_reason),
+            }, ensure_ascii=False))
+        else:
+            if len(results) > 1:
+                print(f"--- [{i}] {tokenizer.decode(result.prompt_ids)!r}")
+            print(text)
+    engine.close()
+    if proposer is not None:
+        st = proposer.stats
+        log.info("speculation (%s, k=%d): %d rounds, acceptance rate %.2f, %.2f tokens per round",
+                 args.speculation, args.speculation_length, st.rounds, st.acceptance_rate, st.tokens_per_round)
+    total = sum(len(r.output_ids) for r in results)
+    log.info("generated %d tokens for %d prompts in %.2fs (%.1f tokens/s)", total, len(results), elapsed, total / max(elapsed, 1e-9))
+    return 0
