@@ -61,7 +61,8 @@ def load_rank(
                          capacity_factor=config.moe_capacity_factor)
     model.to_empty(device="cpu")
     model.init_buffers()
-    model.load_state_dict(state, strict=True)
+    # assign: parameters take the converted tensors as they are (their dtype, no second copy).
+    model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.eval().requires_grad_(False)
     return model, fingerprint

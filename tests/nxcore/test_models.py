@@ -48,3 +48,16 @@ def test_generation_fills_seq_len_and_stops_with_length(checkpoint: Checkpoint, 
     assert len(prompt) + len(result.output_ids) == CONFIG.seq_len
     assert result.finish_reason == "length"
     assert result.output_ids == checkpoint.hf_greedy(prompt, CONFIG.seq_len - len(prompt))
+
+
+def test_bfloat16_engine_runs_in_bfloat16_close_to_float32(checkpoints: dict[str, Checkpoint]) -> None:
+    ckpt = checkpoints["qwen3"]
+    engine = Engine.from_pretrained(ckpt.path, CONFIG.replace(dtype="bfloat16"))
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert engine.model.kv_cache.k0.dtype == torch.bfloat16
+    prompt = random_prompt(20, seed=4)
+    ours = engine.prompt_logits(prompt)
+    ref = ckpt.hf_logits(prompt)
+    assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
+    [result] = generate(engine, [prompt], stopping=StoppingCriteria(max_new_tokens=8, ignore_eos=True))
+    assert len(result.output_ids) == 8

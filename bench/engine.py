@@ -1,0 +1,178 @@
+"""Engine benchmark: decode latency and throughput, prefill time, against transformers and the
+memory-bandwidth roofline, in one run.
+
+    python -m bench.engine --model DIR [--backends eager compile] [--json FILE]
+
+- decode at batch 1 (ms/token) and decode throughput at the larger batches (tokens/s), greedy,
+  after a prompt of --prompt-len tokens;
+- prefill (context encoding incl. the first token) at each --prefill-lens;
+- transformers on the same checkpoint and dtype: generate() for decode (cache on, eos ignored;
+  its per-token time excludes the prompt's forward) and a forward pass for prefill;
+- this machine's memory bandwidth (a read of a buffer the size of the weights) and batch-1 decode
+  as a fraction of the roofline (weight bytes per token / bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest
+
+GREEDY = SamplingParams()
+
+
+def _median_time(fn, repeats: int) -> float:  # noqa: ANN001
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bandwidth_gb_s(n_bytes: int) -> float:
+    """Read bandwidth: summing a buffer of n_bytes (the weights' size)."""
+    buf = torch.ones(max(n_bytes // 4, 1), dtype=torch.float32)
+    return n_bytes / _median_time(buf.sum, 5) / 1e9
+
+
+def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    return torch.randint(4, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int) -> float:
+    requests = []
+    for slot, prompt in enumerate(_prompts(batch, prompt_len, engine.model_config.vocab_size)):
+        [first] = engine.context_encode([SequenceRequest(slot=slot, token_ids=prompt, sampling=GREEDY, rng=RequestRng(0))])
+        requests.append(SequenceRequest(slot=slot, token_ids=[first], sampling=GREEDY, rng=RequestRng(0)))
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        tokens = engine.token_generate(requests)
+        times.append(time.perf_counter() - start)
+        requests = [SequenceRequest(slot=r.slot, token_ids=[t], sampling=GREEDY, rng=r.rng) for r, t in zip(requests, tokens)]
+    for r in requests:
+        engine.free(r.slot)
+    return statistics.median(times[1:]) * 1000
+
+
+def prefill_ms(engine: Engine, length: int, repeats: int) -> float:
+    prompt = _prompts(1, length, engine.model_config.vocab_size)[0]
+
+    def once() -> None:
+        engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=GREEDY, rng=RequestRng(0))])
+        engine.free(0)
+
+    return _median_time(once, repeats) * 1000
+
+
+@torch.no_grad()
+def hf_decode_ms_per_token(model, batch: int, prompt_len: int, steps: int) -> float:  # noqa: ANN001
+    ids = torch.tensor(_prompts(batch, prompt_len, model.config.vocab_size))
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return time.perf_counter() - start
+
+    run(2)
+    return (run(steps + 1) - run(1)) / steps * 1000  # the prompt's forward cancels out
+
+
+@torch.no_grad()
+def hf_prefill_ms(model, length: int, repeats: int) -> float:  # noqa: ANN001
+    ids = torch.tensor(_prompts(1, length, model.config.vocab_size))
+    return _median_time(lambda: model(ids, use_cache=True), repeats) * 1000
+
+
+def bench_backend(args: argparse.Namespace, backend: str, max_len: int) -> dict:
+    config = RuntimeConfig(batch_size=max(args.batches), ctx_batch_size=1, seq_len=max_len, dtype=args.dtype, backend=backend)
+    print(f"[{backend}] loading {args.model} ...", file=sys.stderr)
+    engine = Engine.from_pretrained(args.model, config)
+    out = {"decode_ms": {}, "throughput_tok_s": {}, "prefill_ms": {}}
+    for batch in args.batches:
+        print(f"[{backend}] decode at batch {batch} ...", file=sys.stderr)
+        ms = decode_ms_per_step(engine, batch, args.prompt_len, args.steps)
+        out["decode_ms"][batch], out["throughput_tok_s"][batch] = ms, batch * 1000 / ms
+    for length in args.prefill_lens:
+        print(f"[{backend}] prefill {length} tokens ...", file=sys.stderr)
+        out["prefill_ms"][length] = prefill_ms(engine, length, args.repeats)
+    engine.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--backends", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes (the first is the latency one)")
+    p.add_argument("--prefill-lens", type=int, nargs="+", default=[128, 512, 2048])
+    p.add_argument("--prompt-len", type=int, default=128, help="context before decoding (default: 128)")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps (default: 16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed prefill calls (default: 3)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    max_len = max([*args.prefill_lens, args.prompt_len + args.steps + 2])
+    results = {backend: bench_backend(args, backend, max_len) for backend in args.backends}
+    dtype = getattr(torch, args.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    weight_bytes = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+    bw = bandwidth_gb_s(weight_bytes)
+    roofline_ms = weight_bytes / bw / 1e6
+    hf_res = {"decode_ms": {}, "throughput_tok_s": {}, "prefill_ms": {}}
+    if not args.no_hf:
+        for batch in args.batches:
+            print(f"[transformers] decode at batch {batch} ...", file=sys.stderr)
+            ms = hf_decode_ms_per_token(hf, batch, args.prompt_len, args.steps)
+            hf_res["decode_ms"][batch], hf_res["throughput_tok_s"][batch] = ms, batch * 1000 / ms
+        for length in args.prefill_lens:
+            hf_res["prefill_ms"][length] = hf_prefill_ms(hf, length, args.repeats)
+
+    b1, big = args.batches[0], args.batches[-1]
+    print(f"\n{args.model} ({hf.config.model_type}, {args.dtype}); weights {weight_bytes / 1e6:.0f} MB, "
+          f"bandwidth {bw:.1f} GB/s, roofline {roofline_ms:.2f} ms/token")
+    header = f"{'':28}" + "".join(f"{b:>12}" for b in args.backends) + (f"{'transformers':>14}" if not args.no_hf else "")
+    print(header)
+
+    def row(label: str, key: str, sub: int, fmt: str = "{:12.2f}") -> None:
+        cells = "".join(fmt.format(results[b][key][sub]) for b in args.backends)
+        ref = "" if args.no_hf else f"{hf_res[key][sub]:14.2f}"
+        print(f"{label:28}{cells}{ref}")
+
+    row(f"decode b{b1} (ms/token)", "decode_ms", b1)
+    for batch in args.batches[1:]:
+        row(f"throughput b{batch} (tok/s)", "throughput_tok_s", batch)
+    for length in args.prefill_lens:
+        row(f"prefill {length} (ms)", "prefill_ms", length)
+    for b in args.backends:
+        r = results[b]
+        ratio = f", {hf_res['decode_ms'][b1] / r['decode_ms'][b1]:.2f}x transformers" if not args.no_hf else ""
+        print(f"{b}: decode b{b1} at {roofline_ms / r['decode_ms'][b1]:.0%} of the roofline{ratio}")
+    if args.json:
+        best = min(args.backends, key=lambda b: results[b]["decode_ms"][b1])
+        r = results[best]
+        args.json.write_text(json.dumps({
+            "model": str(args.model), "dtype": args.dtype, "backend": best,
+            "decode_b1_ms": r["decode_ms"][b1], "roofline_b1_ms": roofline_ms, "hf_decode_b1_ms": hf_res["decode_ms"].get(b1),
+            f"throughput_b{big}_tok_s": r["throughput_tok_s"][big], f"hf_throughput_b{big}_tok_s": hf_res["throughput_tok_s"].get(big),
+            "prefill_ms": r["prefill_ms"], "hf_prefill_ms": hf_res["prefill_ms"], "bandwidth_gb_s": bw,
+            "backends": results,
+        }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

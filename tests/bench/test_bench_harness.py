@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end on the tiny model (harness correctness only, no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nxserve.model_factory import make_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(arch="llama", preset="tiny", out=tmp_path_factory.mktemp("bench") / "tiny")
+
+
+def test_engine_bench_writes_the_documented_keys(tiny: Path, tmp_path: Path) -> None:
+    from bench import engine
+
+    out = tmp_path / "engine.json"
+    assert engine.main(["--model", str(tiny), "--backends", "eager", "--dtype", "float32", "--batches", "1", "4",
+                        "--prefill-lens", "32", "128", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for key in ("decode_b1_ms", "roofline_b1_ms", "hf_decode_b1_ms", "throughput_b4_tok_s", "hf_throughput_b4_tok_s",
+                "prefill_ms", "hf_prefill_ms", "model", "dtype", "backend"):
+        assert key in data
+    assert data["decode_b1_ms"] > 0 and set(data["prefill_ms"]) == {"32", "128"}
+
+
+def test_speculation_and_moe_and_tp_benches_run(tiny: Path, tmp_path: Path) -> None:
+    from bench import speculation, tp
+
+    assert speculation.main(["--model", str(tiny), "--k", "2", "--new-tokens", "8", "--json", str(tmp_path / "s.json")]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert all(r["greedy_equal"] for r in rows)
+    assert tp.main(["--model", str(tiny), "--steps", "2", "--tp", "1", "--json", str(tmp_path / "t.json")]) == 0
+    moe_model = make_model(arch="mixtral", preset="tiny", out=tmp_path / "mixtral")
+    from bench import moe
+
+    assert moe.main(["--model", str(moe_model), "--batches", "1", "2", "--steps", "2", "--json", str(tmp_path / "m.json")]) == 0
+    assert set(json.loads((tmp_path / "m.json").read_text())["rows"]) == {"1", "2"}
+
+
+def test_services_bench_runs(tiny: Path, tmp_path: Path) -> None:
+    from bench import services
+
+    assert services.main(["--model", str(tiny), "--prompt-len", "16", "--new-tokens", "4", "--requests", "1",
+                          "--seq-len", "128", "--json", str(tmp_path / "svc.json")]) == 0
+    data = json.loads((tmp_path / "svc.json").read_text())
+    assert data["kv"]["kv_bytes"] > 0 and data["services"]["ttft_ms"] > 0
