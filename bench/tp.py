@@ -38,7 +38,7 @@ def measure(engine: Engine, *, batch: int, prompt_len: int, steps: int) -> dict[
         times.append(time.perf_counter() - start)
         requests = [SequenceRequest(slot=r.slot, token_ids=[t], sampling=greedy, rng=r.rng) for r, t in zip(requests, tokens)]
     inputs = engine._inputs(requests, rows=batch, width=1, prefill=False)
-    prof = engine.executor.profile(("token_generation", batch, 1), inputs, 8)
+    prof = engine.executor.profile(("token_generation", batch, 1, inputs.key_positions.shape[0]), inputs, 8)
     for slot in range(batch):
         engine.free(slot)
     return {"step_ms": statistics.median(times) * 1000, "graph_ms": prof["step_ms"], "collective_ms": prof["collective_ms"]}

@@ -121,6 +121,12 @@ class RuntimeConfig:
         return power_of_two_buckets(self.batch_size)
 
     @property
+    def kv_buckets(self) -> tuple[int, ...]:
+        """Cache lengths token generation and speculation attend over: a call reads only the
+        smallest that holds every row's positions (NxDI's token-generation buckets)."""
+        return tuple(sorted(set(self.buckets) | {self.seq_len}))
+
+    @property
     def max_prompt_len(self) -> int:
         return self.buckets[-1]
 

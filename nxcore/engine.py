@@ -189,8 +189,8 @@ class Engine:
         return self._tokens(outputs, inputs, rows=len(requests)).tolist()
 
     def _run(self, kind: str, rows: int, width: int, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
-        """Run the graph for this (kind, rows, width) shape, built on first use."""
-        return self.executor.run((kind, rows, width), inputs)
+        """Run the graph for this (kind, rows, width, KV length) shape, built on first use."""
+        return self.executor.run((kind, rows, width, inputs.key_positions.shape[0]), inputs)
 
     def _tokens(self, outputs: tuple[torch.Tensor, ...], inputs: GraphInputs, *, rows: int) -> torch.Tensor:
         """[rows, T] tokens of the real rows; samples on the host when the graph returned logits."""
@@ -219,6 +219,8 @@ class Engine:
         top_k = torch.zeros(rows, dtype=torch.int64)
         top_p = torch.ones(rows, dtype=torch.float32)
         rand = torch.zeros(rows, 1 if prefill else width, dtype=torch.float32)
+        needed = width if prefill else max(self.slot_lengths[r.slot] for r in requests) + width
+        kv_len = width if prefill else _fit(needed, self.config.kv_buckets)
         for row, r in enumerate(requests):
             n = len(r.token_ids)
             input_ids[row, :n] = torch.tensor(r.token_ids, dtype=torch.int64)
@@ -233,6 +235,7 @@ class Engine:
         return GraphInputs(
             input_ids=input_ids, position_ids=positions, slot_ids=slot_ids, last_index=last_index,
             temperature=temperature, top_k=top_k, top_p=top_p, rand=rand,
+            key_positions=torch.arange(kv_len, dtype=torch.int64),
         )
 
     def _check_slots(self, requests: Sequence[SequenceRequest]) -> None:

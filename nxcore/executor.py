@@ -17,8 +17,8 @@ from nxcore.graphs import ContextEncodingGraph, DecodeGraph, GraphInputs
 from nxcore.kv_cache import KVSnapshot
 from nxcore.modules.decoder import CausalLM
 
-GraphKey = tuple[str, int, int]
-"""(kind, rows, width): kind is one of context, token_generation, speculation, scoring."""
+GraphKey = tuple[str, int, int, int]
+"""(kind, rows, width, KV length): kind is one of context, token_generation, speculation, scoring."""
 
 
 class GraphRunner:

@@ -41,6 +41,9 @@ class GraphInputs:
     """[B] float32 in (0, 1]."""
     rand: torch.Tensor
     """[B, R] float32 uniforms: R = 1 for context encoding and token generation, k for speculation."""
+    key_positions: torch.Tensor
+    """[L] int64 0..L-1: the cache positions attended to; its static length L picks the graph's
+    KV-length bucket (decode), or equals the bucket (context encoding)."""
 
 
 torch.export.register_dataclass(GraphInputs, serialized_type_name="nxcore.GraphInputs")
@@ -80,7 +83,8 @@ class DecodeGraph(nn.Module):
         self.output_logits = output_logits
 
     def forward(self, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
-        ctx = self.model.context(prefill=False, slot_ids=inputs.slot_ids, positions=inputs.position_ids)
+        ctx = self.model.context(prefill=False, slot_ids=inputs.slot_ids, positions=inputs.position_ids,
+                                 key_positions=inputs.key_positions)
         hidden = self.model.hidden_states(inputs.input_ids, ctx)
         batch, length, _ = hidden.shape
         logits = self.model.logits(hidden).reshape(batch * length, -1)

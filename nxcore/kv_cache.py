@@ -74,9 +74,11 @@ class KVCache(nn.Module):
         k_buf.index_put_(index, k)
         v_buf.index_put_(index, v)
 
-    def gather(self, layer: int, slot_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V `[rows, kv_heads, seq_len, D]` of `slot_ids`."""
+    def gather(self, layer: int, slot_ids: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[rows, kv_heads, length, D]` of `slot_ids` (length: default the whole row)."""
         k_buf, v_buf = self.buffers_of(layer)
+        if length is not None and length < self.seq_len:
+            k_buf, v_buf = k_buf[:, :, :length], v_buf[:, :, :length]
         return k_buf.index_select(0, slot_ids), v_buf.index_select(0, slot_ids)
 
     @torch.no_grad()

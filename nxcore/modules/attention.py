@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from nxcore.kv_cache import KVCache
 from nxcore.modules.norm import RMSNorm
@@ -36,7 +37,9 @@ class AttentionContext:
     sin: torch.Tensor
     """[B, T, head_dim] rotary tables at `positions`, in the model dtype."""
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-    """Boolean masks (True = attend) by sliding window: [B, 1, T, T] prefill, [B, 1, T, S] decode."""
+    """Boolean masks (True = attend) by sliding window: [B, 1, T, T] prefill, [B, 1, T, L] decode."""
+    kv_len: int | None = None
+    """Decode: cache positions 0..kv_len-1 are read (a static size: the KV-length bucket); None reads all."""
 
 
 def build_mask(*, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -92,8 +95,15 @@ class Attention(nn.Module):
             keys, values = k, v
         else:
             cache.scatter(self.layer_idx, ctx.slot_ids, ctx.positions, k, v)
-            keys, values = cache.gather(self.layer_idx, ctx.slot_ids)
-        out = self._attend(q, keys, values, ctx.masks[self.sliding_window])
+            keys, values = cache.gather(self.layer_idx, ctx.slot_ids, ctx.kv_len)
+        mask = ctx.masks[self.sliding_window]
+        if ctx.prefill:
+            # Measured on this CPU (small llama, bf16, 2048 tokens): fused SDPA 2.0 s vs 5.3 s for
+            # the grouped matmul below, which stays the decode path (one query per row, where
+            # SDPA is the slower one).
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        else:
+            out = self._attend(q, keys, values, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

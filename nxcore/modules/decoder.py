@@ -114,12 +114,17 @@ class CausalLM(nn.Module):
             for buf in self.kv_cache.buffers():
                 buf.zero_()
 
-    def context(self, *, prefill: bool, slot_ids: torch.Tensor, positions: torch.Tensor) -> AttentionContext:
-        """Rotary tables and masks for one call, computed once for all layers."""
+    def context(self, *, prefill: bool, slot_ids: torch.Tensor, positions: torch.Tensor,
+                key_positions: torch.Tensor | None = None) -> AttentionContext:
+        """Rotary tables and masks for one call, computed once for all layers.
+
+        Decode attends over cache positions `key_positions` [L] (default: the whole cache)."""
         if prefill:
             key_positions = positions
         else:
-            key_positions = torch.arange(self.kv_cache.seq_len, device=positions.device)[None, :]
+            if key_positions is None:
+                key_positions = torch.arange(self.kv_cache.seq_len, device=positions.device)
+            key_positions = key_positions[None, :]
 
         masks = {w: build_mask(q_pos=positions, k_pos=key_positions, window=w) for w in self.windows}
         return AttentionContext(
@@ -129,6 +134,7 @@ class CausalLM(nn.Module):
             cos=self.rope_cos[positions],
             sin=self.rope_sin[positions],
             masks=masks,
+            kv_len=key_positions.shape[-1],
         )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
