@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest
-
-GREEDY = SamplingParams()
+from bench.common import GREEDY, decode_steps, free_all, random_prompts
+from nxcore import Engine, RequestRng, RuntimeConfig, SequenceRequest
 
 
 def _median_time(fn, repeats: int) -> float:  # noqa: ANN001
@@ -45,28 +44,14 @@ def bandwidth_gb_s(n_bytes: int) -> float:
     return n_bytes / _median_time(buf.sum, 5) / 1e9
 
 
-def _prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
-    return torch.randint(4, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).tolist()
-
-
 def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int) -> float:
-    requests = []
-    for slot, prompt in enumerate(_prompts(batch, prompt_len, engine.model_config.vocab_size)):
-        [first] = engine.context_encode([SequenceRequest(slot=slot, token_ids=prompt, sampling=GREEDY, rng=RequestRng(0))])
-        requests.append(SequenceRequest(slot=slot, token_ids=[first], sampling=GREEDY, rng=RequestRng(0)))
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        tokens = engine.token_generate(requests)
-        times.append(time.perf_counter() - start)
-        requests = [SequenceRequest(slot=r.slot, token_ids=[t], sampling=GREEDY, rng=r.rng) for r, t in zip(requests, tokens)]
-    for r in requests:
-        engine.free(r.slot)
-    return statistics.median(times[1:]) * 1000
+    ms, requests = decode_steps(engine, random_prompts(batch, prompt_len, engine.model_config.vocab_size), steps)
+    free_all(engine, requests)
+    return ms
 
 
 def prefill_ms(engine: Engine, length: int, repeats: int) -> float:
-    prompt = _prompts(1, length, engine.model_config.vocab_size)[0]
+    prompt = random_prompts(1, length, engine.model_config.vocab_size)[0]
 
     def once() -> None:
         engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=GREEDY, rng=RequestRng(0))])
@@ -77,7 +62,7 @@ def prefill_ms(engine: Engine, length: int, repeats: int) -> float:
 
 @torch.no_grad()
 def hf_decode_ms_per_token(model, batch: int, prompt_len: int, steps: int) -> float:  # noqa: ANN001
-    ids = torch.tensor(_prompts(batch, prompt_len, model.config.vocab_size))
+    ids = torch.tensor(random_prompts(batch, prompt_len, model.config.vocab_size))
     mask = torch.ones_like(ids)
 
     def run(n: int) -> float:
@@ -91,7 +76,7 @@ def hf_decode_ms_per_token(model, batch: int, prompt_len: int, steps: int) -> fl
 
 @torch.no_grad()
 def hf_prefill_ms(model, length: int, repeats: int) -> float:  # noqa: ANN001
-    ids = torch.tensor(_prompts(1, length, model.config.vocab_size))
+    ids = torch.tensor(random_prompts(1, length, model.config.vocab_size))
     return _median_time(lambda: model(ids, use_cache=True), repeats) * 1000
 
 

@@ -19,28 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest
-
-
-def _prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
-    return torch.randint(4, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
-
-
-def nxcore_step_ms(engine: Engine, prompts: torch.Tensor, steps: int) -> float:
-    greedy = SamplingParams()
-    requests = []
-    for slot, prompt in enumerate(prompts.tolist()):
-        [first] = engine.context_encode([SequenceRequest(slot=slot, token_ids=prompt, sampling=greedy, rng=RequestRng(0))])
-        requests.append(SequenceRequest(slot=slot, token_ids=[first], sampling=greedy, rng=RequestRng(0)))
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        tokens = engine.token_generate(requests)
-        times.append(time.perf_counter() - start)
-        requests = [SequenceRequest(slot=r.slot, token_ids=[t], sampling=greedy, rng=r.rng) for r, t in zip(requests, tokens)]
-    for r in requests:
-        engine.free(r.slot)
-    return statistics.median(times[1:]) * 1000
+from bench.common import decode_steps, free_all, random_prompts
+from nxcore import Engine, RuntimeConfig
 
 
 @torch.no_grad()
@@ -70,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
     rows = {}
     for batch in args.batches:
-        prompts = _prompts(batch, args.prompt_len, hf.config.vocab_size)
+        prompts = random_prompts(batch, args.prompt_len, hf.config.vocab_size)
         engine = Engine.from_pretrained(args.model, RuntimeConfig(batch_size=batch, ctx_batch_size=1, seq_len=256, dtype=args.dtype))
-        ours = nxcore_step_ms(engine, prompts, args.steps)
-        theirs = hf_step_ms(hf, prompts, args.steps)
+        ours, requests = decode_steps(engine, prompts, args.steps)
+        free_all(engine, requests)
+        theirs = hf_step_ms(hf, torch.tensor(prompts), args.steps)
         rows[batch] = {"nxcore_ms": ours, "hf_ms": theirs, "speedup": theirs / ours}
         engine.close()
     print(f"\n{args.model} ({hf.config.model_type}, {args.dtype}): decode step, median of {args.steps}")

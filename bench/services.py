@@ -19,18 +19,13 @@ import time
 from pathlib import Path
 
 import grpc
-import torch
 
+from bench.common import random_prompts
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
 from nxserve.v1 import decode_pb2_grpc
 from prefill_svc.kv_sender import decode_header, send_kv
-
-
-def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(0)
-    return [torch.randint(4, vocab, (length,), generator=gen).tolist() for _ in range(n)]
 
 
 def in_process(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
@@ -98,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     config = RuntimeConfig(batch_size=1, seq_len=args.seq_len, dtype=args.dtype)
     print(f"loading {args.model} in-process ...", file=sys.stderr)
     engine = Engine.from_pretrained(args.model, config)
-    prompts = _prompts(args.requests, args.prompt_len, engine.model_config.vocab_size)
+    prompts = random_prompts(args.requests, args.prompt_len, engine.model_config.vocab_size)
     in_process(engine, prompts[:1], 4)  # warm
     local = in_process(engine, prompts, args.new_tokens)
     print("starting prefill + 1 decode replica ...", file=sys.stderr)

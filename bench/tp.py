@@ -11,37 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest
+from bench.common import decode_steps, free_all, random_prompts
+from nxcore import Engine, RuntimeConfig
 
 
 def measure(engine: Engine, *, batch: int, prompt_len: int, steps: int) -> dict[str, float]:
-    greedy = SamplingParams()
-    gen = torch.Generator().manual_seed(0)
-    vocab = engine.model_config.vocab_size
-    requests = []
-    for slot in range(batch):
-        prompt = torch.randint(4, vocab, (prompt_len,), generator=gen).tolist()
-        [first] = engine.context_encode([SequenceRequest(slot=slot, token_ids=prompt, sampling=greedy, rng=RequestRng(0))])
-        requests.append(SequenceRequest(slot=slot, token_ids=[first], sampling=greedy, rng=RequestRng(0)))
-    engine.token_generate(requests)  # warm
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        tokens = engine.token_generate(requests)
-        times.append(time.perf_counter() - start)
-        requests = [SequenceRequest(slot=r.slot, token_ids=[t], sampling=greedy, rng=r.rng) for r, t in zip(requests, tokens)]
+    step_ms, requests = decode_steps(engine, random_prompts(batch, prompt_len, engine.model_config.vocab_size), steps)
     inputs = engine._inputs(requests, rows=batch, width=1, prefill=False)
     prof = engine.executor.profile(("token_generation", batch, 1, inputs.key_positions.shape[0]), inputs, 8)
-    for slot in range(batch):
-        engine.free(slot)
-    return {"step_ms": statistics.median(times) * 1000, "graph_ms": prof["step_ms"], "collective_ms": prof["collective_ms"]}
+    free_all(engine, requests)
+    return {"step_ms": step_ms, "graph_ms": prof["step_ms"], "collective_ms": prof["collective_ms"]}
 
 
 def main(argv: list[str] | None = None) -> int:

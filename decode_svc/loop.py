@@ -22,7 +22,7 @@ from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest, Stopping
 from nxcore.detokenizer import Decoder, IncrementalDetokenizer
 from nxcore.generate import FinishReason, GenerationResult, finish_reason
 from nxcore.kv_cache import KVSnapshot
-from nxcore.speculation import DraftProposer, NgramProposer, SpecSequence, speculative_step
+from nxcore.speculation import DraftProposer, NgramProposer, SpecSequence, can_speculate, speculative_step
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +252,8 @@ class DecodeLoop:
                               proposed=job.proposed, accepted=job.accepted))
 
     def _generate(self, batch: Sequence[tuple[int, DecodeJob]]) -> dict[int, list[int]]:
-        width = self.engine.config.speculation_length + 1
-        limit = self.engine.config.seq_len
         spec = [(slot, job) for slot, job in batch
-                if self.proposer is not None and job.speculate and self.engine.slot_lengths[slot] + width + 1 <= limit]
+                if self.proposer is not None and job.speculate and can_speculate(self.engine, slot)]
         plain = [(slot, job) for slot, job in batch if (slot, job) not in spec]
         produced: dict[int, list[int]] = {}
         if spec:
@@ -263,7 +261,7 @@ class DecodeLoop:
                          for slot, job in spec]
             for (slot, job), tokens in zip(spec, speculative_step(self.engine, self.proposer, sequences)):
                 produced[slot] = tokens
-                job.proposed += width - 1
+                job.proposed += self.engine.config.speculation_length
                 job.accepted += len(tokens) - 1
         if plain:
             requests = [SequenceRequest(slot=slot, token_ids=[job.result.output_ids[-1]], sampling=job.sampling, rng=job.rng)

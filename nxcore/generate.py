@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from nxcore.engine import Engine, SequenceRequest
 from nxcore.sampling import RequestRng, SamplingParams
-from nxcore.speculation import DraftProposer, NgramProposer, SpecSequence, speculative_step
+from nxcore.speculation import DraftProposer, NgramProposer, SpecSequence, can_speculate, speculative_step
 
 Proposer = NgramProposer | DraftProposer
 
@@ -122,9 +122,7 @@ def generate(
                         proposer.prefill(request.slot, request.token_ids, request.sampling, request.rng)
                     emit(request.slot, running[request.slot], token)
                 continue
-            width = engine.config.speculation_length + 1
-            spec = [slot for slot in running
-                    if proposer is not None and engine.slot_lengths[slot] + width + 1 <= engine.config.seq_len]
+            spec = [slot for slot in running if proposer is not None and can_speculate(engine, slot)]
             plain = [slot for slot in running if slot not in spec]
             if spec:
                 sequences = [SpecSequence(slot=slot, tokens=running[slot].result.prompt_ids + running[slot].result.output_ids,

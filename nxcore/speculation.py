@@ -171,6 +171,11 @@ def accept(p: torch.Tensor, proposal: Proposal, rng: RequestRng) -> list[int]:
     return out
 
 
+def can_speculate(engine: Engine, slot: int) -> bool:
+    """Whether the slot has room for a round: k + 1 scored positions plus the token emitted after them."""
+    return engine.slot_lengths[slot] + engine.config.speculation_length + 2 <= engine.config.seq_len
+
+
 def speculative_step(
     target: Engine, proposer: NgramProposer | DraftProposer, sequences: Sequence[SpecSequence]
 ) -> list[list[int]]:

@@ -22,7 +22,7 @@ from nxserve.grpc_common import FINISH_FROM_PB, FINISH_TO_PB, sampling_from_pb, 
 from nxserve.tracing import extract_context, inject_metadata, span_in
 from nxserve.v1 import generation_pb2 as pb, generation_pb2_grpc
 from prefill_svc.kv_sender import NoAck, decode_header, send_kv
-from prefill_svc.router import DecodeRouter, NoReplica, Replica
+from prefill_svc.router import DecodeRouter, NoReplica
 from prefill_svc.worker import PrefillQueueFull, PrefillResult, PrefillWorker
 
 log = logging.getLogger(__name__)
@@ -247,5 +247,3 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         span.set_attributes({"gen_ai.usage.output_tokens": len(result.output_ids), "gen_ai.response.finish_reasons": [str(reason)]})
         return response
 
-
-__all__ = ["GenerationServicer", "Replica"]
