@@ -12,11 +12,6 @@ from nxserve.model_factory import make_model
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model(arch="llama", preset="tiny", out=tmp_path_factory.mktemp("bench") / "tiny")
-
-
 def test_engine_bench_writes_the_documented_keys(tiny: Path, tmp_path: Path) -> None:
     from bench import engine
 
