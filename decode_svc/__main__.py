@@ -10,7 +10,7 @@ import time
 
 from decode_svc.loop import DecodeLoop
 from decode_svc.server import DecodeServicer
-from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args
+from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args, load_options
 from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
@@ -47,8 +47,8 @@ async def serve(args: argparse.Namespace) -> None:
     config = config_from_args(args, max_positions=read_hf_config(args.model).max_position_embeddings)
     if args.speculation:
         config = config.replace(speculation_length=args.speculation_length)
-    engine = await asyncio.to_thread(Engine.from_pretrained, args.model, config)
-    proposer = await asyncio.to_thread(build_proposer, args.speculation, engine)
+    engine = await asyncio.to_thread(Engine.from_pretrained, args.model, config, **load_options(args))
+    proposer = await asyncio.to_thread(build_proposer, args.speculation, engine, **load_options(args))
     tokenizer = load_tokenizer(args.model, required=False)
     await asyncio.to_thread(_warm_up, engine)
     loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nxcore.compiled import ArtifactKey, ArtifactStore, GraphKey, default_cache_root, graph_keys
 from nxcore.config import RuntimeConfig
 from nxcore.errors import EngineError
 from nxcore.executor import LocalExecutor
@@ -64,20 +65,34 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: RuntimeConfig | None = None, *,
-                        saved_config: str | Path | None = None) -> Engine:
+                        saved_config: str | Path | None = None, compile_cache: str | Path | None = None,
+                        compile_on_demand: bool = False) -> Engine:
         """Load an HF checkpoint directory into an engine built for `config` (TP ranks started as needed).
 
         `saved_config` is the JSON RuntimeConfig that artifacts were built for; any difference
         (TP degree, shapes, dtype) is an error rather than a silent rebuild.
+
+        On the compile backend the graphs come from the artifact cache under `compile_cache`
+        (default: `nxcore.compiled.default_cache_root()`), keyed by this model's fingerprint, the
+        config and the torch version. Missing artifacts are an `ArtifactError` unless
+        `compile_on_demand`, which compiles them (once; later loads reuse them).
         """
         start = time.perf_counter()
         model_config = read_model_config(model_dir)
         config = resolve_config(model_config, config or RuntimeConfig())
         if saved_config is not None:
             config.check_matches(RuntimeConfig.load(saved_config), what=str(saved_config))
+        if config.backend == "compile" and config.tp_degree > 1:
+            raise EngineError(
+                f"the compile backend runs tp_degree=1 only (asked: {config.tp_degree}); use --backend eager with TP"
+            )
         if config.tp_degree == 1:
             model, fingerprint = load_rank(model_dir, model_config, config)
-            executor: LocalExecutor | TPExecutor = LocalExecutor(model, config)
+            store = None
+            if config.backend == "compile":
+                store = ArtifactStore(compile_cache or default_cache_root(), ArtifactKey(fingerprint, config),
+                                      compile_on_demand=compile_on_demand)
+            executor: LocalExecutor | TPExecutor = LocalExecutor(model, config, store)
         else:
             from nxcore.parallel.executor import TPExecutor
 
@@ -94,6 +109,23 @@ class Engine:
     def close(self) -> None:
         """Stop TP rank processes (nothing to do at TP=1)."""
         self.executor.close()
+
+    def missing_graphs(self) -> list[GraphKey]:
+        """Graphs this engine can call that its compiled-artifact store lacks (compile backend)."""
+        return self.artifacts.missing(graph_keys(self.config))
+
+    def compile_graph(self, key: GraphKey) -> None:
+        """Compile one graph into the artifact store (see `missing_graphs`)."""
+        self.artifacts  # noqa: B018 (raises on the eager backend)
+        self.executor.runner.compile(key)
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        """The compiled-artifact store this engine's graphs come from (compile backend)."""
+        store = getattr(getattr(self.executor, "runner", None), "store", None)
+        if store is None:
+            raise EngineError(f"backend {self.config.backend!r} has no compiled artifacts: use --backend compile")
+        return store
 
     # ---------------------------------------------------------------- graph calls
 

@@ -11,36 +11,63 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from nxcore.backends import build_graph
+from nxcore.compiled import ArtifactStore, GraphKey, graph_keys
 from nxcore.config import RuntimeConfig
-from nxcore.graphs import ContextEncodingGraph, DecodeGraph, GraphInputs
+from nxcore.graphs import ContextEncodingGraph, DecodeGraph, GraphInputs, example_inputs
 from nxcore.kv_cache import KVSnapshot
 from nxcore.modules.decoder import CausalLM
 
-GraphKey = tuple[str, int, int, int]
-"""(kind, rows, width, KV length): kind is one of context, token_generation, speculation, scoring."""
+__all__ = ["GraphKey", "GraphRunner", "LocalExecutor"]
 
 
 class GraphRunner:
-    """One rank's model and its graphs, each built on first use per (kind, rows, width)."""
+    """One rank's model and its graphs, one per (kind, rows, width, KV length).
 
-    def __init__(self, model: CausalLM, config: RuntimeConfig) -> None:
+    On the eager backend a graph is the module itself. On the compile backend it is an
+    AOTInductor package from `store`; every package already in the store is loaded up front, so a
+    warm cache serves its first request without compiling.
+    """
+
+    def __init__(self, model: CausalLM, config: RuntimeConfig, store: ArtifactStore | None = None) -> None:
+        if (config.backend == "compile") != (store is not None):
+            raise ValueError(f"backend {config.backend!r} {'needs' if store is None else 'takes no'} compiled-artifact store")
         self.model = model
         self.config = config
+        self.store = store
         logits = not config.on_device_sampling
         self.ctx_graph = ContextEncodingGraph(model, max_topk=config.max_topk, output_logits=logits)
         self.decode_graph = DecodeGraph(model, max_topk=config.max_topk, output_logits=logits)
         self.scoring_graph = DecodeGraph(model, max_topk=config.max_topk, output_logits=True)
         """Token generation / speculation that also returns full logits (host-side speculative acceptance)."""
         self._graphs: dict[GraphKey, Callable[..., tuple[torch.Tensor, ...]]] = {}
+        if store is not None:
+            store.require(graph_keys(config))
+            for key in store.graphs():
+                self._graph(key)
+
+    def _module(self, kind: str) -> torch.nn.Module:
+        return {"context": self.ctx_graph, "scoring": self.scoring_graph}.get(kind, self.decode_graph)
+
+    def _graph(self, key: GraphKey) -> Callable[..., tuple[torch.Tensor, ...]]:
+        graph = self._graphs.get(key)
+        if graph is None:
+            module = self._module(key[0])
+            if self.store is None:
+                graph = module
+            else:
+                graph = self.store.load(key, module, example_inputs(key, self.model.kv_cache.scratch_slot))
+            self._graphs[key] = graph
+        return graph
+
+    def compile(self, key: GraphKey) -> None:
+        """Compile one graph into the store."""
+        if self.store is None:
+            raise ValueError(f"backend {self.config.backend!r} compiles nothing")
+        self.store.compile(key, self._module(key[0]), example_inputs(key, self.model.kv_cache.scratch_slot))
 
     @torch.no_grad()
     def run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
-        graph = self._graphs.get(key)
-        if graph is None:
-            module = {"context": self.ctx_graph, "scoring": self.scoring_graph}.get(key[0], self.decode_graph)
-            graph = self._graphs[key] = build_graph(module, backend=self.config.backend)
-        return graph(inputs)
+        return self._graph(key)(inputs)
 
     def profile(self, key: GraphKey, inputs: GraphInputs, steps: int) -> dict[str, float]:
         """Milliseconds per call of this graph, and how many of them went to collectives (for benchmarks)."""
@@ -76,8 +103,8 @@ class GraphRunner:
 class LocalExecutor:
     """TP=1: the graphs run in this process."""
 
-    def __init__(self, model: CausalLM, config: RuntimeConfig) -> None:
-        self.runner = GraphRunner(model, config)
+    def __init__(self, model: CausalLM, config: RuntimeConfig, store: ArtifactStore | None = None) -> None:
+        self.runner = GraphRunner(model, config, store)
         self.scratch_slot = model.kv_cache.scratch_slot
 
     @property

@@ -49,6 +49,24 @@ class GraphInputs:
 torch.export.register_dataclass(GraphInputs, serialized_type_name="nxcore.GraphInputs")
 
 
+def example_inputs(key: tuple[str, int, int, int], scratch_slot: int) -> GraphInputs:
+    """Valid inputs of the graph `key` = (kind, rows, width, KV length), every row on the scratch
+    slot: what export and compilation trace with (only shapes and dtypes matter)."""
+    kind, rows, width, kv_len = key
+    start = 0 if kind == "context" else kv_len - width
+    return GraphInputs(
+        input_ids=torch.zeros(rows, width, dtype=torch.int64),
+        position_ids=torch.arange(start, start + width, dtype=torch.int64).repeat(rows, 1),
+        slot_ids=torch.full((rows,), scratch_slot, dtype=torch.int64),
+        last_index=torch.full((rows,), width - 1, dtype=torch.int64),
+        temperature=torch.zeros(rows, dtype=torch.float32),
+        top_k=torch.zeros(rows, dtype=torch.int64),
+        top_p=torch.ones(rows, dtype=torch.float32),
+        rand=torch.zeros(rows, 1 if kind == "context" else width, dtype=torch.float32),
+        key_positions=torch.arange(kv_len, dtype=torch.int64),
+    )
+
+
 class ContextEncodingGraph(nn.Module):
     def __init__(self, model: CausalLM, *, max_topk: int, output_logits: bool) -> None:
         super().__init__()

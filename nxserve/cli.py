@@ -2,9 +2,11 @@
 
     nxserve make-model --arch llama --preset tiny --out DIR     # a random-weight HF checkpoint
     nxserve generate --model DIR --prompt "Hello" [--json]       # in-process generation
+    nxserve compile --model DIR [engine flags]                  # fill the compiled-graph cache
     nxserve up --model DIR [--decode-replicas N]                # prefill + decode services locally
     nxserve client --target HOST:PORT --prompt "Hello"           # generate through a running server
     nxserve demo                                                 # what `make run` shows
+    nxserve bench engine|serve ...                               # benchmarks (bench/): in-process, or a server under load
 
 Each command lives in nxserve/commands/; this module builds the parser and reports errors.
 """
@@ -16,7 +18,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from nxserve.commands.local import add_generate, add_make_model
+from nxserve.commands.bench import add_bench
+from nxserve.commands.local import add_compile, add_generate, add_make_model
 from nxserve.commands.serving import add_client, add_demo, add_up
 
 
@@ -30,9 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_make_model(sub)
     add_generate(sub)
+    add_compile(sub)
     add_up(sub)
     add_client(sub)
     add_demo(sub)
+    add_bench(sub)
     return parser
 
 

@@ -24,7 +24,14 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, batch_size: int | None,
                         "capped at the model's max_position_embeddings)")
     g.add_argument("--buckets", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
                    help="context-encoding bucket lengths, e.g. 128,512,2048 (default: powers of two from 128 to seq-len, plus seq-len)")
-    g.add_argument("--backend", choices=["eager", "compile"], default="eager", help="graph backend (default: eager)")
+    g.add_argument("--backend", choices=["eager", "compile"], default="eager",
+                   help="graph backend: eager runs the PyTorch modules; compile runs AOTInductor-compiled graphs from "
+                        "the compiled-artifact cache (fill it with `nxserve compile`) (default: eager)")
+    g.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="compiled-artifact cache root for --backend compile "
+                        "(default: $NXSERVE_COMPILE_CACHE, else ~/.cache/nxserve/compiled)")
+    g.add_argument("--compile-on-demand", action="store_true",
+                   help="with --backend compile, compile graphs missing from the cache at load instead of failing")
     g.add_argument("--max-topk", type=int, default=256, help="width of the in-graph top-k candidate set (default: 256)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: rank processes for this engine (default: 1)")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel degree for MoE models, a divisor of --tp (default: 1)")
@@ -38,6 +45,11 @@ def apply_threads(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of Engine.from_pretrained that come from the engine flags."""
+    return {"compile_cache": args.compile_cache, "compile_on_demand": args.compile_on_demand}
 
 
 def config_from_args(args: argparse.Namespace, *, max_positions: int, batch_size: int | None = None,
@@ -66,9 +78,9 @@ def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculation-length", type=int, default=4, help="tokens proposed per round (default: 4)")
 
 
-def build_proposer(spec: str | None, engine, *, draft_only: bool = False):  # noqa: ANN001, ANN201
+def build_proposer(spec: str | None, engine, *, draft_only: bool = False, **load_kwargs):  # noqa: ANN001, ANN003, ANN201
     """The proposer `--speculation` names for `engine` (None when off); `draft_only` skips n-gram
-    (prefill has nothing to do for it)."""
+    (prefill has nothing to do for it). `load_kwargs` go to the draft's Engine.from_pretrained."""
     if not spec:
         return None
     from nxcore import Engine
@@ -78,6 +90,6 @@ def build_proposer(spec: str | None, engine, *, draft_only: bool = False):  # no
     if spec == "ngram":
         return None if draft_only else NgramProposer(k)
     if spec.startswith("draft:"):
-        draft = Engine.from_pretrained(spec.removeprefix("draft:"), engine.config.replace(tp_degree=1, ep_degree=1))
+        draft = Engine.from_pretrained(spec.removeprefix("draft:"), engine.config.replace(tp_degree=1, ep_degree=1), **load_kwargs)
         return DraftProposer(draft, k, target_vocab=engine.model_config.vocab_size)
     raise ValueError(f"--speculation {spec!r} is invalid: use ngram or draft:DIR")

@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args
+from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args, load_options
 from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import generation_pb2, generation_pb2_grpc
@@ -51,13 +51,13 @@ async def serve(args: argparse.Namespace) -> None:
     apply_threads(args)
     ctx_batch = args.ctx_batch_size or args.batch_size or 1
     config = config_from_args(args, max_positions=read_hf_config(args.model).max_position_embeddings, batch_size=ctx_batch)
-    engine = await asyncio.to_thread(Engine.from_pretrained, args.model, config)
+    engine = await asyncio.to_thread(Engine.from_pretrained, args.model, config, **load_options(args))
     tokenizer = load_tokenizer(args.model, required=False)
     greedy = SamplingParams()
     for bucket in config.buckets:  # warm every context-encoding graph
         await asyncio.to_thread(engine.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
         engine.free(0)
-    proposer = await asyncio.to_thread(build_proposer, args.speculation, engine, draft_only=True)
+    proposer = await asyncio.to_thread(build_proposer, args.speculation, engine, draft_only=True, **load_options(args))
     draft = proposer.draft if proposer is not None else None
     if draft is not None:  # warm the draft's context-encoding graphs too
         for bucket in config.buckets:

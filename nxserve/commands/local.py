@@ -1,4 +1,4 @@
-"""In-process commands: `nxserve make-model` and `nxserve generate`."""
+"""In-process commands: `nxserve make-model`, `nxserve generate` and `nxserve compile`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 
 from nxserve.commands.common import AppendPrompt, add_sampling_flags, token_ids
-from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args
+from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args, load_options
 
 log = logging.getLogger("nxserve")
 
@@ -44,6 +44,55 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     add_speculation_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt: prompt_ids, output_ids, text, finish_reason")
     p.set_defaults(func=_cmd_generate)
+
+
+def add_compile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="compile a model's graphs into the compiled-artifact cache (for --backend compile)",
+        description=(
+            "Compile every graph an engine with these flags can call (context encoding per bucket and row "
+            "count, token generation per KV bucket and row count, speculation with --speculation-length) into "
+            "the compiled-artifact cache, keyed by the model's fingerprint, the runtime config and the torch "
+            "version. Weights are not stored: services load them from the checkpoint and, started with the "
+            "same flags and --backend compile, are ready without compiling. Graphs already cached are skipped."
+        ),
+    )
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    add_engine_flags(p, batch_size=4, seq_len=512)
+    p.add_argument("--speculation-length", type=int, default=0,
+                   help="also compile speculation graphs for this many proposed tokens (default: 0, none)")
+    p.add_argument("--dry-run", action="store_true", help="list the graphs that would be compiled and exit")
+    p.set_defaults(func=_cmd_compile, backend="compile")
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from nxcore import Engine
+    from nxcore.checkpoint import read_hf_config
+
+    if args.backend != "compile":
+        raise ValueError("nxserve compile builds artifacts for --backend compile only")
+    config = config_from_args(args, max_positions=read_hf_config(args.model).max_position_embeddings)
+    config = config.replace(speculation_length=args.speculation_length)
+    apply_threads(args)
+    engine = Engine.from_pretrained(args.model, config, compile_cache=args.compile_cache, compile_on_demand=True)
+    store = engine.artifacts
+    missing = engine.missing_graphs()
+    print(f"{len(missing)} graph(s) to compile into {store.dir}", file=sys.stderr)
+    if args.dry_run:
+        for key in missing:
+            print(" ".join(map(str, key)))
+        return 0
+    start = time.perf_counter()
+    with tqdm(missing, unit="graph", file=sys.stderr, disable=None) as bar:
+        for key in bar:
+            bar.set_postfix_str(f"{key[0]} rows={key[1]} width={key[2]} kv={key[3]}")
+            engine.compile_graph(key)
+    engine.close()
+    print(f"compiled {len(missing)} graph(s) in {time.perf_counter() - start:.1f}s: {store.dir}", file=sys.stderr)
+    return 0
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
@@ -82,8 +131,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         config = config.replace(speculation_length=args.speculation_length)
     apply_threads(args)
     log.info("loading %s", args.model)
-    engine = Engine.from_pretrained(args.model, config)
-    proposer = build_proposer(args.speculation, engine)
+    engine = Engine.from_pretrained(args.model, config, **load_options(args))
+    proposer = build_proposer(args.speculation, engine, **load_options(args))
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stopping = StoppingCriteria(
         max_new_tokens=args.max_new_tokens, stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos

@@ -27,6 +27,11 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculation", default=None, metavar="ngram|draft:DIR",
                    help="speculative decoding on the decode replicas (and the draft's prefill): ngram or draft:DIR (default: off)")
     g.add_argument("--speculation-length", type=int, default=None, help="tokens proposed per round (default: the services')")
+    g.add_argument("--backend", choices=["eager", "compile"], default=None,
+                   help="graph backend of every service (default: eager); compile needs `nxserve compile` run with each "
+                        "service's engine flags, or --compile-on-demand")
+    g.add_argument("--compile-cache", default=None, metavar="DIR", help="compiled-artifact cache root (default: the services')")
+    g.add_argument("--compile-on-demand", action="store_true", help="services compile graphs missing from the cache at startup")
     g.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel degree of the prefill service (default: 1)")
     g.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of each decode replica (default: 1)")
 
@@ -137,9 +142,12 @@ def _cluster_from_args(args: argparse.Namespace):  # noqa: ANN202 (a LocalCluste
     engine_args: list[str] = []
     for flag, value in (("--dtype", args.dtype), ("--batch-size", args.batch_size),
                         ("--ctx-batch-size", args.ctx_batch_size), ("--seq-len", args.seq_len),
-                        ("--speculation", args.speculation), ("--speculation-length", args.speculation_length)):
+                        ("--speculation", args.speculation), ("--speculation-length", args.speculation_length),
+                        ("--backend", args.backend), ("--compile-cache", args.compile_cache)):
         if value is not None:
             engine_args += [flag, str(value)]
+    if args.compile_on_demand:
+        engine_args.append("--compile-on-demand")
     return LocalCluster(
         args.model or _default_model(), decode_replicas=args.decode_replicas, port=args.port,
         engine_args=engine_args, prefill_args=["--tp", str(args.prefill_tp)], decode_args=["--tp", str(args.decode_tp)], log_dir=args.log_dir, startup_timeout=args.startup_timeout,

@@ -1,0 +1,142 @@
+"""The compile backend: AOTInductor graphs from a keyed artifact cache.
+
+One cache is filled once per module through `nxserve compile` (3 small graphs); the other tests
+load it, check the tokens against eager, and check that every key change misses with an error
+that names what differs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria, generate
+from nxcore.compiled import MANIFEST, ArtifactError, ArtifactKey, ArtifactStore, graph_file, graph_keys
+from nxserve.cli import main as cli_main
+from tests.conftest import Checkpoint, random_prompt
+
+pytestmark = pytest.mark.slow
+
+CONFIG = RuntimeConfig(batch_size=2, seq_len=32, buckets=(32,), dtype="float32", backend="compile")
+FLAGS = ["--batch-size", "2", "--ctx-batch-size", "1", "--seq-len", "32", "--buckets", "32", "--dtype", "float32"]
+STOP = StoppingCriteria(max_new_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cache(checkpoints: dict[str, Checkpoint], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("compiled")
+    model = str(checkpoints["llama"].path)
+    assert cli_main(["compile", "--model", model, "--compile-cache", str(root), *FLAGS]) == 0
+    return root
+
+
+def test_graph_keys_cover_every_call() -> None:
+    config = RuntimeConfig(batch_size=4, ctx_batch_size=2, seq_len=64, buckets=(16, 64), speculation_length=3)
+    keys = graph_keys(config)
+    assert ("context", 2, 16, 16) in keys and ("context", 1, 64, 64) in keys
+    assert {("token_generation", r, 1, kv) for r in (1, 2, 4) for kv in (16, 64)} <= set(keys)
+    assert ("speculation", 4, 4, 64) in keys and ("scoring", 1, 4, 16) in keys
+    assert len(keys) == len(set(keys)) == 2 * 2 + 3 * 2 + 2 * 3 * 2
+
+
+def test_compile_command_fills_the_cache(cache: Path, checkpoints: dict[str, Checkpoint], capsys) -> None:  # noqa: ANN001
+    [entry] = [p for p in cache.iterdir() if p.is_dir()]
+    manifest = json.loads((entry / MANIFEST).read_text())
+    assert manifest["key"]["batch_size"] == 2 and manifest["key"]["torch"] == torch.__version__
+    assert sorted(map(tuple, manifest["graphs"])) == sorted(graph_keys(CONFIG))
+    # weights are not in the packages: no package holds the bytes of any layer's weights
+    hf = checkpoints["llama"].hf_model
+    samples = [w.detach().reshape(-1)[-64:].numpy().tobytes() for w in (  # (row 0 of embed is the zero pad row)
+        hf.model.embed_tokens.weight, hf.model.layers[0].self_attn.q_proj.weight, hf.model.layers[1].mlp.down_proj.weight)]
+    for key in graph_keys(CONFIG):
+        package = (entry / graph_file(key)).read_bytes()
+        assert not any(sample in package for sample in samples), key
+    capsys.readouterr()
+    assert cli_main(["compile", "--model", str(checkpoints["llama"].path), "--compile-cache", str(cache), *FLAGS, "--dry-run"]) == 0
+    assert "0 graph(s) to compile" in capsys.readouterr().err
+
+
+def test_compiled_greedy_equals_eager_and_loads_without_compiling(
+    cache: Path, checkpoints: dict[str, Checkpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_compiling(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a warm cache must not compile")
+
+    monkeypatch.setattr(ArtifactStore, "compile", no_compiling)
+    path = checkpoints["llama"].path
+    compiled = Engine.from_pretrained(path, CONFIG, compile_cache=cache)
+    eager = Engine.from_pretrained(path, CONFIG.replace(backend="eager"))
+    prompts = [random_prompt(n, seed=n) for n in (5, 19)]
+    expected = generate(eager, prompts, stopping=STOP)
+    actual = generate(compiled, prompts, stopping=STOP)
+    assert [r.output_ids for r in actual] == [r.output_ids for r in expected]
+    assert expected[0].output_ids == checkpoints["llama"].hf_greedy(prompts[0], STOP.max_new_tokens)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(batch_size=4), "batch_size=2 (this engine: 4)"),
+        (dict(buckets=(16, 32)), "buckets=[32] (this engine: [16, 32])"),
+        (dict(dtype="bfloat16"), "dtype='float32' (this engine: 'bfloat16')"),  # (and the fingerprint)
+        (dict(max_topk=64), "max_topk=256 (this engine: 64)"),
+    ],
+)
+def test_a_changed_config_misses_with_a_clear_error(cache: Path, checkpoints: dict[str, Checkpoint], change, named) -> None:  # noqa: ANN001
+    with pytest.raises(ArtifactError, match="no compiled artifacts") as err:
+        Engine.from_pretrained(checkpoints["llama"].path, CONFIG.replace(**change), compile_cache=cache)
+    assert named in str(err.value) and "nxserve compile" in str(err.value)
+
+
+def test_tp_degree_and_torch_version_are_part_of_the_key(cache: Path, checkpoints: dict[str, Checkpoint]) -> None:
+    fingerprint = Engine.from_pretrained(checkpoints["llama"].path, CONFIG, compile_cache=cache).fingerprint
+    key = ArtifactKey(fingerprint, CONFIG)
+    assert ArtifactKey(fingerprint, CONFIG.replace(tp_degree=2)).dirname != key.dirname
+    with pytest.raises(ArtifactError, match=r"tp_degree=1 \(this engine: 2\)"):
+        ArtifactStore(cache, ArtifactKey(fingerprint, CONFIG.replace(tp_degree=2)))
+    with pytest.raises(ArtifactError, match=r"torch='.*' \(this engine: '2.0.0'\)"):
+        ArtifactStore(cache, ArtifactKey(fingerprint, CONFIG, torch_version="2.0.0"))
+    with pytest.raises(ArtifactError, match=f"fingerprint='{fingerprint}' \\(this engine: '0000000000000000'\\)"):
+        ArtifactStore(cache, ArtifactKey("0" * 16, CONFIG))  # another model
+    with pytest.raises(Exception, match="tp_degree=1 only"):
+        Engine.from_pretrained(checkpoints["llama"].path, CONFIG.replace(tp_degree=2), compile_cache=cache)
+
+
+def test_mismatched_or_incomplete_artifacts_are_errors(cache: Path, checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+    fingerprint = Engine.from_pretrained(checkpoints["llama"].path, CONFIG, compile_cache=cache).fingerprint
+    [entry] = [p for p in cache.iterdir() if p.is_dir()]
+    # a folder whose manifest was built for other settings (copied or edited by hand)
+    forged = tmp_path / entry.name
+    forged.mkdir()
+    manifest = json.loads((entry / MANIFEST).read_text())
+    (forged / MANIFEST).write_text(json.dumps({**manifest, "key": {**manifest["key"], "seq_len": 64}}))
+    with pytest.raises(ArtifactError, match=r"built for different settings: seq_len=64 \(this engine: 32\)"):
+        ArtifactStore(tmp_path, ArtifactKey(fingerprint, CONFIG))
+    # a folder missing one graph
+    (forged / MANIFEST).write_text(json.dumps(manifest))
+    for key in graph_keys(CONFIG)[1:]:
+        (forged / graph_file(key)).symlink_to(entry / graph_file(key))
+    with pytest.raises(ArtifactError, match="1 of 3 graphs are missing"):
+        Engine.from_pretrained(checkpoints["llama"].path, CONFIG, compile_cache=tmp_path)
+
+
+def test_bfloat16_compiled_logits_stay_close_to_eager(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+    config = RuntimeConfig(batch_size=1, seq_len=32, buckets=(32,), dtype="bfloat16", backend="compile",
+                           on_device_sampling=False)
+    path = checkpoints["qwen3"].path
+    compiled = Engine.from_pretrained(path, config, compile_cache=tmp_path, compile_on_demand=True)
+    eager = Engine.from_pretrained(path, config.replace(backend="eager"))
+    greedy = SamplingParams()
+    prompt = random_prompt(11, seed=4)
+    for engine in (compiled, eager):
+        engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=greedy, rng=RequestRng(0))])
+    token = [prompt[-1]]
+    for _ in range(4):
+        step = [SequenceRequest(slot=0, token_ids=token, sampling=greedy, rng=RequestRng(0))]
+        expected = eager.token_generate_logits(step)
+        actual = compiled.token_generate_logits(step)
+        assert torch.allclose(actual, expected, atol=5e-2, rtol=2e-2), (actual - expected).abs().max()
+        token = [int(expected.argmax())]
