@@ -16,6 +16,7 @@ from nxcore.checkpoint import load_tensors, read_eos_token_ids, read_hf_config
 from nxcore.config import DTYPES, RuntimeConfig
 from nxcore.model_config import ModelConfig
 from nxcore.modules.decoder import CausalLM
+from nxcore.modules.linear import prepack
 from nxcore.parallel.comm import TPComm
 from nxcore.parallel.plan import make_plan
 from nxcore.parallel.sharding import shard_state_dict
@@ -65,6 +66,7 @@ def load_rank(
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.eval().requires_grad_(False)
+    prepack(model)  # bf16 linear weights in oneDNN's layout, once (see nxcore/modules/linear.py)
     return model, fingerprint
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nxcore.kv_cache import KVCache
+from nxcore.modules.linear import Linear
 from nxcore.modules.norm import RMSNorm
 from nxcore.modules.rotary import apply_rotary
 
@@ -75,8 +76,8 @@ class Attention(nn.Module):
         self.scaling = head_dim**-0.5
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_size, hidden_size, bias=o_bias)
+        self.qkv_proj = Linear(hidden_size, q_size + 2 * kv_size, bias=qkv_bias)
+        self.o_proj = Linear(q_size, hidden_size, bias=o_bias)
         self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else None
 

@@ -8,6 +8,7 @@ from torch import nn
 from nxcore.kv_cache import KVCache
 from nxcore.model_config import ModelConfig
 from nxcore.modules.attention import Attention, AttentionContext, build_mask
+from nxcore.modules.linear import Linear
 from nxcore.modules.mlp import GatedMLP
 from nxcore.modules.moe import MoE
 from nxcore.modules.norm import RMSNorm
@@ -84,7 +85,7 @@ class CausalLM(nn.Module):
             DecoderLayer(cfg, i, self.comm, capacity_factor=capacity_factor) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, plan.vocab_per_rank, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, plan.vocab_per_rank, bias=False)
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(seq_len, cfg.head_dim, dtype=dtype), persistent=False)
         self.register_buffer("rope_sin", torch.empty(seq_len, cfg.head_dim, dtype=dtype), persistent=False)

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nxcore.modules.linear import Linear
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -18,8 +20,8 @@ class GatedMLP(nn.Module):
     def __init__(self, *, hidden_size: int, intermediate_size: int, bias: bool, act: str) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
