@@ -53,6 +53,7 @@ class Engine:
         self.fingerprint = fingerprint
         self.slot_lengths: list[int | None] = [None] * config.batch_size
         """Tokens held by each slot's cache, None for a slot with no sequence."""
+        self._positions: dict[int, torch.Tensor] = {}
 
     @property
     def model(self) -> CausalLM:
@@ -267,8 +268,15 @@ class Engine:
         return GraphInputs(
             input_ids=input_ids, position_ids=positions, slot_ids=slot_ids, last_index=last_index,
             temperature=temperature, top_k=top_k, top_p=top_p, rand=rand,
-            key_positions=torch.arange(kv_len, dtype=torch.int64),
+            key_positions=self._key_positions(kv_len),
         )
+
+    def _key_positions(self, kv_len: int) -> torch.Tensor:
+        """0..kv_len-1, built once per KV bucket: no per-step host work that grows with the sequence."""
+        cached = self._positions.get(kv_len)
+        if cached is None:
+            cached = self._positions[kv_len] = torch.arange(kv_len, dtype=torch.int64)
+        return cached
 
     def _check_slots(self, requests: Sequence[SequenceRequest]) -> None:
         slots = [r.slot for r in requests]

@@ -8,6 +8,14 @@ emitted token is drawn from max(0, p - q) renormalized; when all k are accepted 
 drawn from the target's next distribution. The output distribution equals the target's; for
 greedy requests (p one-hot) the output is exactly the non-speculative greedy output.
 
+Where every proposal is a point mass (n-gram proposals, and a draft's proposals for greedy
+requests, q one-hot), the rule needs no probabilities on the host: the speculation graph samples
+x_i ~ p_i at each position in-graph, and d_i is accepted iff x_i == d_i, else x_i is emitted.
+P(x_i == d_i) = p_i(d_i) = min(1, p_i(d_i) / 1), and x_i given x_i != d_i follows p_i with d_i
+removed, renormalized: the residual max(0, p_i - onehot(d_i)). So the host only compares k + 1
+token ids per sequence. Only sampled requests with a draft (q a full distribution) take the
+scoring graph's logits to the host, where the work grows with the vocabulary.
+
 Proposers:
 - `NgramProposer` (prompt lookup): the continuation of the longest recent n-gram of the sequence
   that occurred before; q is a point mass on each proposal.
@@ -111,7 +119,10 @@ class DraftProposer:
         self.draft.context_encode([SequenceRequest(slot=slot, token_ids=list(prompt), sampling=SamplingParams(), rng=RequestRng(0))])
 
     def propose(self, sequences: Sequence[SpecSequence]) -> list[Proposal]:
-        """Catch the draft cache up (at most one token behind after full acceptance), then sample k tokens."""
+        """Catch the draft cache up (at most one token behind after full acceptance), then sample k
+        tokens. Greedy requests only get point masses (the draft's argmax, picked in-graph); when
+        every request is greedy no logits leave the draft's graph."""
+        greedy = all(s.sampling.temperature == 0 for s in sequences)
         pending = {s.slot: list(s.tokens[self.draft.slot_lengths[s.slot]:]) for s in sequences}
         proposals = {s.slot: Proposal(tokens=[], q=None) for s in sequences}
         qs: dict[int, list[torch.Tensor]] = {s.slot: [] for s in sequences}
@@ -122,16 +133,20 @@ class DraftProposer:
             for slot in active:
                 feed = pending[slot].pop(0) if pending[slot] else proposals[slot].tokens[-1]
                 requests.append(SequenceRequest(slot=slot, token_ids=[feed], sampling=by_slot[slot].sampling, rng=by_slot[slot].rng))
-            logits = self.draft.token_generate_logits(requests)
-            for slot, row in zip(active, logits):
+            outputs = self.draft.token_generate(requests) if greedy else self.draft.token_generate_logits(requests)
+            for slot, out in zip(active, outputs):
                 if pending[slot]:
                     continue  # still catching up: this output predicts a token we already have
                 s = by_slot[slot]
-                q = _distribution(row[None], s.sampling, self.draft.config.max_topk)[0]
+                if greedy:
+                    proposals[slot].tokens.append(out)
+                    continue
+                q = _distribution(out[None], s.sampling, self.draft.config.max_topk)[0]
                 qs[slot].append(q)
                 proposals[slot].tokens.append(draw(q, float(s.rng.draw(1))))
         for slot, proposal in proposals.items():
-            proposal.q = torch.stack(qs[slot])
+            if qs[slot] and by_slot[slot].sampling.temperature != 0:
+                proposal.q = torch.stack(qs[slot])  # greedy rows keep q = None: q is one-hot at the proposal
         return [proposals[s.slot] for s in sequences]
 
     def accepted(self, slot: int, n_tokens: int) -> None:
@@ -171,6 +186,18 @@ def accept(p: torch.Tensor, proposal: Proposal, rng: RequestRng) -> list[int]:
     return out
 
 
+def accept_sampled(proposed: Sequence[int], sampled: Sequence[int]) -> list[int]:
+    """Tokens to emit for point-mass proposals, given the token the target sampled in-graph after
+    each of the k + 1 scored inputs: the proposals while they match, then the target's own token."""
+    out: list[int] = []
+    for d, x in zip(proposed, sampled):
+        out.append(x)
+        if x != d:
+            return out
+    out.append(sampled[len(proposed)])
+    return out
+
+
 def can_speculate(engine: Engine, slot: int) -> bool:
     """Whether the slot has room for a round: k + 1 scored positions plus the token emitted after them."""
     return engine.slot_lengths[slot] + engine.config.speculation_length + 2 <= engine.config.seq_len
@@ -187,11 +214,14 @@ def speculative_step(
         for s, pr in zip(sequences, proposals)
     ]
     lengths = [target.slot_lengths[s.slot] for s in sequences]
-    logits = target.speculate_logits(requests)
+    if all(pr.q is None for pr in proposals):
+        results = [accept_sampled(pr.tokens, row) for pr, row in zip(proposals, target.speculate(requests))]
+    else:
+        logits = target.speculate_logits(requests)
+        results = [accept(_distribution(row, s.sampling, target.config.max_topk), pr, s.rng)
+                   for s, pr, row in zip(sequences, proposals, logits)]
     emitted = []
-    for s, pr, row, length in zip(sequences, proposals, logits, lengths):
-        p = _distribution(row, s.sampling, target.config.max_topk)
-        tokens = accept(p, pr, s.rng)
+    for s, pr, tokens, length in zip(sequences, proposals, results, lengths):
         emitted.append(tokens)
         stats = proposer.stats
         stats.rounds, stats.proposed, stats.emitted = stats.rounds + 1, stats.proposed + len(pr.tokens), stats.emitted + len(tokens)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nxcore import Engine, EngineError, RequestRng, RuntimeConfig, SamplingParams, StoppingCriteria, generate
-from nxcore.speculation import DraftProposer, NgramProposer, Proposal, accept
+from nxcore.speculation import DraftProposer, NgramProposer, Proposal, accept, accept_sampled
 from tests.conftest import Checkpoint, random_prompt
 
 K = 4
@@ -103,6 +103,41 @@ def test_acceptance_rule_samples_the_target_distribution(point_mass: bool) -> No
     assert _chi_square(firsts, p[0]) < 20.52
     if seconds and point_mass:
         assert _chi_square(seconds, p[1]) < 20.52
+
+
+def test_point_mass_acceptance_on_in_graph_samples_follows_the_target_distribution() -> None:
+    """accept_sampled on x_i ~ p_i (what the speculation graph samples) equals the full rule."""
+    vocab, n = 6, 20000
+    gen = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(K + 1, vocab, generator=gen) * 1.5, dim=-1)
+    proposed = [2, 4, 1, 0]
+    firsts, seconds = [], []
+    for _ in range(n):
+        sampled = [int(torch.multinomial(p[i], 1, generator=gen)) for i in range(K + 1)]
+        out = accept_sampled(proposed, sampled)
+        assert 1 <= len(out) <= K + 1 and out[:-1] == proposed[: len(out) - 1]
+        firsts.append(out[0])
+        if len(out) > 1:
+            seconds.append(out[1])
+    assert _chi_square(firsts, p[0]) < 20.52
+    assert _chi_square(seconds, p[1]) < 20.52
+
+
+def test_point_mass_rounds_move_no_logits_to_the_host(target: Engine, near_draft: Engine,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """n-gram rounds (greedy or sampled) and greedy draft rounds compare token ids only."""
+    def no_logits(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("full-vocabulary logits went to the host")
+
+    expected = generate(target, _prompts(), stopping=STOP)
+    monkeypatch.setattr(target, "speculate_logits", no_logits)
+    monkeypatch.setattr(near_draft, "token_generate_logits", no_logits)
+    draft = generate(target, _prompts(), stopping=STOP, proposer=DraftProposer(near_draft, K, target_vocab=512))
+    ngram = generate(target, _prompts(), stopping=STOP, proposer=NgramProposer(K))
+    assert [r.output_ids for r in draft] == [r.output_ids for r in ngram] == [r.output_ids for r in expected]
+    sampled = generate(target, _prompts(), sampling=SamplingParams(temperature=0.8, seed=3), stopping=STOP,
+                       proposer=NgramProposer(K))
+    assert all(len(r.output_ids) == STOP.max_new_tokens for r in sampled)
 
 
 def test_draft_with_another_vocabulary_is_refused(target: Engine, checkpoints: dict[str, Checkpoint]) -> None:
