@@ -143,23 +143,31 @@ def run(args: argparse.Namespace) -> int:
     b1, big = args.batches[0], args.batches[-1]
     print(f"\n{args.model} ({hf.config.model_type}, {args.dtype}); weights {weight_bytes / 1e6:.0f} MB, "
           f"bandwidth {bw:.1f} GB/s, roofline {roofline_ms:.2f} ms/token")
-    header = f"{'':28}" + "".join(f"{b:>12}" for b in args.backends) + (f"{'transformers':>14}" if not args.no_hf else "")
+    header = f"{'':28}" + "".join(f"{b:>12}" for b in args.backends)
+    if not args.no_hf:
+        header += f"{'transformers':>14}" + "".join(f"{b + ' speedup':>16}" for b in args.backends)
     print(header)
 
-    def row(label: str, key: str, sub: int, fmt: str = "{:12.2f}") -> None:
-        cells = "".join(fmt.format(results[b][key][sub]) for b in args.backends)
-        ref = "" if args.no_hf else f"{hf_res[key][sub]:14.2f}"
-        print(f"{label:28}{cells}{ref}")
+    def row(label: str, key: str, sub: int, *, higher_is_better: bool = False) -> None:
+        cells = "".join(f"{results[b][key][sub]:12.2f}" for b in args.backends)
+        if not args.no_hf:
+            ref = hf_res[key][sub]
+            cells += f"{ref:14.2f}"
+            for b in args.backends:  # > 1: faster than transformers
+                ours = results[b][key][sub]
+                cells += f"{(ours / ref if higher_is_better else ref / ours):15.2f}x"
+        print(f"{label:28}{cells}")
 
     row(f"decode b{b1} (ms/token)", "decode_ms", b1)
-    for batch in args.batches[1:]:
-        row(f"throughput b{batch} (tok/s)", "throughput_tok_s", batch)
+    for batch in args.batches:
+        row(f"throughput b{batch} (tok/s)", "throughput_tok_s", batch, higher_is_better=True)
     for length in args.prefill_lens:
         row(f"prefill {length} (ms)", "prefill_ms", length)
     for b in args.backends:
         r = results[b]
         ratio = f", {hf_res['decode_ms'][b1] / r['decode_ms'][b1]:.2f}x transformers" if not args.no_hf else ""
-        print(f"{b}: decode b{b1} at {roofline_ms / r['decode_ms'][b1]:.0%} of the roofline{ratio}")
+        print(f"{b}: decode b{b1} at {roofline_ms / r['decode_ms'][b1]:.0%} of the roofline{ratio}; "
+              f"engine loaded in {r['load_s']:.1f}s")
     if args.json:
         best = min(args.backends, key=lambda b: results[b]["decode_ms"][b1])
         r = results[best]
