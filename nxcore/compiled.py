@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,13 +80,18 @@ def graph_file(key: GraphKey) -> str:
     return f"{kind}-r{rows}-w{width}-kv{kv_len}.pt2"
 
 
+TRACED_SOURCES = ("compiled.py", "graphs.py", "sampling.py", "kv_cache.py", "model_config.py", "modules/*.py",
+                  "parallel/comm.py", "parallel/plan.py")
+"""nxcore's files that the compiled graphs are traced from (or compiled by)."""
+
+
 @functools.cache
 def code_digest() -> str:
-    """A hash of nxcore's own source: the graphs a package holds are traced from this code, so
-    artifacts from another nxcore version are stale even for the same model and config."""
+    """A hash of the nxcore source the graphs are traced from: artifacts built by other code are
+    stale even for the same model and config."""
     digest = hashlib.sha256()
     root = Path(__file__).parent
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(p for pattern in TRACED_SOURCES for p in root.glob(pattern)):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
@@ -208,11 +214,13 @@ class ArtifactStore:
 
         start = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
-        program = torch.export.export(module, (example,), strict=True)
         path = self.dir / graph_file(key)
         tmp = path.with_suffix(".tmp.pt2")
-        aoti_compile_and_package(program, package_path=str(tmp),
-                                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        with warnings.catch_warnings():  # torch's own pytree deprecation notice, once per graph
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            program = torch.export.export(module, (example,), strict=True)
+            aoti_compile_and_package(program, package_path=str(tmp),
+                                     inductor_configs={"aot_inductor.package_constants_in_so": False})
         tmp.replace(path)
         self._record(key)
         log.info("compiled %s in %.1fs -> %s", key, time.perf_counter() - start, path)

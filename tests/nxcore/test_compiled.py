@@ -91,7 +91,7 @@ def test_a_changed_config_misses_with_a_clear_error(cache: Path, checkpoints: di
     assert named in str(err.value) and "nxserve compile" in str(err.value)
 
 
-def test_tp_degree_and_torch_version_are_part_of_the_key(cache: Path, checkpoints: dict[str, Checkpoint]) -> None:
+def test_tp_degree_torch_version_and_code_are_part_of_the_key(cache: Path, checkpoints: dict[str, Checkpoint]) -> None:
     fingerprint = Engine.from_pretrained(checkpoints["llama"].path, CONFIG, compile_cache=cache).fingerprint
     key = ArtifactKey(fingerprint, CONFIG)
     assert ArtifactKey(fingerprint, CONFIG.replace(tp_degree=2)).dirname != key.dirname
@@ -99,6 +99,8 @@ def test_tp_degree_and_torch_version_are_part_of_the_key(cache: Path, checkpoint
         ArtifactStore(cache, ArtifactKey(fingerprint, CONFIG.replace(tp_degree=2)))
     with pytest.raises(ArtifactError, match=r"torch='.*' \(this engine: '2.0.0'\)"):
         ArtifactStore(cache, ArtifactKey(fingerprint, CONFIG, torch_version="2.0.0"))
+    with pytest.raises(ArtifactError, match=r"nxcore_code='.*' \(this engine: 'changed'\)"):
+        ArtifactStore(cache, ArtifactKey(fingerprint, CONFIG, code="changed"))  # graphs traced from other code
     with pytest.raises(ArtifactError, match=f"fingerprint='{fingerprint}' \\(this engine: '0000000000000000'\\)"):
         ArtifactStore(cache, ArtifactKey("0" * 16, CONFIG))  # another model
     with pytest.raises(Exception, match="tp_degree=1 only"):
