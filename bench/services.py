@@ -24,7 +24,8 @@ from bench.common import random_prompts
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
-from nxserve.v1 import decode_pb2_grpc
+from nxserve.decode_codec import DecodeStub
+from nxserve.grpc_common import server_options
 from prefill_svc.kv_sender import decode_header, send_kv
 
 
@@ -56,12 +57,13 @@ def through_services(target: str, prompts: list[list[int]], new_tokens: int) -> 
     return {"ttft_ms": statistics.median(ttft) * 1000, "decode_tok_s": statistics.median(speed)}
 
 
-async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int]]) -> dict[str, float]:
-    """Median seconds and bytes of a header + chunks + commit -> ack on a real Decode stream."""
+async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int]]) -> dict[str, float | list[float]]:
+    """Bytes and milliseconds (median, min, max, each) of a header + chunks + commit -> ack on a real
+    Decode stream, and the median throughput in GB/s."""
     seconds, sizes = [], []
     greedy = SamplingParams(seed=0)
-    async with grpc.aio.insecure_channel(decode_target) as channel:
-        stub = decode_pb2_grpc.DecodeStub(channel)
+    async with grpc.aio.insecure_channel(decode_target, options=server_options()) as channel:
+        stub = DecodeStub(channel)
         for prompt in prompts:
             rng = RequestRng(0)
             [first] = engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=greedy, rng=rng)])
@@ -75,8 +77,10 @@ async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int
             call.cancel()
             seconds.append(sent.seconds)
             sizes.append(sent.bytes_sent)
-    t = statistics.median(seconds)
-    return {"kv_bytes": statistics.median(sizes), "kv_transfer_ms": t * 1000, "kv_gb_s": statistics.median(sizes) / t / 1e9}
+    t, size = statistics.median(seconds), statistics.median(sizes)
+    return {"kv_bytes": size, "kv_transfer_ms": t * 1000, "kv_gb_s": size / t / 1e9,
+            "kv_transfer_ms_min": min(seconds) * 1000, "kv_transfer_ms_max": max(seconds) * 1000,
+            "kv_transfer_ms_each": [round(s * 1000, 3) for s in seconds]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':24}{'in-process':>12}{'services':>12}{'ratio':>8}")
     for key, label in (("ttft_ms", "TTFT (ms)"), ("decode_tok_s", "decode (tokens/s)")):
         print(f"{label:24}{local[key]:12.2f}{remote[key]:12.2f}{remote[key] / local[key]:8.2f}")
-    print(f"KV per request: {transfer['kv_bytes'] / 1e6:.3f} MB, transfer {transfer['kv_transfer_ms']:.2f} ms "
-          f"({transfer['kv_gb_s']:.2f} GB/s); TTFT overhead through services {remote['ttft_ms'] - local['ttft_ms']:.2f} ms")
+    print(f"KV transfer: {transfer['kv_gb_s']:.2f} GB/s ({transfer['kv_bytes'] / 1e6:.3f} MB per request in "
+          f"{transfer['kv_transfer_ms']:.2f} ms median, {transfer['kv_transfer_ms_min']:.2f}-{transfer['kv_transfer_ms_max']:.2f} ms "
+          f"over {len(transfer['kv_transfer_ms_each'])} requests, header to ack)")
+    print(f"TTFT overhead through services: {remote['ttft_ms'] - local['ttft_ms']:.2f} ms")
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "dtype": engine.config.dtype, "in_process": local,
                                          "services": remote, "kv": transfer}, indent=2) + "\n")

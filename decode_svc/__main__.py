@@ -10,10 +10,11 @@ import time
 
 from decode_svc.loop import DecodeLoop
 from decode_svc.server import DecodeServicer
+from nxserve.decode_codec import add_decode_servicer
 from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args, load_options
 from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
-from nxserve.v1 import decode_pb2, decode_pb2_grpc
+from nxserve.v1 import decode_pb2
 
 log = logging.getLogger("decode_svc")
 SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
@@ -40,7 +41,7 @@ async def serve(args: argparse.Namespace) -> None:
     configure_tracing("nxserve-decode")
     servicer = DecodeServicer()
     server, health, port = await start_server(
-        args, service=SERVICE, register=lambda s: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, s))
+        args, service=SERVICE, register=lambda s: add_decode_servicer(servicer, s))
 
     start = time.perf_counter()
     apply_threads(args)

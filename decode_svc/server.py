@@ -12,7 +12,8 @@ from opentelemetry import trace
 
 from decode_svc.loop import Acked, DecodeJob, DecodeLoop, Event, Failed, Finished, QueueFull, Tokens
 from nxcore import Engine, RequestRng
-from nxcore.kv_wire import KVAssembler, KVChunk, KVTransferError
+from nxcore.kv_wire import KVAssembler, KVTransferError
+from nxserve.decode_codec import DecodeMessage, message_kind
 from nxserve.grpc_common import FINISH_TO_PB, sampling_from_pb, stopping_from_pb
 from nxserve.tracing import extract_context, span_in
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
@@ -71,8 +72,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         )
 
     async def Decode(
-        self, request_iterator: AsyncIterator[decode_pb2.DecodeRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[DecodeMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decode_pb2.DecodeResponse]:
+        """Requests come decoded by `nxserve.decode_codec.parse_request` (chunks as `ChunkMessage`)."""
         await self._require_ready(context)
         parent = extract_context(context.invocation_metadata())
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -98,7 +100,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def _receive(self, requests, context, span, emit, ctx) -> DecodeJob:  # noqa: ANN001
         """Header, checked before any KV byte is read; then chunks and the commit."""
         first = await anext(aiter(requests), None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if first is None or message_kind(first) != "header":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Decode stream must start with a header")
         header = first.header
         span.set_attribute("nxserve.request_id", header.request_id)
@@ -139,15 +141,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     for lay in layouts
                 ]
                 async for message in requests:
-                    kind = message.WhichOneof("kind")
+                    kind = message_kind(message)
                     if kind == "commit":
                         break
                     if kind != "chunk":
                         raise KVTransferError(f"unexpected {kind} message after the header")
-                    c = message.chunk
-                    if c.kv_set >= len(assemblers):
-                        raise KVTransferError(f"chunk for KV set {c.kv_set}, but the header announced {len(assemblers)} set(s)")
-                    assemblers[c.kv_set].add(KVChunk(c.layer_start, c.layer_end, c.token_start, c.token_end, c.data, c.crc32))
+                    if message.kv_set >= len(assemblers):
+                        raise KVTransferError(f"chunk for KV set {message.kv_set}, but the header announced {len(assemblers)} set(s)")
+                    assemblers[message.kv_set].add(message.chunk)
                 else:
                     raise KVTransferError("the stream ended before the commit message")
                 snapshots = [a.snapshot() for a in assemblers]

@@ -1,4 +1,6 @@
-"""Sending one request's KV snapshot on a Decode stream: header, CRC-checked chunks, commit, ack."""
+"""Sending one request's KV snapshot on a Decode stream: header, CRC-checked chunks, commit, ack.
+
+The call must come from `nxserve.decode_codec.DecodeStub`: chunks are written as encoded bytes."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import grpc
 from nxcore import Engine, SamplingParams, StoppingCriteria
 from nxcore.kv_cache import KVSnapshot
 from nxcore.kv_wire import iter_chunks
+from nxserve.decode_codec import encode_chunk
 from nxserve.grpc_common import sampling_to_pb, stopping_to_pb
 from nxserve.v1 import decode_pb2
 
@@ -66,21 +69,19 @@ class NoAck(Exception):
 
 async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequest, kv: KVSnapshot, *, chunk_bytes: int,
                   draft_kv: KVSnapshot | None = None) -> Transfer:
-    """Write header, chunks (target KV, then the draft's when given) and commit, then read the ack.
-    gRPC errors propagate."""
+    """Write header, chunks (target KV, then the draft's when given) and commit, read the ack, then
+    close the request side (after the ack: the replica does not wait for it). gRPC errors propagate."""
     start = time.perf_counter()
     await call.write(header)
     sent = 0
     for kv_set, snapshot in enumerate([kv] if draft_kv is None else [kv, draft_kv]):
         for c in iter_chunks(snapshot, max_bytes=chunk_bytes):
-            sent += len(c.data)
-            await call.write(decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(
-                layer_start=c.layer_start, layer_end=c.layer_end, token_start=c.token_start, token_end=c.token_end,
-                data=c.data, crc32=c.crc32, kv_set=kv_set)))
+            sent += c.nbytes
+            await call.write(encode_chunk(c, kv_set=kv_set))
     await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
-    await call.done_writing()
     ack = await call.read()
     if ack is grpc.aio.EOF or ack.WhichOneof("kind") != "ack":
         raise NoAck("the decode replica answered the KV without an ack")
     seconds = time.perf_counter() - start - ack.ack.queue_ms / 1000
+    await call.done_writing()
     return Transfer(bytes_sent=sent, seconds=seconds, queue_ms=ack.ack.queue_ms, slot=ack.ack.slot)

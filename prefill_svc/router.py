@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from nxserve.decode_codec import DecodeStub
 from nxserve.grpc_common import server_options
-from nxserve.v1 import decode_pb2, decode_pb2_grpc
+from nxserve.v1 import decode_pb2
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Replica:
     target: str
-    stub: decode_pb2_grpc.DecodeStub
+    stub: DecodeStub
     channel: grpc.aio.Channel
     up: bool = False
     free_slots: int = 0
@@ -46,7 +47,7 @@ class DecodeRouter:
         self.replicas: list[Replica] = []
         for target in targets:
             channel = grpc.aio.insecure_channel(target, options=server_options())
-            self.replicas.append(Replica(target=target, stub=decode_pb2_grpc.DecodeStub(channel), channel=channel))
+            self.replicas.append(Replica(target=target, stub=DecodeStub(channel), channel=channel))
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
