@@ -127,7 +127,9 @@ class CausalLM(nn.Module):
                 key_positions = torch.arange(self.kv_cache.seq_len, device=positions.device)
             key_positions = key_positions[None, :]
 
-        masks = {w: build_mask(q_pos=positions, k_pos=key_positions, window=w) for w in self.windows}
+        # Prefill attention without a window is plain causal (see Attention.forward): no mask for it.
+        masks = {w: build_mask(q_pos=positions, k_pos=key_positions, window=w) for w in self.windows
+                 if not (prefill and w is None)}
         return AttentionContext(
             prefill=prefill,
             slot_ids=slot_ids,
