@@ -9,7 +9,8 @@ memory-bandwidth roofline, in one run.
 - transformers on the same checkpoint and dtype: generate() for decode (cache on, eos ignored;
   its per-token time excludes the prompt's forward) and a forward pass for prefill;
 - this machine's memory bandwidth (a read of a buffer the size of the weights) and batch-1 decode
-  as a fraction of the roofline (weight bytes per token / bandwidth).
+  as a fraction of the roofline (weight bytes one step reads, i.e. all but an untied input
+  embedding, over that bandwidth).
 """
 
 from __future__ import annotations
@@ -42,6 +43,21 @@ def bandwidth_gb_s(n_bytes: int) -> float:
     """Read bandwidth: summing a buffer of n_bytes (the weights' size)."""
     buf = torch.ones(max(n_bytes // 4, 1), dtype=torch.float32)
     return n_bytes / _median_time(buf.sum, 5) / 1e9
+
+
+def bytes_read_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes a decode step reads: every parameter once (tied ones once), except the input
+    embedding table, of which a step reads one row per sequence (unless it is tied to the LM head)."""
+    embedding = model.get_input_embeddings().weight
+    tied = embedding.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if param.data_ptr() in seen or (param is embedding and not tied):
+            continue
+        seen.add(param.data_ptr())
+        total += param.numel() * param.element_size()
+    return total
 
 
 def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int) -> float:
@@ -128,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     results = {backend: bench_backend(args, backend, max_len) for backend in args.backends}
     dtype = getattr(torch, args.dtype)
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
-    weight_bytes = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+    weight_bytes = bytes_read_per_token(hf)
     bw = bandwidth_gb_s(weight_bytes)
     roofline_ms = weight_bytes / bw / 1e6
     hf_res = {"decode_ms": {}, "throughput_tok_s": {}, "prefill_ms": {}}
@@ -141,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             hf_res["prefill_ms"][length] = hf_prefill_ms(hf, length, args.repeats)
 
     b1, big = args.batches[0], args.batches[-1]
-    print(f"\n{args.model} ({hf.config.model_type}, {args.dtype}); weights {weight_bytes / 1e6:.0f} MB, "
+    print(f"\n{args.model} ({hf.config.model_type}, {args.dtype}); weights read per token {weight_bytes / 1e6:.0f} MB, "
           f"bandwidth {bw:.1f} GB/s, roofline {roofline_ms:.2f} ms/token")
     header = f"{'':28}" + "".join(f"{b:>12}" for b in args.backends)
     if not args.no_hf:

@@ -46,3 +46,18 @@ def test_services_bench_runs(tiny: Path, tmp_path: Path) -> None:
                           "--seq-len", "128", "--json", str(tmp_path / "svc.json")]) == 0
     data = json.loads((tmp_path / "svc.json").read_text())
     assert data["kv"]["kv_bytes"] > 0 and data["services"]["ttft_ms"] > 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_roofline_counts_the_bytes_a_decode_step_reads(tmp_path: Path, tied: bool) -> None:
+    """An untied input embedding is read one row per token, so it is left out; tied weights count once."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.engine import bytes_read_per_token
+
+    model_dir = make_model(arch="llama", preset="tiny", out=tmp_path / "m", overrides={"tie_word_embeddings": tied})
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    embedding = model.get_input_embeddings().weight
+    everything = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() yields tied ones once
+    expected = everything if tied else everything - embedding.numel() * embedding.element_size()
+    assert bytes_read_per_token(model) == expected
