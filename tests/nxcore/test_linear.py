@@ -44,11 +44,26 @@ def test_float32_is_not_packed_and_entries_die_with_the_model() -> None:
     assert len(packed_linear._PACKED) == before
 
 
-def test_exported_graph_calls_the_op_with_the_dense_weight() -> None:
+def test_eager_call_skips_the_custom_op_with_the_same_numbers() -> None:
+    model = _model(True)
+    prepack(model)
+    x = torch.randn(2, 3, 48, dtype=torch.bfloat16)
+    first = model[0]
+    via_op = torch.ops.nxcore.linear(x, first.weight, first.bias)
+    with torch.profiler.profile() as prof:
+        eager = first(x)
+    names = {event.name for event in prof.events()}
+    assert "mkldnn::_linear_pointwise" in names and "nxcore::linear" not in names
+    assert torch.equal(eager, via_op)
+    assert torch.equal(via_op, F.linear(x, first.weight, first.bias))
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_exported_graph_calls_the_op_with_the_dense_weight(strict: bool) -> None:
     model = _model(True)
     prepack(model)
     x = torch.randn(3, 48, dtype=torch.bfloat16)
-    program = torch.export.export(model, (x,), strict=True)
+    program = torch.export.export(model, (x,), strict=strict)
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert targets.count("nxcore.linear.default") == 2
     assert torch.equal(program.module()(x), model(x))
