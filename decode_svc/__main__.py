@@ -11,7 +11,7 @@ import time
 from decode_svc.loop import DecodeLoop
 from decode_svc.server import DecodeServicer
 from nxserve.decode_codec import add_decode_servicer
-from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args, load_options
+from nxserve.engine_args import SERVICE_DEFAULTS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
 from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import decode_pb2
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (the same as prefill's)")
     add_server_flags(p, port=50061, max_queue=64, queue_help="requests that may wait for a free slot")
-    add_engine_flags(p, batch_size=8, seq_len=1024)
+    add_engine_flags(p, **SERVICE_DEFAULTS["decode"])
     add_speculation_flags(p)
     return p
 
@@ -45,7 +45,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     apply_threads(args)
-    config = config_from_args(args, max_positions=read_hf_config(args.model).max_position_embeddings)
+    config = service_config(args, "decode", max_positions=read_hf_config(args.model).max_position_embeddings)
     if args.speculation:
         config = config.replace(speculation_length=args.speculation_length)
     engine = await asyncio.to_thread(Engine.from_pretrained, args.model, config, **load_options(args))

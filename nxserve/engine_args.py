@@ -9,9 +9,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from nxcore import RuntimeConfig
 
+SERVICE_DEFAULTS = {"prefill": {"batch_size": 4, "seq_len": 1024}, "decode": {"batch_size": 8, "seq_len": 1024}}
+"""Engine flag defaults of each service (prefill's batch size is its context-encoding batch). The
+compiled-artifact cache is keyed by the runtime config, so `nxserve compile` uses them too."""
+
 
 def add_engine_flags(parser: argparse.ArgumentParser, *, batch_size: int | None, seq_len: int | None,
-                     batch_help: str | None = None) -> None:
+                     batch_help: str | None = None, seq_help: str | None = None) -> None:
     """--dtype --batch-size --ctx-batch-size --seq-len --backend --max-topk; None defaults are decided by the command."""
     g = parser.add_argument_group("engine")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -20,7 +24,7 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, batch_size: int | None,
                    help=batch_help or f"decode slots (default: {batch_size if batch_size else 'the number of prompts'})")
     g.add_argument("--ctx-batch-size", type=int, default=None, help="prompts per context-encoding call (default: batch size)")
     g.add_argument("--seq-len", type=int, default=seq_len,
-                   help=f"tokens per slot, prompt + output (default: {seq_len if seq_len else 'fits the longest prompt plus --max-new-tokens'}; "
+                   help=seq_help or f"tokens per slot, prompt + output (default: {seq_len if seq_len else 'fits the longest prompt plus --max-new-tokens'}; "
                         "capped at the model's max_position_embeddings)")
     g.add_argument("--buckets", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
                    help="context-encoding bucket lengths, e.g. 128,512,2048 (default: powers of two from 128 to seq-len, plus seq-len)")
@@ -50,6 +54,16 @@ def apply_threads(args: argparse.Namespace) -> None:
 def load_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of Engine.from_pretrained that come from the engine flags."""
     return {"compile_cache": args.compile_cache, "compile_on_demand": args.compile_on_demand}
+
+
+def service_config(args: argparse.Namespace, service: str, *, max_positions: int) -> RuntimeConfig:
+    """The runtime config `service` ("prefill" or "decode") builds from its engine flags; unset ones
+    take SERVICE_DEFAULTS[service]. Prefill's slots are its context-encoding batch."""
+    defaults = SERVICE_DEFAULTS[service]
+    batch = args.batch_size or defaults["batch_size"]
+    if service == "prefill":
+        batch = args.ctx_batch_size or batch
+    return config_from_args(args, max_positions=max_positions, batch_size=batch, seq_len=args.seq_len or defaults["seq_len"])
 
 
 def config_from_args(args: argparse.Namespace, *, max_positions: int, batch_size: int | None = None,

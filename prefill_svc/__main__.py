@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args, load_options
+from nxserve.engine_args import SERVICE_DEFAULTS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
 from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import generation_pb2, generation_pb2_grpc
@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(p, port=50051, max_queue=256, queue_help="prompts that may wait for context encoding")
     p.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="KV bytes per chunk sent to decode (default: 1 MiB)")
     add_speculation_flags(p)
-    add_engine_flags(p, batch_size=4, seq_len=1024,
-                     batch_help="prompts encoded together per context-encoding call, same as --ctx-batch-size (default: 4)")
+    defaults = SERVICE_DEFAULTS["prefill"]
+    add_engine_flags(p, **defaults, batch_help="prompts encoded together per context-encoding call, same as "
+                     f"--ctx-batch-size (default: {defaults['batch_size']})")
     return p
 
 
@@ -49,8 +50,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     apply_threads(args)
-    ctx_batch = args.ctx_batch_size or args.batch_size or 1
-    config = config_from_args(args, max_positions=read_hf_config(args.model).max_position_embeddings, batch_size=ctx_batch)
+    config = service_config(args, "prefill", max_positions=read_hf_config(args.model).max_position_embeddings)
     engine = await asyncio.to_thread(Engine.from_pretrained, args.model, config, **load_options(args))
     tokenizer = load_tokenizer(args.model, required=False)
     greedy = SamplingParams()

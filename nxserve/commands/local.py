@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 
 from nxserve.commands.common import AppendPrompt, add_sampling_flags, token_ids
-from nxserve.engine_args import add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args, load_options
+from nxserve.engine_args import SERVICE_DEFAULTS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args, load_options, service_config
 
 log = logging.getLogger("nxserve")
 
@@ -55,13 +55,23 @@ def add_compile(sub: argparse._SubParsersAction) -> None:
             "count, token generation per KV bucket and row count, speculation with --speculation-length) into "
             "the compiled-artifact cache, keyed by the model's fingerprint, the runtime config and the torch "
             "version. Weights are not stored: services load them from the checkpoint and, started with the "
-            "same flags and --backend compile, are ready without compiling. Graphs already cached are skipped."
+            "same flags and --backend compile, are ready without compiling. Graphs already cached are skipped. "
+            "--for picks whose defaults the unset engine flags take: each service's own, so a service "
+            "started with its default flags finds its graphs."
         ),
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    add_engine_flags(p, batch_size=4, seq_len=512)
+    p.add_argument("--for", dest="targets", choices=["all", *SERVICE_DEFAULTS], default="all",
+                   help="compile for the prefill service's config, the decode service's, or both (default: all); "
+                        "--batch-size and --seq-len, when given, override both")
+    defaults = ", ".join(f"{name} {d['batch_size']}" for name, d in SERVICE_DEFAULTS.items())
+    seq_lens = ", ".join(f"{name} {d['seq_len']}" for name, d in SERVICE_DEFAULTS.items())
+    add_engine_flags(p, batch_size=None, seq_len=None, batch_help=f"decode slots (default: the service's: {defaults})",
+                     seq_help=f"tokens per slot, prompt + output (default: the service's: {seq_lens}; capped at the "
+                              "model's max_position_embeddings)")
     p.add_argument("--speculation-length", type=int, default=0,
-                   help="also compile speculation graphs for this many proposed tokens (default: 0, none)")
+                   help="also compile the decode config's speculation graphs for this many proposed tokens, for a decode "
+                        "service started with --speculation and the same --speculation-length (default: 0, none)")
     p.add_argument("--dry-run", action="store_true", help="list the graphs that would be compiled and exit")
     p.set_defaults(func=_cmd_compile, backend="compile")
 
@@ -74,24 +84,33 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     if args.backend != "compile":
         raise ValueError("nxserve compile builds artifacts for --backend compile only")
-    config = config_from_args(args, max_positions=read_hf_config(args.model).max_position_embeddings)
-    config = config.replace(speculation_length=args.speculation_length)
+    max_positions = read_hf_config(args.model).max_position_embeddings
+    configs = []
+    for target in SERVICE_DEFAULTS if args.targets == "all" else [args.targets]:
+        config = service_config(args, target, max_positions=max_positions)
+        if target == "decode":  # speculation graphs run where tokens are generated
+            config = config.replace(speculation_length=args.speculation_length)
+        if config not in configs:  # explicit flags make the services' configs the same
+            configs.append(config)
     apply_threads(args)
-    engine = Engine.from_pretrained(args.model, config, compile_cache=args.compile_cache, compile_on_demand=True)
-    store = engine.artifacts
-    missing = engine.missing_graphs()
-    print(f"{len(missing)} graph(s) to compile into {store.dir}", file=sys.stderr)
-    if args.dry_run:
-        for key in missing:
-            print(" ".join(map(str, key)))
-        return 0
-    start = time.perf_counter()
-    with tqdm(missing, unit="graph", file=sys.stderr, disable=None) as bar:
-        for key in bar:
-            bar.set_postfix_str(f"{key[0]} rows={key[1]} width={key[2]} kv={key[3]}")
-            engine.compile_graph(key)
-    engine.close()
-    print(f"compiled {len(missing)} graph(s) in {time.perf_counter() - start:.1f}s: {store.dir}", file=sys.stderr)
+    for config in configs:
+        engine = Engine.from_pretrained(args.model, config, compile_cache=args.compile_cache, compile_on_demand=True)
+        store = engine.artifacts
+        missing = engine.missing_graphs()
+        print(f"{len(missing)} graph(s) to compile for batch size {config.batch_size}, context batch "
+              f"{config.ctx_batch_size}, seq_len {config.seq_len} into {store.dir}", file=sys.stderr)
+        if args.dry_run:
+            for key in missing:
+                print(" ".join(map(str, key)))
+            engine.close()
+            continue
+        start = time.perf_counter()
+        with tqdm(missing, unit="graph", file=sys.stderr, disable=None) as bar:
+            for key in bar:
+                bar.set_postfix_str(f"{key[0]} rows={key[1]} width={key[2]} kv={key[3]}")
+                engine.compile_graph(key)
+        engine.close()
+        print(f"compiled {len(missing)} graph(s) in {time.perf_counter() - start:.1f}s: {store.dir}", file=sys.stderr)
     return 0
 
 

@@ -29,7 +29,7 @@ STOP = StoppingCriteria(max_new_tokens=12, ignore_eos=True)
 def cache(checkpoints: dict[str, Checkpoint], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("compiled")
     model = str(checkpoints["llama"].path)
-    assert cli_main(["compile", "--model", model, "--compile-cache", str(root), *FLAGS]) == 0
+    assert cli_main(["compile", "--model", model, "--compile-cache", str(root), "--for", "decode", *FLAGS]) == 0
     return root
 
 
@@ -55,8 +55,28 @@ def test_compile_command_fills_the_cache(cache: Path, checkpoints: dict[str, Che
         package = (entry / graph_file(key)).read_bytes()
         assert not any(sample in package for sample in samples), key
     capsys.readouterr()
-    assert cli_main(["compile", "--model", str(checkpoints["llama"].path), "--compile-cache", str(cache), *FLAGS, "--dry-run"]) == 0
+    assert cli_main(["compile", "--model", str(checkpoints["llama"].path), "--compile-cache", str(cache), "--for", "decode",
+                     *FLAGS, "--dry-run"]) == 0
     assert "0 graph(s) to compile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--batch-size", "2", "--ctx-batch-size", "1", "--seq-len", "64"]])
+def test_compile_for_all_builds_each_services_config(checkpoints: dict[str, Checkpoint], tmp_path: Path, capsys,  # noqa: ANN001
+                                                     extra: list[str]) -> None:
+    """With the same flags, `nxserve compile` fills exactly the configs the two services will look up."""
+    from decode_svc.__main__ import build_parser as decode_parser
+    from nxcore.checkpoint import read_hf_config
+    from nxserve.engine_args import service_config
+    from prefill_svc.__main__ import build_parser as prefill_parser
+
+    path = str(checkpoints["llama"].path)
+    flags = ["--dtype", "float32", *extra]
+    assert cli_main(["compile", "--model", path, "--compile-cache", str(tmp_path), *flags, "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    max_positions = read_hf_config(path).max_position_embeddings
+    for service, parser, own in (("decode", decode_parser, []), ("prefill", prefill_parser, ["--decode", "127.0.0.1:1"])):
+        c = service_config(parser().parse_args(["--model", path, *own, *flags]), service, max_positions=max_positions)
+        assert f"for batch size {c.batch_size}, context batch {c.ctx_batch_size}, seq_len {c.seq_len} into" in err
 
 
 def test_compiled_greedy_equals_eager_and_loads_without_compiling(
