@@ -19,12 +19,12 @@ ENGINE_STEPS = 16
 
 
 def nxserve_figures(model: Path, prompts: list[list[int]], new_tokens: int, *, backend: str, dtype: str,
-                    ctx_batch: int, repeats: int) -> dict:
+                    ctx_batch: int | None, repeats: int) -> dict:
     """The workload through nxcore.generate (all prompts queued at once, one slot each), then
     bench.engine's decode step time at batch 1 and at the workload's batch."""
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
     seq_len = prompt_len + max(new_tokens, ENGINE_STEPS + 2)
-    config = RuntimeConfig(batch_size=batch, ctx_batch_size=min(ctx_batch, batch), seq_len=seq_len, dtype=dtype, backend=backend)
+    config = RuntimeConfig(batch_size=batch, ctx_batch_size=min(ctx_batch or batch, batch), seq_len=seq_len, dtype=dtype, backend=backend)
     print(f"[nxserve {backend}] loading {model} ...", file=sys.stderr)
     # compile: graphs missing from the artifact cache compile on first use (in the untimed warm-up)
     engine = Engine.from_pretrained(model, config, compile_cache=Path(".cache/compiled"), compile_on_demand=True)

