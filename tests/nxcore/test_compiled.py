@@ -94,6 +94,14 @@ def test_compiled_greedy_equals_eager_and_loads_without_compiling(
     actual = generate(compiled, prompts, stopping=STOP)
     assert [r.output_ids for r in actual] == [r.output_ids for r in expected]
     assert expected[0].output_ids == checkpoints["llama"].hf_greedy(prompts[0], STOP.max_new_tokens)
+    # a sampled row next to a greedy one, then a batch of sampled rows: the graph's sampling branch
+    # (top-k, top-p, inverse CDF on the request's uniforms) draws what eager draws
+    for sampling in ([SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7), SamplingParams()],
+                     [SamplingParams(temperature=1.3, seed=s) for s in (1, 2)]):
+        expected = generate(eager, prompts, sampling=sampling, stopping=STOP)
+        actual = generate(compiled, prompts, sampling=sampling, stopping=STOP)
+        assert [r.output_ids for r in actual] == [r.output_ids for r in expected]
+    assert actual[0].output_ids != actual[1].output_ids
 
 
 @pytest.mark.parametrize(
