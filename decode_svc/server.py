@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 from opentelemetry import trace
@@ -98,19 +99,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     self.loop.cancel(job)
 
     async def _receive(self, requests, context, span, emit, ctx) -> DecodeJob:  # noqa: ANN001
-        """Header, checked before any KV byte is read; then chunks and the commit."""
+        """Header, checked before any KV is assembled (a rejected request's chunks are drained
+        unparsed, then the stream aborts: see `_reject`); then chunks and the commit."""
         first = await anext(aiter(requests), None)
         if first is None or message_kind(first) != "header":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Decode stream must start with a header")
+            await _reject(requests, context, grpc.StatusCode.INVALID_ARGUMENT, "a Decode stream must start with a header",
+                          drain=first is not None and message_kind(first) != "commit")
         header = first.header
         span.set_attribute("nxserve.request_id", header.request_id)
         problem = layout_mismatch(self.engine, header)
         if problem:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+            await _reject(requests, context, grpc.StatusCode.FAILED_PRECONDITION, problem)
         if not self.loop.has_room():
             _, total, queued = self.loop.load()
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            await _reject(
+                requests, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"all {total} decode slots are busy and {queued} requests wait (max_queue={self.loop.max_queue})",
             )
         layouts = [header.layout] + ([header.draft_layout] if header.HasField("draft_layout") else [])
@@ -140,9 +143,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                 n_tokens=lay.n_tokens, dtype=lay.dtype)
                     for lay in layouts
                 ]
+                writing = True  # whether the sender may still write (no commit, no end of stream yet)
                 async for message in requests:
                     kind = message_kind(message)
                     if kind == "commit":
+                        writing = False
                         break
                     if kind != "chunk":
                         raise KVTransferError(f"unexpected {kind} message after the header")
@@ -150,10 +155,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         raise KVTransferError(f"chunk for KV set {message.kv_set}, but the header announced {len(assemblers)} set(s)")
                     assemblers[message.kv_set].add(message.chunk)
                 else:
+                    writing = False
                     raise KVTransferError("the stream ended before the commit message")
                 snapshots = [a.snapshot() for a in assemblers]
             except KVTransferError as exc:
-                await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+                await _reject(requests, context, grpc.StatusCode.DATA_LOSS, str(exc), drain=writing)
             span.set_attribute("nxserve.kv_bytes", sum(a.bytes_received for a in assemblers))
             return snapshots
 
@@ -194,3 +200,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
             if tokens:
                 yield decode_pb2.DecodeResponse(tokens=decode_pb2.TokenBatch(token_ids=tokens))
+
+
+async def _reject(requests: AsyncIterator[DecodeMessage], context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                  details: str, *, drain: bool = True) -> NoReturn:
+    """Abort the stream with `code`, once the sender has stopped writing (`drain`: read and drop its
+    messages up to the commit or the end of the stream).
+
+    Aborting while the sender still writes loses the status on its side: grpc aio replaces it with
+    INTERNAL "Internal error from Core" when a write fails after the status arrived
+    (grpc/grpc#36066), so a full replica would look broken instead of busy. The cost is reading
+    a rejected request's KV chunks, which are dropped unparsed (they stay views of gRPC's buffers).
+    """
+    if drain:
+        async for message in requests:
+            if message_kind(message) == "commit":
+                break
+    await context.abort(code, details)

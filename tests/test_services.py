@@ -3,6 +3,7 @@ in-process engine and transformers."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from nxcore import Engine, RuntimeConfig, SamplingParams, StoppingCriteria, generate
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
+from nxserve.decode_codec import DecodeStub
 from nxserve.model_factory import make_model
 from nxserve.v1 import decode_pb2, decode_pb2_grpc, generation_pb2 as pb, generation_pb2_grpc
 
@@ -213,6 +215,31 @@ def test_decode_refuses_other_model_and_corrupted_chunks(cluster: LocalCluster, 
         messages = [_header(cluster, engine), decode_pb2.DecodeRequest(chunk=good), decode_pb2.DecodeRequest(commit=decode_pb2.Commit())]
         kinds = [m.WhichOneof("kind") for m in stub.Decode(iter(messages), timeout=10)]
         assert kinds[0] == "ack" and kinds[-1] == "final"
+    assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
+
+
+def test_a_rejected_stream_reports_the_replicas_status_to_a_sender_still_writing(cluster: LocalCluster, engine: Engine) -> None:
+    """The replica rejects at the header but reads the stream to its commit before aborting: aborting
+    while the sender still writes turns the status into INTERNAL on a grpc aio sender (grpc/grpc#36066)."""
+    other = decode_pb2.ModelFingerprint(digest="0123456789abcdef", architecture="qwen3", dtype="float32")
+    data = bytes(2 * 2 * 2 * 3 * 16 * 4)
+    chunk = decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(layer_start=0, layer_end=2, token_start=0, token_end=3,
+                                                              data=data, crc32=zlib.crc32(data)))
+
+    async def send() -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(cluster.decode_targets[0]) as channel:
+            call = DecodeStub(channel).Decode(timeout=10)
+            await call.write(_header(cluster, engine, fingerprint=other))
+            for _ in range(300):  # written as prefill writes its chunks, while the replica has already decided
+                await call.write(chunk)
+            await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            return err.value
+
+    for _ in range(3):
+        err = asyncio.run(send())
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "qwen3/float32/0123456789abcdef" in err.details()
     assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
 
 
