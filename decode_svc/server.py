@@ -99,8 +99,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     self.loop.cancel(job)
 
     async def _receive(self, requests, context, span, emit, ctx) -> DecodeJob:  # noqa: ANN001
-        """Header, checked before any KV is assembled (a rejected request's chunks are drained
-        unparsed, then the stream aborts: see `_reject`); then chunks and the commit."""
+        """Header, checked before any KV is assembled (a rejected request's chunks are read and
+        dropped, then the stream aborts: see `_reject`); then chunks and the commit."""
         first = await anext(aiter(requests), None)
         if first is None or message_kind(first) != "header":
             await _reject(requests, context, grpc.StatusCode.INVALID_ARGUMENT, "a Decode stream must start with a header",
@@ -209,8 +209,8 @@ async def _reject(requests: AsyncIterator[DecodeMessage], context: grpc.aio.Serv
 
     Aborting while the sender still writes loses the status on its side: grpc aio replaces it with
     INTERNAL "Internal error from Core" when a write fails after the status arrived
-    (grpc/grpc#36066), so a full replica would look broken instead of busy. The cost is reading
-    a rejected request's KV chunks, which are dropped unparsed (they stay views of gRPC's buffers).
+    (grpc/grpc#36066), so a full replica would look broken instead of busy. The cost is receiving
+    a rejected request's KV chunks, which are dropped without being assembled or checksummed.
     """
     if drain:
         async for message in requests:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nxcore.modules.eager import runs_eagerly
 from nxcore.parallel.comm import TPComm
 
 
@@ -99,7 +100,7 @@ def sample(
     # a batch-32 step here); a batch of greedy rows skips it. In a graph that is a data-dependent
     # branch (torch.cond); run eagerly, a Python one (an eager torch.cond costs ~0.4 ms of guards).
     operands = (logits, temperature, top_k, top_p, rand, greedy_tokens)
-    if type(logits) is torch.Tensor and not torch.compiler.is_compiling():
+    if runs_eagerly(logits):
         return sampled_rows(*operands) if bool((temperature > 0).any()) else greedy_tokens
     return torch.cond((temperature > 0).any(), sampled_rows, greedy_rows, operands)
 

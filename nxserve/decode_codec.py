@@ -50,13 +50,10 @@ def _varint(value: int) -> bytes:
 
 
 def encode_chunk(chunk: KVChunk, *, kv_set: int) -> bytes:
-    """`DecodeRequest(chunk=KvChunk(...))` serialized; the chunk's parts are copied once, into it."""
-    fields = {"layer_start": chunk.layer_start, "layer_end": chunk.layer_end, "token_start": chunk.token_start,
-              "token_end": chunk.token_end, "crc32": chunk.crc32, "kv_set": kv_set}
-    head = bytearray()
-    for number, name in _UINT32_FIELDS.items():
-        if fields[name]:  # proto3 leaves zeros out
-            head += _varint(number << 3 | _VARINT) + _varint(fields[name])
+    """`DecodeRequest(chunk=KvChunk(...))` serialized; the chunk's parts are copied once, into it.
+    Protobuf encodes the small fields; the data field follows them (parsers take fields in any order)."""
+    head = decode_pb2.KvChunk(layer_start=chunk.layer_start, layer_end=chunk.layer_end, token_start=chunk.token_start,
+                              token_end=chunk.token_end, crc32=chunk.crc32, kv_set=kv_set).SerializeToString()
     head += _varint(_DATA_FIELD << 3 | _LEN) + _varint(chunk.nbytes)
     prefix = _varint(_CHUNK_TAG) + _varint(len(head) + chunk.nbytes) + head
     return b"".join((prefix, *chunk.parts))

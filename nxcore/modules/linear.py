@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nxcore.modules.eager import runs_eagerly
+
 _PACKED: dict[tuple[int, int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
 """(storage address, storage offset, shape, dtype) of a dense weight -> its oneDNN-packed copy."""
 
@@ -62,7 +64,7 @@ class Linear(nn.Linear):
     keep the dense weight as their input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        if runs_eagerly(x):
             packed = _PACKED.get(_key(self.weight))
             if packed is not None:
                 return _packed_linear(x, packed, self.bias, self.weight.shape[0])
