@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -e '.[test]'
+	$(PY) -c 'import sys; from nxcore import native; sys.exit(native.main())'  # builds nxcore's C++ ops once
 	touch $(STAMP)
 
 $(DEFAULT_MODEL)/config.json: | $(STAMP)

@@ -13,6 +13,12 @@ compiled graph, so the packing is done here instead, once per weight at load:
   AOTInductor) see the dense weight as an ordinary input, so the compiled artifacts stay
   weight-free and shape-static; the op finds the packed copy by the weight's storage and falls
   back to `F.linear` when there is none (float32, an unpacked model, no oneDNN).
+
+`nxcore::linear` is defined in C++ (`nxcore/csrc/linear.cpp`, built by `nxcore.native`): it runs
+an AVX512-BF16 GEMV on the dense weight for decode-sized inputs (a few rows), oneDNN on the packed
+copy for larger ones, and `at::linear` otherwise, and compiled graphs call it without entering
+Python. Where the C++ ops cannot be built, the op is defined here in Python with the oneDNN and
+`F.linear` paths only.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nxcore import native
 from nxcore.modules.eager import runs_eagerly
+
+NATIVE = native.available()
+"""True when `nxcore::linear` is the C++ op (see `nxcore.native`)."""
 
 _PACKED: dict[tuple[int, int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
 """(storage address, storage offset, shape, dtype) of a dense weight -> its oneDNN-packed copy."""
@@ -36,8 +46,7 @@ def _key(weight: torch.Tensor) -> tuple[int, int, tuple[int, ...], torch.dtype]:
     return weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape), weight.dtype
 
 
-@torch.library.custom_op("nxcore::linear", mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _python_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias, on the packed copy of `weight` when `prepack` made one."""
     packed = _PACKED.get(_key(weight))
     if packed is None:
@@ -45,12 +54,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return _packed_linear(x, packed, bias, weight.shape[0])
 
 
+if not NATIVE:
+    torch.library.custom_op("nxcore::linear", _python_linear, mutates_args=())
+
+
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
     return out.view(*x.shape[:-1], out_features)
 
 
-@linear.register_fake
+@torch.library.register_fake("nxcore::linear")
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
@@ -58,13 +71,13 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 class Linear(nn.Linear):
     """nn.Linear routed through `nxcore::linear` (same parameters, same state-dict names).
 
-    Run eagerly on plain tensors, it calls oneDNN on the packed weight itself: the custom op's
-    Python dispatch costs ~30-40 us a call (measured here), a few ms per decode step. Traced
-    (torch.export, torch.compile: fake or functional tensors), it stays the custom op, so graphs
-    keep the dense weight as their input."""
+    Traced (torch.export, torch.compile: fake or functional tensors), it is the custom op, so graphs
+    keep the dense weight as their input. Run eagerly without the C++ op, it calls oneDNN on the
+    packed weight itself: the Python op's dispatch costs ~30-40 us a call (measured here), a few ms
+    per decode step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if runs_eagerly(x):
+        if not NATIVE and runs_eagerly(x):
             packed = _PACKED.get(_key(self.weight))
             if packed is not None:
                 return _packed_linear(x, packed, self.bias, self.weight.shape[0])
@@ -80,18 +93,25 @@ def can_pack(dtype: torch.dtype) -> bool:
 def prepack(model: nn.Module) -> int:
     """Pack the weight of every `Linear` in `model` (CPU, packable dtype); returns how many.
     The packed copies are dropped when `model` is garbage-collected."""
-    keys = []
+    weights = []
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.device.type == "cpu" and can_pack(module.weight.dtype):
-            key = _key(module.weight)
+            weight = module.weight.detach()
+            key = _key(weight)
             if key not in _PACKED:
-                _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
-                keys.append(key)
-    if keys:
-        weakref.finalize(model, _drop, keys)
-    return len(keys)
+                _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+                if NATIVE:
+                    torch.ops.nxcore._register_packed(weight, _PACKED[key])
+                weights.append(weight)
+    if weights:
+        weakref.finalize(model, _drop, weights)
+    return len(weights)
 
 
-def _drop(keys: list[tuple[int, int, tuple[int, ...], torch.dtype]]) -> None:
-    for key in keys:
-        _PACKED.pop(key, None)
+def _drop(weights: list[torch.Tensor]) -> None:
+    """Forget the packed copies of `weights` (held until now, so no other tensor can take their
+    addresses while they are registered)."""
+    for weight in weights:
+        _PACKED.pop(_key(weight), None)
+        if NATIVE:
+            torch.ops.nxcore._unregister_packed(weight)

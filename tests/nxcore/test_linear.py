@@ -1,50 +1,107 @@
-"""Prepacked bf16 linears: the same numbers as F.linear, packed once per weight, dropped with the model."""
+"""bf16 linears: the C++ `nxcore::linear` (GEMV for decode rows, oneDNN on weights packed once
+beyond) and its Python fallback give F.linear's numbers; packed copies die with the model."""
 
 from __future__ import annotations
 
 import gc
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nxcore import native
 from nxcore.modules import linear as packed_linear
 from nxcore.modules.linear import Linear, can_pack, prepack
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16), reason="this CPU's oneDNN has no bfloat16 support")
 
+GEMV_ROWS = torch.ops.nxcore._gemv_rows() if packed_linear.NATIVE else 0
+"""Rows up to which the op runs the C++ GEMV here (0 without the C++ ops or AVX512-BF16)."""
 
-def _model(bias: bool) -> nn.Module:
+BF16_ULP = 2.0**-7
+"""bfloat16's relative spacing: summing in another order may round to the neighbouring value."""
+
+
+def _model(bias: bool, sizes: tuple[int, int, int] = (48, 96, 40)) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(Linear(48, 96, bias=bias), nn.SiLU(), Linear(96, 40, bias=bias)).to(torch.bfloat16)
+    a, b, c = sizes
+    model = nn.Sequential(Linear(a, b, bias=bias), nn.SiLU(), Linear(b, c, bias=bias)).to(torch.bfloat16)
     return model.eval().requires_grad_(False)
 
 
+def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    first, second = model[0], model[2]
+    return F.linear(F.silu(F.linear(x, first.weight, first.bias)), second.weight, second.bias)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler on PATH")
+def test_the_cpp_ops_are_built_where_a_compiler_is() -> None:
+    """Where there is a compiler (AOTInductor needs one too), the C++ op must be the one in use."""
+    assert native.load() is None
+    assert packed_linear.NATIVE
+
+
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("rows", [3, 5, 33])
 def test_packed_linear_equals_f_linear(bias: bool, rows: int) -> None:
+    """Beyond the GEMV's rows the op runs oneDNN on the packed weight: bit-identical to F.linear."""
     model = _model(bias)
     x = torch.randn(2, rows, 48, dtype=torch.bfloat16)
-    first, second = model[0], model[2]
-    expected = F.linear(F.silu(F.linear(x, first.weight, first.bias)), second.weight, second.bias)
     assert prepack(model) == 2
-    assert len({packed_linear._key(m.weight) for m in (first, second)} & packed_linear._PACKED.keys()) == 2
-    assert torch.equal(model(x), expected)
+    assert len({packed_linear._key(m.weight) for m in (model[0], model[2])} & packed_linear._PACKED.keys()) == 2
+    assert torch.equal(model(x), _reference(model, x))
 
 
-def test_float32_is_not_packed_and_entries_die_with_the_model() -> None:
-    assert prepack(_model(False).float()) == 0
+@pytest.mark.skipif(GEMV_ROWS == 0, reason="no C++ GEMV on this machine (no AVX512-BF16 or no compiler)")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("sizes", [(48, 96, 40), (2048, 1030, 13), (100, 37, 300)])
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (2,), (1, 2)])
+def test_gemv_rows_match_float32_to_one_rounding(bias: bool, sizes: tuple[int, int, int], shape: tuple[int, ...]) -> None:
+    """Decode rows run the GEMV: float32 sums rounded once, so each output is the float32
+    reference's bf16 rounding or its neighbour. Sizes cover input widths that are not a multiple
+    of the 32-lane vector and output counts that are not a multiple of the 8-row block."""
+    model = _model(bias, sizes)
+    prepack(model)
+    x = torch.randn(*shape, sizes[0], dtype=torch.bfloat16)
+    first = model[0]
+    with torch.profiler.profile() as prof:
+        got = first(x)
+    names = {event.name for event in prof.events()}
+    assert "nxcore::linear" in names and "mkldnn::_linear_pointwise" not in names
+    exact = F.linear(x.float(), first.weight.float(), None if first.bias is None else first.bias.float())
+    assert got.shape == exact.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact.to(torch.bfloat16).float(), rtol=BF16_ULP, atol=1e-6)
+    torch.testing.assert_close(model(x), _reference(model, x), rtol=2 * BF16_ULP, atol=1e-3)
+
+
+def test_float32_is_not_packed_and_equals_f_linear() -> None:
+    model = _model(True).float()
+    assert prepack(model) == 0
+    x = torch.randn(1, 48)
+    assert torch.equal(model(x), _reference(model, x))
+
+
+def test_packed_entries_die_with_the_model() -> None:
     model = _model(False)
     before = len(packed_linear._PACKED)
+    native_before = torch.ops.nxcore._packed_count() if packed_linear.NATIVE else 0
     prepack(model)
     assert len(packed_linear._PACKED) == before + 2
+    if packed_linear.NATIVE:
+        assert torch.ops.nxcore._packed_count() == native_before + 2
     del model
     gc.collect()
     assert len(packed_linear._PACKED) == before
+    if packed_linear.NATIVE:
+        assert torch.ops.nxcore._packed_count() == native_before
 
 
-def test_eager_call_skips_the_custom_op_with_the_same_numbers() -> None:
+def test_eager_call_runs_the_op_with_its_numbers() -> None:
     model = _model(True)
     prepack(model)
     x = torch.randn(2, 3, 48, dtype=torch.bfloat16)
@@ -53,7 +110,9 @@ def test_eager_call_skips_the_custom_op_with_the_same_numbers() -> None:
     with torch.profiler.profile() as prof:
         eager = first(x)
     names = {event.name for event in prof.events()}
-    assert "mkldnn::_linear_pointwise" in names and "nxcore::linear" not in names
+    assert "mkldnn::_linear_pointwise" in names
+    # The C++ op is called eagerly too; the Python one is skipped for its ~30-40 us dispatch.
+    assert ("nxcore::linear" in names) == packed_linear.NATIVE
     assert torch.equal(eager, via_op)
     assert torch.equal(via_op, F.linear(x, first.weight, first.bias))
 
@@ -67,3 +126,25 @@ def test_exported_graph_calls_the_op_with_the_dense_weight(strict: bool) -> None
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert targets.count("nxcore.linear.default") == 2
     assert torch.equal(program.module()(x), model(x))
+
+
+def test_python_fallback_without_the_cpp_ops() -> None:
+    """NXSERVE_NATIVE=0 (as where no compiler is): the op is defined in Python, same numbers."""
+    script = """
+import torch
+from torch.nn import functional as F
+from nxcore.modules import linear
+assert not linear.NATIVE
+w = torch.randn(40, 48, dtype=torch.bfloat16); b = torch.randn(40, dtype=torch.bfloat16)
+m = linear.Linear(48, 40, dtype=torch.bfloat16).requires_grad_(False)
+m.weight.copy_(w); m.bias.copy_(b)
+linear.prepack(m)
+for rows in (1, 5):
+    x = torch.randn(rows, 48, dtype=torch.bfloat16)
+    assert torch.equal(torch.ops.nxcore.linear(x, m.weight, m.bias), F.linear(x, w, b))
+    assert torch.equal(m(x), F.linear(x, w, b))
+"""
+    env = {**os.environ, native.ENV_DISABLE: "0"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    status = subprocess.run([sys.executable, "-c", "import sys; from nxcore import native; sys.exit(native.main())"], env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "not in use, disabled by NXSERVE_NATIVE=0" in status.stdout
