@@ -3,8 +3,8 @@ read bandwidth, in one run.
 
     python -m bench.linear [--model DIR] [--rows 1 2 4 8 16] [--rounds 8]
 
-For every linear a decode step of the model runs (q, k, v, o, gate, up, down per layer, then the
-LM head), with random bf16 weights of the checkpoint's shapes (default: the TinyLlama shape), it
+For every linear a decode step of the engine runs (fused qkv, o, fused gate-up, down per layer,
+then the LM head: `nxcore.modules`), with random bf16 weights of the checkpoint's shapes (default: the TinyLlama shape), it
 times the whole chain at each row count (tokens in the step) through:
 - `nxcore::linear`, the op the engine calls (C++ GEMV up to `nxcore.native.GEMV_MAX_ROWS` rows,
   oneDNN packed beyond; the Python op where the C++ ops are not built);
@@ -37,7 +37,7 @@ def chain_shapes(cfg: dict) -> list[tuple[int, int]]:
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
     head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * head_dim, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim
-    layer = [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q), (inter, hidden), (inter, hidden), (hidden, inter)]
+    layer = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
     return layer * cfg["num_hidden_layers"] + [(cfg["vocab_size"], hidden)]
 
 

@@ -7,11 +7,12 @@ import asyncio
 import logging
 import sys
 import time
+from functools import partial
 
 from decode_svc.loop import DecodeLoop
 from decode_svc.server import DecodeServicer
 from nxserve.decode_codec import add_decode_servicer
-from nxserve.engine_args import SERVICE_DEFAULTS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
+from nxserve.engine_args import SERVICE_DEFAULTS, SERVICE_GRAPHS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
 from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import decode_pb2
@@ -48,7 +49,8 @@ async def serve(args: argparse.Namespace) -> None:
     config = service_config(args, "decode", max_positions=read_hf_config(args.model).max_position_embeddings)
     if args.speculation:
         config = config.replace(speculation_length=args.speculation_length)
-    engine = await asyncio.to_thread(Engine.from_pretrained, args.model, config, **load_options(args))
+    engine = await asyncio.to_thread(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["decode"],
+                                             **load_options(args)))
     proposer = await asyncio.to_thread(build_proposer, args.speculation, engine, **load_options(args))
     tokenizer = load_tokenizer(args.model, required=False)
     await asyncio.to_thread(_warm_up, engine)
@@ -71,12 +73,19 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def _warm_up(engine) -> None:  # noqa: ANN001
-    """Run the token-generation graph at every row count (compiles them on the compile backend)."""
+    """Run the token-generation graph at every row count (compiles them on the compile backend).
+    Slots are filled as requests fill them, from a (blank, one-token) KV snapshot: the engine has
+    no context-encoding graphs."""
+    import torch
+
     from nxcore import RequestRng, SamplingParams, SequenceRequest
+    from nxcore.kv_cache import KVSnapshot
 
     greedy = SamplingParams()
+    cfg = engine.model_config
+    blank = torch.zeros(cfg.num_layers, cfg.num_kv_heads, 1, cfg.head_dim)
     for slot in range(engine.config.batch_size):
-        engine.context_encode([SequenceRequest(slot=slot, token_ids=[0], sampling=greedy, rng=RequestRng(0))])
+        engine.import_kv(slot, KVSnapshot(blank, blank))
     for rows in engine.config.batch_buckets:
         engine.token_generate([SequenceRequest(slot=s, token_ids=[0], sampling=greedy, rng=RequestRng(0)) for s in range(rows)])
     for slot in range(engine.config.batch_size):

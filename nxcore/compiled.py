@@ -62,17 +62,35 @@ def default_cache_root() -> Path:
     return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "nxserve" / "compiled")
 
 
-def graph_keys(config: RuntimeConfig) -> list[GraphKey]:
-    """Every graph an engine built for `config` can call: context encoding per (rows, bucket),
-    token generation per (rows, KV bucket), and with speculation the speculation and scoring
-    graphs (scoring returns logits for host-side acceptance) per (rows, KV bucket)."""
+GRAPH_SETS: dict[str, tuple[str, ...]] = {
+    "all": ("context", "token_generation", "speculation", "scoring"),
+    "context": ("context",),
+    "decode": ("token_generation", "speculation", "scoring"),
+}
+"""Which graph kinds an engine loads: all of them (in-process generation), context encoding only
+(a prefill service), or everything that extends a cache another engine filled (a decode service,
+which receives its prompts' KV). Each service then compiles and preloads only its own graphs."""
+
+
+def check_graph_set(graphs: str) -> str:
+    if graphs not in GRAPH_SETS:
+        raise ValueError(f"graph set {graphs!r} is not one of {', '.join(GRAPH_SETS)}")
+    return graphs
+
+
+def graph_keys(config: RuntimeConfig, graphs: str = "all") -> list[GraphKey]:
+    """Every graph of the set `graphs` (see GRAPH_SETS) an engine built for `config` can call:
+    context encoding per (rows, bucket), token generation per (rows, KV bucket), and with
+    speculation the speculation and scoring graphs (scoring returns logits for host-side
+    acceptance) per (rows, KV bucket)."""
+    kinds = GRAPH_SETS[check_graph_set(graphs)]
     keys: list[GraphKey] = [("context", rows, b, b) for rows in config.ctx_batch_buckets for b in config.buckets]
     keys += [("token_generation", rows, 1, kv) for rows in config.batch_buckets for kv in config.kv_buckets if kv >= 2]
     width = config.speculation_length + 1
     if config.speculation_length:
         for kind in ("speculation", "scoring"):
             keys += [(kind, rows, width, kv) for rows in config.batch_buckets for kv in config.kv_buckets if kv > width]
-    return keys
+    return [key for key in keys if key[0] in kinds]
 
 
 def graph_file(key: GraphKey) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nxcore.compiled import ArtifactKey, ArtifactStore, GraphKey, default_cache_root, graph_keys
+from nxcore.compiled import GRAPH_SETS, ArtifactKey, ArtifactStore, GraphKey, check_graph_set, default_cache_root, graph_keys
 from nxcore.config import RuntimeConfig
 from nxcore.errors import EngineError
 from nxcore.executor import LocalExecutor
@@ -46,11 +46,13 @@ class SequenceRequest:
 
 class Engine:
     def __init__(self, *, executor: LocalExecutor | TPExecutor, model_config: ModelConfig, config: RuntimeConfig,
-                 fingerprint: str) -> None:
+                 fingerprint: str, graphs: str = "all") -> None:
         self.executor = executor
         self.model_config = model_config
         self.config = config
         self.fingerprint = fingerprint
+        self.graphs = check_graph_set(graphs)
+        """The graph set this engine loaded (`nxcore.compiled.GRAPH_SETS`): the calls it serves."""
         self.slot_lengths: list[int | None] = [None] * config.batch_size
         """Tokens held by each slot's cache, None for a slot with no sequence."""
         self._positions: dict[int, torch.Tensor] = {}
@@ -67,7 +69,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, config: RuntimeConfig | None = None, *,
                         saved_config: str | Path | None = None, compile_cache: str | Path | None = None,
-                        compile_on_demand: bool = False) -> Engine:
+                        compile_on_demand: bool = False, graphs: str = "all") -> Engine:
         """Load an HF checkpoint directory into an engine built for `config` (TP ranks started as needed).
 
         `saved_config` is the JSON RuntimeConfig that artifacts were built for; any difference
@@ -93,13 +95,13 @@ class Engine:
             if config.backend == "compile":
                 store = ArtifactStore(compile_cache or default_cache_root(), ArtifactKey(fingerprint, config),
                                       compile_on_demand=compile_on_demand)
-            executor: LocalExecutor | TPExecutor = LocalExecutor(model, config, store)
+            executor: LocalExecutor | TPExecutor = LocalExecutor(model, config, store, graphs)
         else:
             from nxcore.parallel.executor import TPExecutor
 
             executor = TPExecutor(model_dir, model_config, config)
             fingerprint = executor.fingerprint
-        engine = cls(executor=executor, model_config=model_config, config=config, fingerprint=fingerprint)
+        engine = cls(executor=executor, model_config=model_config, config=config, fingerprint=fingerprint, graphs=graphs)
         log.info(
             "loaded %s (%s, %s, TP=%d) in %.2fs: %d slots, seq_len %d, buckets %s",
             model_dir, model_config.model_type, config.dtype, config.tp_degree, time.perf_counter() - start,
@@ -113,7 +115,7 @@ class Engine:
 
     def missing_graphs(self) -> list[GraphKey]:
         """Graphs this engine can call that its compiled-artifact store lacks (compile backend)."""
-        return self.artifacts.missing(graph_keys(self.config))
+        return self.artifacts.missing(graph_keys(self.config, self.graphs))
 
     def compile_graph(self, key: GraphKey) -> None:
         """Compile one graph into the artifact store (see `missing_graphs`)."""
@@ -223,6 +225,11 @@ class Engine:
 
     def _run(self, kind: str, rows: int, width: int, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
         """Run the graph for this (kind, rows, width, KV length) shape, built on first use."""
+        if kind not in GRAPH_SETS[self.graphs]:
+            raise EngineError(
+                f"this engine was loaded with the {self.graphs!r} graph set, which has no {kind} graphs: "
+                f"load it with graphs='all' (or {'context' if kind == 'context' else 'decode'!r}) to call them"
+            )
         return self.executor.run((kind, rows, width, inputs.key_positions.shape[0]), inputs)
 
     def _tokens(self, outputs: tuple[torch.Tensor, ...], inputs: GraphInputs, *, rows: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from nxcore.compiled import ArtifactStore, GraphKey, graph_keys
+from nxcore.compiled import GRAPH_SETS, ArtifactStore, GraphKey, graph_keys
 from nxcore.config import RuntimeConfig
 from nxcore.graphs import ContextEncodingGraph, DecodeGraph, GraphInputs, example_inputs
 from nxcore.kv_cache import KVSnapshot
@@ -24,11 +24,13 @@ class GraphRunner:
     """One rank's model and its graphs, one per (kind, rows, width, KV length).
 
     On the eager backend a graph is the module itself. On the compile backend it is an
-    AOTInductor package from `store`; every package already in the store is loaded up front, so a
-    warm cache serves its first request without compiling.
+    AOTInductor package from `store`; every package of the set `graphs` (see
+    `nxcore.compiled.GRAPH_SETS`) is required and loaded up front, so a warm cache serves its first
+    request without compiling.
     """
 
-    def __init__(self, model: CausalLM, config: RuntimeConfig, store: ArtifactStore | None = None) -> None:
+    def __init__(self, model: CausalLM, config: RuntimeConfig, store: ArtifactStore | None = None,
+                 graphs: str = "all") -> None:
         if (config.backend == "compile") != (store is not None):
             raise ValueError(f"backend {config.backend!r} {'needs' if store is None else 'takes no'} compiled-artifact store")
         self.model = model
@@ -41,9 +43,10 @@ class GraphRunner:
         """Token generation / speculation that also returns full logits (host-side speculative acceptance)."""
         self._graphs: dict[GraphKey, Callable[..., tuple[torch.Tensor, ...]]] = {}
         if store is not None:
-            store.require(graph_keys(config))
+            store.require(graph_keys(config, graphs))
             for key in store.graphs():
-                self._graph(key)
+                if key[0] in GRAPH_SETS[graphs]:
+                    self._graph(key)
 
     def _module(self, kind: str) -> torch.nn.Module:
         return {"context": self.ctx_graph, "scoring": self.scoring_graph}.get(kind, self.decode_graph)
@@ -103,8 +106,9 @@ class GraphRunner:
 class LocalExecutor:
     """TP=1: the graphs run in this process."""
 
-    def __init__(self, model: CausalLM, config: RuntimeConfig, store: ArtifactStore | None = None) -> None:
-        self.runner = GraphRunner(model, config, store)
+    def __init__(self, model: CausalLM, config: RuntimeConfig, store: ArtifactStore | None = None,
+                 graphs: str = "all") -> None:
+        self.runner = GraphRunner(model, config, store, graphs)
         self.scratch_slot = model.kv_cache.scratch_slot
 
     @property

@@ -13,6 +13,10 @@ SERVICE_DEFAULTS = {"prefill": {"batch_size": 4, "seq_len": 1024}, "decode": {"b
 """Engine flag defaults of each service (prefill's batch size is its context-encoding batch). The
 compiled-artifact cache is keyed by the runtime config, so `nxserve compile` uses them too."""
 
+SERVICE_GRAPHS = {"prefill": "context", "decode": "decode"}
+"""The graph set (`nxcore.compiled.GRAPH_SETS`) each service's engine loads: prefill only encodes
+prompts; decode fills its slots from prefill's KV and only extends them."""
+
 
 def add_engine_flags(parser: argparse.ArgumentParser, *, batch_size: int | None, seq_len: int | None,
                      batch_help: str | None = None, seq_help: str | None = None) -> None:
@@ -94,7 +98,8 @@ def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_proposer(spec: str | None, engine, *, draft_only: bool = False, **load_kwargs):  # noqa: ANN001, ANN003, ANN201
     """The proposer `--speculation` names for `engine` (None when off); `draft_only` skips n-gram
-    (prefill has nothing to do for it). `load_kwargs` go to the draft's Engine.from_pretrained."""
+    (prefill has nothing to do for it) and loads only the draft's context-encoding graphs.
+    `load_kwargs` go to the draft's Engine.from_pretrained."""
     if not spec:
         return None
     from nxcore import Engine
@@ -104,6 +109,8 @@ def build_proposer(spec: str | None, engine, *, draft_only: bool = False, **load
     if spec == "ngram":
         return None if draft_only else NgramProposer(k)
     if spec.startswith("draft:"):
-        draft = Engine.from_pretrained(spec.removeprefix("draft:"), engine.config.replace(tp_degree=1, ep_degree=1), **load_kwargs)
+        # Off prefill the draft encodes prompts itself when prefill sent no draft KV: all its graphs.
+        draft = Engine.from_pretrained(spec.removeprefix("draft:"), engine.config.replace(tp_degree=1, ep_degree=1),
+                                       graphs="context" if draft_only else "all", **load_kwargs)
         return DraftProposer(draft, k, target_vocab=engine.model_config.vocab_size)
     raise ValueError(f"--speculation {spec!r} is invalid: use ngram or draft:DIR")

@@ -7,8 +7,9 @@ import asyncio
 import logging
 import sys
 import time
+from functools import partial
 
-from nxserve.engine_args import SERVICE_DEFAULTS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
+from nxserve.engine_args import SERVICE_DEFAULTS, SERVICE_GRAPHS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
 from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import generation_pb2, generation_pb2_grpc
@@ -51,7 +52,8 @@ async def serve(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     apply_threads(args)
     config = service_config(args, "prefill", max_positions=read_hf_config(args.model).max_position_embeddings)
-    engine = await asyncio.to_thread(Engine.from_pretrained, args.model, config, **load_options(args))
+    engine = await asyncio.to_thread(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["prefill"],
+                                             **load_options(args)))
     tokenizer = load_tokenizer(args.model, required=False)
     greedy = SamplingParams()
     for bucket in config.buckets:  # warm every context-encoding graph

@@ -8,9 +8,14 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from nxserve.commands.common import AppendPrompt, add_sampling_flags, token_ids
-from nxserve.engine_args import SERVICE_DEFAULTS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, config_from_args, load_options, service_config
+from nxserve.engine_args import (SERVICE_DEFAULTS, SERVICE_GRAPHS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer,
+                                 config_from_args, load_options, service_config)
+
+if TYPE_CHECKING:
+    from nxcore import RuntimeConfig
 
 log = logging.getLogger("nxserve")
 
@@ -51,19 +56,22 @@ def add_compile(sub: argparse._SubParsersAction) -> None:
         "compile",
         help="compile a model's graphs into the compiled-artifact cache (for --backend compile)",
         description=(
-            "Compile every graph an engine with these flags can call (context encoding per bucket and row "
-            "count, token generation per KV bucket and row count, speculation with --speculation-length) into "
-            "the compiled-artifact cache, keyed by the model's fingerprint, the runtime config and the torch "
-            "version. Weights are not stored: services load them from the checkpoint and, started with the "
-            "same flags and --backend compile, are ready without compiling. Graphs already cached are skipped. "
-            "--for picks whose defaults the unset engine flags take: each service's own, so a service "
-            "started with its default flags finds its graphs."
+            "Compile the graphs each service's engine loads into the compiled-artifact cache: prefill's "
+            "context encoding per bucket and row count; decode's token generation per KV bucket and row count, "
+            "and speculation with --speculation-length (decode fills its slots from prefill's KV, so it needs no "
+            "context graphs). --for engine compiles every graph of one config, as an in-process engine calls "
+            "them. The cache is keyed by the model's fingerprint, the runtime config and the torch version. "
+            "Weights are not stored: services load them from the checkpoint and, started with the same flags "
+            "and --backend compile, are ready without compiling. Graphs already cached are skipped. Unset "
+            "engine flags take each service's own defaults, so a service started with its default flags finds "
+            "its graphs."
         ),
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--for", dest="targets", choices=["all", *SERVICE_DEFAULTS], default="all",
-                   help="compile for the prefill service's config, the decode service's, or both (default: all); "
-                        "--batch-size and --seq-len, when given, override both")
+    p.add_argument("--for", dest="targets", choices=["all", *SERVICE_DEFAULTS, "engine"], default="all",
+                   help="compile the prefill service's graphs, the decode service's, or both (default: all); engine: "
+                        "every graph of one config, for an in-process engine (nxserve generate, the Python API; unset "
+                        "flags take the decode service's defaults). --batch-size and --seq-len, when given, apply to all")
     defaults = ", ".join(f"{name} {d['batch_size']}" for name, d in SERVICE_DEFAULTS.items())
     seq_lens = ", ".join(f"{name} {d['seq_len']}" for name, d in SERVICE_DEFAULTS.items())
     add_engine_flags(p, batch_size=None, seq_len=None, batch_help=f"decode slots (default: the service's: {defaults})",
@@ -85,19 +93,26 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     if args.backend != "compile":
         raise ValueError("nxserve compile builds artifacts for --backend compile only")
     max_positions = read_hf_config(args.model).max_position_embeddings
-    configs = []
+    builds: list[tuple[RuntimeConfig, str]] = []  # (config, graph set), one engine each
     for target in SERVICE_DEFAULTS if args.targets == "all" else [args.targets]:
-        config = service_config(args, target, max_positions=max_positions)
-        if target == "decode":  # speculation graphs run where tokens are generated
+        config = service_config(args, "decode" if target == "engine" else target, max_positions=max_positions)
+        if target != "prefill":  # speculation graphs run where tokens are generated
             config = config.replace(speculation_length=args.speculation_length)
-        if config not in configs:  # explicit flags make the services' configs the same
-            configs.append(config)
+        if target == "engine":
+            builds.append((config, "all"))
+            continue
+        same = [i for i, (c, _) in enumerate(builds) if c == config]
+        if same:  # explicit flags made the services' configs the same: one engine with both sets
+            builds[same[0]] = (config, "all")
+        else:
+            builds.append((config, SERVICE_GRAPHS[target]))
     apply_threads(args)
-    for config in configs:
-        engine = Engine.from_pretrained(args.model, config, compile_cache=args.compile_cache, compile_on_demand=True)
+    for config, graphs in builds:
+        engine = Engine.from_pretrained(args.model, config, compile_cache=args.compile_cache, compile_on_demand=True,
+                                        graphs=graphs)
         store = engine.artifacts
         missing = engine.missing_graphs()
-        print(f"{len(missing)} graph(s) to compile for batch size {config.batch_size}, context batch "
+        print(f"{len(missing)} graph(s) to compile ({graphs} graphs) for batch size {config.batch_size}, context batch "
               f"{config.ctx_batch_size}, seq_len {config.seq_len} into {store.dir}", file=sys.stderr)
         if args.dry_run:
             for key in missing:

@@ -29,7 +29,7 @@ STOP = StoppingCriteria(max_new_tokens=12, ignore_eos=True)
 def cache(checkpoints: dict[str, Checkpoint], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("compiled")
     model = str(checkpoints["llama"].path)
-    assert cli_main(["compile", "--model", model, "--compile-cache", str(root), "--for", "decode", *FLAGS]) == 0
+    assert cli_main(["compile", "--model", model, "--compile-cache", str(root), "--for", "engine", *FLAGS]) == 0
     return root
 
 
@@ -40,6 +40,11 @@ def test_graph_keys_cover_every_call() -> None:
     assert {("token_generation", r, 1, kv) for r in (1, 2, 4) for kv in (16, 64)} <= set(keys)
     assert ("speculation", 4, 4, 64) in keys and ("scoring", 1, 4, 16) in keys
     assert len(keys) == len(set(keys)) == 2 * 2 + 3 * 2 + 2 * 3 * 2
+    context, decode = graph_keys(config, "context"), graph_keys(config, "decode")
+    assert {k[0] for k in context} == {"context"} and {k[0] for k in decode} == {"token_generation", "speculation", "scoring"}
+    assert sorted(context + decode) == sorted(keys)
+    with pytest.raises(ValueError, match="graph set 'prefill' is not one of all, context, decode"):
+        graph_keys(config, "prefill")
 
 
 def test_compile_command_fills_the_cache(cache: Path, checkpoints: dict[str, Checkpoint], capsys) -> None:  # noqa: ANN001
@@ -55,9 +60,60 @@ def test_compile_command_fills_the_cache(cache: Path, checkpoints: dict[str, Che
         package = (entry / graph_file(key)).read_bytes()
         assert not any(sample in package for sample in samples), key
     capsys.readouterr()
-    assert cli_main(["compile", "--model", str(checkpoints["llama"].path), "--compile-cache", str(cache), "--for", "decode",
+    assert cli_main(["compile", "--model", str(checkpoints["llama"].path), "--compile-cache", str(cache), "--for", "engine",
                      *FLAGS, "--dry-run"]) == 0
-    assert "0 graph(s) to compile" in capsys.readouterr().err
+    assert "0 graph(s) to compile (all graphs)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target, graphs", [("decode", "decode"), ("prefill", "context")])
+def test_each_service_compiles_only_its_graph_set(checkpoints: dict[str, Checkpoint], tmp_path: Path, capsys,  # noqa: ANN001
+                                                  target: str, graphs: str) -> None:
+    """Decode fills its slots from prefill's KV: its services' cache needs no context graphs, and
+    prefill's no token-generation graphs."""
+    assert cli_main(["compile", "--model", str(checkpoints["llama"].path), "--compile-cache", str(tmp_path), "--for", target,
+                     *FLAGS, "--dry-run"]) == 0
+    listing, messages = capsys.readouterr()  # the dry run lists the graphs on stdout, one per line
+    listed = {line.split()[0] for line in listing.splitlines() if line.strip()}
+    assert f"({graphs} graphs)" in messages and listed == ({"context"} if graphs == "context" else {"token_generation"})
+
+
+def test_a_decode_engine_loads_and_warms_only_decode_graphs(cache: Path, checkpoints: dict[str, Checkpoint],
+                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What the decode service loads: only token-generation graphs are required and preloaded, its
+    warm-up fills slots with import_kv, and context encoding is a clear error."""
+    from decode_svc.__main__ import _warm_up
+    from nxcore.errors import EngineError
+
+    path = checkpoints["llama"].path
+    [entry] = [p for p in cache.iterdir() if p.is_dir()]
+    decode_only = tmp_path / entry.name  # the decode service's cache: no context graphs in it
+    decode_only.mkdir()
+    (decode_only / MANIFEST).write_text((entry / MANIFEST).read_text())
+    for key in graph_keys(CONFIG, "decode"):
+        (decode_only / graph_file(key)).symlink_to(entry / graph_file(key))
+    with pytest.raises(ArtifactError, match="1 of 3 graphs are missing"):
+        Engine.from_pretrained(path, CONFIG, compile_cache=tmp_path)
+
+    def no_compiling(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a warm cache must not compile")
+
+    monkeypatch.setattr(ArtifactStore, "compile", no_compiling)
+    engine = Engine.from_pretrained(path, CONFIG, compile_cache=tmp_path, graphs="decode")
+    assert sorted(engine.executor.runner._graphs) == sorted(graph_keys(CONFIG, "decode"))
+    _warm_up(engine)
+    assert engine.slot_lengths == [None, None]
+    with pytest.raises(EngineError, match="loaded with the 'decode' graph set, which has no context graphs"):
+        engine.context_encode([SequenceRequest(slot=0, token_ids=[1, 2], sampling=SamplingParams(), rng=RequestRng(0))])
+    # a prompt's KV from a full engine, then decoding here: the tokens a full engine generates
+    full = Engine.from_pretrained(path, CONFIG, compile_cache=cache)
+    prompt, greedy = random_prompt(9, seed=3), SamplingParams()
+    [first] = full.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=greedy, rng=RequestRng(0))])
+    engine.import_kv(1, full.export_kv(0, len(prompt)))
+    token_here = token_there = first
+    for _ in range(4):
+        [token_there] = full.token_generate([SequenceRequest(slot=0, token_ids=[token_there], sampling=greedy, rng=RequestRng(0))])
+        [token_here] = engine.token_generate([SequenceRequest(slot=1, token_ids=[token_here], sampling=greedy, rng=RequestRng(0))])
+        assert token_here == token_there
 
 
 @pytest.mark.parametrize("extra", [[], ["--batch-size", "2", "--ctx-batch-size", "1", "--seq-len", "64"]])
