@@ -21,7 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "linear.cpp",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("linear.cpp", "attention.cpp"))
 ENV_DISABLE = "NXSERVE_NATIVE"
 ENV_CACHE = "NXSERVE_NATIVE_CACHE"
 

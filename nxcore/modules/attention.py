@@ -8,7 +8,9 @@ Two modes, one per graph family:
   window, where the layer has one). Stale entries past a slot's length are always masked.
 
 Grouped-query attention runs as a grouped matmul (queries of one KV group share its keys) instead
-of repeating K and V per query head.
+of repeating K and V per query head. On CPU with nxcore's C++ ops, decode attention is
+`nxcore::decode_attention` (`nxcore/csrc/attention.cpp`), which reads each row's slot in place
+instead of gathering the rows' K and V out of the cache first; same semantics as `_attend`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nxcore import native
 from nxcore.kv_cache import KVCache
 from nxcore.modules.linear import Linear
 from nxcore.modules.norm import RMSNorm
 from nxcore.modules.rotary import apply_rotary
+
+NATIVE = native.available()
+"""True when `nxcore::decode_attention` (C++) is loaded (see `nxcore.native`)."""
 
 
 @dataclass
@@ -92,15 +98,20 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), ctx.cos, ctx.sin)
         k = apply_rotary(k.transpose(1, 2), ctx.cos, ctx.sin)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if ctx.prefill:
+        if not ctx.prefill:
+            cache.scatter(self.layer_idx, ctx.slot_ids, ctx.positions, k, v)
+            mask = ctx.masks[self.sliding_window]
+            if NATIVE and q.device.type == "cpu":
+                k_buf, v_buf = cache.buffers_of(self.layer_idx)
+                out = torch.ops.nxcore.decode_attention(q, k_buf, v_buf, ctx.slot_ids, mask, self.scaling)
+            else:
+                keys, values = cache.gather(self.layer_idx, ctx.slot_ids, ctx.kv_len)
+                out = self._attend(q, keys, values, mask)
+        else:
             cache.write_prefix(self.layer_idx, ctx.slot_ids, k, v)
             keys, values = k, v
-        else:
-            cache.scatter(self.layer_idx, ctx.slot_ids, ctx.positions, k, v)
-            keys, values = cache.gather(self.layer_idx, ctx.slot_ids, ctx.kv_len)
-        if ctx.prefill:
             # Measured on this CPU (small llama, bf16, 2048 tokens): fused SDPA 2.0 s vs 5.3 s for
-            # the grouped matmul below, which stays the decode path (one query per row, where
+            # the grouped matmul (`_attend`), which stays the decode path (one query per row, where
             # SDPA is the slower one). Prefill positions are the bucket's indices 0..T-1 (padding
             # after the prompt), so without a sliding window the mask is plain causal: `is_causal`
             # lets the kernel skip the blocks above the diagonal instead of reading a [T, T] mask.
@@ -109,8 +120,6 @@ class Attention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[self.sliding_window],
                                                      scale=self.scaling, enable_gqa=True)
-        else:
-            out = self._attend(q, keys, values, ctx.masks[self.sliding_window])
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -125,3 +134,10 @@ class Attention(nn.Module):
         probs = probs.view(batch, self.num_kv_heads, groups * length, -1)
         out = torch.matmul(probs, v)
         return out.view(batch, self.num_heads, length, dim)
+
+
+if NATIVE:
+    @torch.library.register_fake("nxcore::decode_attention")
+    def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor, mask: torch.Tensor,
+          scale: float) -> torch.Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
