@@ -4,10 +4,11 @@
 // Why: decode attention gathered every row's K and V out of the cache before its two matmuls
 // (`index_select` of a length-sliced, hence non-contiguous, cache). Here each (row, KV head) task
 // reads its slot's keys and values in place, once, for all the query heads of its group and all
-// new positions. Measured on the 512x8 peers model at batch 32 (bf16, KV bucket 256): the eager
-// decode step went from 34 to 23 ms; compiled steps, where Inductor fuses the gather into its own
-// loops, stayed within this machine's noise (16.9-19.2 ms either way). In isolation at that shape
-// the op takes 0.7-1.1 ms a layer, the torch.compile'd gather and matmuls 3.4 ms.
+// new positions. With bf16 and head_dim a multiple of 32 on AVX512-BF16, q.k runs on bf16
+// dot-product instructions, 16 keys' scores are reduced together and exp is vectorized.
+// Measured on the 512x8 peers model at batch 32 (bf16, KV bucket 256), per layer: 0.39 ms, where
+// the generic loops below take 0.7-1.1 ms and the torch.compile'd gather and matmuls 3.4 ms. The
+// compiled batch-32 decode step went from 16.9-19.2 to 15.0-15.6 ms, the eager one from 34 to 23.
 //
 // Semantics are those of the Python path (`Attention._attend` after `KVCache.gather`): scores
 // q.k * scale, masked positions set to the lowest finite value (an all-masked padding row gets a
@@ -19,9 +20,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -127,6 +133,130 @@ void attend_baseline(const Problem<T>& p, int64_t begin, int64_t end, float* qf,
   attend(p, begin, end, qf, row, scores, acc);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NXCORE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// Lane j of the result is the sum of the 16 lanes of v[j]: 15 shuffle-and-add steps for 16 keys
+// instead of a horizontal reduction per key.
+NXCORE_AVX512_BF16 NXCORE_INLINE __m512 hsum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j)  // 512 -> 256 bits: [v2j | v2j+1]
+    a[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44), _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
+  for (int j = 0; j < 4; ++j)  // 256 -> 128 bits: quarter k holds v4j+k
+    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x88), _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xDD));
+  for (int j = 0; j < 2; ++j)  // 128 -> 64 bits, interleaving v8j+k and v8j+4+k
+    c[j] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * j], b[2 * j + 1]), _mm512_unpackhi_ps(b[2 * j], b[2 * j + 1]));
+  // 64 -> 32 bits: lane 4k + m holds v(4m + k); put it back in key order
+  const __m512 d = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x44), _mm512_shuffle_ps(c[0], c[1], 0xEE));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, d);
+}
+
+// exp(x) to ~1 ulp: 2^n * e^f with |f| <= ln2/2 (degree-6 Taylor), 0 below -104.
+NXCORE_AVX512_BF16 NXCORE_INLINE __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), f);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The bf16 loops for head_dim a multiple of 32: q.k with bf16 dot-product instructions, 16 keys'
+// scores reduced together, a vector exp, and values widened to float32 once per key.
+NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64_t begin, int64_t end, float* scores,
+                                           float* acc) {
+  const float lowest = std::numeric_limits<float>::lowest();
+  const int64_t D = p.D, S = p.S, Q = p.Q, Tq = p.Tq, chunks = D / 32, S16 = S / 16 * 16;
+  const __m512 scale = _mm512_set1_ps(p.scale);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / p.KV, h = task % p.KV;
+    const at::BFloat16* keys = p.k + p.slots[b] * p.ks0 + h * p.ks1;
+    const at::BFloat16* values = p.v + p.slots[b] * p.vs0 + h * p.vs1;
+    for (int64_t i = 0; i < Q; ++i) {
+      const int64_t g = i / Tq, t = i % Tq;
+      const at::BFloat16* qi = p.q + ((b * p.H + h * p.G + g) * Tq + t) * D;
+      const bool* mi = p.mask + (b * Tq + t) * S;
+      float* si = scores + i * S;
+      __m512bh qv[8];
+      for (int64_t c = 0; c < chunks; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qi + 32 * c);
+      for (int64_t s0 = 0; s0 < S16; s0 += 16) {
+        __m512 part[16];
+        for (int j = 0; j < 16; ++j) {
+          const at::BFloat16* kr = keys + (s0 + j) * p.ks2;
+          __m512 a = _mm512_setzero_ps();
+          for (int64_t c = 0; c < chunks; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kr + 32 * c), qv[c]);
+          part[j] = a;
+        }
+        const __mmask16 keep = _mm_cmpneq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mi + s0)),
+                                                     _mm_setzero_si128());
+        _mm512_storeu_ps(si + s0, _mm512_mask_blend_ps(keep, _mm512_set1_ps(lowest), _mm512_mul_ps(hsum16(part), scale)));
+      }
+      for (int64_t s = S16; s < S; ++s) {
+        const at::BFloat16* kr = keys + s * p.ks2;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kr + 32 * c), qv[c]);
+        si[s] = mi[s] ? _mm512_reduce_add_ps(a) * p.scale : lowest;
+      }
+      // softmax over the S scores
+      __m512 peak = _mm512_set1_ps(lowest);
+      for (int64_t s0 = 0; s0 < S16; s0 += 16) peak = _mm512_max_ps(peak, _mm512_loadu_ps(si + s0));
+      float top = _mm512_reduce_max_ps(peak);
+      for (int64_t s = S16; s < S; ++s) top = std::max(top, si[s]);
+      const __m512 topv = _mm512_set1_ps(top);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t s0 = 0; s0 < S16; s0 += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(si + s0), topv));
+        _mm512_storeu_ps(si + s0, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      float total = _mm512_reduce_add_ps(sum);
+      for (int64_t s = S16; s < S; ++s) total += (si[s] = std::exp(si[s] - top));
+      const float inv = 1.f / total;
+      const __m512 invv = _mm512_set1_ps(inv);
+      for (int64_t s0 = 0; s0 < S16; s0 += 16) _mm512_storeu_ps(si + s0, _mm512_mul_ps(_mm512_loadu_ps(si + s0), invv));
+      for (int64_t s = S16; s < S; ++s) si[s] *= inv;
+    }
+    // weighted sum of values: each value row widened once, for every query
+    std::fill(acc, acc + Q * D, 0.f);
+    for (int64_t s = 0; s < S; ++s) {
+      const at::BFloat16* vr = values + s * p.vs2;
+      __m512 vf[16];
+      for (int64_t c = 0; c < 2 * chunks; ++c)
+        vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c))), 16));
+      for (int64_t i = 0; i < Q; ++i) {
+        const float w = scores[i * S + s];
+        if (w == 0.f) continue;
+        const __m512 wv = _mm512_set1_ps(w);
+        float* ai = acc + i * D;
+        for (int64_t c = 0; c < 2 * chunks; ++c)
+          _mm512_storeu_ps(ai + 16 * c, _mm512_fmadd_ps(wv, vf[c], _mm512_loadu_ps(ai + 16 * c)));
+      }
+    }
+    for (int64_t i = 0; i < Q; ++i) {
+      const int64_t g = i / Tq, t = i % Tq;
+      at::BFloat16* dst = p.out + ((b * p.H + h * p.G + g) * Tq + t) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<at::BFloat16>(acc[i * D + d]);
+    }
+  }
+}
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
+
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -149,8 +279,17 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
   p.vs0 = v_cache.stride(0), p.vs1 = v_cache.stride(1), p.vs2 = v_cache.stride(2);
   p.scale = static_cast<float>(scale);
   const bool avx512 = cpu_has_avx512();
+  bool bf16_fast = false;
+#if defined(__x86_64__) && defined(__GNUC__)
+  bf16_fast = std::is_same_v<T, at::BFloat16> && p.D % 32 == 0 && p.D <= 256 && cpu_has_avx512_bf16();
+#endif
   at::parallel_for(0, q.size(0) * p.KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(p.Q * p.D), row(p.D), scores(p.Q * p.S), acc(p.Q * p.D);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (bf16_fast) return attend_bf16_avx512(p, begin, end, scores.data(), acc.data());
+    }
+#endif
     if (avx512) {
       attend_avx512(p, begin, end, qf.data(), row.data(), scores.data(), acc.data());
     } else {
