@@ -226,9 +226,10 @@ class Engine:
     def _run(self, kind: str, rows: int, width: int, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
         """Run the graph for this (kind, rows, width, KV length) shape, built on first use."""
         if kind not in GRAPH_SETS[self.graphs]:
+            sets = " or ".join(repr(name) for name, kinds in GRAPH_SETS.items() if kind in kinds)
             raise EngineError(
                 f"this engine was loaded with the {self.graphs!r} graph set, which has no {kind} graphs: "
-                f"load it with graphs='all' (or {'context' if kind == 'context' else 'decode'!r}) to call them"
+                f"load it with graphs={sets} to call them"
             )
         return self.executor.run((kind, rows, width, inputs.key_positions.shape[0]), inputs)
 

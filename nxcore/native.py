@@ -3,7 +3,8 @@
 `torch.utils.cpp_extension` compiles them with the same C++ toolchain AOTInductor already needs
 for the compile backend, into `$NXSERVE_NATIVE_CACHE` (default `~/.cache/nxserve/native`); later
 imports load the built library. Without a compiler, or with `NXSERVE_NATIVE=0`, nxcore runs the
-Python definitions of the same ops (`nxcore.modules.linear`): the same results, slower.
+Python paths instead (`nxcore.modules.linear`, `nxcore.modules.attention`): the same results
+up to float rounding, slower.
 `make setup` builds them; `native.main()` says which ops are in use and why.
 """
 

@@ -8,8 +8,9 @@
 // What it runs, by measurement on this project's machine (AMD EPYC, avx512_bf16, 2 cores):
 // - bf16, one or two rows (`kGemvMaxRows`; decode): `gemv_bf16` below, which streams the dense
 //   row-major weight once with AVX512-BF16 dot products. A TinyLlama-shaped chain of decode
-//   linears ran at ~92% of a `torch.sum` read of the same bytes, where oneDNN's packed GEMV ran at
-//   ~72%, and `F.linear` at about half that.
+//   linears ran at 85-93% of a `torch.sum` read of the same bytes (as fast as a plain read split
+//   into the same calls), where oneDNN's packed GEMV ran at 72-76% and `F.linear` at about 55%
+//   (`python -m bench.linear`).
 // - bf16, more rows (prefill, batched decode): oneDNN on the weight packed once at load
 //   (`mkldnn::_linear_pointwise`, packing registered by `nxcore::_register_packed`).
 // - anything else (float32, an unregistered weight, no AVX512-BF16): `at::linear`.

@@ -15,7 +15,7 @@ compiled graph, so the packing is done here instead, once per weight at load:
   back to `F.linear` when there is none (float32, an unpacked model, no oneDNN).
 
 `nxcore::linear` is defined in C++ (`nxcore/csrc/linear.cpp`, built by `nxcore.native`): it runs
-an AVX512-BF16 GEMV on the dense weight for decode-sized inputs (a few rows), oneDNN on the packed
+an AVX512-BF16 GEMV on the dense weight for one or two rows (decode), oneDNN on the packed
 copy for larger ones, and `at::linear` otherwise, and compiled graphs call it without entering
 Python. Where the C++ ops cannot be built, the op is defined here in Python with the oneDNN and
 `F.linear` paths only.
