@@ -251,31 +251,28 @@ class Engine:
         return tokens.reshape(tokens.shape[0], -1)[:rows]
 
     def _inputs(self, requests: Sequence[SequenceRequest], *, rows: int, width: int, prefill: bool) -> GraphInputs:
-        """Pad requests into `rows` x `width` graph inputs; padding rows use the scratch slot."""
-        input_ids = torch.zeros(rows, width, dtype=torch.int64)
-        positions = torch.arange(width, dtype=torch.int64).repeat(rows, 1)
-        slot_ids = torch.full((rows,), self.executor.scratch_slot, dtype=torch.int64)
-        last_index = torch.zeros(rows, dtype=torch.int64)
-        temperature = torch.zeros(rows, dtype=torch.float32)
-        top_k = torch.zeros(rows, dtype=torch.int64)
-        top_p = torch.ones(rows, dtype=torch.float32)
-        rand = torch.zeros(rows, 1 if prefill else width, dtype=torch.float32)
+        """Pad requests into `rows` x `width` graph inputs; padding rows use the scratch slot.
+
+        Built from Python lists with one tensor per input (per-element tensor writes cost ~1 ms
+        a step at 32 rows)."""
+        pad = rows - len(requests)
+        ids = [[*r.token_ids, *[0] * (width - len(r.token_ids))] for r in requests] + [[0] * width] * pad
+        starts = [0 if prefill else self.slot_lengths[r.slot] for r in requests] + [0] * pad
+        draws = 1 if prefill else width
+        rand = torch.zeros(rows, draws, dtype=torch.float32)
+        if requests:
+            rand[: len(requests)] = torch.stack([r.rng.draw(draws) for r in requests])
         needed = width if prefill else max(self.slot_lengths[r.slot] for r in requests) + width
         kv_len = width if prefill else _fit(needed, self.config.kv_buckets)
-        for row, r in enumerate(requests):
-            n = len(r.token_ids)
-            input_ids[row, :n] = torch.tensor(r.token_ids, dtype=torch.int64)
-            if not prefill:
-                positions[row] += self.slot_lengths[r.slot]
-            slot_ids[row] = r.slot
-            last_index[row] = n - 1
-            temperature[row] = r.sampling.temperature
-            top_k[row] = r.sampling.top_k
-            top_p[row] = r.sampling.top_p
-            rand[row] = r.rng.draw(rand.shape[1])
         return GraphInputs(
-            input_ids=input_ids, position_ids=positions, slot_ids=slot_ids, last_index=last_index,
-            temperature=temperature, top_k=top_k, top_p=top_p, rand=rand,
+            input_ids=torch.tensor(ids, dtype=torch.int64),
+            position_ids=torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(width, dtype=torch.int64),
+            slot_ids=torch.tensor([r.slot for r in requests] + [self.executor.scratch_slot] * pad, dtype=torch.int64),
+            last_index=torch.tensor([len(r.token_ids) - 1 for r in requests] + [0] * pad, dtype=torch.int64),
+            temperature=torch.tensor([r.sampling.temperature for r in requests] + [0.0] * pad, dtype=torch.float32),
+            top_k=torch.tensor([r.sampling.top_k for r in requests] + [0] * pad, dtype=torch.int64),
+            top_p=torch.tensor([r.sampling.top_p for r in requests] + [1.0] * pad, dtype=torch.float32),
+            rand=rand,
             key_positions=self._key_positions(kv_len),
         )
 
