@@ -22,7 +22,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("linear.cpp", "attention.cpp"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(CSRC / name for name in ("linear.cpp", "attention.cpp"))
 ENV_DISABLE = "NXSERVE_NATIVE"
 ENV_CACHE = "NXSERVE_NATIVE_CACHE"
 
@@ -42,9 +43,11 @@ def cache_dir() -> Path:
 
 
 def build_dir() -> Path:
-    """One folder per source text, flags and torch version, so a stale build is never loaded."""
+    """One folder per source text (headers included), flags and torch version, so a stale build
+    is never loaded."""
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in sorted(CSRC.iterdir()):
+        digest.update(source.name.encode())
         digest.update(source.read_bytes())
     digest.update(" ".join(CFLAGS).encode())
     return cache_dir() / f"torch-{torch.__version__}-{digest.hexdigest()[:16]}"

@@ -20,7 +20,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "cpu_features.h"
+
+#ifdef NXCORE_X86_GNU
 #include <immintrin.h>
 #endif
 
@@ -122,18 +124,20 @@ NXCORE_INLINE void attend(const Problem<T>& p, int64_t begin, int64_t end, float
 }
 
 // The same loops compiled for AVX-512 (picked at run time) and for the build's baseline ISA.
+#ifdef NXCORE_X86_GNU
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")))
 void attend_avx512(const Problem<T>& p, int64_t begin, int64_t end, float* qf, float* row, float* scores, float* acc) {
   attend(p, begin, end, qf, row, scores, acc);
 }
+#endif
 
 template <typename T>
 void attend_baseline(const Problem<T>& p, int64_t begin, int64_t end, float* qf, float* row, float* scores, float* acc) {
   attend(p, begin, end, qf, row, scores, acc);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef NXCORE_X86_GNU
 #define NXCORE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 // Lane j of the result is the sum of the 16 lanes of v[j]: 15 shuffle-and-add steps for 16 keys
@@ -249,19 +253,7 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
   }
 }
 
-bool cpu_has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return has;
-}
 #endif
-
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
 
 template <typename T>
 void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -278,23 +270,20 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
   p.ks0 = k_cache.stride(0), p.ks1 = k_cache.stride(1), p.ks2 = k_cache.stride(2);
   p.vs0 = v_cache.stride(0), p.vs1 = v_cache.stride(1), p.vs2 = v_cache.stride(2);
   p.scale = static_cast<float>(scale);
-  const bool avx512 = cpu_has_avx512();
-  bool bf16_fast = false;
-#if defined(__x86_64__) && defined(__GNUC__)
-  bf16_fast = std::is_same_v<T, at::BFloat16> && p.D % 32 == 0 && p.D <= 256 && cpu_has_avx512_bf16();
+#ifdef NXCORE_X86_GNU
+  const bool avx512 = nxcore::cpu_has_avx512();
+  const bool bf16_fast =
+      std::is_same_v<T, at::BFloat16> && p.D % 32 == 0 && p.D <= 256 && nxcore::cpu_has_avx512_bf16();
 #endif
   at::parallel_for(0, q.size(0) * p.KV, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(p.Q * p.D), row(p.D), scores(p.Q * p.S), acc(p.Q * p.D);
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef NXCORE_X86_GNU
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       if (bf16_fast) return attend_bf16_avx512(p, begin, end, scores.data(), acc.data());
     }
+    if (avx512) return attend_avx512(p, begin, end, qf.data(), row.data(), scores.data(), acc.data());
 #endif
-    if (avx512) {
-      attend_avx512(p, begin, end, qf.data(), row.data(), scores.data(), acc.data());
-    } else {
-      attend_baseline(p, begin, end, qf.data(), row.data(), scores.data(), acc.data());
-    }
+    attend_baseline(p, begin, end, qf.data(), row.data(), scores.data(), acc.data());
   });
 }
 

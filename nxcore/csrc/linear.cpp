@@ -21,14 +21,15 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
+
 #include <mutex>
 #include <optional>
 #include <tuple>
 #include <unordered_map>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef NXCORE_X86_GNU
 #include <immintrin.h>
-#define NXCORE_HAVE_AVX512_BF16 1
 #endif
 
 namespace {
@@ -89,7 +90,7 @@ int64_t packed_count() {
 
 // ---- AVX512-BF16 GEMV on the dense weight ----
 
-#ifdef NXCORE_HAVE_AVX512_BF16
+#ifdef NXCORE_X86_GNU
 #define NXCORE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // out[m * ldo + i] = dot(w[i, :], x[m, :]) for R consecutive weight rows and M rows of x, float32
@@ -120,12 +121,6 @@ NXCORE_TARGET inline void dot_rows(const at::BFloat16* w, int64_t ldw, const at:
   }
   for (int i = 0; i < R; ++i)
     for (int m = 0; m < M; ++m) out[m * ldo + i] = _mm512_reduce_add_ps(acc[i][m]);
-}
-
-bool cpu_has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return has;
 }
 
 // y[m, :] = x[m, :] @ w.T (+ bias) for the M rows of x, with weight rows split across threads in
@@ -170,10 +165,10 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at:
 #endif
 
 bool gemv_applies(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-#ifdef NXCORE_HAVE_AVX512_BF16
+#ifdef NXCORE_X86_GNU
   return x2d.size(0) <= kGemvMaxRows && x2d.scalar_type() == at::kBFloat16 &&
          weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.layout() == at::kStrided &&
-         (!bias.has_value() || bias->dim() == 1) && cpu_has_avx512_bf16();
+         (!bias.has_value() || bias->dim() == 1) && nxcore::cpu_has_avx512_bf16();
 #else
   return false;
 #endif
@@ -181,8 +176,8 @@ bool gemv_applies(const at::Tensor& x2d, const at::Tensor& weight, const std::op
 
 // Rows up to which `linear` runs the GEMV on this CPU (0: it never does).
 int64_t gemv_rows() {
-#ifdef NXCORE_HAVE_AVX512_BF16
-  return cpu_has_avx512_bf16() ? kGemvMaxRows : 0;
+#ifdef NXCORE_X86_GNU
+  return nxcore::cpu_has_avx512_bf16() ? kGemvMaxRows : 0;
 #else
   return 0;
 #endif
@@ -205,7 +200,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = N;
   const at::Tensor x2d = x.reshape({-1, K}).contiguous();
-#ifdef NXCORE_HAVE_AVX512_BF16
+#ifdef NXCORE_X86_GNU
   if (gemv_applies(x2d, weight, bias)) {
     at::Tensor y = at::empty({x2d.size(0), N}, x.options());
     gemv_bf16(x2d, weight, bias, y);
