@@ -73,6 +73,20 @@ struct Problem {
   int64_t H, Tq, D, KV, S, G, Q;
   int64_t ks0, ks1, ks2, vs0, vs1, vs2;
   float scale;
+
+  // Query i = g * Tq + t of task (row b, KV head h) is head h * G + g at new position t.
+  int64_t query_offset(int64_t b, int64_t h, int64_t i) const { return ((b * H + h * G + i / Tq) * Tq + i % Tq) * D; }
+  const bool* mask_row(int64_t b, int64_t i) const { return mask + (b * Tq + i % Tq) * S; }
+  const T* keys(int64_t b, int64_t h) const { return k + slots[b] * ks0 + h * ks1; }
+  const T* values(int64_t b, int64_t h) const { return v + slots[b] * vs0 + h * vs1; }
+
+  // The task's Q output rows from float32 accumulators [Q, D], rounded once.
+  void store(int64_t b, int64_t h, const float* acc) const {
+    for (int64_t i = 0; i < Q; ++i) {
+      T* dst = out + query_offset(b, h, i);
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[i * D + d]);
+    }
+  }
 };
 
 // Tasks [begin, end) of (row, KV head): the query heads of the group at every new position attend
@@ -81,21 +95,16 @@ template <typename T>
 NXCORE_INLINE void attend(const Problem<T>& p, int64_t begin, int64_t end, float* qf, float* row, float* scores,
                           float* acc) {
   const float lowest = std::numeric_limits<float>::lowest();
-  const int64_t D = p.D, S = p.S, Q = p.Q, Tq = p.Tq;
+  const int64_t D = p.D, S = p.S, Q = p.Q;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / p.KV, h = task % p.KV;
-    const T* keys = p.k + p.slots[b] * p.ks0 + h * p.ks1;
-    const T* values = p.v + p.slots[b] * p.vs0 + h * p.vs1;
-    // query i = g * Tq + t is head h * G + g at new position t
-    for (int64_t i = 0; i < Q; ++i) {
-      const int64_t g = i / Tq, t = i % Tq;
-      to_float(p.q + ((b * p.H + h * p.G + g) * Tq + t) * D, qf + i * D, D);
-    }
+    const T* keys = p.keys(b, h);
+    const T* values = p.values(b, h);
+    for (int64_t i = 0; i < Q; ++i) to_float(p.q + p.query_offset(b, h, i), qf + i * D, D);
     for (int64_t s = 0; s < S; ++s) {
       to_float(keys + s * p.ks2, row, D);
       for (int64_t i = 0; i < Q; ++i) {
-        const bool keep = p.mask[(b * Tq + i % Tq) * S + s];
-        scores[i * S + s] = keep ? dot(qf + i * D, row, D) * p.scale : lowest;
+        scores[i * S + s] = p.mask_row(b, i)[s] ? dot(qf + i * D, row, D) * p.scale : lowest;
       }
     }
     for (int64_t i = 0; i < Q; ++i) {
@@ -115,11 +124,7 @@ NXCORE_INLINE void attend(const Problem<T>& p, int64_t begin, int64_t end, float
         if (w != 0.f) axpy(acc + i * D, w, row, D);
       }
     }
-    for (int64_t i = 0; i < Q; ++i) {
-      const int64_t g = i / Tq, t = i % Tq;
-      T* dst = p.out + ((b * p.H + h * p.G + g) * Tq + t) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[i * D + d]);
-    }
+    p.store(b, h, acc);
   }
 }
 
@@ -178,16 +183,15 @@ NXCORE_AVX512_BF16 NXCORE_INLINE __m512 exp16(__m512 x) {
 NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64_t begin, int64_t end, float* scores,
                                            float* acc) {
   const float lowest = std::numeric_limits<float>::lowest();
-  const int64_t D = p.D, S = p.S, Q = p.Q, Tq = p.Tq, chunks = D / 32, S16 = S / 16 * 16;
+  const int64_t D = p.D, S = p.S, Q = p.Q, chunks = D / 32, S16 = S / 16 * 16;
   const __m512 scale = _mm512_set1_ps(p.scale);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / p.KV, h = task % p.KV;
-    const at::BFloat16* keys = p.k + p.slots[b] * p.ks0 + h * p.ks1;
-    const at::BFloat16* values = p.v + p.slots[b] * p.vs0 + h * p.vs1;
+    const at::BFloat16* keys = p.keys(b, h);
+    const at::BFloat16* values = p.values(b, h);
     for (int64_t i = 0; i < Q; ++i) {
-      const int64_t g = i / Tq, t = i % Tq;
-      const at::BFloat16* qi = p.q + ((b * p.H + h * p.G + g) * Tq + t) * D;
-      const bool* mi = p.mask + (b * Tq + t) * S;
+      const at::BFloat16* qi = p.q + p.query_offset(b, h, i);
+      const bool* mi = p.mask_row(b, i);
       float* si = scores + i * S;
       __m512bh qv[8];
       for (int64_t c = 0; c < chunks; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qi + 32 * c);
@@ -245,11 +249,7 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
           _mm512_storeu_ps(ai + 16 * c, _mm512_fmadd_ps(wv, vf[c], _mm512_loadu_ps(ai + 16 * c)));
       }
     }
-    for (int64_t i = 0; i < Q; ++i) {
-      const int64_t g = i / Tq, t = i % Tq;
-      at::BFloat16* dst = p.out + ((b * p.H + h * p.G + g) * Tq + t) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<at::BFloat16>(acc[i * D + d]);
-    }
+    p.store(b, h, acc);
   }
 }
 
@@ -276,11 +276,14 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
       std::is_same_v<T, at::BFloat16> && p.D % 32 == 0 && p.D <= 256 && nxcore::cpu_has_avx512_bf16();
 #endif
   at::parallel_for(0, q.size(0) * p.KV, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(p.Q * p.D), row(p.D), scores(p.Q * p.S), acc(p.Q * p.D);
+    std::vector<float> scores(p.Q * p.S), acc(p.Q * p.D);
 #ifdef NXCORE_X86_GNU
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       if (bf16_fast) return attend_bf16_avx512(p, begin, end, scores.data(), acc.data());
     }
+#endif
+    std::vector<float> qf(p.Q * p.D), row(p.D);  // the generic loops' widened query and key/value rows
+#ifdef NXCORE_X86_GNU
     if (avx512) return attend_avx512(p, begin, end, qf.data(), row.data(), scores.data(), acc.data());
 #endif
     attend_baseline(p, begin, end, qf.data(), row.data(), scores.data(), acc.data());
