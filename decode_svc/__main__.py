@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import time
@@ -37,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace) -> None:
     from nxcore import Engine
     from nxcore.checkpoint import read_hf_config
+    from nxcore.engine_thread import EngineThread
     from nxcore.tokenizer import load_tokenizer
 
     configure_tracing("nxserve-decode")
@@ -45,16 +45,17 @@ async def serve(args: argparse.Namespace) -> None:
         args, service=SERVICE, register=lambda s: add_decode_servicer(servicer, s))
 
     start = time.perf_counter()
-    apply_threads(args)
+    thread = EngineThread("decode-engine")  # every torch call from here on: see nxcore.engine_thread
+    await thread.run(apply_threads, args)
     config = service_config(args, "decode", max_positions=read_hf_config(args.model).max_position_embeddings)
     if args.speculation:
         config = config.replace(speculation_length=args.speculation_length)
-    engine = await asyncio.to_thread(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["decode"],
-                                             **load_options(args)))
-    proposer = await asyncio.to_thread(build_proposer, args.speculation, engine, **load_options(args))
+    engine = await thread.run(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["decode"],
+                                      **load_options(args)))
+    proposer = await thread.run(build_proposer, args.speculation, engine, **load_options(args))
     tokenizer = load_tokenizer(args.model, required=False)
-    await asyncio.to_thread(_warm_up, engine)
-    loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer)
+    await thread.run(_warm_up, engine)
+    loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer, thread=thread)
     loop.start()
     servicer.attach(loop)
     await set_health(health, SERVICE, serving=True)
@@ -65,7 +66,8 @@ async def serve(args: argparse.Namespace) -> None:
         await set_health(health, SERVICE, serving=False)
         await server.stop(args.grace)
         loop.stop(timeout=5)
-        engine.close()
+        thread.submit(engine.close)
+        thread.close(timeout=10)
 
     await install_shutdown(stop).wait()
     shutdown_tracing()

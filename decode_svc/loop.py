@@ -1,5 +1,6 @@
 """The continuous-batching loop: one thread owns the engine and runs one token-generation call per
-step over every running request.
+step over every running request. It is the service's `EngineThread`, the thread that also loaded
+and warmed up the engine (see nxcore.engine_thread for why it must be one thread).
 
 Requests arrive with their KV snapshot (already received and checked), wait in a bounded queue
 for a free slot, are imported into it, and from then on join every step. A finished or cancelled
@@ -10,6 +11,7 @@ makes thread-safe.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import logging
 import threading
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 
 from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest, StoppingCriteria
 from nxcore.detokenizer import Decoder, IncrementalDetokenizer
+from nxcore.engine_thread import EngineThread
 from nxcore.generate import FinishReason, GenerationResult, finish_reason
 from nxcore.kv_cache import KVSnapshot
 from nxcore.speculation import DraftProposer, NgramProposer, SpecSequence, can_speculate, speculative_step
@@ -95,7 +98,7 @@ class QueueFull(Exception):
 
 class DecodeLoop:
     def __init__(self, engine: Engine, *, tokenizer: Decoder, max_queue: int,
-                 proposer: NgramProposer | DraftProposer | None = None) -> None:
+                 proposer: NgramProposer | DraftProposer | None = None, thread: EngineThread | None = None) -> None:
         self.engine = engine
         self.proposer = proposer
         self.tokenizer = tokenizer
@@ -104,18 +107,25 @@ class DecodeLoop:
         self._running: dict[int, DecodeJob] = {}
         self._cond = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._own_thread = thread is None
+        self._thread = EngineThread("decode-loop") if thread is None else thread
+        """Where the engines were loaded: the loop runs there."""
+        self._loop: concurrent.futures.Future | None = None
         self.steps = 0
         self.completed = 0
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop = self._thread.submit(self._run)
+        self._loop.add_done_callback(_report_exit)
 
     def stop(self, timeout: float | None = None) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._loop is not None:
+            concurrent.futures.wait([self._loop], timeout=timeout)
+        if self._own_thread:
+            self._thread.close(timeout)
 
     # ------------------------------------------------------------- called from the gRPC side
 
@@ -286,3 +296,8 @@ class DecodeLoop:
             job = self._waiting.popleft()
             job.status = RequestStatus.CANCELLED
             job.emit(Failed(message))
+
+
+def _report_exit(loop: concurrent.futures.Future) -> None:
+    if not loop.cancelled() and loop.exception() is not None:
+        log.error("the decode loop stopped on an error", exc_info=loop.exception())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import time
@@ -39,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace) -> None:
     from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest
     from nxcore.checkpoint import read_hf_config
+    from nxcore.engine_thread import EngineThread
     from nxcore.tokenizer import load_tokenizer
     from prefill_svc.router import DecodeRouter
     from prefill_svc.server import GenerationServicer
@@ -50,22 +50,23 @@ async def serve(args: argparse.Namespace) -> None:
         args, service=SERVICE, register=lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s))
 
     start = time.perf_counter()
-    apply_threads(args)
+    thread = EngineThread("prefill-engine")  # every torch call from here on: see nxcore.engine_thread
+    await thread.run(apply_threads, args)
     config = service_config(args, "prefill", max_positions=read_hf_config(args.model).max_position_embeddings)
-    engine = await asyncio.to_thread(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["prefill"],
-                                             **load_options(args)))
+    engine = await thread.run(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["prefill"],
+                                      **load_options(args)))
     tokenizer = load_tokenizer(args.model, required=False)
     greedy = SamplingParams()
     for bucket in config.buckets:  # warm every context-encoding graph
-        await asyncio.to_thread(engine.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
+        await thread.run(engine.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
         engine.free(0)
-    proposer = await asyncio.to_thread(build_proposer, args.speculation, engine, draft_only=True, **load_options(args))
+    proposer = await thread.run(build_proposer, args.speculation, engine, draft_only=True, **load_options(args))
     draft = proposer.draft if proposer is not None else None
     if draft is not None:  # warm the draft's context-encoding graphs too
         for bucket in config.buckets:
-            await asyncio.to_thread(draft.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
+            await thread.run(draft.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
             draft.free(0)
-    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft)
+    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread)
     worker.start()
     router = DecodeRouter(args.decode, fingerprint=engine.fingerprint)
     await router.start()
@@ -79,9 +80,10 @@ async def serve(args: argparse.Namespace) -> None:
         await server.stop(args.grace)
         await router.close()
         worker.stop()
-        engine.close()
+        thread.submit(engine.close)
         if draft is not None:
-            draft.close()
+            thread.submit(draft.close)
+        thread.close(timeout=10)
 
     await install_shutdown(stop).wait()
     shutdown_tracing()

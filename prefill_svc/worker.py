@@ -1,6 +1,7 @@
 """The context-encoding worker: one thread owns the prefill engine.
 
-Prompts wait in a bounded queue; each call encodes up to ctx_batch_size of them at once (the
+The worker's loop runs on the service's `EngineThread`, the thread that also loaded and warmed up
+the engine (see nxcore.engine_thread for why it must be one thread). Prompts wait in a bounded queue; each call encodes up to ctx_batch_size of them at once (the
 first token is sampled in the graph), exports each prompt's KV and frees the slot at once, so the
 engine's slots only live for one call. Results go back through asyncio futures.
 """
@@ -8,13 +9,14 @@ engine's slots only live for one call. Results go back through asyncio futures.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 
 from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest
+from nxcore.engine_thread import EngineThread
 from nxcore.kv_cache import KVSnapshot
 
 log = logging.getLogger(__name__)
@@ -50,20 +52,27 @@ class PrefillQueueFull(Exception):
 
 
 class PrefillWorker:
-    def __init__(self, engine: Engine, *, max_queue: int, draft: Engine | None = None) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int, draft: Engine | None = None, thread: EngineThread | None = None) -> None:
         self.engine = engine
         self.draft = draft
         """Draft model for speculative decoding: its prompt KV travels to decode with the target's."""
         self.max_queue = max_queue
         self._queue: queue.Queue[PrefillJob | None] = queue.Queue(maxsize=max_queue)
-        self._thread = threading.Thread(target=self._run, name="prefill-worker", daemon=True)
+        self._own_thread = thread is None
+        self._thread = EngineThread("prefill-worker") if thread is None else thread
+        """Where the engines were loaded: the loop runs there."""
+        self._running: concurrent.futures.Future | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._running = self._thread.submit(self._run)
+        self._running.add_done_callback(_report_exit)
 
     def stop(self) -> None:
         self._queue.put(None)
-        self._thread.join(timeout=10)
+        if self._running is not None:
+            concurrent.futures.wait([self._running], timeout=10)
+        if self._own_thread:
+            self._thread.close(timeout=10)
 
     def queued(self) -> int:
         return self._queue.qsize()
@@ -132,6 +141,11 @@ class PrefillWorker:
         for j, token, kv, draft_kv in zip(jobs, tokens, snapshots, draft_snapshots):
             result = PrefillResult(first_token=token, kv=kv, draft_kv=draft_kv, enqueued_at=j.enqueued_at, started_at=start, finished_at=end, batch=len(jobs))
             j.loop.call_soon_threadsafe(_set_result, j.future, result)
+
+
+def _report_exit(running: concurrent.futures.Future) -> None:
+    if not running.cancelled() and running.exception() is not None:
+        log.error("the prefill worker stopped on an error", exc_info=running.exception())
 
 
 def _unused(requests: list[SequenceRequest]) -> list[None]:
