@@ -1,11 +1,13 @@
 """TTFT and decode speed through the services next to the in-process engine, plus KV transfer.
 
     python -m bench.services --model DIR [--prompt-len 128] [--new-tokens 64] [--requests 5]
+                             [--kv-tokens 128,512,1536 --seq-len 2048]
 
 One run, one machine: the in-process engine (one prompt at a time, batch 1) and the same prompts
 through a local cluster (prefill + one decode replica on loopback, sequential requests), then the
 KV hand-off alone: a real snapshot from an in-process engine sent on a Decode stream to the
-replica, timed from the header to the ack. Prints a table with ratios; --json writes the figures.
+replica, timed from the header to the ack, as chunks and through a shared-memory arena. Prints
+tables with ratios; --json writes the figures.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRe
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
 from nxserve.decode_codec import DecodeStub
+from nxcore.config import DTYPES
+from nxcore.kv_wire import KVArena, sees_probe
 from nxserve.grpc_common import server_options
+from nxserve.v1 import decode_pb2, decode_pb2_grpc
 from prefill_svc.kv_sender import decode_header, send_kv
 
 
@@ -57,26 +62,34 @@ def through_services(target: str, prompts: list[list[int]], new_tokens: int) -> 
     return {"ttft_ms": statistics.median(ttft) * 1000, "decode_tok_s": statistics.median(speed)}
 
 
-async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int]]) -> dict[str, float | list[float]]:
+async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int]],
+                      arena: KVArena | None = None) -> dict[str, float | list[float]]:
     """Bytes and milliseconds (median, min, max, each) of a header + chunks + commit -> ack on a real
-    Decode stream, and the median throughput in GB/s."""
+    Decode stream (through `arena` instead of chunks when given), less the time the replica queued
+    the request for a slot, and the median throughput in GB/s."""
     seconds, sizes = [], []
     greedy = SamplingParams(seed=0)
+    encoded = []  # every prompt first: no context encoding (and its spinning threads) next to a transfer
+    for prompt in prompts:
+        rng = RequestRng(0)
+        [first] = engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=greedy, rng=rng)])
+        encoded.append((prompt, first, rng.offset, engine.export_kv(0, len(prompt))))
+        engine.free(0)
+    await asyncio.sleep(0.1)
     async with grpc.aio.insecure_channel(decode_target, options=server_options()) as channel:
         stub = DecodeStub(channel)
-        for prompt in prompts:
-            rng = RequestRng(0)
-            [first] = engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=greedy, rng=rng)])
-            kv = engine.export_kv(0, len(prompt))
-            engine.free(0)
+        for prompt, first, rng_offset, kv in encoded:
             header = decode_header(engine, kv, request_id="bench", prompt_ids=prompt, sampling=greedy,
                                    stopping=StoppingCriteria(max_new_tokens=2), stop_strings=(), first_token=first,
-                                   rng_offset=rng.offset)
+                                   rng_offset=rng_offset)
             call = stub.Decode()
-            sent = await send_kv(call, header, kv, chunk_bytes=1 << 20)
+            sent = await send_kv(call, header, kv, chunk_bytes=1 << 20, arena=arena)
             call.cancel()
+            if sent.shared != (arena is not None):
+                raise RuntimeError(f"the KV went {'through shared memory' if sent.shared else 'as chunks'}, not as asked")
             seconds.append(sent.seconds)
             sizes.append(sent.bytes_sent)
+            await asyncio.sleep(0.1)  # the replica's decode step for the request, which is cancelled
     t, size = statistics.median(seconds), statistics.median(sizes)
     return {"kv_bytes": size, "kv_transfer_ms": t * 1000, "kv_gb_s": size / t / 1e9,
             "kv_transfer_ms_min": min(seconds) * 1000, "kv_transfer_ms_max": max(seconds) * 1000,
@@ -91,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=5, help="requests per measurement; medians are reported (default: 5)")
     p.add_argument("--dtype", default="auto", help="engine dtype on both sides (default: the checkpoint's)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per slot (default: 512)")
+    p.add_argument("--kv-tokens", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="prompt lengths to time the KV hand-off at, e.g. 128,512,1536 (each < --seq-len; default: --prompt-len)")
+    p.add_argument("--kv-shm-dir", type=Path, default=Path("/dev/shm"),
+                   help="shared-memory directory for the second KV measurement, through an arena there (default: /dev/shm)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args(argv)
 
@@ -101,24 +118,65 @@ def main(argv: list[str] | None = None) -> int:
     in_process(engine, prompts[:1], 4)  # warm
     local = in_process(engine, prompts, args.new_tokens)
     print("starting prefill + 1 decode replica ...", file=sys.stderr)
-    engine_args = ["--seq-len", str(args.seq_len), "--dtype", engine.config.dtype, "--batch-size", "4"]
+    engine_args = ["--seq-len", str(args.seq_len), "--dtype", engine.config.dtype, "--batch-size", "4",
+                   "--kv-shm-dir", str(args.kv_shm_dir)]
+    kv_tokens = args.kv_tokens or [args.prompt_len]
+    transfers: dict[str, list[dict]] = {"chunks": [], "shared memory": []}
     with LocalCluster(args.model, decode_replicas=1, engine_args=engine_args) as cluster:
         remote = through_services(cluster.target, prompts, args.new_tokens)
-        transfer = asyncio.run(kv_transfer(engine, cluster.decode_targets[0], prompts))
+        arena = _arena(args.kv_shm_dir, cluster.decode_targets[0], max(kv_tokens), engine)
+        try:
+            for n in kv_tokens:
+                kv_prompts = random_prompts(args.requests, n, engine.model_config.vocab_size)
+                transfers["chunks"].append({"tokens": n, **asyncio.run(kv_transfer(engine, cluster.decode_targets[0], kv_prompts))})
+                if arena is not None:
+                    transfers["shared memory"].append(
+                        {"tokens": n, **asyncio.run(kv_transfer(engine, cluster.decode_targets[0], kv_prompts, arena))})
+        finally:
+            if arena is not None:
+                arena.close()
 
     print(f"\n{args.model}: {engine.model_config.model_type}, {engine.config.dtype}, prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, medians of {args.requests} requests")
     print(f"{'':24}{'in-process':>12}{'services':>12}{'ratio':>8}")
     for key, label in (("ttft_ms", "TTFT (ms)"), ("decode_tok_s", "decode (tokens/s)")):
         print(f"{label:24}{local[key]:12.2f}{remote[key]:12.2f}{remote[key] / local[key]:8.2f}")
-    print(f"KV transfer: {transfer['kv_gb_s']:.2f} GB/s ({transfer['kv_bytes'] / 1e6:.3f} MB per request in "
-          f"{transfer['kv_transfer_ms']:.2f} ms median, {transfer['kv_transfer_ms_min']:.2f}-{transfer['kv_transfer_ms_max']:.2f} ms "
-          f"over {len(transfer['kv_transfer_ms_each'])} requests, header to ack)")
-    print(f"TTFT overhead through services: {remote['ttft_ms'] - local['ttft_ms']:.2f} ms")
+    print("\nKV hand-off, header to ack less the replica's queueing, median of each:")
+    print(f"{'transport':>14}{'tokens':>8}{'MB':>9}{'ms':>9}{'min-max ms':>16}{'GB/s':>7}")
+    for transport, rows in transfers.items():
+        for t in rows:
+            print(f"{transport:>14}{t['tokens']:8d}{t['kv_bytes'] / 1e6:9.3f}{t['kv_transfer_ms']:9.2f}"
+                  f"{t['kv_transfer_ms_min']:8.2f}-{t['kv_transfer_ms_max']:<7.2f}{t['kv_gb_s']:7.2f}")
+    if not transfers["shared memory"]:
+        print(f"(no shared-memory figures: no arena could be made in {args.kv_shm_dir}, or the replica does not see it)")
+    transfer = transfers["chunks"][0]
+    print(f"\nTTFT overhead through services: {remote['ttft_ms'] - local['ttft_ms']:.2f} ms; services TTFT over in-process "
+          f"TTFT plus the KV hand-off ({transfer['tokens']} tokens, chunks): "
+          f"{remote['ttft_ms'] / (local['ttft_ms'] + transfer['kv_transfer_ms']):.2f}")
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "dtype": engine.config.dtype, "in_process": local,
-                                         "services": remote, "kv": transfer}, indent=2) + "\n")
+                                         "services": remote, "kv": transfer, "kv_chunks": transfers["chunks"],
+                                         "kv_shared_memory": transfers["shared memory"]}, indent=2) + "\n")
     return 0
+
+
+def _arena(directory: Path, decode_target: str, max_tokens: int, engine: Engine) -> KVArena | None:
+    """An arena in `directory` big enough for the largest snapshot, if the replica sees the directory."""
+    import grpc as sync_grpc
+
+    cfg = engine.model_config
+    size = 2 * cfg.num_layers * cfg.num_kv_heads * max_tokens * cfg.head_dim * DTYPES[engine.config.dtype].itemsize
+    try:
+        arena = KVArena(directory, size + KVArena.ALIGN)
+    except OSError as exc:
+        print(f"no shared-memory KV arena in {directory}: {exc}", file=sys.stderr)
+        return None
+    with sync_grpc.insecure_channel(decode_target) as channel:
+        probe = decode_pb2_grpc.DecodeStub(channel).GetLoad(decode_pb2.GetLoadRequest(), timeout=10).shm_probe
+    if not sees_probe(directory, probe):
+        arena.close()
+        return None
+    return arena
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ apply_service_defaults()  # before the imports below load torch, and libgomp wit
 
 from decode_svc.loop import DecodeLoop
 from decode_svc.server import DecodeServicer
+from nxcore.kv_wire import Probe, remove_stale
 from nxserve.decode_codec import add_decode_servicer
 from nxserve.engine_args import SERVICE_DEFAULTS, SERVICE_GRAPHS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
-from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
+from nxserve.grpc_common import add_kv_shm_flag, add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import decode_pb2
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (the same as prefill's)")
     add_server_flags(p, port=50061, max_queue=64, queue_help="requests that may wait for a free slot")
+    add_kv_shm_flag(p, role="prefill services keep their KV arenas there and this replica reads requests' KV out of them")
     add_engine_flags(p, **SERVICE_DEFAULTS["decode"])
     add_speculation_flags(p)
     return p
@@ -44,7 +46,7 @@ async def serve(args: argparse.Namespace) -> None:
     from nxcore.tokenizer import load_tokenizer
 
     configure_tracing("nxserve-decode")
-    servicer = DecodeServicer()
+    servicer = DecodeServicer(shm_dir=args.kv_shm_dir)
     server, health, port = await start_server(
         args, service=SERVICE, register=lambda s: add_decode_servicer(servicer, s))
 
@@ -62,6 +64,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer, thread=thread)
     loop.start()
     servicer.attach(loop)
+    probe = _advertise_shm(servicer)
     await set_health(health, SERVICE, serving=True)
     log.info("SERVING %s on port %d after %.1fs: %d slots, seq_len %d", args.model, port, time.perf_counter() - start,
              config.batch_size, config.seq_len)
@@ -72,10 +75,30 @@ async def serve(args: argparse.Namespace) -> None:
         loop.stop(timeout=5)
         thread.submit(engine.close)
         thread.close(timeout=10)
+        if probe is not None:
+            probe.close()
 
     await install_shutdown(stop).wait()
     shutdown_tracing()
     log.info("stopped")
+
+
+def _advertise_shm(servicer: DecodeServicer) -> Probe | None:
+    """Create the probe file GetLoad advertises, so prefill services on this host can tell that they
+    share --kv-shm-dir; without it (no directory, or not writable) KV arrives as chunks only."""
+    if servicer.shm_dir is None:
+        return None
+    try:
+        for name in remove_stale(servicer.shm_dir):
+            log.info("removed %s from %s: the service that made it is gone", name, servicer.shm_dir)
+        probe = Probe(servicer.shm_dir)
+    except OSError as exc:
+        log.warning("KV through shared memory is off: cannot create a file in --kv-shm-dir %s (%s)", servicer.shm_dir, exc.strerror)
+        servicer.shm_dir = servicer.shared = None
+        return None
+    servicer.shm_probe = probe.name
+    log.info("taking KV through shared memory in %s from prefill services that see %s there", servicer.shm_dir, probe.name)
+    return probe
 
 
 def _warm_up(engine) -> None:  # noqa: ANN001

@@ -74,6 +74,8 @@ class DecodeJob:
     prompt_ids: list[int]
     first_token: int
     kv: KVSnapshot | None
+    """The prompt's KV until it is imported into a slot. It may view the sender's shared memory,
+    which the sender reuses once it has the ack: import before emitting Acked (and draft_kv too)."""
     sampling: SamplingParams
     rng: RequestRng
     stopping: StoppingCriteria

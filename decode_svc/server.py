@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
@@ -13,8 +14,10 @@ from opentelemetry import trace
 
 from decode_svc.loop import Acked, DecodeJob, DecodeLoop, Event, Failed, Finished, QueueFull, Tokens
 from nxcore import Engine, RequestRng
-from nxcore.kv_wire import KVAssembler, KVTransferError
-from nxserve.decode_codec import DecodeMessage, message_kind
+from nxcore.kv_wire import (
+    KVAssembler, KVTransferError, Layout, SharedKVReader, SharedKVUnreadable, SharedRegion, valid_arena_name,
+)
+from nxserve.decode_codec import SHM_UNREADABLE, DecodeMessage, message_kind
 from nxserve.grpc_common import FINISH_TO_PB, sampling_from_pb, stopping_from_pb
 from nxserve.tracing import extract_context, span_in
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
@@ -53,9 +56,16 @@ def layout_mismatch(engine: Engine, header: decode_pb2.DecodeHeader) -> str | No
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     """Registered before the server starts (so health answers while loading); `attach` makes it serve."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, shm_dir: Path | None = None) -> None:
         self.loop: DecodeLoop | None = None
         self.engine: Engine | None = None
+        self.shm_dir = shm_dir
+        """Where senders on this host keep their KV arenas (DecodeHeader.shared_kv); None: chunks only."""
+        self.shared = SharedKVReader(shm_dir) if shm_dir is not None else None
+        self.shm_probe = ""
+        """The file advertised in GetLoad (created in shm_dir by the service once serving)."""
+        self.shared_kv_requests = 0
+        self.chunked_kv_requests = 0
 
     def attach(self, loop: DecodeLoop) -> None:
         self.loop, self.engine = loop, loop.engine
@@ -70,6 +80,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.GetLoadResponse(
             free_slots=free, total_slots=total, queued_requests=queued, max_queue=self.loop.max_queue,
             fingerprint=self.engine.fingerprint, completed_requests=self.loop.completed, steps=self.loop.steps,
+            shm_probe=self.shm_probe, shared_kv_requests=self.shared_kv_requests, chunked_kv_requests=self.chunked_kv_requests,
         )
 
     async def Decode(
@@ -116,8 +127,19 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 requests, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"all {total} decode slots are busy and {queued} requests wait (max_queue={self.loop.max_queue})",
             )
+        shared = None
+        if header.HasField("shared_kv"):
+            ref = header.shared_kv
+            shared = SharedRegion(name=ref.name, offset=ref.offset, nbytes=ref.nbytes, crc32=ref.crc32)
+            if self.shared is None:
+                await _reject(requests, context, grpc.StatusCode.FAILED_PRECONDITION,
+                              "this decode replica takes KV as chunks only (no --kv-shm-dir, or not writable)",
+                              trailing_metadata=SHM_UNREADABLE)
+            if not valid_arena_name(shared.name):
+                await _reject(requests, context, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"shared KV arena name {shared.name!r} is not nxserve-kv-<32 hex digits>")
         layouts = [header.layout] + ([header.draft_layout] if header.HasField("draft_layout") else [])
-        snapshots = await self._receive_kv(requests, context, layouts, ctx)
+        snapshots = await self._receive_kv(requests, context, layouts, ctx, shared)
         stopping, stop_strings = stopping_from_pb(header.stopping)
         sampling = sampling_from_pb(header.sampling)
         return DecodeJob(
@@ -134,11 +156,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             emit=emit,
         )
 
-    async def _receive_kv(self, requests, context, layouts: list[decode_pb2.KvLayout], ctx):  # noqa: ANN001, ANN202
-        """Chunks until the commit, into one snapshot per KV set (target, then draft when sent)."""
-        with span_in(tracer, "kv_receive", parent=ctx) as (span, _):
+    async def _receive_kv(self, requests, context, layouts: list[decode_pb2.KvLayout], ctx,  # noqa: ANN001
+                          shared: SharedRegion | None):  # noqa: ANN202
+        """Chunks until the commit, into one snapshot per KV set (target, then draft when sent); or,
+        when the header named a shared region, the commit and then views of the region (the decode
+        loop imports them before it acks, after which the sender may reuse the region)."""
+        with span_in(tracer, "kv_receive", parent=ctx, attributes={"nxserve.kv_transport": "shm" if shared else "chunks"}) as (span, _):
             try:
-                assemblers = [
+                assemblers = None if shared is not None else [
                     KVAssembler(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
                                 n_tokens=lay.n_tokens, dtype=lay.dtype)
                     for lay in layouts
@@ -151,16 +176,33 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         break
                     if kind != "chunk":
                         raise KVTransferError(f"unexpected {kind} message after the header")
+                    if assemblers is None:
+                        raise KVTransferError("a KV chunk after a header that named a shared KV region")
                     if message.kv_set >= len(assemblers):
                         raise KVTransferError(f"chunk for KV set {message.kv_set}, but the header announced {len(assemblers)} set(s)")
                     assemblers[message.kv_set].add(message.chunk)
                 else:
                     writing = False
                     raise KVTransferError("the stream ended before the commit message")
-                snapshots = [a.snapshot() for a in assemblers]
+                if shared is None:
+                    snapshots = [a.snapshot() for a in assemblers]
+                    received = sum(a.bytes_received for a in assemblers)
+                else:
+                    snapshots = self.shared.snapshots(shared, [
+                        Layout(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, n_tokens=lay.n_tokens,
+                               head_dim=lay.head_dim, dtype=lay.dtype) for lay in layouts])
+                    received = shared.nbytes
+            except SharedKVUnreadable as exc:
+                await _reject(requests, context, grpc.StatusCode.FAILED_PRECONDITION,
+                              f"{exc}: the sender does not share this replica's --kv-shm-dir ({self.shm_dir}), send chunks",
+                              drain=writing, trailing_metadata=SHM_UNREADABLE)
             except KVTransferError as exc:
                 await _reject(requests, context, grpc.StatusCode.DATA_LOSS, str(exc), drain=writing)
-            span.set_attribute("nxserve.kv_bytes", sum(a.bytes_received for a in assemblers))
+            span.set_attribute("nxserve.kv_bytes", received)
+            if shared is not None:
+                self.shared_kv_requests += 1
+            else:
+                self.chunked_kv_requests += 1
             return snapshots
 
     async def _relay(self, events: asyncio.Queue, context, span) -> AsyncIterator[decode_pb2.DecodeResponse]:  # noqa: ANN001
@@ -203,7 +245,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 async def _reject(requests: AsyncIterator[DecodeMessage], context: grpc.aio.ServicerContext, code: grpc.StatusCode,
-                  details: str, *, drain: bool = True) -> NoReturn:
+                  details: str, *, drain: bool = True, trailing_metadata: tuple[tuple[str, str], ...] = ()) -> NoReturn:
     """Abort the stream with `code`, once the sender has stopped writing (`drain`: read and drop its
     messages up to the commit or the end of the stream).
 
@@ -216,4 +258,4 @@ async def _reject(requests: AsyncIterator[DecodeMessage], context: grpc.aio.Serv
         async for message in requests:
             if message_kind(message) == "commit":
                 break
-    await context.abort(code, details)
+    await context.abort(code, details, trailing_metadata)

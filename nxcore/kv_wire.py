@@ -4,6 +4,10 @@ A chunk covers layers [layer_start, layer_end) x tokens [token_start, token_end)
 K block then the V block, each `[layers, kv_heads, tokens, head_dim]`, as raw bytes with a CRC-32.
 Whole layers are grouped while they fit `max_bytes`; a layer larger than that is split by tokens.
 
+On one host the snapshot can instead travel through shared memory: the sender copies it into a
+region of its arena (`KVArena`, one file in a shared-memory directory, mapped once) and names the
+region; the receiver views it there (`SharedKVReader`) and the engine's import is the only copy out.
+
 Neither side copies more than it must: a sent chunk is a list of views of the snapshot's memory
 (one per block when whole layers are grouped, one per KV head when a layer is split by tokens),
 its CRC-32 is computed over those views, and the transport joins them once into its message. The
@@ -14,8 +18,16 @@ engine's threads hold the cores.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import fcntl
+import math
+import mmap
+import os
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +63,10 @@ class KVChunk:
 
 class KVTransferError(ValueError):
     """A chunk that does not fit the announced layout, or whose checksum does not match."""
+
+
+class SharedKVUnreadable(KVTransferError):
+    """The sender's arena is not there or not readable: the sender does not share the directory."""
 
 
 def crc32_of(parts: tuple[memoryview, ...]) -> int:
@@ -127,3 +143,261 @@ class KVAssembler:
             missing = int((~self._filled).sum())
             raise KVTransferError(f"KV snapshot incomplete at commit: {missing} (layer, token) cells never arrived")
         return KVSnapshot(keys=self.keys, values=self.values)
+
+
+# ---------------------------------------------------------------- shared memory on one host
+
+ARENA_PREFIX = "nxserve-kv-"
+_ARENA_NAME = re.compile(r"nxserve-kv-[0-9a-f]{32}")
+PROBE_PREFIX = "nxserve-decode-"
+_PROBE_NAME = re.compile(r"nxserve-decode-[0-9a-f]{32}")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def valid_arena_name(name: str) -> bool:
+    """Whether `name` is an arena's file name (and so names nothing outside the shared directory)."""
+    return _ARENA_NAME.fullmatch(name) is not None
+
+
+class Probe:
+    """The empty file a receiver advertises: a sender that sees it in its own shared directory shares
+    that directory. Locked while this process lives, like an arena, so that `remove_stale` can tell
+    a leftover of a receiver that crashed. OSError when the directory is not writable."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.name = PROBE_PREFIX + uuid.uuid4().hex
+        fd = os.open(self.directory / self.name, os.O_RDONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            remove_file(self.directory, self.name)
+            raise
+        self._fd: int | None = fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            remove_file(self.directory, self.name)
+            os.close(self._fd)
+            self._fd = None
+
+
+def sees_probe(directory: Path, name: str) -> bool:
+    """Whether the receiver's probe `name` is in `directory` (names other than a probe's are refused)."""
+    return _PROBE_NAME.fullmatch(name) is not None and (Path(directory) / name).is_file()
+
+
+def remove_file(directory: Path, name: str) -> None:
+    """Remove a file of `directory` if it is still there."""
+    try:
+        os.unlink(Path(directory) / name)
+    except FileNotFoundError:
+        pass
+
+
+@dataclass(frozen=True)
+class SharedRegion:
+    """Where a sender left snapshots in its arena: every snapshot in order, each K block then V block."""
+
+    name: str
+    """The arena's file name in the shared directory."""
+    offset: int
+    nbytes: int
+    crc32: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One KV set's shape and dtype: K and V are each [num_layers, num_kv_heads, n_tokens, head_dim]."""
+
+    num_layers: int
+    num_kv_heads: int
+    n_tokens: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.num_layers, self.num_kv_heads, self.n_tokens, self.head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        """K and V together."""
+        if self.dtype not in DTYPES:
+            raise KVTransferError(f"KV dtype {self.dtype!r} is not supported: allowed {sorted(DTYPES)}")
+        return 2 * math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+def snapshot_parts(kv: KVSnapshot) -> tuple[np.ndarray, np.ndarray]:
+    """The K block then the V block as flat byte arrays viewing the snapshot (no copy when contiguous)."""
+    return _as_bytes(kv.keys).reshape(-1), _as_bytes(kv.values).reshape(-1)
+
+
+class KVArena:
+    """The sender's side: one file in a shared-memory directory, reserved and mapped once, whose
+    regions hold the snapshots in flight. A region is written with one copy and stays unchanged
+    until `release`, which the sender calls when the receiver has acknowledged (it copies before
+    acknowledging) or the call ended.
+
+    Reserving the whole file up front (posix_fallocate) makes a directory that is too small fail
+    here, not with SIGBUS on a later write; reusing its pages skips the page allocation and
+    zeroing a new file would pay on every transfer. The file stays locked (flock) while this process
+    lives, so a later sender can tell a leftover of a crashed one (`remove_stale`).
+    Not thread-safe: one thread (the service's event loop) puts and releases.
+    """
+
+    ALIGN = 4096
+
+    def __init__(self, directory: Path, nbytes: int) -> None:
+        if nbytes < self.ALIGN:
+            raise ValueError(f"a KV arena needs at least {self.ALIGN} bytes, got {nbytes}")
+        self.directory = Path(directory)
+        self.name = ARENA_PREFIX + uuid.uuid4().hex
+        self.nbytes = nbytes
+        fd = os.open(self.directory / self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.posix_fallocate(fd, 0, nbytes)
+            self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            remove_file(self.directory, self.name)
+            raise
+        self._fd = fd  # holds the lock
+        self._bytes = np.frombuffer(self._map, dtype=np.uint8)
+        self._free: list[tuple[int, int]] = [(0, nbytes)]  # (offset, size), sorted, never adjacent
+        self.in_use = 0
+
+    def put(self, snapshots: Sequence[KVSnapshot]) -> SharedRegion | None:
+        """Copy the snapshots into a free region; None when no free region is large enough."""
+        parts = [p for kv in snapshots for p in snapshot_parts(kv)]
+        size = sum(p.nbytes for p in parts)
+        offset = self._allocate(size)
+        if offset is None:
+            return None
+        pos = offset
+        for part in parts:  # numpy, not torch: no OpenMP team on the calling thread
+            self._bytes[pos:pos + part.nbytes] = part
+            pos += part.nbytes
+        return SharedRegion(name=self.name, offset=offset, nbytes=size,
+                            crc32=isal_zlib.crc32(memoryview(self._bytes[offset:offset + size])))
+
+    def release(self, region: SharedRegion) -> None:
+        size = _aligned(region.nbytes, self.ALIGN)
+        self.in_use -= size
+        spans = sorted([*self._free, (region.offset, size)])
+        merged = [spans[0]]
+        for offset, length in spans[1:]:
+            last_offset, last_length = merged[-1]
+            if last_offset + last_length == offset:
+                merged[-1] = (last_offset, last_length + length)
+            else:
+                merged.append((offset, length))
+        self._free = merged
+
+    def _allocate(self, nbytes: int) -> int | None:
+        size = _aligned(max(nbytes, 1), self.ALIGN)
+        for i, (offset, length) in enumerate(self._free):
+            if length >= size:
+                self._free[i:i + 1] = [(offset + size, length - size)] if length > size else []
+                self.in_use += size
+                return offset
+        return None
+
+    def close(self) -> None:
+        """Unmap and remove the file (a receiver's mapping stays valid until it drops it)."""
+        if self._fd is None:
+            return
+        del self._bytes
+        self._map.close()
+        os.close(self._fd)
+        self._fd = None
+        remove_file(self.directory, self.name)
+
+
+def _aligned(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+def remove_stale(directory: Path) -> list[str]:
+    """Remove the arenas and probes in `directory` whose process no longer runs (their lock is
+    free); returns their names. A live process's files, and any this user may not lock, stay."""
+    removed = []
+    for path in sorted(Path(directory).glob("nxserve-*")):
+        if not (valid_arena_name(path.name) or _PROBE_NAME.fullmatch(path.name)):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live process holds it
+        finally:
+            os.close(fd)
+        remove_file(directory, path.name)
+        removed.append(path.name)
+    return removed
+
+
+class SharedKVReader:
+    """The receiver's side: maps each sender's arena once and reads snapshots out of its regions.
+
+    The snapshots are views of the sender's memory, valid only until the sender's `release`: the
+    receiver must copy them (the engine's `import_kv`) before it acknowledges. Mappings of arenas
+    whose file is gone (a stopped sender) are dropped when a new arena shows up; at most
+    `max_arenas` stay mapped."""
+
+    def __init__(self, directory: Path, *, max_arenas: int = 8) -> None:
+        self.directory = Path(directory)
+        self.max_arenas = max_arenas
+        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
+
+    def snapshots(self, region: SharedRegion, layouts: Sequence[Layout]) -> list[KVSnapshot]:
+        """The snapshots (one per layout, in order) in the region, after checking its name, bounds,
+        size and CRC-32. SharedKVUnreadable when the arena cannot be opened here."""
+        if not valid_arena_name(region.name):
+            raise KVTransferError(f"shared KV arena name {region.name!r} is not {ARENA_PREFIX}<32 hex digits>")
+        expected = sum(layout.nbytes for layout in layouts)
+        if region.nbytes != expected:
+            raise KVTransferError(f"shared KV region of {region.nbytes} bytes, the layouts need {expected}")
+        mapping = self._mapping(region.name)
+        if region.offset < 0 or region.offset + region.nbytes > len(mapping):
+            raise KVTransferError(f"shared KV region [{region.offset}, {region.offset + region.nbytes}) is outside "
+                                  f"arena {region.name} of {len(mapping)} bytes")
+        if isal_zlib.crc32(memoryview(mapping)[region.offset:region.offset + region.nbytes]) != region.crc32:
+            raise KVTransferError("shared KV region failed its CRC-32 check: the data is corrupted")
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=region.nbytes, offset=region.offset)
+        snapshots, offset = [], 0
+        for layout in layouts:
+            half = layout.nbytes // 2
+            k, v = (raw[start:start + half].view(DTYPES[layout.dtype]).view(layout.shape) for start in (offset, offset + half))
+            snapshots.append(KVSnapshot(keys=k, values=v))
+            offset += layout.nbytes
+        return snapshots
+
+    def _mapping(self, name: str) -> mmap.mmap:
+        mapping = self._maps.get(name)
+        if mapping is not None:
+            self._maps.move_to_end(name)
+            return mapping
+        for old in [n for n in self._maps if not (self.directory / n).exists()]:
+            del self._maps[old]  # unmapped once no snapshot views it any more
+        path = self.directory / name
+        try:
+            fd = os.open(path, os.O_RDWR | _NOFOLLOW)
+        except OSError as exc:
+            raise SharedKVUnreadable(f"cannot open the shared KV arena {path}: {exc.strerror}") from None
+        try:
+            # Writable only because torch.frombuffer wants a writable buffer; nothing writes to it.
+            mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError) as exc:
+            raise SharedKVUnreadable(f"cannot map the shared KV arena {path}: {exc}") from None
+        finally:
+            os.close(fd)
+        self._maps[name] = mapping
+        while len(self._maps) > self.max_arenas:
+            self._maps.popitem(last=False)
+        return mapping

@@ -28,6 +28,17 @@ _DATA_FIELD = 5  # KvChunk.data
 _UINT32_FIELDS = {1: "layer_start", 2: "layer_end", 3: "token_start", 4: "token_end", 6: "crc32", 7: "kv_set"}
 
 
+SHM_UNREADABLE = (("nxserve-kv", "shm-unreadable"),)
+"""Trailing metadata of a replica's FAILED_PRECONDITION for a shared KV region it cannot read (the
+sender's arena is not in its --kv-shm-dir, or it has none): the sender should send chunks instead.
+Other FAILED_PRECONDITIONs (another model) are final."""
+
+
+def is_shm_unreadable(trailing_metadata) -> bool:  # noqa: ANN001
+    """Whether a call's trailing metadata carries SHM_UNREADABLE."""
+    return any(tuple(item) == SHM_UNREADABLE[0] for item in trailing_metadata or ())
+
+
 @dataclass(frozen=True)
 class ChunkMessage:
     """A `DecodeRequest` whose kind is `chunk`, decoded without copying its data."""

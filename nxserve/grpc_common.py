@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -110,6 +111,20 @@ def stopping_to_pb(criteria: StoppingCriteria, stop_strings: Sequence[str]) -> g
         stop_strings=list(stop_strings),
         ignore_eos=criteria.ignore_eos,
     )
+
+
+def shm_dir_arg(value: str) -> Path | None:
+    """--kv-shm-dir: a directory, or "none"."""
+    return None if value.lower() in ("none", "") else Path(value)
+
+
+def add_kv_shm_flag(parser: argparse.ArgumentParser, *, role: str) -> None:
+    default = "/dev/shm" if Path("/dev/shm").is_dir() else "none"
+    parser.add_argument(
+        "--kv-shm-dir", type=shm_dir_arg, default=shm_dir_arg(default), metavar="DIR|none",
+        help=f"shared-memory directory for KV hand-off on one host: {role}; used only where prefill and "
+             f"decode see the same directory, chunks over gRPC otherwise. In Kubernetes, mount one emptyDir "
+             f"(medium: Memory) into both containers of a pod. none: chunks only (default: {default})")
 
 
 def add_server_flags(parser: argparse.ArgumentParser, *, port: int, max_queue: int, queue_help: str) -> None:

@@ -7,13 +7,14 @@ import logging
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 from nxserve.omp_env import apply_service_defaults
 
 apply_service_defaults()  # before the imports below load torch, and libgomp with it
 
 from nxserve.engine_args import SERVICE_DEFAULTS, SERVICE_GRAPHS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
-from nxserve.grpc_common import add_server_flags, install_shutdown, run_service, set_health, start_server
+from nxserve.grpc_common import add_kv_shm_flag, add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import generation_pb2, generation_pb2_grpc
 
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode replicas as HOST:PORT[,HOST:PORT...]")
     add_server_flags(p, port=50051, max_queue=256, queue_help="prompts that may wait for context encoding")
     p.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="KV bytes per chunk sent to decode (default: 1 MiB)")
+    add_kv_shm_flag(p, role="this service keeps its KV arena there, a file of --kv-shm-bytes, for decode replicas that see it too")
+    p.add_argument("--kv-shm-bytes", type=_size, default=256 << 20, metavar="BYTES",
+                   help="size of the shared-memory KV arena, reserved at start; a request whose KV does not fit in "
+                        "what is free goes as chunks. Accepts K, M, G suffixes (default: 256M)")
     add_speculation_flags(p)
     defaults = SERVICE_DEFAULTS["prefill"]
     add_engine_flags(p, **defaults, batch_help="prompts encoded together per context-encoding call, same as "
@@ -72,9 +77,10 @@ async def serve(args: argparse.Namespace) -> None:
             draft.free(0)
     worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread)
     worker.start()
-    router = DecodeRouter(args.decode, fingerprint=engine.fingerprint)
+    arena = _arena(args.kv_shm_dir, args.kv_shm_bytes)
+    router = DecodeRouter(args.decode, fingerprint=engine.fingerprint, shm_dir=arena.directory if arena else None)
     await router.start()
-    servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer)
+    servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer, arena=arena)
     await set_health(health, SERVICE, serving=True)
     log.info("SERVING %s on port %d after %.1fs: buckets %s, %d decode replica(s), %d up",
              args.model, port, time.perf_counter() - start, list(config.buckets), len(args.decode), len(router.usable()))
@@ -88,10 +94,45 @@ async def serve(args: argparse.Namespace) -> None:
         if draft is not None:
             thread.submit(draft.close)
         thread.close(timeout=10)
+        if arena is not None:
+            arena.close()
 
     await install_shutdown(stop).wait()
     shutdown_tracing()
     log.info("stopped")
+
+
+def _size(text: str) -> int:
+    """A byte count with an optional K, M or G suffix (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    scale = units.get(text[-1:], 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 268435456, 256M, 1G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
+    return value
+
+
+def _arena(directory: Path | None, nbytes: int):  # noqa: ANN202
+    """This service's shared-memory KV arena, after removing arenas crashed senders left there; None
+    (chunks only) without a directory or when the arena cannot be reserved there."""
+    from nxcore.kv_wire import KVArena, remove_stale
+
+    if directory is None:
+        return None
+    try:
+        for name in remove_stale(directory):
+            log.info("removed %s from %s: the service that made it is gone", name, directory)
+        arena = KVArena(directory, nbytes)
+    except OSError as exc:
+        log.warning("KV through shared memory is off: cannot reserve a %d-byte arena in --kv-shm-dir %s (%s); "
+                    "give the directory more room or lower --kv-shm-bytes", nbytes, directory, exc.strerror or exc)
+        return None
+    log.info("KV arena %s/%s: %d MiB for decode replicas that share the directory", directory, arena.name, nbytes >> 20)
+    return arena
 
 
 def main(argv: list[str] | None = None) -> int:

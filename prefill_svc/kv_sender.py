@@ -1,4 +1,5 @@
-"""Sending one request's KV snapshot on a Decode stream: header, CRC-checked chunks, commit, ack.
+"""Sending one request's KV snapshot on a Decode stream: header, CRC-checked chunks (or a region of
+this service's shared-memory arena, when the replica shares its directory), commit, ack.
 
 The call must come from `nxserve.decode_codec.DecodeStub`: chunks are written as encoded bytes."""
 
@@ -12,7 +13,7 @@ import grpc
 
 from nxcore import Engine, SamplingParams, StoppingCriteria
 from nxcore.kv_cache import KVSnapshot
-from nxcore.kv_wire import iter_chunks
+from nxcore.kv_wire import KVArena, iter_chunks
 from nxserve.decode_codec import encode_chunk
 from nxserve.grpc_common import sampling_to_pb, stopping_to_pb
 from nxserve.v1 import decode_pb2
@@ -61,6 +62,8 @@ class Transfer:
     """From the header to the ack, less the time decode queued the request for a slot."""
     queue_ms: float
     slot: int
+    shared: bool = False
+    """Sent through the shared-memory arena rather than as chunks."""
 
 
 class NoAck(Exception):
@@ -68,20 +71,39 @@ class NoAck(Exception):
 
 
 async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequest, kv: KVSnapshot, *, chunk_bytes: int,
-                  draft_kv: KVSnapshot | None = None) -> Transfer:
+                  draft_kv: KVSnapshot | None = None, arena: KVArena | None = None) -> Transfer:
     """Write header, chunks (target KV, then the draft's when given) and commit, read the ack, then
-    close the request side (after the ack: the replica does not wait for it). gRPC errors propagate."""
+    close the request side (after the ack: the replica does not wait for it). With `arena`, whose
+    directory the replica shares, the KV goes into a region of it named in the header instead of
+    chunks (chunks still when no region is free), released when this returns. gRPC errors propagate."""
     start = time.perf_counter()
-    await call.write(header)
-    sent = 0
-    for kv_set, snapshot in enumerate([kv] if draft_kv is None else [kv, draft_kv]):
-        for c in iter_chunks(snapshot, max_bytes=chunk_bytes):
-            sent += c.nbytes
-            await call.write(encode_chunk(c, kv_set=kv_set))
-    await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
-    ack = await call.read()
+    snapshots = [kv] if draft_kv is None else [kv, draft_kv]
+    region = arena.put(snapshots) if arena is not None else None
+    try:
+        message = header
+        if region is not None:
+            message = decode_pb2.DecodeRequest()
+            message.CopyFrom(header)  # the caller's header stays as it was, for a retry with chunks
+            message.header.shared_kv.CopyFrom(decode_pb2.SharedKv(name=region.name, offset=region.offset,
+                                                                  nbytes=region.nbytes, crc32=region.crc32))
+        await call.write(message)
+        sent = 0
+        if region is None:
+            for kv_set, snapshot in enumerate(snapshots):
+                for c in iter_chunks(snapshot, max_bytes=chunk_bytes):
+                    sent += c.nbytes
+                    await call.write(encode_chunk(c, kv_set=kv_set))
+        else:
+            sent = region.nbytes
+        await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
+        ack = await call.read()
+    finally:
+        if region is not None:
+            # After the ack the replica holds its own copy. Without one the call is over (failed or
+            # cancelled): a replica still reading would only serve a request nobody waits for.
+            arena.release(region)
     if ack is grpc.aio.EOF or ack.WhichOneof("kind") != "ack":
         raise NoAck("the decode replica answered the KV without an ack")
     seconds = time.perf_counter() - start - ack.ack.queue_ms / 1000
     await call.done_writing()
-    return Transfer(bytes_sent=sent, seconds=seconds, queue_ms=ack.ack.queue_ms, slot=ack.ack.slot)
+    return Transfer(bytes_sent=sent, seconds=seconds, queue_ms=ack.ack.queue_ms, slot=ack.ack.slot, shared=region is not None)

@@ -1,13 +1,17 @@
-"""Decode replica selection: least loaded by GetLoad reports, refreshed in the background."""
+"""Decode replica selection: least loaded by GetLoad reports, refreshed in the background. The
+reports also tell which replicas share this service's shared-memory directory (KV hand-off on one
+host without chunking)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
+from nxcore.kv_wire import sees_probe
 from nxserve.decode_codec import DecodeStub
 from nxserve.grpc_common import server_options
 from nxserve.v1 import decode_pb2
@@ -27,6 +31,13 @@ class Replica:
     fingerprint: str = ""
     picks_since_report: int = 0
     last_error: str = "no load report yet"
+    shm: bool = False
+    """Whether KV goes to it through this service's shared-memory arena (it advertised a probe file
+    this service sees in the arena's directory, and no shared hand-off to it has failed)."""
+    shm_probe: str = ""
+    shm_failed_probe: str = ""
+    """The probe the replica advertised when it could not read the arena: chunks while it still does
+    (a restarted replica advertises a new probe and gets another try)."""
 
     def score(self) -> int:
         return self.free_slots - self.queued - self.picks_since_report
@@ -39,10 +50,11 @@ class NoReplica(Exception):
 
 
 class DecodeRouter:
-    def __init__(self, targets: list[str], *, fingerprint: str, interval_s: float = 0.5) -> None:
+    def __init__(self, targets: list[str], *, fingerprint: str, interval_s: float = 0.5, shm_dir: Path | None = None) -> None:
         if not targets:
             raise ValueError("no decode replicas given: pass --decode HOST:PORT[,HOST:PORT...]")
         self.fingerprint = fingerprint
+        self.shm_dir = shm_dir
         self.interval_s = interval_s
         self.replicas: list[Replica] = []
         for target in targets:
@@ -80,6 +92,11 @@ class DecodeRouter:
             log.info("decode replica %s is up: %d/%d slots free", r.target, load.free_slots, load.total_slots)
         r.up, r.free_slots, r.total_slots, r.queued, r.fingerprint = True, load.free_slots, load.total_slots, load.queued_requests, load.fingerprint
         r.picks_since_report = 0
+        shm = self.shm_dir is not None and load.shm_probe != r.shm_failed_probe and sees_probe(self.shm_dir, load.shm_probe)
+        r.shm_probe = load.shm_probe
+        if shm != r.shm:
+            log.info("KV to decode replica %s: %s", r.target, f"shared memory in {self.shm_dir}" if shm else "chunks over gRPC")
+        r.shm = shm
         if r.fingerprint != self.fingerprint:
             r.last_error = f"serves model {r.fingerprint}, prefill serves {self.fingerprint}"
 
@@ -97,6 +114,12 @@ class DecodeRouter:
         best = max(candidates, key=lambda r: (r.score(), -self.replicas.index(r)))
         best.picks_since_report += 1
         return best
+
+    def shm_failed(self, replica: Replica, error: str) -> None:
+        """Send chunks to this replica while it advertises the same probe: it could not read this
+        service's arena."""
+        replica.shm, replica.shm_failed_probe = False, replica.shm_probe
+        log.warning("KV to decode replica %s: chunks over gRPC until it restarts, the shared-memory hand-off failed: %s", replica.target, error)
 
     def mark_down(self, replica: Replica, error: str) -> None:
         replica.up, replica.last_error = False, error

@@ -17,7 +17,8 @@ from opentelemetry import trace
 from nxcore import Engine, RequestRng, SamplingParams, StoppingCriteria
 from nxcore.detokenizer import IncrementalDetokenizer
 from nxcore.generate import FinishReason, GenerationResult, finish_reason
-from nxcore.kv_wire import DEFAULT_CHUNK_BYTES
+from nxcore.kv_wire import DEFAULT_CHUNK_BYTES, KVArena
+from nxserve.decode_codec import is_shm_unreadable
 from nxserve.grpc_common import FINISH_FROM_PB, FINISH_TO_PB, sampling_from_pb, stopping_from_pb
 from nxserve.tracing import extract_context, inject_metadata, span_in
 from nxserve.v1 import generation_pb2 as pb, generation_pb2_grpc
@@ -55,9 +56,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.chunk_bytes = chunk_bytes
         self.engine: Engine | None = None
 
-    def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer) -> None:  # noqa: ANN001
+    def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer,  # noqa: ANN001
+               arena: KVArena | None = None) -> None:
         self.worker = worker
         self.router = router
+        self.arena = arena
+        """Shared-memory arena for KV to replicas that share its directory (router: Replica.shm)."""
         self.tokenizer = tokenizer
         self.engine = engine
 
@@ -185,10 +189,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 await context.abort(exc.code, str(exc))
             tried.add(replica.target)
             call = replica.stub.Decode(metadata=inject_metadata(ctx), timeout=context.time_remaining())
+            arena = self.arena if replica.shm else None
             try:
                 with span_in(tracer, "kv_transfer", parent=ctx, attributes={"nxserve.decode_replica": replica.target}) as (span, _):
-                    sent = await send_kv(call, header, prefill.kv, chunk_bytes=self.chunk_bytes, draft_kv=prefill.draft_kv)
-                    span.set_attributes({"nxserve.kv_bytes": sent.bytes_sent, "nxserve.kv_transfer_ms": sent.seconds * 1000,
+                    sent = await send_kv(call, header, prefill.kv, chunk_bytes=self.chunk_bytes, draft_kv=prefill.draft_kv, arena=arena)
+                    span.set_attributes({"nxserve.kv_transport": "shm" if sent.shared else "chunks",
+                                         "nxserve.kv_bytes": sent.bytes_sent, "nxserve.kv_transfer_ms": sent.seconds * 1000,
                                          "nxserve.decode_queue_ms": sent.queue_ms, "nxserve.decode_slot": sent.slot,
                                          "nxserve.kv_gbps": sent.bytes_sent / max(sent.seconds, 1e-9) / 1e9})
                 return replica, call
@@ -197,6 +203,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 # A write to a call that already failed raises InvalidStateError; the status says why.
                 code, details = await call.code(), await call.details()
+                if arena is not None and code == grpc.StatusCode.FAILED_PRECONDITION and \
+                        is_shm_unreadable(await call.trailing_metadata()):
+                    self.router.shm_failed(replica, details)
+                    tried.discard(replica.target)  # again, with chunks
+                    continue
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     busy.append(f"decode replica {replica.target}: {details}")
                     continue

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from nxcore import Engine, RuntimeConfig, SamplingParams, StoppingCriteria, generate
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
-from nxserve.decode_codec import DecodeStub
+from nxserve.decode_codec import DecodeStub, is_shm_unreadable
 from nxserve.model_factory import make_model
 from nxserve.v1 import decode_pb2, decode_pb2_grpc, generation_pb2 as pb, generation_pb2_grpc
 
@@ -34,10 +34,18 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(model_dir: Path):
-    with LocalCluster(model_dir, decode_replicas=2, engine_args=[*ENGINE_ARGS, "--max-queue", "64"]) as c:
+def shm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared-memory directory of the module's cluster (any directory works; /dev/shm is RAM)."""
+    return tmp_path_factory.mktemp("shm")
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir: Path, shm_dir: Path):
+    with LocalCluster(model_dir, decode_replicas=2, engine_args=[*ENGINE_ARGS, "--max-queue", "64", "--kv-shm-dir", str(shm_dir)],
+                      prefill_args=["--kv-shm-bytes", "4M"]) as c:
         yield c
         assert c.exited() == []  # nothing crashed during the tests
+    assert list(shm_dir.iterdir()) == []  # arena and probes removed on shutdown
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +104,10 @@ def test_greedy_single_request_equals_in_process_and_transformers(client: Client
 
 
 def test_sixteen_concurrent_requests_over_two_replicas(client: Client, cluster: LocalCluster, engine: Engine, hf_model) -> None:  # noqa: ANN001
+    """Their KV goes through prefill's shared-memory arena (both services share --kv-shm-dir)."""
     batch = prompts(16)
-    before = [s.completed_requests for s in loads(cluster)]
+    start = loads(cluster)
+    before = [s.completed_requests for s in start]
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda p: client.generate_text(p, max_new_tokens=24, ignore_eos=True), batch))
     local = generate(engine, batch, stopping=StoppingCriteria(max_new_tokens=24, ignore_eos=True))
@@ -107,6 +117,8 @@ def test_sixteen_concurrent_requests_over_two_replicas(client: Client, cluster: 
     served = [a.completed_requests - b for a, b in zip(after, before)]
     assert sum(served) == 16 and all(n > 0 for n in served)  # both replicas took requests
     assert all(s.free_slots == SLOTS for s in after)  # 16 requests > 8 slots, all completed, nothing leaked
+    assert sum(a.shared_kv_requests - b.shared_kv_requests for a, b in zip(after, start)) == 16
+    assert sum(a.chunked_kv_requests - b.chunked_kv_requests for a, b in zip(after, start)) == 0
 
 
 def test_seeded_sampling_equals_in_process(client: Client, engine: Engine) -> None:
@@ -216,6 +228,48 @@ def test_decode_refuses_other_model_and_corrupted_chunks(cluster: LocalCluster, 
         kinds = [m.WhichOneof("kind") for m in stub.Decode(iter(messages), timeout=10)]
         assert kinds[0] == "ack" and kinds[-1] == "final"
     assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
+
+
+def test_decode_refuses_shared_regions_it_cannot_or_must_not_read(cluster: LocalCluster, engine: Engine) -> None:
+    region = decode_pb2.SharedKv(name="nxserve-kv-" + "0" * 32, offset=0, nbytes=2 * 2 * 2 * 3 * 16 * 4, crc32=0)
+    commit = decode_pb2.DecodeRequest(commit=decode_pb2.Commit())
+    with grpc.insecure_channel(cluster.decode_targets[0]) as ch:
+        stub = decode_pb2_grpc.DecodeStub(ch)
+        with pytest.raises(grpc.RpcError) as err:  # no such arena: the sender should send chunks
+            list(stub.Decode(iter([_header(cluster, engine, shared_kv=region), commit]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "send chunks" in err.value.details()
+        assert is_shm_unreadable(err.value.trailing_metadata())
+        outside = decode_pb2.SharedKv(name="../../etc/passwd", offset=0, nbytes=region.nbytes)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Decode(iter([_header(cluster, engine, shared_kv=outside), commit]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nxserve-kv-<32 hex digits>" in err.value.details()
+        assert not is_shm_unreadable(err.value.trailing_metadata())
+    assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
+
+
+def test_kv_goes_as_chunks_where_the_directory_is_not_shared(model_dir: Path, engine: Engine, tmp_path: Path) -> None:
+    """Prefill and decode with different --kv-shm-dir: chunks. Then prefill is made to see the
+    replica's probe (as if the directory were shared) though the replica cannot open prefill's
+    arena: the replica answers FAILED_PRECONDITION + SHM_UNREADABLE and prefill resends as chunks,
+    for that request and the next."""
+    theirs, ours = tmp_path / "decode-shm", tmp_path / "prefill-shm"
+    theirs.mkdir(), ours.mkdir()
+    batch = prompts(3)
+    expected = [r.output_ids for r in generate(engine, batch, stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True))]
+    with LocalCluster(model_dir, decode_replicas=1, engine_args=ENGINE_ARGS, decode_args=["--kv-shm-dir", str(theirs)],
+                      prefill_args=["--kv-shm-dir", str(ours), "--kv-shm-bytes", "1M"]) as c, Client(c.target) as client:
+        assert client.generate_text(batch[0], max_new_tokens=6, ignore_eos=True).output_ids == expected[0]
+        [load] = loads(c)
+        assert (load.shared_kv_requests, load.chunked_kv_requests) == (0, 1) and load.shm_probe
+        (ours / load.shm_probe).touch()  # prefill now believes it shares the replica's directory
+        time.sleep(1.5)  # the router's next GetLoad round (every 0.5 s) sees it
+        for prompt, want in zip(batch[1:], expected[1:]):
+            assert client.generate_text(prompt, max_new_tokens=6, ignore_eos=True).output_ids == want
+        [load] = loads(c)
+        assert (load.shared_kv_requests, load.chunked_kv_requests) == (0, 3)
+        log = c.services[-1].log_tail(200)
+        assert "shared memory in" in log and "chunks over gRPC until it restarts" in log
+        assert c.exited() == []
 
 
 def test_a_rejected_stream_reports_the_replicas_status_to_a_sender_still_writing(cluster: LocalCluster, engine: Engine) -> None:

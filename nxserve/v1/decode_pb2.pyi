@@ -32,7 +32,7 @@ class KvLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., n_tokens: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class DecodeHeader(_message.Message):
-    __slots__ = ("request_id", "sampling", "stopping", "prompt_token_ids", "first_token", "rng_offset", "fingerprint", "layout", "disable_speculation", "draft_layout")
+    __slots__ = ("request_id", "sampling", "stopping", "prompt_token_ids", "first_token", "rng_offset", "fingerprint", "layout", "disable_speculation", "draft_layout", "shared_kv")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class DecodeHeader(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DISABLE_SPECULATION_FIELD_NUMBER: _ClassVar[int]
     DRAFT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_KV_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sampling: _generation_pb2.SamplingParameters
     stopping: _generation_pb2.StoppingParameters
@@ -53,7 +54,20 @@ class DecodeHeader(_message.Message):
     layout: KvLayout
     disable_speculation: bool
     draft_layout: KvLayout
-    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generation_pb2.StoppingParameters, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., rng_offset: _Optional[int] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., disable_speculation: _Optional[bool] = ..., draft_layout: _Optional[_Union[KvLayout, _Mapping]] = ...) -> None: ...
+    shared_kv: SharedKv
+    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generation_pb2.StoppingParameters, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., rng_offset: _Optional[int] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., disable_speculation: _Optional[bool] = ..., draft_layout: _Optional[_Union[KvLayout, _Mapping]] = ..., shared_kv: _Optional[_Union[SharedKv, _Mapping]] = ...) -> None: ...
+
+class SharedKv(_message.Message):
+    __slots__ = ("name", "offset", "nbytes", "crc32")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    nbytes: int
+    crc32: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("layer_start", "layer_end", "token_start", "token_end", "data", "crc32", "kv_set")
@@ -130,7 +144,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("free_slots", "total_slots", "queued_requests", "max_queue", "fingerprint", "completed_requests", "steps")
+    __slots__ = ("free_slots", "total_slots", "queued_requests", "max_queue", "fingerprint", "completed_requests", "steps", "shm_probe", "shared_kv_requests", "chunked_kv_requests")
     FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +152,9 @@ class GetLoadResponse(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    SHM_PROBE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_KV_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_KV_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     free_slots: int
     total_slots: int
     queued_requests: int
@@ -145,4 +162,7 @@ class GetLoadResponse(_message.Message):
     fingerprint: str
     completed_requests: int
     steps: int
-    def __init__(self, free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., fingerprint: _Optional[str] = ..., completed_requests: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    shm_probe: str
+    shared_kv_requests: int
+    chunked_kv_requests: int
+    def __init__(self, free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_queue: _Optional[int] = ..., fingerprint: _Optional[str] = ..., completed_requests: _Optional[int] = ..., steps: _Optional[int] = ..., shm_probe: _Optional[str] = ..., shared_kv_requests: _Optional[int] = ..., chunked_kv_requests: _Optional[int] = ...) -> None: ...

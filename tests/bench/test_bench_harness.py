@@ -42,10 +42,16 @@ def test_speculation_and_moe_and_tp_benches_run(tiny: Path, tmp_path: Path) -> N
 def test_services_bench_runs(tiny: Path, tmp_path: Path) -> None:
     from bench import services
 
+    shm = tmp_path / "shm"
+    shm.mkdir()
     assert services.main(["--model", str(tiny), "--prompt-len", "16", "--new-tokens", "4", "--requests", "1",
-                          "--seq-len", "128", "--json", str(tmp_path / "svc.json")]) == 0
+                          "--seq-len", "128", "--kv-tokens", "16,100", "--kv-shm-dir", str(shm), "--json", str(tmp_path / "svc.json")]) == 0
     data = json.loads((tmp_path / "svc.json").read_text())
     assert data["kv"]["kv_bytes"] > 0 and data["services"]["ttft_ms"] > 0
+    for transport in ("kv_chunks", "kv_shared_memory"):
+        assert [row["tokens"] for row in data[transport]] == [16, 100]
+        assert data[transport][1]["kv_bytes"] > data[transport][0]["kv_bytes"] > 0
+    assert list(shm.iterdir()) == []
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
 from nxcore.kv_cache import KVSnapshot
-from nxcore.kv_wire import KVAssembler, KVChunk, KVTransferError, iter_chunks
+from nxcore.kv_wire import (
+    PROBE_PREFIX, KVArena, KVAssembler, KVChunk, KVTransferError, Layout, SharedKVReader, SharedKVUnreadable, SharedRegion,
+    Probe, iter_chunks, remove_stale, sees_probe,
+)
 
 LAYERS, HEADS, TOKENS, DIM = 3, 2, 7, 16
 
@@ -97,3 +101,104 @@ def test_corrupted_resized_misplaced_and_missing_chunks_are_refused() -> None:
         assembler.snapshot()
     with pytest.raises(KVTransferError, match="not supported"):
         _assembler("int8")
+
+
+# ---------------------------------------------------------------- shared memory
+
+
+def _layout(kv: KVSnapshot) -> Layout:
+    return Layout(*kv.keys.shape[:2], kv.keys.shape[2], kv.keys.shape[3], str(kv.keys.dtype).removeprefix("torch."))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_arena_region_round_trip_with_a_draft_set_is_exact(tmp_path: Path, dtype: torch.dtype) -> None:
+    target = _snapshot(dtype)
+    draft = KVSnapshot(keys=target.keys[:1, :, :5].contiguous() * 3, values=target.values[:1, :, :5].contiguous() - 1)
+    arena = KVArena(tmp_path, 1 << 16)
+    region = arena.put([target, draft])
+    assert region.name == arena.name and region.offset == 0
+    assert region.nbytes == 2 * target.keys.nbytes + 2 * draft.keys.nbytes
+    assert region.crc32 == zlib.crc32(b"".join(bytes(t.contiguous().view(torch.uint8).numpy()) for t in
+                                               (target.keys, target.values, draft.keys, draft.values)))
+    got = SharedKVReader(tmp_path).snapshots(region, [_layout(target), _layout(draft)])
+    for mine, theirs in zip([target, draft], got):
+        assert theirs.keys.dtype == dtype and torch.equal(theirs.keys, mine.keys) and torch.equal(theirs.values, mine.values)
+    arena.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_arena_reuses_released_regions_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
+    kv = _snapshot()  # 5376 bytes: two 4 KiB pages
+    arena = KVArena(tmp_path, 6 * 4096)
+    a, b, c = (arena.put([kv]) for _ in range(3))
+    assert [r.offset for r in (a, b, c)] == [0, 8192, 16384] and arena.in_use == 6 * 4096
+    assert arena.put([kv]) is None  # full: the sender sends chunks
+    arena.release(b)
+    assert arena.put([kv]).offset == 8192
+    for r in (a, c):
+        arena.release(r)
+    again = arena.put([kv])
+    assert again.offset == 0  # first fit: the freed span at 0
+    for r in (again, SharedRegion(arena.name, 8192, kv.keys.nbytes * 2, 0)):
+        arena.release(r)
+    assert arena.in_use == 0 and arena._free == [(0, 6 * 4096)]  # merged back into one span
+    with pytest.raises(ValueError, match="at least"):
+        KVArena(tmp_path, 100)
+    arena.close()
+
+
+def test_reader_refuses_bad_names_bounds_sizes_checksums_and_missing_arenas(tmp_path: Path) -> None:
+    kv = _snapshot()
+    arena = KVArena(tmp_path, 1 << 16)
+    region = arena.put([kv])
+    reader = SharedKVReader(tmp_path)
+    layouts = [_layout(kv)]
+    for bad, match in [
+        (SharedRegion("../../etc/passwd", 0, region.nbytes, region.crc32), "not nxserve-kv-"),
+        (SharedRegion(region.name, 0, region.nbytes - 4, region.crc32), "layouts need"),
+        (SharedRegion(region.name, (1 << 16) - 4096, region.nbytes, region.crc32), "outside arena"),
+        (SharedRegion(region.name, 0, region.nbytes, region.crc32 ^ 1), "CRC-32"),
+    ]:
+        with pytest.raises(KVTransferError, match=match):
+            reader.snapshots(bad, layouts)
+    with pytest.raises(SharedKVUnreadable, match="cannot open"):
+        SharedKVReader(tmp_path / "elsewhere").snapshots(region, layouts)
+    arena.close()
+
+
+def test_reader_drops_the_mappings_of_arenas_that_are_gone(tmp_path: Path) -> None:
+    kv = _snapshot()
+    reader = SharedKVReader(tmp_path, max_arenas=2)
+    first = KVArena(tmp_path, 1 << 14)
+    view = reader.snapshots(first.put([kv]), [_layout(kv)])[0]
+    first.close()
+    assert torch.equal(view.keys, kv.keys)  # a view outlives the sender's arena file
+    arenas = [KVArena(tmp_path, 1 << 14) for _ in range(3)]
+    for arena in arenas:
+        reader.snapshots(arena.put([kv]), [_layout(kv)])
+    assert list(reader._maps) == [a.name for a in arenas[1:]]  # the removed one first, then the oldest
+    for arena in arenas:
+        arena.close()
+
+
+def test_stale_arenas_and_probes_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    live_arena, live_probe = KVArena(tmp_path, 1 << 14), Probe(tmp_path)
+    stale = [tmp_path / ("nxserve-kv-" + "0" * 32), tmp_path / ("nxserve-decode-" + "1" * 32)]
+    for path in stale:
+        path.write_bytes(b"left by a crashed service")
+    other = tmp_path / "nxserve-kv-notes.txt"
+    other.write_text("not an arena")
+    assert remove_stale(tmp_path) == sorted(p.name for p in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_arena.name, live_probe.name, other.name])
+    live_arena.close(), live_probe.close()
+    assert [p.name for p in tmp_path.iterdir()] == [other.name]
+
+
+def test_probe_files_tell_who_shares_the_directory(tmp_path: Path) -> None:
+    probe = Probe(tmp_path)
+    assert probe.name.startswith(PROBE_PREFIX) and sees_probe(tmp_path, probe.name)
+    assert not sees_probe(tmp_path / "other", probe.name)
+    (tmp_path / "passwd").write_text("")
+    assert not sees_probe(tmp_path, "passwd") and not sees_probe(tmp_path, "../" + tmp_path.name + "/" + probe.name)
+    probe.close()
+    assert not sees_probe(tmp_path, probe.name)
