@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_flags(p, port=50051, max_queue=256, queue_help="prompts that may wait for context encoding")
     p.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="KV bytes per chunk sent to decode (default: 1 MiB)")
     add_kv_shm_flag(p, role="this service keeps its KV arena there, a file of --kv-shm-bytes, for decode replicas that see it too")
-    p.add_argument("--kv-shm-bytes", type=_size, default=256 << 20, metavar="BYTES",
+    p.add_argument("--kv-shm-bytes", type=_size, default=None, metavar="BYTES",
                    help="size of the shared-memory KV arena, reserved at start; a request whose KV does not fit in "
-                        "what is free goes as chunks. Accepts K, M, G suffixes (default: 256M)")
+                        "what is free goes as chunks. Accepts K, M, G suffixes (default: room for the KV of 4 full "
+                        "context-encoding batches at the largest bucket, draft model's included, within 16M-1G)")
     add_speculation_flags(p)
     defaults = SERVICE_DEFAULTS["prefill"]
     add_engine_flags(p, **defaults, batch_help="prompts encoded together per context-encoding call, same as "
@@ -77,7 +78,7 @@ async def serve(args: argparse.Namespace) -> None:
             draft.free(0)
     worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread)
     worker.start()
-    arena = _arena(args.kv_shm_dir, args.kv_shm_bytes)
+    arena = _arena(args.kv_shm_dir, args.kv_shm_bytes or _arena_default(engine, draft))
     router = DecodeRouter(args.decode, fingerprint=engine.fingerprint, shm_dir=arena.directory if arena else None)
     await router.start()
     servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer, arena=arena)
@@ -114,6 +115,20 @@ def _size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
     return value
+
+
+def _arena_default(engine, draft) -> int:  # noqa: ANN001
+    """Room for the KV of 4 full context-encoding batches at the largest bucket (they stay in the arena
+    until their decode replica has them), within 16 MiB..1 GiB."""
+    from nxcore.config import DTYPES
+
+    per_token = 0
+    for e in (engine, draft):
+        if e is not None:
+            mc = e.model_config
+            per_token += 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * DTYPES[e.config.dtype].itemsize
+    want = 4 * engine.config.ctx_batch_size * engine.config.max_prompt_len * per_token
+    return min(max(want, 16 << 20), 1 << 30)
 
 
 def _arena(directory: Path | None, nbytes: int):  # noqa: ANN202

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from nxserve.grpc_common import shm_dir_arg
-from prefill_svc.__main__ import _size, build_parser
+from prefill_svc.__main__ import _arena_default, _size, build_parser
 
 
 def test_sizes_take_k_m_g_suffixes_and_refuse_nonsense() -> None:
@@ -22,3 +23,16 @@ def test_kv_shm_dir_none_turns_shared_memory_off() -> None:
     assert shm_dir_arg("none") is None and shm_dir_arg("None") is None and shm_dir_arg("/x") == Path("/x")
     args = build_parser().parse_args(["--model", "m", "--decode", "h:1", "--kv-shm-dir", "none", "--kv-shm-bytes", "64M"])
     assert args.kv_shm_dir is None and args.kv_shm_bytes == 64 << 20
+
+
+def _engine(layers: int, kv_heads: int, head_dim: int, dtype: str, ctx_batch: int = 4, max_prompt: int = 1024) -> SimpleNamespace:
+    return SimpleNamespace(model_config=SimpleNamespace(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim),
+                           config=SimpleNamespace(dtype=dtype, ctx_batch_size=ctx_batch, max_prompt_len=max_prompt))
+
+
+def test_default_arena_holds_four_full_batches_within_bounds() -> None:
+    small = _engine(12, 4, 64, "bfloat16")  # 12 KiB a token
+    assert _arena_default(small, None) == 4 * 4 * 1024 * 12 * 1024 == 192 << 20
+    assert _arena_default(small, _engine(2, 1, 64, "float32")) == 4 * 4 * 1024 * (12 + 1) * 1024
+    assert _arena_default(_engine(2, 2, 16, "float32", ctx_batch=1, max_prompt=128), None) == 16 << 20
+    assert _arena_default(_engine(32, 8, 128, "bfloat16"), None) == 1 << 30
