@@ -284,7 +284,8 @@ class KVArena:
                             crc32=isal_zlib.crc32(memoryview(self._bytes[offset:offset + size])))
 
     def release(self, region: SharedRegion) -> None:
-        size = _aligned(region.nbytes, self.ALIGN)
+        """Make a region `put` returned free again (once)."""
+        size = _aligned(max(region.nbytes, 1), self.ALIGN)
         self.in_use -= size
         spans = sorted([*self._free, (region.offset, size)])
         merged = [spans[0]]
