@@ -8,10 +8,6 @@ import sys
 import time
 from functools import partial
 
-from nxserve.omp_env import apply_service_defaults
-
-apply_service_defaults()  # before the imports below load torch, and libgomp with it
-
 from decode_svc.loop import DecodeLoop
 from decode_svc.server import DecodeServicer
 from nxcore.kv_wire import Probe, remove_stale

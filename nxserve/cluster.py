@@ -24,12 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from nxserve.omp_env import share_cores
+
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 # Reconnect quickly while a service is still starting (gRPC's default backoff grows to minutes).
 _PROBE_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flag(args: Sequence[str], name: str) -> str | None:
+    """The value of the last `name VALUE` or `name=VALUE` in args."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 class ClusterError(RuntimeError):
@@ -144,9 +157,21 @@ class LocalCluster:
         log.info("cluster up: prefill %s, decode %s (logs in %s)", self.target, ", ".join(self.decode_targets), self.log_dir)
         return self
 
+    def openmp_threads(self) -> int:
+        """OpenMP threads of every engine process this cluster starts: each service's --threads (torch's
+        default: one per core) times its --tp rank processes."""
+        cores = os.cpu_count() or 1
+        total = 0
+        for extra, count in ((self.prefill_args, 1), (self.decode_args, len(self._decodes))):
+            args = [*self.engine_args, *extra]
+            total += count * int(_flag(args, "--threads") or cores) * int(_flag(args, "--tp") or 1)
+        return total
+
     def _spawn(self, service: _Service, extra: list[str]) -> None:
         argv = [sys.executable, "-m", service.module, "--model", self.model_dir, "--port", str(service.port), *self.engine_args, *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if share_cores(env, threads=self.openmp_threads()):  # see nxserve.omp_env
+            log.debug("%s: GOMP_SPINCOUNT=%s, its engine shares the cores", service.name, env["GOMP_SPINCOUNT"])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
         service.log_file = open(service.log_path, "wb")  # noqa: SIM115 (closed in stop)
         log.debug("starting %s: %s", service.name, " ".join(argv))

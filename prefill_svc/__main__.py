@@ -9,10 +9,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-from nxserve.omp_env import apply_service_defaults
-
-apply_service_defaults()  # before the imports below load torch, and libgomp with it
-
 from nxserve.engine_args import SERVICE_DEFAULTS, SERVICE_GRAPHS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
 from nxserve.grpc_common import add_kv_shm_flag, add_server_flags, install_shutdown, run_service, set_health, start_server
 from nxserve.tracing import configure_tracing, shutdown_tracing
