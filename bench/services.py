@@ -24,11 +24,11 @@ import grpc
 
 from bench.common import random_prompts
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria
+from nxcore.config import DTYPES
+from nxcore.kv_wire import KVArena, sees_probe
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
 from nxserve.decode_codec import DecodeStub
-from nxcore.config import DTYPES
-from nxcore.kv_wire import KVArena, sees_probe
 from nxserve.grpc_common import server_options
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
 from prefill_svc.kv_sender import decode_header, send_kv
@@ -162,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _arena(directory: Path, decode_target: str, max_tokens: int, engine: Engine) -> KVArena | None:
     """An arena in `directory` big enough for the largest snapshot, if the replica sees the directory."""
-    import grpc as sync_grpc
-
     cfg = engine.model_config
     size = 2 * cfg.num_layers * cfg.num_kv_heads * max_tokens * cfg.head_dim * DTYPES[engine.config.dtype].itemsize
     try:
@@ -171,7 +169,7 @@ def _arena(directory: Path, decode_target: str, max_tokens: int, engine: Engine)
     except OSError as exc:
         print(f"no shared-memory KV arena in {directory}: {exc}", file=sys.stderr)
         return None
-    with sync_grpc.insecure_channel(decode_target) as channel:
+    with grpc.insecure_channel(decode_target) as channel:
         probe = decode_pb2_grpc.DecodeStub(channel).GetLoad(decode_pb2.GetLoadRequest(), timeout=10).shm_probe
     if not sees_probe(directory, probe):
         arena.close()
