@@ -24,8 +24,7 @@ import grpc
 
 from bench.common import random_prompts
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria
-from nxcore.config import DTYPES
-from nxcore.kv_wire import KVArena, sees_probe
+from nxcore.kv_wire import KVArena, Layout, sees_probe
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
 from nxserve.decode_codec import DecodeStub
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 def _arena(directory: Path, decode_target: str, max_tokens: int, engine: Engine) -> KVArena | None:
     """An arena in `directory` big enough for the largest snapshot, if the replica sees the directory."""
     cfg = engine.model_config
-    size = 2 * cfg.num_layers * cfg.num_kv_heads * max_tokens * cfg.head_dim * DTYPES[engine.config.dtype].itemsize
+    size = Layout(cfg.num_layers, cfg.num_kv_heads, max_tokens, cfg.head_dim, engine.config.dtype).nbytes
     try:
         arena = KVArena(directory, size + KVArena.ALIGN)
     except OSError as exc:

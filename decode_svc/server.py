@@ -4,6 +4,7 @@ batch, streams tokens back. Protobuf is converted here and nowhere else."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -162,12 +163,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         when the header named a shared region, the commit and then views of the region (the decode
         loop imports them before it acks, after which the sender may reuse the region)."""
         with span_in(tracer, "kv_receive", parent=ctx, attributes={"nxserve.kv_transport": "shm" if shared else "chunks"}) as (span, _):
+            kv_layouts = [Layout(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, n_tokens=lay.n_tokens,
+                                 head_dim=lay.head_dim, dtype=lay.dtype) for lay in layouts]
             try:
-                assemblers = None if shared is not None else [
-                    KVAssembler(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
-                                n_tokens=lay.n_tokens, dtype=lay.dtype)
-                    for lay in layouts
-                ]
+                assemblers = None if shared is not None else [KVAssembler(**dataclasses.asdict(lay)) for lay in kv_layouts]
                 writing = True  # whether the sender may still write (no commit, no end of stream yet)
                 async for message in requests:
                     kind = message_kind(message)
@@ -188,9 +187,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     snapshots = [a.snapshot() for a in assemblers]
                     received = sum(a.bytes_received for a in assemblers)
                 else:
-                    snapshots = self.shared.snapshots(shared, [
-                        Layout(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, n_tokens=lay.n_tokens,
-                               head_dim=lay.head_dim, dtype=lay.dtype) for lay in layouts])
+                    snapshots = self.shared.snapshots(shared, kv_layouts)
                     received = shared.nbytes
             except SharedKVUnreadable as exc:
                 await _reject(requests, context, grpc.StatusCode.FAILED_PRECONDITION,

@@ -116,14 +116,11 @@ def _size(text: str) -> int:
 def _arena_default(engine, draft) -> int:  # noqa: ANN001
     """Room for the KV of 4 full context-encoding batches at the largest bucket (they stay in the arena
     until their decode replica has them), within 16 MiB..1 GiB."""
-    from nxcore.config import DTYPES
+    from nxcore.kv_wire import Layout
 
-    per_token = 0
-    for e in (engine, draft):
-        if e is not None:
-            mc = e.model_config
-            per_token += 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * DTYPES[e.config.dtype].itemsize
-    want = 4 * engine.config.ctx_batch_size * engine.config.max_prompt_len * per_token
+    tokens = 4 * engine.config.ctx_batch_size * engine.config.max_prompt_len
+    want = sum(Layout(e.model_config.num_layers, e.model_config.num_kv_heads, tokens, e.model_config.head_dim,
+                      e.config.dtype).nbytes for e in (engine, draft) if e is not None)
     return min(max(want, 16 << 20), 1 << 30)
 
 
