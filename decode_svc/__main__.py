@@ -82,18 +82,19 @@ async def serve(args: argparse.Namespace) -> None:
 def _advertise_shm(servicer: DecodeServicer) -> Probe | None:
     """Create the probe file GetLoad advertises, so prefill services on this host can tell that they
     share --kv-shm-dir; without it (no directory, or not writable) KV arrives as chunks only."""
-    if servicer.shm_dir is None:
+    if servicer.shared is None:
         return None
+    directory = servicer.shared.directory
     try:
-        for name in remove_stale(servicer.shm_dir):
-            log.info("removed %s from %s: the service that made it is gone", name, servicer.shm_dir)
-        probe = Probe(servicer.shm_dir)
+        for name in remove_stale(directory):
+            log.info("removed %s from %s: the service that made it is gone", name, directory)
+        probe = Probe(directory)
     except OSError as exc:
-        log.warning("KV through shared memory is off: cannot create a file in --kv-shm-dir %s (%s)", servicer.shm_dir, exc.strerror)
-        servicer.shm_dir = servicer.shared = None
+        log.warning("KV through shared memory is off: cannot create a file in --kv-shm-dir %s (%s)", directory, exc.strerror)
+        servicer.shared = None
         return None
     servicer.shm_probe = probe.name
-    log.info("taking KV through shared memory in %s from prefill services that see %s there", servicer.shm_dir, probe.name)
+    log.info("taking KV through shared memory in %s from prefill services that see %s there", directory, probe.name)
     return probe
 
 

@@ -100,7 +100,7 @@ class QueueFull(Exception):
 
 class DecodeLoop:
     def __init__(self, engine: Engine, *, tokenizer: Decoder, max_queue: int,
-                 proposer: NgramProposer | DraftProposer | None = None, thread: EngineThread | None = None) -> None:
+                 proposer: NgramProposer | DraftProposer | None = None, thread: EngineThread) -> None:
         self.engine = engine
         self.proposer = proposer
         self.tokenizer = tokenizer
@@ -109,16 +109,14 @@ class DecodeLoop:
         self._running: dict[int, DecodeJob] = {}
         self._cond = threading.Condition()
         self._stop = False
-        self._own_thread = thread is None
-        self._thread = EngineThread("decode-loop") if thread is None else thread
+        self._thread = thread
         """Where the engines were loaded: the loop runs there."""
         self._loop: concurrent.futures.Future | None = None
         self.steps = 0
         self.completed = 0
 
     def start(self) -> None:
-        self._loop = self._thread.submit(self._run)
-        self._loop.add_done_callback(_report_exit)
+        self._loop = self._thread.start_loop(self._run, what="decode loop")
 
     def stop(self, timeout: float | None = None) -> None:
         with self._cond:
@@ -126,8 +124,6 @@ class DecodeLoop:
             self._cond.notify_all()
         if self._loop is not None:
             concurrent.futures.wait([self._loop], timeout=timeout)
-        if self._own_thread:
-            self._thread.close(timeout)
 
     # ------------------------------------------------------------- called from the gRPC side
 
@@ -299,7 +295,3 @@ class DecodeLoop:
             job.status = RequestStatus.CANCELLED
             job.emit(Failed(message))
 
-
-def _report_exit(loop: concurrent.futures.Future) -> None:
-    if not loop.cancelled() and loop.exception() is not None:
-        log.error("the decode loop stopped on an error", exc_info=loop.exception())

@@ -60,11 +60,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, *, shm_dir: Path | None = None) -> None:
         self.loop: DecodeLoop | None = None
         self.engine: Engine | None = None
-        self.shm_dir = shm_dir
-        """Where senders on this host keep their KV arenas (DecodeHeader.shared_kv); None: chunks only."""
         self.shared = SharedKVReader(shm_dir) if shm_dir is not None else None
+        """Reads KV out of the arenas senders on this host keep in shm_dir (DecodeHeader.shared_kv);
+        None: chunks only."""
         self.shm_probe = ""
-        """The file advertised in GetLoad (created in shm_dir by the service once serving)."""
+        """The file advertised in GetLoad (created in the shared directory by the service once serving)."""
         self.shared_kv_requests = 0
         self.chunked_kv_requests = 0
 
@@ -191,7 +191,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     received = shared.nbytes
             except SharedKVUnreadable as exc:
                 await _reject(requests, context, grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{exc}: the sender does not share this replica's --kv-shm-dir ({self.shm_dir}), send chunks",
+                              f"{exc}: the sender does not share this replica's --kv-shm-dir ({self.shared.directory}), send chunks",
                               drain=writing, trailing_metadata=SHM_UNREADABLE)
             except KVTransferError as exc:
                 await _reject(requests, context, grpc.StatusCode.DATA_LOSS, str(exc), drain=writing)

@@ -17,6 +17,7 @@ would.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class EngineThread:
@@ -44,6 +46,14 @@ class EngineThread:
             raise RuntimeError(f"engine thread {self._thread.name} is closed")
         future: Future[T] = Future()
         self._calls.put((future, fn, args, kwargs))
+        return future
+
+    def start_loop(self, loop: Callable[[], None], *, what: str) -> Future[None]:
+        """Submit a serving loop (it returns when told to stop); an exception that ends it is logged
+        as "the {what} stopped on an error", since nobody waits on its future until shutdown."""
+        future = self.submit(loop)
+        future.add_done_callback(lambda f: None if f.cancelled() or f.exception() is None else
+                                 log.error("the %s stopped on an error", what, exc_info=f.exception()))
         return future
 
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

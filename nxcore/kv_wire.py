@@ -154,6 +154,19 @@ _PROBE_NAME = re.compile(r"nxserve-decode-[0-9a-f]{32}")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
+def _create_locked(path: Path, flags: int, mode: int) -> int:
+    """Create `path` (it must not exist) and lock it for this process's life; returns the fd. On
+    failure nothing is left behind."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        remove_file(path.parent, path.name)
+        raise
+    return fd
+
+
 def valid_arena_name(name: str) -> bool:
     """Whether `name` is an arena's file name (and so names nothing outside the shared directory)."""
     return _ARENA_NAME.fullmatch(name) is not None
@@ -167,14 +180,7 @@ class Probe:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.name = PROBE_PREFIX + uuid.uuid4().hex
-        fd = os.open(self.directory / self.name, os.O_RDONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
-            os.close(fd)
-            remove_file(self.directory, self.name)
-            raise
-        self._fd: int | None = fd
+        self._fd: int | None = _create_locked(self.directory / self.name, os.O_RDONLY, 0o644)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -255,9 +261,8 @@ class KVArena:
         self.directory = Path(directory)
         self.name = ARENA_PREFIX + uuid.uuid4().hex
         self.nbytes = nbytes
-        fd = os.open(self.directory / self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+        fd = _create_locked(self.directory / self.name, os.O_RDWR, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.posix_fallocate(fd, 0, nbytes)
             self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
@@ -267,7 +272,11 @@ class KVArena:
         self._fd = fd  # holds the lock
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self._free: list[tuple[int, int]] = [(0, nbytes)]  # (offset, size), sorted, never adjacent
-        self.in_use = 0
+
+    @property
+    def in_use(self) -> int:
+        """Bytes held by regions not yet released."""
+        return self.nbytes - sum(length for _, length in self._free)
 
     def put(self, snapshots: Sequence[KVSnapshot]) -> SharedRegion | None:
         """Copy the snapshots into a free region; None when no free region is large enough."""
@@ -286,7 +295,6 @@ class KVArena:
     def release(self, region: SharedRegion) -> None:
         """Make a region `put` returned free again (once)."""
         size = _aligned(max(region.nbytes, 1), self.ALIGN)
-        self.in_use -= size
         spans = sorted([*self._free, (region.offset, size)])
         merged = [spans[0]]
         for offset, length in spans[1:]:
@@ -302,7 +310,6 @@ class KVArena:
         for i, (offset, length) in enumerate(self._free):
             if length >= size:
                 self._free[i:i + 1] = [(offset + size, length - size)] if length > size else []
-                self.in_use += size
                 return offset
         return None
 

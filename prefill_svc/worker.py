@@ -52,27 +52,23 @@ class PrefillQueueFull(Exception):
 
 
 class PrefillWorker:
-    def __init__(self, engine: Engine, *, max_queue: int, draft: Engine | None = None, thread: EngineThread | None = None) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int, draft: Engine | None = None, thread: EngineThread) -> None:
         self.engine = engine
         self.draft = draft
         """Draft model for speculative decoding: its prompt KV travels to decode with the target's."""
         self.max_queue = max_queue
         self._queue: queue.Queue[PrefillJob | None] = queue.Queue(maxsize=max_queue)
-        self._own_thread = thread is None
-        self._thread = EngineThread("prefill-worker") if thread is None else thread
+        self._thread = thread
         """Where the engines were loaded: the loop runs there."""
         self._running: concurrent.futures.Future | None = None
 
     def start(self) -> None:
-        self._running = self._thread.submit(self._run)
-        self._running.add_done_callback(_report_exit)
+        self._running = self._thread.start_loop(self._run, what="prefill worker")
 
     def stop(self) -> None:
         self._queue.put(None)
         if self._running is not None:
             concurrent.futures.wait([self._running], timeout=10)
-        if self._own_thread:
-            self._thread.close(timeout=10)
 
     def queued(self) -> int:
         return self._queue.qsize()
@@ -141,11 +137,6 @@ class PrefillWorker:
         for j, token, kv, draft_kv in zip(jobs, tokens, snapshots, draft_snapshots):
             result = PrefillResult(first_token=token, kv=kv, draft_kv=draft_kv, enqueued_at=j.enqueued_at, started_at=start, finished_at=end, batch=len(jobs))
             j.loop.call_soon_threadsafe(_set_result, j.future, result)
-
-
-def _report_exit(running: concurrent.futures.Future) -> None:
-    if not running.cancelled() and running.exception() is not None:
-        log.error("the prefill worker stopped on an error", exc_info=running.exception())
 
 
 def _unused(requests: list[SequenceRequest]) -> list[None]:

@@ -40,6 +40,17 @@ def test_calls_run_in_order_on_one_thread_with_results_and_errors() -> None:
         thread.submit(lambda: None)
 
 
+def test_a_loop_that_ends_on_an_error_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    thread = EngineThread("test-engine")
+    with caplog.at_level("ERROR", logger="nxcore.engine_thread"):
+        ended = thread.start_loop(lambda: 1 / 0, what="test loop")
+        with pytest.raises(ZeroDivisionError):
+            ended.result(timeout=5)
+        assert thread.start_loop(lambda: None, what="quiet loop").result(timeout=5) is None
+    thread.close(timeout=5)
+    assert [r.getMessage() for r in caplog.records] == ["the test loop stopped on an error"]
+
+
 def _recording(engine: Engine, idents: set[int], *names: str) -> None:
     """Record the thread of every call to the engine's `names` methods."""
     for name in names:
