@@ -29,8 +29,8 @@ ENV_CACHE = "NXSERVE_NATIVE_CACHE"
 
 GEMV_MAX_ROWS = 2
 """Rows up to which bf16 linears run the C++ GEMV rather than oneDNN's packed GEMM: measured
-with `python -m bench.linear` (TinyLlama shapes), the GEMV was 13-22% faster at 1 row, ~10% at 2,
-and oneDNN ~12% faster from 3 rows on."""
+with `python -m bench.linear` (TinyLlama shapes), the GEMV was 20-30% faster at 1 and 2 rows, and
+oneDNN 20-40% faster at 3 and 4 (its blocked GEMM reuses each weight load across more rows)."""
 
 CFLAGS = ("-O3", "-fopenmp", f"-DNXCORE_GEMV_MAX_ROWS={GEMV_MAX_ROWS}")
 """-fopenmp makes `at::parallel_for` use torch's own OpenMP pool (torch's bundled libgomp is the

@@ -7,10 +7,9 @@
 //
 // What it runs, by measurement on this project's machine (AMD EPYC, avx512_bf16, 2 cores):
 // - bf16, one or two rows (`kGemvMaxRows`; decode): `gemv_bf16` below, which streams the dense
-//   row-major weight once with AVX512-BF16 dot products. A TinyLlama-shaped chain of decode
-//   linears ran at 85-93% of a `torch.sum` read of the same bytes (as fast as a plain read split
-//   into the same calls), where oneDNN's packed GEMV ran at 72-76% and `F.linear` at about 55%
-//   (`python -m bench.linear`).
+//   row-major weight once, row after row, with AVX512-BF16 dot products. A TinyLlama-shaped chain
+//   of decode linears ran at 92-97% of a `torch.sum` read of the same bytes, where oneDNN's packed
+//   GEMV ran at 72-76% and `F.linear` at about 55% (`python -m bench.linear`).
 // - bf16, more rows (prefill, batched decode): oneDNN on the weight packed once at load
 //   (`mkldnn::_linear_pointwise`, packing registered by `nxcore::_register_packed`).
 // - anything else (float32, an unregistered weight, no AVX512-BF16): `at::linear`.
@@ -93,61 +92,60 @@ int64_t packed_count() {
 #ifdef NXCORE_X86_GNU
 #define NXCORE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// out[m * ldo + i] = dot(w[i, :], x[m, :]) for R consecutive weight rows and M rows of x, float32
-// accumulation. Each weight vector is loaded once and used for every row of x.
-template <int R, int M>
-NXCORE_TARGET inline void dot_rows(const at::BFloat16* w, int64_t ldw, const at::BFloat16* x, int64_t K,
-                                   float* out, int64_t ldo) {
-  __m512 acc[R][M];
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
+// out[m] = dot(w[0:K], x[m, 0:K]) for the M rows of x, float32 accumulation: the weight row is
+// read once, front to back, each vector used for every row of x. Two accumulators per row of x
+// hide the latency of the dependent dot products.
+template <int M>
+NXCORE_TARGET inline void dot_row(const at::BFloat16* w, const at::BFloat16* x, int64_t K, float* out) {
+  constexpr int A = 2;
+  __m512 acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m512bh xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-    for (int i = 0; i < R; ++i) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + i * ldw + k);
-      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, xv[m]);
+  for (; k + 32 * A <= K; k += 32 * A) {
+    for (int a = 0; a < A; ++a) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * a);
+      for (int m = 0; m < M; ++m)
+        acc[m][a] = _mm512_dpbf16_ps(acc[m][a], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k + 32 * a));
     }
+  }
+  for (; k + 32 <= K; k += 32) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+    for (int m = 0; m < M; ++m)
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_loadu_si512(x + m * K + k));
   }
   if (k < K) {
     const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k)) - 1);
-    __m512bh xv[M];
-    for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k);
-    for (int i = 0; i < R; ++i) {
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + i * ldw + k);
-      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, xv[m]);
-    }
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + k);
+    for (int m = 0; m < M; ++m)
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k));
   }
-  for (int i = 0; i < R; ++i)
-    for (int m = 0; m < M; ++m) out[m * ldo + i] = _mm512_reduce_add_ps(acc[i][m]);
+  for (int m = 0; m < M; ++m) {
+    __m512 sum = acc[m][0];
+    for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[m][a]);
+    out[m] = _mm512_reduce_add_ps(sum);
+  }
 }
 
-// y[m, :] = x[m, :] @ w.T (+ bias) for the M rows of x, with weight rows split across threads in
-// blocks of R. Block sizes are the fastest measured here (bench/linear.py): 8 weight rows for one
-// row of x, 4 for two. From three rows on, oneDNN's packed GEMM measured faster.
-template <int R, int M>
+// y[m, :] = x[m, :] @ w.T (+ bias) for the M rows of x, weight rows split across threads in
+// contiguous ranges, each thread reading its range row after row: one sequential stream per
+// thread. Measured here (TinyLlama-shaped chain of decode linears, `bench/linear.py`), that read
+// at 92-97% of a `torch.sum` of the same bytes, where interleaving blocks of 4 or 8 rows (several
+// streams per thread) read at 82-90%, and software prefetches made both slower. From three rows of
+// x on, oneDNN's packed GEMM measured faster.
+template <int M>
 void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor& y) {
   const int64_t K = x.size(1), N = w.size(0);
   const auto* xp = x.const_data_ptr<at::BFloat16>();
   const auto* wp = w.const_data_ptr<at::BFloat16>();
   auto* yp = y.mutable_data_ptr<at::BFloat16>();
-  const int64_t blocks = (N + R - 1) / R;
   // At least ~64 KiB of weight per task, so small layers do not pay for waking threads.
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (R * K * 2));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    float acc[M * R];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * R;
-      const int64_t rows = std::min<int64_t>(R, N - r0);
-      if (rows == R) {
-        dot_rows<R, M>(wp + r0 * K, K, xp, K, acc, R);
-      } else {
-        for (int64_t i = 0; i < rows; ++i) dot_rows<1, M>(wp + (r0 + i) * K, K, xp, K, acc + i, R);
-      }
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t i = 0; i < rows; ++i)
-          yp[m * N + r0 + i] = at::BFloat16(bias ? acc[m * R + i] + bias[r0 + i] : acc[m * R + i]);
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (K * 2));
+  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+    float acc[M];
+    for (int64_t r = r0; r < r1; ++r) {
+      dot_row<M>(wp + r * K, xp, K, acc);
+      for (int64_t m = 0; m < M; ++m) yp[m * N + r] = at::BFloat16(bias ? acc[m] + bias[r] : acc[m]);
     }
   });
 }
@@ -157,8 +155,8 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at:
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   const float* bp = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
   switch (x.size(0)) {
-    case 1: return gemv_bf16<8, 1>(x, w, bp, y);
-    case 2: return gemv_bf16<4, 2>(x, w, bp, y);
+    case 1: return gemv_bf16<1>(x, w, bp, y);
+    case 2: return gemv_bf16<2>(x, w, bp, y);
     default: TORCH_CHECK(false, "nxcore::linear: the GEMV takes 1 or 2 rows, got ", x.size(0));
   }
 }

@@ -63,8 +63,9 @@ def test_packed_linear_equals_f_linear(bias: bool, rows: int) -> None:
 @pytest.mark.parametrize("shape", [(1,), (1, 1), (2,), (1, 2)])
 def test_gemv_rows_match_float32_to_one_rounding(bias: bool, sizes: tuple[int, int, int], shape: tuple[int, ...]) -> None:
     """Decode rows run the GEMV: float32 sums rounded once, so each output is the float32
-    reference's bf16 rounding or its neighbour. Sizes cover input widths that are not a multiple
-    of the 32-lane vector and output counts that are not a multiple of the 8-row block."""
+    reference's bf16 rounding or its neighbour. The input widths reach every part of the kernel's
+    loop (two vectors a step, one vector, the masked tail under 32 lanes); output counts split
+    unevenly across threads."""
     model = _model(bias, sizes)
     prepack(model)
     x = torch.randn(*shape, sizes[0], dtype=torch.bfloat16)
