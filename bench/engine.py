@@ -8,9 +8,10 @@ memory-bandwidth roofline, in one run.
 - prefill (context encoding incl. the first token) at each --prefill-lens;
 - transformers on the same checkpoint and dtype: generate() for decode (cache on, eos ignored;
   its per-token time excludes the prompt's forward) and a forward pass for prefill;
-- this machine's memory bandwidth (a read of a buffer the size of the weights) and batch-1 decode
-  as a fraction of the roofline (weight bytes one step reads, i.e. all but an untied input
-  embedding, over that bandwidth).
+- this machine's memory bandwidth (a read of a buffer the size of the weights, taken after each
+  timed batch-1 decode step, so both see the same machine) and batch-1 decode as a fraction of the
+  roofline (weight bytes one step reads, i.e. all but an untied input embedding, over that
+  bandwidth).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench.common import GREEDY, decode_steps, free_all, random_prompts
 from nxcore import Engine, RequestRng, RuntimeConfig, SequenceRequest
@@ -39,29 +40,44 @@ def _median_time(fn, repeats: int) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
-def bandwidth_gb_s(n_bytes: int) -> float:
-    """Read bandwidth: summing a buffer of n_bytes (the weights' size)."""
-    buf = torch.ones(max(n_bytes // 4, 1), dtype=torch.float32)
-    return n_bytes / _median_time(buf.sum, 5) / 1e9
+class Bandwidth:
+    """Read bandwidth: the time to sum a buffer of n_bytes (the weights' size). `read()` takes one
+    reading; the benchmark takes one after each timed batch-1 decode step, so the roofline is
+    measured under the same conditions as the decode it is compared with (on a shared machine the
+    bandwidth drifts by tens of percent over a minute)."""
+
+    def __init__(self, n_bytes: int) -> None:
+        self.n_bytes = n_bytes
+        self._buf = torch.ones(max(n_bytes // 4, 1), dtype=torch.float32)
+        self._buf.sum()  # pages touched, threads up
+        self.readings: list[float] = []
+
+    def read(self) -> None:
+        start = time.perf_counter()
+        self._buf.sum()
+        self.readings.append(self.n_bytes / (time.perf_counter() - start) / 1e9)
+
+    def gb_s(self) -> float:
+        """Median of the readings since the last call, which clears them."""
+        if not self.readings:
+            for _ in range(5):
+                self.read()
+        readings, self.readings = self.readings, []
+        return statistics.median(readings)
 
 
 def bytes_read_per_token(model: torch.nn.Module) -> int:
-    """Weight bytes a decode step reads: every parameter once (tied ones once), except the input
-    embedding table, of which a step reads one row per sequence (unless it is tied to the LM head)."""
+    """Weight bytes a decode step reads: every parameter once (`parameters()` yields a tied one
+    once), except the input embedding table, of which a step reads one row per sequence (unless it
+    is tied to the LM head). Works on a meta-device model: only shapes are used."""
     embedding = model.get_input_embeddings().weight
-    tied = embedding.data_ptr() == model.get_output_embeddings().weight.data_ptr()
-    seen: set[int] = set()
-    total = 0
-    for param in model.parameters():
-        if param.data_ptr() in seen or (param is embedding and not tied):
-            continue
-        seen.add(param.data_ptr())
-        total += param.numel() * param.element_size()
-    return total
+    tied = embedding is model.get_output_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embedding)
 
 
-def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int) -> float:
-    ms, requests = decode_steps(engine, random_prompts(batch, prompt_len, engine.model_config.vocab_size), steps)
+def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int, between=None) -> float:  # noqa: ANN001
+    prompts = random_prompts(batch, prompt_len, engine.model_config.vocab_size)
+    ms, requests = decode_steps(engine, prompts, steps, between)
     free_all(engine, requests)
     return ms
 
@@ -96,7 +112,7 @@ def hf_prefill_ms(model, length: int, repeats: int) -> float:  # noqa: ANN001
     return _median_time(lambda: model(ids, use_cache=True), repeats) * 1000
 
 
-def bench_backend(args: argparse.Namespace, backend: str, max_len: int) -> dict:
+def bench_backend(args: argparse.Namespace, backend: str, max_len: int, bandwidth: Bandwidth) -> dict:
     config = RuntimeConfig(batch_size=max(args.batches), ctx_batch_size=1, seq_len=max_len, dtype=args.dtype, backend=backend)
     print(f"[{backend}] loading {args.model} ...", file=sys.stderr)
     start = time.perf_counter()
@@ -104,10 +120,13 @@ def bench_backend(args: argparse.Namespace, backend: str, max_len: int) -> dict:
     # compiled on first use, during the untimed warm-up call of each measurement.
     engine = Engine.from_pretrained(args.model, config, compile_cache=args.compile_cache, compile_on_demand=True)
     out = {"decode_ms": {}, "throughput_tok_s": {}, "prefill_ms": {}, "load_s": time.perf_counter() - start}
-    for batch in args.batches:
+    for i, batch in enumerate(args.batches):
         print(f"[{backend}] decode at batch {batch} ...", file=sys.stderr)
-        ms = decode_ms_per_step(engine, batch, args.prompt_len, args.steps)
+        ms = decode_ms_per_step(engine, batch, args.prompt_len, args.steps, bandwidth.read if i == 0 else None)
         out["decode_ms"][batch], out["throughput_tok_s"][batch] = ms, batch * 1000 / ms
+        if i == 0:
+            out["bandwidth_gb_s"] = bandwidth.gb_s()
+            out["roofline_ms"] = bandwidth.n_bytes / out["bandwidth_gb_s"] / 1e6
     for length in args.prefill_lens:
         print(f"[{backend}] prefill {length} tokens ...", file=sys.stderr)
         out["prefill_ms"][length] = prefill_ms(engine, length, args.repeats)
@@ -141,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     max_len = max([*args.prefill_lens, args.prompt_len + args.steps + 2])
-    results = {backend: bench_backend(args, backend, max_len) for backend in args.backends}
     dtype = getattr(torch, args.dtype)
+    with torch.device("meta"):  # shapes only, to count the bytes
+        weight_bytes = bytes_read_per_token(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model), dtype=dtype))
+    bandwidth = Bandwidth(weight_bytes)
+    results = {backend: bench_backend(args, backend, max_len, bandwidth) for backend in args.backends}
+    del bandwidth
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
-    weight_bytes = bytes_read_per_token(hf)
-    bw = bandwidth_gb_s(weight_bytes)
-    roofline_ms = weight_bytes / bw / 1e6
     hf_res = {"decode_ms": {}, "throughput_tok_s": {}, "prefill_ms": {}}
     if not args.no_hf:
         for batch in args.batches:
@@ -157,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
             hf_res["prefill_ms"][length] = hf_prefill_ms(hf, length, args.repeats)
 
     b1, big = args.batches[0], args.batches[-1]
-    print(f"\n{args.model} ({hf.config.model_type}, {args.dtype}); weights read per token {weight_bytes / 1e6:.0f} MB, "
-          f"bandwidth {bw:.1f} GB/s, roofline {roofline_ms:.2f} ms/token")
+    print(f"\n{args.model} ({hf.config.model_type}, {args.dtype}); weights read per token {weight_bytes / 1e6:.0f} MB; "
+          "roofline = those bytes at the read bandwidth measured between the timed batch-1 decode steps")
     header = f"{'':28}" + "".join(f"{b:>12}" for b in args.backends)
     if not args.no_hf:
         header += f"{'transformers':>14}" + "".join(f"{b + ' speedup':>16}" for b in args.backends)
@@ -182,16 +202,16 @@ def run(args: argparse.Namespace) -> int:
     for b in args.backends:
         r = results[b]
         ratio = f", {hf_res['decode_ms'][b1] / r['decode_ms'][b1]:.2f}x transformers" if not args.no_hf else ""
-        print(f"{b}: decode b{b1} at {roofline_ms / r['decode_ms'][b1]:.0%} of the roofline{ratio}; "
-              f"engine loaded in {r['load_s']:.1f}s")
+        print(f"{b}: decode b{b1} at {r['roofline_ms'] / r['decode_ms'][b1]:.0%} of the roofline "
+              f"({r['bandwidth_gb_s']:.1f} GB/s, {r['roofline_ms']:.2f} ms/token){ratio}; engine loaded in {r['load_s']:.1f}s")
     if args.json:
         best = min(args.backends, key=lambda b: results[b]["decode_ms"][b1])
         r = results[best]
         args.json.write_text(json.dumps({
             "model": str(args.model), "dtype": args.dtype, "backend": best,
-            "decode_b1_ms": r["decode_ms"][b1], "roofline_b1_ms": roofline_ms, "hf_decode_b1_ms": hf_res["decode_ms"].get(b1),
+            "decode_b1_ms": r["decode_ms"][b1], "roofline_b1_ms": r["roofline_ms"], "hf_decode_b1_ms": hf_res["decode_ms"].get(b1),
             f"throughput_b{big}_tok_s": r["throughput_tok_s"][big], f"hf_throughput_b{big}_tok_s": hf_res["throughput_tok_s"].get(big),
-            "prefill_ms": r["prefill_ms"], "hf_prefill_ms": hf_res["prefill_ms"], "bandwidth_gb_s": bw,
+            "prefill_ms": r["prefill_ms"], "hf_prefill_ms": hf_res["prefill_ms"], "bandwidth_gb_s": r["bandwidth_gb_s"],
             "backends": results,
         }, indent=2) + "\n")
     return 0

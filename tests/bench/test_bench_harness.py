@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from nxserve.model_factory import make_model
 
@@ -56,7 +57,8 @@ def test_services_bench_runs(tiny: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_roofline_counts_the_bytes_a_decode_step_reads(tmp_path: Path, tied: bool) -> None:
-    """An untied input embedding is read one row per token, so it is left out; tied weights count once."""
+    """An untied input embedding is read one row per token, so it is left out; tied weights count
+    once. The benchmark counts on a meta-device model built from the config: same figure."""
     from transformers import AutoModelForCausalLM
 
     from bench.engine import bytes_read_per_token
@@ -67,3 +69,6 @@ def test_roofline_counts_the_bytes_a_decode_step_reads(tmp_path: Path, tied: boo
     everything = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() yields tied ones once
     expected = everything if tied else everything - embedding.numel() * embedding.element_size()
     assert bytes_read_per_token(model) == expected
+    with torch.device("meta"):
+        shapes_only = AutoModelForCausalLM.from_config(model.config)
+    assert bytes_read_per_token(shapes_only) == expected
