@@ -160,6 +160,30 @@ def test_compiled_greedy_equals_eager_and_loads_without_compiling(
     assert actual[0].output_ids != actual[1].output_ids
 
 
+def test_packaged_graphs_run_through_nxcores_runner_or_torchs(cache: Path, checkpoints: dict[str, Checkpoint]) -> None:
+    """Graphs run through nxcore's AOTIGraph (which releases the GIL during the call) where the C++
+    ops are built, else through torch's package runner: the same tokens as eager either way."""
+    from nxcore import native
+    from nxcore.compiled import PackagedGraph
+
+    if not native.available():
+        pytest.skip("nxcore's C++ ops are not built here: torch's runner is the only one")
+    path = checkpoints["llama"].path
+    prompts = [random_prompt(n, seed=n) for n in (5, 19)]
+    expected = [r.output_ids for r in generate(Engine.from_pretrained(path, CONFIG.replace(backend="eager")), prompts, stopping=STOP)]
+    compiled = Engine.from_pretrained(path, CONFIG, compile_cache=cache)
+    graphs = compiled.executor.runner._graphs
+    assert graphs and all(isinstance(g, PackagedGraph) and g.releases_gil for g in graphs.values())
+    assert [r.output_ids for r in generate(compiled, prompts, stopping=STOP)] == expected
+    for key in list(graphs):
+        module = compiled.executor.runner._module(key[0])  # the module the graph was exported from
+        tensors = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+        graphs[key] = PackagedGraph(compiled.executor.runner.store.dir / graph_file(key), nxcore_runner=False)
+        graphs[key].bind({n: tensors[n] for n in graphs[key].constant_fqns()})
+        assert not graphs[key].releases_gil
+    assert [r.output_ids for r in generate(compiled, prompts, stopping=STOP)] == expected
+
+
 @pytest.mark.parametrize(
     "change, named",
     [
@@ -185,6 +209,8 @@ def test_tp_degree_torch_version_and_code_are_part_of_the_key(cache: Path, check
         ArtifactStore(cache, ArtifactKey(fingerprint, CONFIG, torch_version="2.0.0"))
     with pytest.raises(ArtifactError, match=r"nxcore_code='.*' \(this engine: 'changed'\)"):
         ArtifactStore(cache, ArtifactKey(fingerprint, CONFIG, code="changed"))  # graphs traced from other code
+    with pytest.raises(ArtifactError, match=r"nxcore_native_ops=True \(this engine: False\)"):
+        ArtifactStore(cache, ArtifactKey(fingerprint, CONFIG, native_ops=False))  # a process without the C++ ops
     with pytest.raises(ArtifactError, match=f"fingerprint='{fingerprint}' \\(this engine: '0000000000000000'\\)"):
         ArtifactStore(cache, ArtifactKey("0" * 16, CONFIG))  # another model
     with pytest.raises(Exception, match="tp_degree=1 only"):
