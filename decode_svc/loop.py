@@ -44,6 +44,16 @@ class RequestStatus(enum.IntEnum):
 class Acked:
     slot: int
     queue_ms: float
+    sent: threading.Event = field(default_factory=threading.Event, compare=False)
+    """Set by the gRPC layer once the ack is written (or the call is over)."""
+
+
+ACK_WAIT_S = 0.005
+"""How long the loop waits, after admitting requests, for their acks to be written before it runs
+the next step. A step keeps the cores (and, eager, mostly the GIL) for several milliseconds, during
+which the event loop that writes the ack barely runs: without the wait a 1.6 MB shared-memory
+hand-off took 4-15 ms instead of ~2 in a quarter of the cases (measured here). The wait is a
+fraction of a millisecond when the event loop is free, and bounded when it is not."""
 
 
 @dataclass(frozen=True)
@@ -176,8 +186,12 @@ class DecodeLoop:
                     self._fail_all("the decode service is shutting down")
                     return
                 batch = list(self._running.items())
-            for job, slot, queue_ms in admitted:
-                job.emit(Acked(slot=slot, queue_ms=queue_ms))
+            acks = [Acked(slot=slot, queue_ms=queue_ms) for _, slot, queue_ms in admitted]
+            for (job, _, _), ack in zip(admitted, acks):
+                job.emit(ack)
+            deadline = time.monotonic() + ACK_WAIT_S
+            for ack in acks:
+                ack.sent.wait(max(0.0, deadline - time.monotonic()))
             try:
                 self._step(batch)
             except Exception as exc:  # a bug or a bad state: fail these requests, keep serving

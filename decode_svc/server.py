@@ -90,6 +90,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         """Requests come decoded by `nxserve.decode_codec.parse_request` (chunks as `ChunkMessage`)."""
         await self._require_ready(context)
         parent = extract_context(context.invocation_metadata())
+        # Prefill opens the stream before it encodes the prompt: the request starts with its header.
+        first = await anext(aiter(request_iterator), None)
         events: asyncio.Queue[Event] = asyncio.Queue()
         aio_loop = asyncio.get_running_loop()
 
@@ -99,7 +101,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         job: DecodeJob | None = None
         with span_in(tracer, "decode", parent=parent, kind=trace.SpanKind.SERVER) as (span, ctx):
             try:
-                job = await self._receive(request_iterator, context, span, emit, ctx)
+                job = await self._receive(first, request_iterator, context, span, emit, ctx)
                 try:
                     self.loop.submit(job)
                 except QueueFull as exc:
@@ -110,23 +112,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 if job is not None:
                     self.loop.cancel(job)
 
-    async def _receive(self, requests, context, span, emit, ctx) -> DecodeJob:  # noqa: ANN001
-        """Header, checked before any KV is assembled (a rejected request's chunks are read and
-        dropped, then the stream aborts: see `_reject`); then chunks and the commit."""
-        first = await anext(aiter(requests), None)
+    async def _receive(self, first, requests, context, span, emit, ctx) -> DecodeJob:  # noqa: ANN001
+        """Header (`first`, the stream's first message), checked before any KV is assembled (a
+        rejected request's chunks are read and dropped, then the stream aborts: see `_reject`);
+        then chunks and the commit, or, after a header naming a shared-memory region, nothing more."""
         if first is None or message_kind(first) != "header":
             await _reject(requests, context, grpc.StatusCode.INVALID_ARGUMENT, "a Decode stream must start with a header",
                           drain=first is not None and message_kind(first) != "commit")
         header = first.header
         span.set_attribute("nxserve.request_id", header.request_id)
+        drain = not header.HasField("shared_kv")  # a shared-memory header is the whole request
         problem = layout_mismatch(self.engine, header)
         if problem:
-            await _reject(requests, context, grpc.StatusCode.FAILED_PRECONDITION, problem)
+            await _reject(requests, context, grpc.StatusCode.FAILED_PRECONDITION, problem, drain=drain)
         if not self.loop.has_room():
             _, total, queued = self.loop.load()
             await _reject(
                 requests, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"all {total} decode slots are busy and {queued} requests wait (max_queue={self.loop.max_queue})",
+                drain=drain,
             )
         shared = None
         if header.HasField("shared_kv"):
@@ -135,10 +139,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             if self.shared is None:
                 await _reject(requests, context, grpc.StatusCode.FAILED_PRECONDITION,
                               "this decode replica takes KV as chunks only (no --kv-shm-dir, or not writable)",
-                              trailing_metadata=SHM_UNREADABLE)
+                              drain=False, trailing_metadata=SHM_UNREADABLE)
             if not valid_arena_name(shared.name):
                 await _reject(requests, context, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"shared KV arena name {shared.name!r} is not nxserve-kv-<32 hex digits>")
+                              f"shared KV arena name {shared.name!r} is not nxserve-kv-<32 hex digits>", drain=False)
         layouts = [header.layout] + ([header.draft_layout] if header.HasField("draft_layout") else [])
         snapshots = await self._receive_kv(requests, context, layouts, ctx, shared)
         stopping, stop_strings = stopping_from_pb(header.stopping)
@@ -160,14 +164,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def _receive_kv(self, requests, context, layouts: list[decode_pb2.KvLayout], ctx,  # noqa: ANN001
                           shared: SharedRegion | None):  # noqa: ANN202
         """Chunks until the commit, into one snapshot per KV set (target, then draft when sent); or,
-        when the header named a shared region, the commit and then views of the region (the decode
-        loop imports them before it acks, after which the sender may reuse the region)."""
+        when the header named a shared region, views of the region at once, without reading the
+        stream further (the decode loop imports them before it acks, after which the sender may
+        reuse the region)."""
         with span_in(tracer, "kv_receive", parent=ctx, attributes={"nxserve.kv_transport": "shm" if shared else "chunks"}) as (span, _):
             kv_layouts = [Layout(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, n_tokens=lay.n_tokens,
                                  head_dim=lay.head_dim, dtype=lay.dtype) for lay in layouts]
+            writing = shared is None  # whether the sender may still write (chunks before the commit)
             try:
-                assemblers = None if shared is not None else [KVAssembler(**dataclasses.asdict(lay)) for lay in kv_layouts]
-                writing = True  # whether the sender may still write (no commit, no end of stream yet)
+                if shared is not None:
+                    snapshots = self.shared.snapshots(shared, kv_layouts)
+                    self.shared_kv_requests += 1
+                    span.set_attribute("nxserve.kv_bytes", shared.nbytes)
+                    return snapshots
+                assemblers = [KVAssembler(**dataclasses.asdict(lay)) for lay in kv_layouts]
                 async for message in requests:
                     kind = message_kind(message)
                     if kind == "commit":
@@ -175,31 +185,21 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         break
                     if kind != "chunk":
                         raise KVTransferError(f"unexpected {kind} message after the header")
-                    if assemblers is None:
-                        raise KVTransferError("a KV chunk after a header that named a shared KV region")
                     if message.kv_set >= len(assemblers):
                         raise KVTransferError(f"chunk for KV set {message.kv_set}, but the header announced {len(assemblers)} set(s)")
                     assemblers[message.kv_set].add(message.chunk)
                 else:
                     writing = False
                     raise KVTransferError("the stream ended before the commit message")
-                if shared is None:
-                    snapshots = [a.snapshot() for a in assemblers]
-                    received = sum(a.bytes_received for a in assemblers)
-                else:
-                    snapshots = self.shared.snapshots(shared, kv_layouts)
-                    received = shared.nbytes
+                snapshots = [a.snapshot() for a in assemblers]
             except SharedKVUnreadable as exc:
                 await _reject(requests, context, grpc.StatusCode.FAILED_PRECONDITION,
                               f"{exc}: the sender does not share this replica's --kv-shm-dir ({self.shared.directory}), send chunks",
                               drain=writing, trailing_metadata=SHM_UNREADABLE)
             except KVTransferError as exc:
                 await _reject(requests, context, grpc.StatusCode.DATA_LOSS, str(exc), drain=writing)
-            span.set_attribute("nxserve.kv_bytes", received)
-            if shared is not None:
-                self.shared_kv_requests += 1
-            else:
-                self.chunked_kv_requests += 1
+            span.set_attribute("nxserve.kv_bytes", sum(a.bytes_received for a in assemblers))
+            self.chunked_kv_requests += 1
             return snapshots
 
     async def _relay(self, events: asyncio.Queue, context, span) -> AsyncIterator[decode_pb2.DecodeResponse]:  # noqa: ANN001
@@ -220,7 +220,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 if isinstance(event, Acked):
                     span.set_attribute("nxserve.slot", event.slot)
                     span.add_event("kv_in_slot", {"queue_ms": event.queue_ms})
-                    yield decode_pb2.DecodeResponse(ack=decode_pb2.Ack(slot=event.slot, queue_ms=event.queue_ms))
+                    try:
+                        yield decode_pb2.DecodeResponse(ack=decode_pb2.Ack(slot=event.slot, queue_ms=event.queue_ms))
+                    finally:  # written, or the call is over: the decode loop waits for one or the other
+                        event.sent.set()
                 elif isinstance(event, Finished):
                     span.set_attributes({
                         "nxserve.decoded_tokens": event.decoded_tokens,

@@ -1,5 +1,6 @@
-"""Sending one request's KV snapshot on a Decode stream: header, CRC-checked chunks (or a region of
-this service's shared-memory arena, when the replica shares its directory), commit, ack.
+"""Sending one request's KV snapshot on a Decode stream: header, CRC-checked chunks, commit, ack; or,
+when the replica shares this service's shared-memory directory, a header naming a region of this
+service's arena, ack.
 
 The call must come from `nxserve.decode_codec.DecodeStub`: chunks are written as encoded bytes."""
 
@@ -74,8 +75,9 @@ async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequ
                   draft_kv: KVSnapshot | None = None, arena: KVArena | None = None) -> Transfer:
     """Write header, chunks (target KV, then the draft's when given) and commit, read the ack, then
     close the request side (after the ack: the replica does not wait for it). With `arena`, whose
-    directory the replica shares, the KV goes into a region of it named in the header instead of
-    chunks (chunks still when no region is free), released when this returns. gRPC errors propagate."""
+    directory the replica shares, the KV goes into a region of it named in the header, which is
+    then all there is to send (chunks still when no region is free); the region is released when
+    this returns. gRPC errors propagate."""
     start = time.perf_counter()
     snapshots = [kv] if draft_kv is None else [kv, draft_kv]
     region = arena.put(snapshots) if arena is not None else None
@@ -87,15 +89,15 @@ async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequ
             message.header.shared_kv.CopyFrom(decode_pb2.SharedKv(name=region.name, offset=region.offset,
                                                                   nbytes=region.nbytes, crc32=region.crc32))
         await call.write(message)
-        sent = 0
         if region is None:
+            sent = 0
             for kv_set, snapshot in enumerate(snapshots):
                 for c in iter_chunks(snapshot, max_bytes=chunk_bytes):
                     sent += c.nbytes
                     await call.write(encode_chunk(c, kv_set=kv_set))
+            await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
         else:
             sent = region.nbytes
-        await call.write(decode_pb2.DecodeRequest(commit=decode_pb2.Commit()))
         ack = await call.read()
     finally:
         if region is not None:

@@ -4,6 +4,7 @@ in-process engine and transformers."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -230,20 +231,40 @@ def test_decode_refuses_other_model_and_corrupted_chunks(cluster: LocalCluster, 
     assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
 
 
+def _header_only(stub: decode_pb2_grpc.DecodeStub, header: decode_pb2.DecodeRequest) -> grpc.RpcError:
+    """Send `header` and keep the request side open, as a shared-memory sender does while it waits
+    for the ack; the error the replica answers with."""
+    answered = threading.Event()
+
+    def requests():  # noqa: ANN202
+        yield header
+        answered.wait(10)
+
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Decode(requests(), timeout=10))
+    finally:
+        answered.set()
+    return err.value
+
+
 def test_decode_refuses_shared_regions_it_cannot_or_must_not_read(cluster: LocalCluster, engine: Engine) -> None:
+    """A header naming a shared region is the whole request: the replica answers it without waiting
+    for more messages (and ignores a commit an older sender still writes)."""
     region = decode_pb2.SharedKv(name="nxserve-kv-" + "0" * 32, offset=0, nbytes=2 * 2 * 2 * 3 * 16 * 4, crc32=0)
     commit = decode_pb2.DecodeRequest(commit=decode_pb2.Commit())
     with grpc.insecure_channel(cluster.decode_targets[0]) as ch:
         stub = decode_pb2_grpc.DecodeStub(ch)
-        with pytest.raises(grpc.RpcError) as err:  # no such arena: the sender should send chunks
+        err = _header_only(stub, _header(cluster, engine, shared_kv=region))  # no such arena: send chunks
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "send chunks" in err.details()
+        assert is_shm_unreadable(err.trailing_metadata())
+        with pytest.raises(grpc.RpcError) as old_sender:
             list(stub.Decode(iter([_header(cluster, engine, shared_kv=region), commit]), timeout=10))
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "send chunks" in err.value.details()
-        assert is_shm_unreadable(err.value.trailing_metadata())
+        assert old_sender.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         outside = decode_pb2.SharedKv(name="../../etc/passwd", offset=0, nbytes=region.nbytes)
-        with pytest.raises(grpc.RpcError) as err:
-            list(stub.Decode(iter([_header(cluster, engine, shared_kv=outside), commit]), timeout=10))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nxserve-kv-<32 hex digits>" in err.value.details()
-        assert not is_shm_unreadable(err.value.trailing_metadata())
+        err = _header_only(stub, _header(cluster, engine, shared_kv=outside))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "nxserve-kv-<32 hex digits>" in err.details()
+        assert not is_shm_unreadable(err.trailing_metadata())
     assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
 
 

@@ -52,9 +52,10 @@ class DecodeServicer:
     """
 
     def Decode(self, request_iterator, context):
-        """One request's decode: the client sends a header, the KV cache as chunks (or, on one host, in a
-        shared-memory region the header names), then a commit; the server answers with an ack once the
-        KV sits in a slot, then token batches, then a final message. Cancelling the call frees the slot.
+        """One request's decode: the client sends a header, the KV cache as chunks, then a commit (or, on
+        one host, only a header naming the shared-memory region that holds the KV); the server answers
+        with an ack once the KV sits in a slot, then token batches, then a final message. Cancelling
+        the call frees the slot.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
