@@ -108,20 +108,25 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             })
             rng = RequestRng(req.sampling.seed)
             req.sampling = dataclasses.replace(req.sampling, seed=rng.seed)
-            prefill = await self._prefill(req, rng, context, ctx)
-            result = GenerationResult(prompt_ids=req.prompt_ids, output_ids=[prefill.first_token])
-            detok = IncrementalDetokenizer(self.tokenizer, stop_strings=req.stop_strings)
-            first = pb.GenerateResponse(request_id=req.request_id, token_ids=[prefill.first_token],
-                                        text=detok.add([prefill.first_token]), prompt_token_ids=req.prompt_ids)
-            reason = FinishReason.STOP if detok.stopped else finish_reason(
-                result, stopping=req.stopping, eos_token_ids=self.engine.model_config.eos_token_ids, seq_len=self.engine.config.seq_len)
-            if reason is not None:
-                first.text += detok.flush()
-                yield self._finalize(first, req, result, reason, span)
-                return
-            yield first
-            async for response in self._decode(req, rng, prefill, result, detok, context, span, ctx):
-                yield response
+            opened = self._open_decode(context, ctx)
+            try:
+                prefill = await self._prefill(req, rng, context, ctx)
+                result = GenerationResult(prompt_ids=req.prompt_ids, output_ids=[prefill.first_token])
+                detok = IncrementalDetokenizer(self.tokenizer, stop_strings=req.stop_strings)
+                first = pb.GenerateResponse(request_id=req.request_id, token_ids=[prefill.first_token],
+                                            text=detok.add([prefill.first_token]), prompt_token_ids=req.prompt_ids)
+                reason = FinishReason.STOP if detok.stopped else finish_reason(
+                    result, stopping=req.stopping, eos_token_ids=self.engine.model_config.eos_token_ids, seq_len=self.engine.config.seq_len)
+                if reason is not None:
+                    first.text += detok.flush()
+                    yield self._finalize(first, req, result, reason, span)
+                    return
+                yield first
+                async for response in self._decode(req, rng, prefill, result, detok, context, span, ctx, opened):
+                    yield response
+            finally:
+                if opened is not None:
+                    opened[1].cancel()  # no-op once the call is over; frees it when no KV was sent
 
     def _prepare(self, request: pb.GenerateRequest) -> Prepared:
         cfg = self.engine.config
@@ -170,8 +175,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         encode_span.end(end_time=_ns(result.finished_at))
         return result
 
-    async def _hand_off(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, context: grpc.aio.ServicerContext, ctx):  # noqa: ANN001, ANN202
-        """Open a Decode stream on the least-loaded replica and send the KV; returns (replica, call) after the ack."""
+    def _open_decode(self, context: grpc.aio.ServicerContext, ctx):  # noqa: ANN001, ANN202
+        """(replica, call): a Decode stream on the least-loaded replica, or None when there is none
+        now. `Generate` opens one before context encoding, so that setting up the
+        stream on both sides (~0.7 ms measured here) overlaps the encoding instead of delaying the
+        KV hand-off."""
+        try:
+            replica = self.router.pick()
+        except NoReplica:
+            return None
+        return replica, replica.stub.Decode(metadata=inject_metadata(ctx), timeout=context.time_remaining())
+
+    async def _hand_off(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, context: grpc.aio.ServicerContext,
+                        ctx, opened):  # noqa: ANN001, ANN202
+        """Send the KV on `opened` (see `_open_decode`) while its replica is usable, else on a
+        stream opened now on the least-loaded replica, then on the others in turn while they fail
+        or are full; returns (replica, call) after the ack."""
         draft = (self.worker.draft, prefill.draft_kv) if prefill.draft_kv is not None else None
         header = decode_header(
             self.engine, prefill.kv, request_id=req.request_id, prompt_ids=req.prompt_ids, sampling=req.sampling,
@@ -181,14 +200,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         tried: set[str] = set()
         busy: list[str] = []
         while True:
-            try:
-                replica = self.router.pick(tried)
-            except NoReplica as exc:
-                if busy:  # every replica that could take it is full
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "; ".join(busy))
-                await context.abort(exc.code, str(exc))
+            if opened is not None and opened[0] in self.router.usable():
+                replica, call = opened
+            else:
+                if opened is not None:
+                    opened[1].cancel()
+                try:
+                    replica = self.router.pick(tried)
+                except NoReplica as exc:
+                    if busy:  # every replica that could take it is full
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "; ".join(busy))
+                    await context.abort(exc.code, str(exc))
+                call = replica.stub.Decode(metadata=inject_metadata(ctx), timeout=context.time_remaining())
+            opened = None  # used once: a retry opens a new stream
             tried.add(replica.target)
-            call = replica.stub.Decode(metadata=inject_metadata(ctx), timeout=context.time_remaining())
             arena = self.arena if replica.shm else None
             try:
                 with span_in(tracer, "kv_transfer", parent=ctx, attributes={"nxserve.decode_replica": replica.target}) as (span, _):
@@ -218,8 +243,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def _decode(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, result: GenerationResult,
                       detok: IncrementalDetokenizer, context: grpc.aio.ServicerContext, span: trace.Span,
-                      ctx) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN001
-        replica, call = await self._hand_off(req, rng, prefill, context, ctx)
+                      ctx, opened) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN001
+        replica, call = await self._hand_off(req, rng, prefill, context, ctx, opened)
         prefill.kv = prefill.draft_kv = None  # decode holds the KV now: free prefill's copies
         try:
             with span_in(tracer, "decoding", parent=ctx, attributes={"nxserve.decode_replica": replica.target}):
