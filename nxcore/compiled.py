@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nxcore import native
 from nxcore.config import RuntimeConfig
 from nxcore.errors import EngineError
 
@@ -57,6 +58,12 @@ class ArtifactError(EngineError):
     """Compiled artifacts are missing or were built for something else."""
 
 
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `module` by qualified name (shared ones under each name): what
+    a graph exported from `module` binds its constants to."""
+    return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+
+
 class PackagedGraph:
     """One AOTInductor package, called like the module it was exported from.
 
@@ -71,7 +78,7 @@ class PackagedGraph:
         from torch.utils import _pytree as pytree
 
         self._pytree = pytree
-        self.releases_gil = _native().available() if nxcore_runner is None else nxcore_runner
+        self.releases_gil = native.available() if nxcore_runner is None else nxcore_runner
         """Whether calls run through nxcore's runner, with the GIL released."""
         if self.releases_gil:
             graph = torch.classes.nxcore.AOTIGraph(str(path))
@@ -94,12 +101,6 @@ class PackagedGraph:
         their count; the executor, their shapes)."""
         flat = [x for x in self._pytree.tree_leaves(args) if isinstance(x, torch.Tensor)]
         return self._pytree.tree_unflatten(self._run(flat), self._out_spec)
-
-
-def _native():  # noqa: ANN202
-    from nxcore import native  # imported late: it builds the C++ ops on first import
-
-    return native
 
 
 def default_cache_root() -> Path:
@@ -168,7 +169,7 @@ class ArtifactKey:
     config: RuntimeConfig
     torch_version: str = torch.__version__
     code: str = dataclasses.field(default_factory=code_digest)
-    native_ops: bool = dataclasses.field(default_factory=lambda: _native().available())
+    native_ops: bool = dataclasses.field(default_factory=native.available)
     """Whether nxcore's C++ ops were loaded: graphs traced with them call them, graphs traced
     without them run the Python ops' code, so neither loads in the other kind of process."""
 
@@ -262,8 +263,7 @@ class ArtifactStore:
                 )
             self.compile(key, module, example)
         runner = PackagedGraph(path)
-        tensors = dict(module.named_parameters(remove_duplicate=False))
-        tensors.update(module.named_buffers(remove_duplicate=False))
+        tensors = module_tensors(module)
         names = runner.constant_fqns()
         unknown = [n for n in names if n not in tensors]
         if unknown:
