@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,9 +60,6 @@ class Bandwidth:
 
     def gb_s(self) -> float:
         """Median of the readings since the last call, which clears them."""
-        if not self.readings:
-            for _ in range(5):
-                self.read()
         readings, self.readings = self.readings, []
         return statistics.median(readings)
 
@@ -75,7 +73,8 @@ def bytes_read_per_token(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embedding)
 
 
-def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int, between=None) -> float:  # noqa: ANN001
+def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int,
+                       between: Callable[[], object] | None = None) -> float:
     prompts = random_prompts(batch, prompt_len, engine.model_config.vocab_size)
     ms, requests = decode_steps(engine, prompts, steps, between)
     free_all(engine, requests)

@@ -121,7 +121,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                           drain=first is not None and message_kind(first) != "commit")
         header = first.header
         span.set_attribute("nxserve.request_id", header.request_id)
-        drain = not header.HasField("shared_kv")  # a shared-memory header is the whole request
+        shm = header.HasField("shared_kv")
+        drain = not shm  # a shared-memory header is the whole request
         problem = layout_mismatch(self.engine, header)
         if problem:
             await _reject(requests, context, grpc.StatusCode.FAILED_PRECONDITION, problem, drain=drain)
@@ -133,7 +134,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 drain=drain,
             )
         shared = None
-        if header.HasField("shared_kv"):
+        if shm:
             ref = header.shared_kv
             shared = SharedRegion(name=ref.name, offset=ref.offset, nbytes=ref.nbytes, crc32=ref.crc32)
             if self.shared is None:

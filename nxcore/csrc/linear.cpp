@@ -8,8 +8,8 @@
 // What it runs, by measurement on this project's machine (AMD EPYC, avx512_bf16, 2 cores):
 // - bf16, one or two rows (`kGemvMaxRows`; decode): `gemv_bf16` below, which streams the dense
 //   row-major weight once, row after row, with AVX512-BF16 dot products. A TinyLlama-shaped chain
-//   of decode linears ran at 92-97% of a `torch.sum` read of the same bytes, where oneDNN's packed
-//   GEMV ran at 72-76% and `F.linear` at about 55% (`python -m bench.linear`).
+//   of decode linears ran at 90-94% of a `torch.sum` read of the same bytes, where oneDNN's packed
+//   GEMV ran at 66-74% and `F.linear` at about 50% (`python -m bench.linear --rows 1`).
 // - bf16, more rows (prefill, batched decode): oneDNN on the weight packed once at load
 //   (`mkldnn::_linear_pointwise`, packing registered by `nxcore::_register_packed`).
 // - anything else (float32, an unregistered weight, no AVX512-BF16): `at::linear`.
@@ -129,10 +129,11 @@ NXCORE_TARGET inline void dot_row(const at::BFloat16* w, const at::BFloat16* x, 
 
 // y[m, :] = x[m, :] @ w.T (+ bias) for the M rows of x, weight rows split across threads in
 // contiguous ranges, each thread reading its range row after row: one sequential stream per
-// thread. Measured here (TinyLlama-shaped chain of decode linears, `bench/linear.py`), that read
-// at 92-97% of a `torch.sum` of the same bytes, where interleaving blocks of 4 or 8 rows (several
-// streams per thread) read at 82-90%, and software prefetches made both slower. From three rows of
-// x on, oneDNN's packed GEMM measured faster.
+// thread. Measured here on a TinyLlama-shaped chain of decode linears, one row of x: 90-94% of a
+// `torch.sum` of the same bytes in `bench/linear.py` (92-97% in a bare loop over the kernels),
+// where interleaving blocks of 4 or 8 rows (several streams per thread) read at 82-90%, and
+// software prefetches made both slower. From three rows of x on, oneDNN's packed GEMM measured
+// faster.
 template <int M>
 void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor& y) {
   const int64_t K = x.size(1), N = w.size(0);
