@@ -24,13 +24,14 @@ import grpc
 
 from bench.common import random_prompts
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria
-from nxcore.kv_wire import KVArena, Layout, sees_probe
+from nxcore.kv_wire import KVArena, sees_probe
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
 from nxserve.decode_codec import DecodeStub
 from nxserve.grpc_common import server_options
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
 from prefill_svc.kv_sender import decode_header, send_kv
+from prefill_svc.worker import kv_layout
 
 
 def in_process(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
@@ -65,27 +66,33 @@ async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int
                       arena: KVArena | None = None) -> dict[str, float | list[float]]:
     """Bytes and milliseconds (median, min, max, each) of a header + chunks + commit -> ack on a real
     Decode stream (a header naming a region of `arena` -> ack when given), less the time the
-    replica queued the request for a slot, and the median throughput in GB/s. The stream is opened
-    10 ms before the header, as prefill opens it before context encoding."""
+    replica queued the request for a slot, and the median throughput in GB/s. The KV is exported
+    as prefill exports it (into a region of `arena` when given); the stream is opened 10 ms before
+    the header, as prefill opens it before context encoding."""
     seconds, sizes = [], []
     greedy = SamplingParams(seed=0)
-    encoded = []  # every prompt first: no context encoding (and its spinning threads) next to a transfer
-    for prompt in prompts:
-        rng = RequestRng(0)
-        [first] = engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=greedy, rng=rng)])
-        encoded.append((prompt, first, rng.offset, engine.export_kv(0, len(prompt))))
-        engine.free(0)
-    await asyncio.sleep(0.1)
     async with grpc.aio.insecure_channel(decode_target, options=server_options()) as channel:
         stub = DecodeStub(channel)
-        for prompt, first, rng_offset, kv in encoded:
+        for prompt in prompts:
+            rng = RequestRng(0)
+            [first] = engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=greedy, rng=rng)])
+            reserved = arena.reserve([kv_layout(engine, len(prompt))]) if arena is not None else None
+            if arena is not None and reserved is None:
+                raise RuntimeError(f"no room in the arena for {len(prompt)} tokens of KV")
+            kv = engine.export_kv(0, len(prompt), out=reserved.snapshots[0] if reserved else None)
+            engine.free(0)
+            await asyncio.sleep(0.1)  # no context encoding (and its spinning threads) next to the transfer
             header = decode_header(engine, kv, request_id="bench", prompt_ids=prompt, sampling=greedy,
                                    stopping=StoppingCriteria(max_new_tokens=2), stop_strings=(), first_token=first,
-                                   rng_offset=rng_offset)
+                                   rng_offset=rng.offset)
             call = stub.Decode()  # opened ahead, as prefill opens it before it encodes the prompt
             await asyncio.sleep(0.01)
-            sent = await send_kv(call, header, kv, chunk_bytes=1 << 20, arena=arena)
-            call.cancel()
+            try:
+                sent = await send_kv(call, header, kv, chunk_bytes=1 << 20, arena=arena, shared=reserved)
+            finally:
+                call.cancel()
+                if reserved is not None:
+                    arena.release(reserved)
             if sent.shared != (arena is not None):
                 raise RuntimeError(f"the KV went {'through shared memory' if sent.shared else 'as chunks'}, not as asked")
             seconds.append(sent.seconds)
@@ -163,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _arena(directory: Path, decode_target: str, max_tokens: int, engine: Engine) -> KVArena | None:
     """An arena in `directory` big enough for the largest snapshot, if the replica sees the directory."""
-    cfg = engine.model_config
-    size = Layout(cfg.num_layers, cfg.num_kv_heads, max_tokens, cfg.head_dim, engine.config.dtype).nbytes
+    size = kv_layout(engine, max_tokens).nbytes
     try:
         arena = KVArena(directory, size + KVArena.ALIGN)
     except OSError as exc:

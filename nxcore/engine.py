@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nxcore.compiled import GRAPH_SETS, ArtifactKey, ArtifactStore, GraphKey, check_graph_set, default_cache_root, graph_keys
-from nxcore.config import RuntimeConfig
+from nxcore.config import DTYPES, RuntimeConfig
 from nxcore.errors import EngineError
 from nxcore.executor import LocalExecutor
 from nxcore.graphs import GraphInputs
@@ -311,12 +311,22 @@ class Engine:
     def free(self, slot: int) -> None:
         self.slot_lengths[slot] = None
 
-    def export_kv(self, slot: int, n_tokens: int) -> KVSnapshot:
-        """The slot's first n_tokens of KV for every layer, as plain tensors."""
+    def export_kv(self, slot: int, n_tokens: int, out: KVSnapshot | None = None) -> KVSnapshot:
+        """The slot's first n_tokens of KV for every layer, as plain tensors: new ones, or `out`'s
+        (contiguous, `[num_layers, num_kv_heads, n_tokens, head_dim]` in the cache's dtype), which
+        are written in place and returned."""
         length = self.slot_lengths[slot]
         if length is None or not 1 <= n_tokens <= length:
             raise EngineError(f"cannot export {n_tokens} tokens from slot {slot}, which holds {length or 0}")
-        return self.executor.export_kv(slot, n_tokens)
+        if out is not None:
+            cfg = self.model_config
+            expected = (cfg.num_layers, cfg.num_kv_heads, n_tokens, cfg.head_dim)
+            dtype = DTYPES[self.config.dtype]
+            for name, t in (("keys", out.keys), ("values", out.values)):
+                if tuple(t.shape) != expected or t.dtype != dtype or not t.is_contiguous():
+                    raise EngineError(f"cannot export into {name} of shape {tuple(t.shape)} and dtype {t.dtype}"
+                                      f"{'' if t.is_contiguous() else ' (not contiguous)'}: expected a contiguous {expected} {dtype}")
+        return self.executor.export_kv(slot, n_tokens, out)
 
     def import_kv(self, slot: int, kv: KVSnapshot) -> None:
         """Write a snapshot (from this or another engine of the same model) into a free slot."""

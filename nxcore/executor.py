@@ -85,8 +85,8 @@ class GraphRunner:
         collective = sum(e.self_cpu_time_total for e in events if "c10d" in e.key or "gloo" in e.key) / 1000 / steps
         return {"step_ms": total, "collective_ms": collective}
 
-    def export_local(self, slot: int, n_tokens: int) -> KVSnapshot:
-        return self.model.kv_cache.export(slot, n_tokens)
+    def export_local(self, slot: int, n_tokens: int, out: KVSnapshot | None = None) -> KVSnapshot:
+        return self.model.kv_cache.export(slot, n_tokens, out)
 
     def import_heads(self, slot: int, kv: KVSnapshot, heads: Sequence[int]) -> None:
         """Write the logical snapshot's `heads` (this rank's KV heads) into `slot`."""
@@ -118,8 +118,8 @@ class LocalExecutor:
     def run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
         return self.runner.run(key, inputs)
 
-    def export_kv(self, slot: int, n_tokens: int) -> KVSnapshot:
-        return self.runner.export_local(slot, n_tokens)
+    def export_kv(self, slot: int, n_tokens: int, out: KVSnapshot | None = None) -> KVSnapshot:
+        return self.runner.export_local(slot, n_tokens, out)
 
     def import_kv(self, slot: int, kv: KVSnapshot) -> None:
         self.model.kv_cache.import_(slot, kv)

@@ -82,9 +82,13 @@ class KVCache(nn.Module):
         return k_buf.index_select(0, slot_ids), v_buf.index_select(0, slot_ids)
 
     @torch.no_grad()
-    def export(self, slot: int, n_tokens: int) -> KVSnapshot:
-        keys = torch.stack([self.buffers_of(i)[0][slot, :, :n_tokens] for i in range(self.num_layers)])
-        values = torch.stack([self.buffers_of(i)[1][slot, :, :n_tokens] for i in range(self.num_layers)])
+    def export(self, slot: int, n_tokens: int, out: KVSnapshot | None = None) -> KVSnapshot:
+        """The slot's first n_tokens, copied into `out` when given (contiguous, of the snapshot's
+        shape and the cache's dtype), else into new tensors."""
+        keys = torch.stack([self.buffers_of(i)[0][slot, :, :n_tokens] for i in range(self.num_layers)],
+                           out=None if out is None else out.keys)
+        values = torch.stack([self.buffers_of(i)[1][slot, :, :n_tokens] for i in range(self.num_layers)],
+                             out=None if out is None else out.values)
         return KVSnapshot(keys=keys, values=values)
 
     @torch.no_grad()

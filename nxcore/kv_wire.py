@@ -4,9 +4,10 @@ A chunk covers layers [layer_start, layer_end) x tokens [token_start, token_end)
 K block then the V block, each `[layers, kv_heads, tokens, head_dim]`, as raw bytes with a CRC-32.
 Whole layers are grouped while they fit `max_bytes`; a layer larger than that is split by tokens.
 
-On one host the snapshot can instead travel through shared memory: the sender copies it into a
-region of its arena (`KVArena`, one file in a shared-memory directory, mapped once) and names the
-region; the receiver views it there (`SharedKVReader`) and the engine's import is the only copy out.
+On one host the snapshot can instead travel through shared memory: the sender exports it straight
+into a region of its arena (`KVArena.reserve`, one file in a shared-memory directory, mapped once),
+or copies a snapshot it holds there (`KVArena.put`), and names the region; the receiver views it
+there (`SharedKVReader`) and the engine's import is the only copy out.
 
 Neither side copies more than it must: a sent chunk is a list of views of the snapshot's memory
 (one per block when whole layers are grouped, one per KV head when a layer is split by tokens),
@@ -23,6 +24,7 @@ import math
 import mmap
 import os
 import re
+import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -214,6 +216,16 @@ class SharedRegion:
 
 
 @dataclass(frozen=True)
+class Reserved:
+    """A region of an arena handed out empty (`KVArena.reserve`): `snapshots` are views of it, one
+    per layout asked for, to export KV into in place; `KVArena.seal` then names it to a receiver."""
+
+    offset: int
+    nbytes: int
+    snapshots: tuple[KVSnapshot, ...]
+
+
+@dataclass(frozen=True)
 class Layout:
     """One KV set's shape and dtype: K and V are each [num_layers, num_kv_heads, n_tokens, head_dim]."""
 
@@ -230,9 +242,24 @@ class Layout:
     @property
     def nbytes(self) -> int:
         """K and V together."""
+        return 2 * math.prod(self.shape) * self.torch_dtype.itemsize
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
             raise KVTransferError(f"KV dtype {self.dtype!r} is not supported: allowed {sorted(DTYPES)}")
-        return 2 * math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        return DTYPES[self.dtype]
+
+
+def _views(raw: torch.Tensor, layouts: Sequence[Layout]) -> list[KVSnapshot]:
+    """Snapshots laid out one after the other in the byte tensor `raw`, each K block then V block."""
+    snapshots, offset = [], 0
+    for layout in layouts:
+        half = layout.nbytes // 2
+        k, v = (raw[start:start + half].view(layout.torch_dtype).view(layout.shape) for start in (offset, offset + half))
+        snapshots.append(KVSnapshot(keys=k, values=v))
+        offset += layout.nbytes
+    return snapshots
 
 
 def snapshot_parts(kv: KVSnapshot) -> tuple[np.ndarray, np.ndarray]:
@@ -244,13 +271,15 @@ class KVArena:
     """The sender's side: one file in a shared-memory directory, reserved and mapped once, whose
     regions hold the snapshots in flight. A region is written with one copy and stays unchanged
     until `release`, which the sender calls when the receiver has acknowledged (it copies before
-    acknowledging) or the call ended.
+    acknowledging) or the request is over. A region is filled either in place (`reserve`: the
+    engine exports into its views, the one copy of the KV out of the cache) or by copying a
+    snapshot (`put`); `seal` or `put` then gives the `SharedRegion` a receiver is told.
 
     Reserving the whole file up front (posix_fallocate) makes a directory that is too small fail
     here, not with SIGBUS on a later write; reusing its pages skips the page allocation and
     zeroing a new file would pay on every transfer. The file stays locked (flock) while this process
     lives, so a later sender can tell a leftover of a crashed one (`remove_stale`).
-    Not thread-safe: one thread (the service's event loop) puts and releases.
+    Thread-safe: the engine's thread reserves, the service's event loop puts, seals and releases.
     """
 
     ALIGN = 4096
@@ -272,11 +301,27 @@ class KVArena:
         self._fd = fd  # holds the lock
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self._free: list[tuple[int, int]] = [(0, nbytes)]  # (offset, size), sorted, never adjacent
+        self._lock = threading.Lock()
 
     @property
     def in_use(self) -> int:
         """Bytes held by regions not yet released."""
-        return self.nbytes - sum(length for _, length in self._free)
+        with self._lock:
+            return self.nbytes - sum(length for _, length in self._free)
+
+    def reserve(self, layouts: Sequence[Layout]) -> Reserved | None:
+        """A free region for snapshots of these layouts, in order, as writable views of it (their
+        contents undefined until written); None when no free region is large enough."""
+        size = sum(layout.nbytes for layout in layouts)
+        offset = self._allocate(size)
+        if offset is None:
+            return None
+        raw = torch.from_numpy(self._bytes[offset:offset + size])
+        return Reserved(offset=offset, nbytes=size, snapshots=tuple(_views(raw, layouts)))
+
+    def seal(self, reserved: Reserved) -> SharedRegion:
+        """The region naming `reserved` as it holds now (its CRC-32 taken here): write it first."""
+        return self._region(reserved.offset, reserved.nbytes)
 
     def put(self, snapshots: Sequence[KVSnapshot]) -> SharedRegion | None:
         """Copy the snapshots into a free region; None when no free region is large enough."""
@@ -289,36 +334,45 @@ class KVArena:
         for part in parts:  # numpy, not torch: no OpenMP team on the calling thread
             self._bytes[pos:pos + part.nbytes] = part
             pos += part.nbytes
+        return self._region(offset, size)
+
+    def _region(self, offset: int, size: int) -> SharedRegion:
         return SharedRegion(name=self.name, offset=offset, nbytes=size,
                             crc32=isal_zlib.crc32(memoryview(self._bytes[offset:offset + size])))
 
-    def release(self, region: SharedRegion) -> None:
-        """Make a region `put` returned free again (once)."""
+    def release(self, region: SharedRegion | Reserved) -> None:
+        """Make a region `put` or `reserve` returned free again (once)."""
         size = _aligned(max(region.nbytes, 1), self.ALIGN)
-        spans = sorted([*self._free, (region.offset, size)])
-        merged = [spans[0]]
-        for offset, length in spans[1:]:
-            last_offset, last_length = merged[-1]
-            if last_offset + last_length == offset:
-                merged[-1] = (last_offset, last_length + length)
-            else:
-                merged.append((offset, length))
-        self._free = merged
+        with self._lock:
+            spans = sorted([*self._free, (region.offset, size)])
+            merged = [spans[0]]
+            for offset, length in spans[1:]:
+                last_offset, last_length = merged[-1]
+                if last_offset + last_length == offset:
+                    merged[-1] = (last_offset, last_length + length)
+                else:
+                    merged.append((offset, length))
+            self._free = merged
 
     def _allocate(self, nbytes: int) -> int | None:
         size = _aligned(max(nbytes, 1), self.ALIGN)
-        for i, (offset, length) in enumerate(self._free):
-            if length >= size:
-                self._free[i:i + 1] = [(offset + size, length - size)] if length > size else []
-                return offset
+        with self._lock:
+            for i, (offset, length) in enumerate(self._free):
+                if length >= size:
+                    self._free[i:i + 1] = [(offset + size, length - size)] if length > size else []
+                    return offset
         return None
 
     def close(self) -> None:
-        """Unmap and remove the file (a receiver's mapping stays valid until it drops it)."""
+        """Unmap and remove the file (a receiver's mapping stays valid until it drops it, and this
+        side's until the last view of a reserved region is gone)."""
         if self._fd is None:
             return
         del self._bytes
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:  # a reserved region's views are alive: the mapping goes with them
+            pass
         os.close(self._fd)
         self._fd = None
         remove_file(self.directory, self.name)
@@ -377,14 +431,7 @@ class SharedKVReader:
                                   f"arena {region.name} of {len(mapping)} bytes")
         if isal_zlib.crc32(memoryview(mapping)[region.offset:region.offset + region.nbytes]) != region.crc32:
             raise KVTransferError("shared KV region failed its CRC-32 check: the data is corrupted")
-        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=region.nbytes, offset=region.offset)
-        snapshots, offset = [], 0
-        for layout in layouts:
-            half = layout.nbytes // 2
-            k, v = (raw[start:start + half].view(DTYPES[layout.dtype]).view(layout.shape) for start in (offset, offset + half))
-            snapshots.append(KVSnapshot(keys=k, values=v))
-            offset += layout.nbytes
-        return snapshots
+        return _views(torch.frombuffer(mapping, dtype=torch.uint8, count=region.nbytes, offset=region.offset), layouts)
 
     def _mapping(self, name: str) -> mmap.mmap:
         mapping = self._maps.get(name)

@@ -72,9 +72,9 @@ async def serve(args: argparse.Namespace) -> None:
         for bucket in config.buckets:
             await thread.run(draft.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
             draft.free(0)
-    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread)
-    worker.start()
     arena = _arena(args.kv_shm_dir, args.kv_shm_bytes or _arena_default(engine, draft))
+    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=arena)
+    worker.start()
     router = DecodeRouter(args.decode, fingerprint=engine.fingerprint, shm_dir=arena.directory if arena else None)
     await router.start()
     servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer, arena=arena)
@@ -116,11 +116,10 @@ def _size(text: str) -> int:
 def _arena_default(engine, draft) -> int:  # noqa: ANN001
     """Room for the KV of 4 full context-encoding batches at the largest bucket (they stay in the arena
     until their decode replica has them), within 16 MiB..1 GiB."""
-    from nxcore.kv_wire import Layout
+    from prefill_svc.worker import kv_layout
 
     tokens = 4 * engine.config.ctx_batch_size * engine.config.max_prompt_len
-    want = sum(Layout(e.model_config.num_layers, e.model_config.num_kv_heads, tokens, e.model_config.head_dim,
-                      e.config.dtype).nbytes for e in (engine, draft) if e is not None)
+    want = sum(kv_layout(e, tokens).nbytes for e in (engine, draft) if e is not None)
     return min(max(want, 16 << 20), 1 << 30)
 
 

@@ -1,6 +1,6 @@
 """Sending one request's KV snapshot on a Decode stream: header, CRC-checked chunks, commit, ack; or,
 when the replica shares this service's shared-memory directory, a header naming a region of this
-service's arena, ack.
+service's arena (the one the KV was exported into, or one it is copied into now), ack.
 
 The call must come from `nxserve.decode_codec.DecodeStub`: chunks are written as encoded bytes."""
 
@@ -14,7 +14,7 @@ import grpc
 
 from nxcore import Engine, SamplingParams, StoppingCriteria
 from nxcore.kv_cache import KVSnapshot
-from nxcore.kv_wire import KVArena, iter_chunks
+from nxcore.kv_wire import KVArena, Reserved, iter_chunks
 from nxserve.decode_codec import encode_chunk
 from nxserve.grpc_common import sampling_to_pb, stopping_to_pb
 from nxserve.v1 import decode_pb2
@@ -72,15 +72,20 @@ class NoAck(Exception):
 
 
 async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequest, kv: KVSnapshot, *, chunk_bytes: int,
-                  draft_kv: KVSnapshot | None = None, arena: KVArena | None = None) -> Transfer:
+                  draft_kv: KVSnapshot | None = None, arena: KVArena | None = None, shared: Reserved | None = None) -> Transfer:
     """Write header, chunks (target KV, then the draft's when given) and commit, read the ack, then
     close the request side (after the ack: the replica does not wait for it). With `arena`, whose
-    directory the replica shares, the KV goes into a region of it named in the header, which is
-    then all there is to send (chunks still when no region is free); the region is released when
-    this returns. gRPC errors propagate."""
+    directory the replica shares, the region of it named in the header is all there is to send:
+    `shared`, the region `kv` and `draft_kv` were exported into (the caller's to release), else one
+    they are copied into now and released when this returns (chunks still when no region is free).
+    gRPC errors propagate."""
     start = time.perf_counter()
     snapshots = [kv] if draft_kv is None else [kv, draft_kv]
-    region = arena.put(snapshots) if arena is not None else None
+    owned = arena is not None and shared is None
+    if arena is None:
+        region = None
+    else:
+        region = arena.seal(shared) if shared is not None else arena.put(snapshots)
     try:
         message = header
         if region is not None:
@@ -100,7 +105,7 @@ async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequ
             sent = region.nbytes
         ack = await call.read()
     finally:
-        if region is not None:
+        if owned and region is not None:
             # After the ack the replica holds its own copy. Without one the call is over (failed or
             # cancelled): a replica still reading would only serve a request nobody waits for.
             arena.release(region)

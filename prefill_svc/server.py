@@ -109,6 +109,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             rng = RequestRng(req.sampling.seed)
             req.sampling = dataclasses.replace(req.sampling, seed=rng.seed)
             opened = self._open_decode(context, ctx)
+            prefill = None
             try:
                 prefill = await self._prefill(req, rng, context, ctx)
                 result = GenerationResult(prompt_ids=req.prompt_ids, output_ids=[prefill.first_token])
@@ -125,6 +126,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 async for response in self._decode(req, rng, prefill, result, detok, context, span, ctx, opened):
                     yield response
             finally:
+                if prefill is not None:
+                    self.worker.release(prefill)  # its arena region, unless the hand-off did
                 if opened is not None:
                     opened[1].cancel()  # no-op once the call is over; frees it when no KV was sent
 
@@ -166,6 +169,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
             result: PrefillResult = await future
+        except asyncio.CancelledError:  # the result may have come with the cancellation: its region
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.worker.release(future.result())
+            raise
         finally:
             future.cancel()
         queue_span = tracer.start_span("queue", context=ctx, start_time=_ns(result.enqueued_at))
@@ -216,7 +223,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             arena = self.arena if replica.shm else None
             try:
                 with span_in(tracer, "kv_transfer", parent=ctx, attributes={"nxserve.decode_replica": replica.target}) as (span, _):
-                    sent = await send_kv(call, header, prefill.kv, chunk_bytes=self.chunk_bytes, draft_kv=prefill.draft_kv, arena=arena)
+                    sent = await send_kv(call, header, prefill.kv, chunk_bytes=self.chunk_bytes, draft_kv=prefill.draft_kv,
+                                         arena=arena, shared=prefill.shared)
                     span.set_attributes({"nxserve.kv_transport": "shm" if sent.shared else "chunks",
                                          "nxserve.kv_bytes": sent.bytes_sent, "nxserve.kv_transfer_ms": sent.seconds * 1000,
                                          "nxserve.decode_queue_ms": sent.queue_ms, "nxserve.decode_slot": sent.slot,
@@ -244,7 +252,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                       detok: IncrementalDetokenizer, context: grpc.aio.ServicerContext, span: trace.Span,
                       ctx, opened) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN001
         replica, call = await self._hand_off(req, rng, prefill, context, ctx, opened)
-        prefill.kv = prefill.draft_kv = None  # decode holds the KV now: free prefill's copies
+        self.worker.release(prefill)  # decode holds the KV now: free prefill's copies
+        prefill.kv = prefill.draft_kv = None
         try:
             with span_in(tracer, "decoding", parent=ctx, attributes={"nxserve.decode_replica": replica.target}):
                 while True:

@@ -4,6 +4,10 @@ The worker's loop runs on the service's `EngineThread`, the thread that also loa
 the engine (see nxcore.engine_thread for why it must be one thread). Prompts wait in a bounded queue; each call encodes up to ctx_batch_size of them at once (the
 first token is sampled in the graph), exports each prompt's KV and frees the slot at once, so the
 engine's slots only live for one call. Results go back through asyncio futures.
+
+With a shared-memory arena the KV is exported straight into a region of it (the draft's after the
+target's), so a replica that shares the arena reads it there without another copy on this side;
+the request releases the region (`PrefillResult.shared`) once decode holds the KV or it is over.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest
 from nxcore.engine_thread import EngineThread
 from nxcore.kv_cache import KVSnapshot
+from nxcore.kv_wire import KVArena, Layout, Reserved
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,9 @@ class PrefillResult:
     """time.monotonic() when it and the KV export finished."""
     batch: int
     """Prompts encoded in the same call."""
+    shared: Reserved | None = None
+    """The arena region `kv` (and `draft_kv`) view when they were exported there: the request
+    releases it (`PrefillWorker.release`) once decode holds the KV, or when it ends."""
 
 
 class PrefillQueueFull(Exception):
@@ -52,10 +60,13 @@ class PrefillQueueFull(Exception):
 
 
 class PrefillWorker:
-    def __init__(self, engine: Engine, *, max_queue: int, draft: Engine | None = None, thread: EngineThread) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int, draft: Engine | None = None, thread: EngineThread,
+                 arena: KVArena | None = None) -> None:
         self.engine = engine
         self.draft = draft
         """Draft model for speculative decoding: its prompt KV travels to decode with the target's."""
+        self.arena = arena
+        """Where KV is exported when a region is free (else into new tensors)."""
         self.max_queue = max_queue
         self._queue: queue.Queue[PrefillJob | None] = queue.Queue(maxsize=max_queue)
         self._thread = thread
@@ -72,6 +83,13 @@ class PrefillWorker:
 
     def queued(self) -> int:
         return self._queue.qsize()
+
+    def release(self, result: PrefillResult) -> None:
+        """Free the result's arena region, if it has one still (its KV views are dropped with it)."""
+        if result.shared is not None:
+            self.arena.release(result.shared)
+            result.shared = None
+            result.kv = result.draft_kv = None
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, rng: RequestRng) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -100,14 +118,21 @@ class PrefillWorker:
             jobs.append(job)
         return [j for j in jobs if not j.future.cancelled()]
 
-    def _encode_draft(self, requests: list[SequenceRequest]) -> list[KVSnapshot | None]:
+    def _reserve(self, n_tokens: int) -> Reserved | None:
+        """An arena region for one prompt's KV (the target's, then the draft's), when one is free."""
+        if self.arena is None:
+            return None
+        return self.arena.reserve([kv_layout(e, n_tokens) for e in (self.engine, self.draft) if e is not None])
+
+    def _encode_draft(self, requests: list[SequenceRequest], regions: list[Reserved | None]) -> list[KVSnapshot | None]:
         """The draft model's prompt KV (its sampled token is not used, so greedy with a fixed seed)."""
         if self.draft is None:
             return _unused(requests)
         greedy = [SequenceRequest(slot=r.slot, token_ids=r.token_ids, sampling=SamplingParams(), rng=RequestRng(0)) for r in requests]
         try:
             self.draft.context_encode(greedy)
-            return [self.draft.export_kv(r.slot, len(r.token_ids)) for r in requests]
+            return [self.draft.export_kv(r.slot, len(r.token_ids), out=region.snapshots[1] if region else None)
+                    for r, region in zip(requests, regions)]
         finally:
             for r in requests:
                 self.draft.free(r.slot)
@@ -120,12 +145,19 @@ class PrefillWorker:
     def _encode(self, jobs: list[PrefillJob]) -> None:
         start = time.monotonic()
         requests = [SequenceRequest(slot=i, token_ids=j.prompt_ids, sampling=j.sampling, rng=j.rng) for i, j in enumerate(jobs)]
+        regions: list[Reserved | None] = []
         try:
             tokens = self.engine.context_encode(requests)
-            snapshots = [self.engine.export_kv(r.slot, len(r.token_ids)) for r in requests]
-            draft_snapshots = self._encode_draft(requests)
+            for r in requests:
+                regions.append(self._reserve(len(r.token_ids)))
+            snapshots = [self.engine.export_kv(r.slot, len(r.token_ids), out=region.snapshots[0] if region else None)
+                         for r, region in zip(requests, regions)]
+            draft_snapshots = self._encode_draft(requests, regions)
         except Exception as exc:  # validated before submit; anything here is reported per request
             log.exception("context encoding failed")
+            for region in regions:
+                if region is not None:
+                    self.arena.release(region)
             for j in jobs:
                 j.loop.call_soon_threadsafe(_set_exception, j.future, exc)
             return
@@ -134,18 +166,26 @@ class PrefillWorker:
                 self.engine.free(r.slot)
         end = time.monotonic()
         log.debug("encoded %d prompt(s) in %.1f ms", len(jobs), (end - start) * 1000)
-        for j, token, kv, draft_kv in zip(jobs, tokens, snapshots, draft_snapshots):
-            result = PrefillResult(first_token=token, kv=kv, draft_kv=draft_kv, enqueued_at=j.enqueued_at, started_at=start, finished_at=end, batch=len(jobs))
-            j.loop.call_soon_threadsafe(_set_result, j.future, result)
+        for j, token, kv, draft_kv, region in zip(jobs, tokens, snapshots, draft_snapshots, regions):
+            result = PrefillResult(first_token=token, kv=kv, draft_kv=draft_kv, enqueued_at=j.enqueued_at, started_at=start,
+                                   finished_at=end, batch=len(jobs), shared=region)
+            j.loop.call_soon_threadsafe(self._set_result, j.future, result)
+
+    def _set_result(self, future: asyncio.Future, result: PrefillResult) -> None:
+        if future.done():  # cancelled while it was encoded: nobody else will release its region
+            self.release(result)
+        else:
+            future.set_result(result)
+
+
+def kv_layout(engine: Engine, n_tokens: int) -> Layout:
+    """The layout of `n_tokens` of the engine's KV, as exported."""
+    cfg = engine.model_config
+    return Layout(cfg.num_layers, cfg.num_kv_heads, n_tokens, cfg.head_dim, engine.config.dtype)
 
 
 def _unused(requests: list[SequenceRequest]) -> list[None]:
     return [None] * len(requests)
-
-
-def _set_result(future: asyncio.Future, value: PrefillResult) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 def _set_exception(future: asyncio.Future, exc: Exception) -> None:

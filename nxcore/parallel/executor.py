@@ -76,12 +76,13 @@ class TPExecutor:
     def run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
         return self._call("run", (key, inputs))[0]
 
-    def export_kv(self, slot: int, n_tokens: int) -> KVSnapshot:
-        """Every rank's slice, reassembled into the logical layout (no replicas, no padding)."""
+    def export_kv(self, slot: int, n_tokens: int, out: KVSnapshot | None = None) -> KVSnapshot:
+        """Every rank's slice, reassembled into the logical layout (no replicas, no padding), into
+        `out` when given."""
         shards: list[KVSnapshot] = self._call("export", (slot, n_tokens))
         where = self.plan.logical_kv_positions()
-        keys = torch.stack([shards[r].keys[:, h] for r, h in where], dim=1)
-        values = torch.stack([shards[r].values[:, h] for r, h in where], dim=1)
+        keys = torch.stack([shards[r].keys[:, h] for r, h in where], dim=1, out=None if out is None else out.keys)
+        values = torch.stack([shards[r].values[:, h] for r, h in where], dim=1, out=None if out is None else out.values)
         return KVSnapshot(keys=keys, values=values)
 
     def import_kv(self, slot: int, kv: KVSnapshot) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria, generate
-from nxcore.kv_cache import KVCache
+from nxcore.errors import EngineError
+from nxcore.kv_cache import KVCache, KVSnapshot
 from tests.conftest import Checkpoint, random_prompt
 
 
@@ -48,3 +50,22 @@ def test_generation_continued_after_import_equals_one_engine(checkpoints: dict[s
     assert tokens == whole.output_ids
     assert snapshot.keys.shape == (2, ckpt.hf_model.config.num_key_value_heads, 20, 32)
     assert snapshot.nbytes == 2 * snapshot.keys.numel() * 4
+
+
+def test_export_into_given_tensors_writes_them_in_place(checkpoints: dict[str, Checkpoint]) -> None:
+    ckpt = checkpoints["llama"]
+    engine = Engine.from_pretrained(ckpt.path, RuntimeConfig(batch_size=1, seq_len=64, dtype="float32"))
+    prompt = random_prompt(11, seed=5)
+    engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=SamplingParams(), rng=RequestRng(0))])
+    plain = engine.export_kv(0, len(prompt))
+    out = KVSnapshot(keys=torch.full_like(plain.keys, float("nan")), values=torch.full_like(plain.values, float("nan")))
+    got = engine.export_kv(0, len(prompt), out=out)
+    assert got.keys.data_ptr() == out.keys.data_ptr() and got.values.data_ptr() == out.values.data_ptr()
+    assert torch.equal(out.keys, plain.keys) and torch.equal(out.values, plain.values)
+    shorter = engine.export_kv(0, 4, out=KVSnapshot(keys=torch.empty_like(plain.keys[:, :, :4]), values=torch.empty_like(plain.values[:, :, :4])))
+    assert torch.equal(shorter.keys, plain.keys[:, :, :4])
+    for bad, why in ((KVSnapshot(plain.keys[:, :, :5].clone(), plain.values.clone()), r"\(2, 2, 5, 16\)"),
+                     (KVSnapshot(plain.keys.double(), plain.values.clone()), "torch.float64"),
+                     (KVSnapshot(plain.keys.transpose(2, 3).contiguous().transpose(2, 3), plain.values.clone()), "not contiguous")):
+        with pytest.raises(EngineError, match=why):
+            engine.export_kv(0, len(prompt), out=bad)

@@ -147,6 +147,31 @@ def test_arena_reuses_released_regions_and_refuses_what_does_not_fit(tmp_path: P
     arena.close()
 
 
+def test_reserved_regions_are_written_in_place_then_sealed(tmp_path: Path) -> None:
+    """`reserve` hands out views of the arena to export into; `seal` names the region as it then
+    holds (the same bytes and CRC-32 as `put` of the same snapshots); both share the free list."""
+    target = _snapshot(torch.bfloat16)
+    draft = KVSnapshot(keys=target.keys[:1].contiguous() * 3, values=target.values[:1].contiguous() - 1)
+    arena = KVArena(tmp_path, 1 << 16)
+    reserved = arena.reserve([_layout(target), _layout(draft)])
+    assert reserved.offset == 0 and reserved.nbytes == 2 * target.keys.nbytes + 2 * draft.keys.nbytes
+    for view, kv in zip(reserved.snapshots, (target, draft)):
+        assert view.keys.shape == kv.keys.shape and view.keys.dtype == kv.keys.dtype and view.keys.is_contiguous()
+        view.keys.copy_(kv.keys)
+        view.values.copy_(kv.values)
+    region = arena.seal(reserved)
+    copied = arena.put([target, draft])
+    assert copied.offset == 4096 and region.crc32 == copied.crc32  # the page after the reserved region (3584 bytes)
+    got = SharedKVReader(tmp_path).snapshots(region, [_layout(target), _layout(draft)])
+    assert torch.equal(got[0].keys, target.keys) and torch.equal(got[1].values, draft.values)
+    assert arena.reserve([Layout(64, 8, 64, 64, "float32")]) is None  # does not fit: export into new tensors
+    arena.release(reserved)
+    arena.release(copied)
+    assert arena.in_use == 0
+    arena.close()  # the views of the reserved region are still alive: closing neither fails nor frees them
+    assert list(tmp_path.iterdir()) == [] and torch.equal(reserved.snapshots[0].keys, target.keys)
+
+
 def test_reader_refuses_bad_names_bounds_sizes_checksums_and_missing_arenas(tmp_path: Path) -> None:
     kv = _snapshot()
     arena = KVArena(tmp_path, 1 << 16)

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig
 
 from nxcore import Engine, RuntimeConfig, SamplingParams, StoppingCriteria, generate
+from nxcore.kv_cache import KVSnapshot
 from nxcore.model_config import ModelConfig
 from nxcore.parallel.executor import TPRankError
 from nxcore.parallel.plan import GQAStrategy, make_plan
@@ -98,6 +99,9 @@ def test_kv_moves_between_tp_degrees(tp_checkpoints: dict[str, Checkpoint]) -> N
             greedy = SamplingParams()
             [first] = source.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=greedy, rng=RequestRng(0))])
             kv = source.export_kv(0, len(prompt))
+            into = KVSnapshot(keys=torch.empty_like(kv.keys), values=torch.empty_like(kv.values))  # as into an arena region
+            source.export_kv(0, len(prompt), out=into)
+            assert torch.equal(into.keys, kv.keys) and torch.equal(into.values, kv.values)
             source.free(0)
             assert kv.keys.shape == (2, 3, 12, 16)  # logical: the model's 3 KV heads, no replicas
             target.import_kv(1, kv)

@@ -1,0 +1,76 @@
+"""The prefill worker exports KV straight into the service's shared-memory arena, and every way a
+request can end gives its region back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import torch
+
+from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest
+from nxcore.engine_thread import EngineThread
+from nxcore.kv_wire import KVArena
+from prefill_svc.worker import PrefillWorker, kv_layout
+from tests.conftest import Checkpoint, random_prompt
+
+CONFIG = RuntimeConfig(batch_size=1, seq_len=64, dtype="float32")
+
+
+def _reference(path: Path, prompt: list[int]):  # noqa: ANN202
+    """(first token, KV) of the prompt from an engine of its own."""
+    engine = Engine.from_pretrained(path, CONFIG)
+    [token] = engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=SamplingParams(), rng=RequestRng(0))])
+    return token, engine.export_kv(0, len(prompt))
+
+
+def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(checkpoints: dict[str, Checkpoint],
+                                                                              tmp_path: Path) -> None:
+    path = checkpoints["llama"].path
+    thread = EngineThread("prefill-engine")
+    engine = thread.submit(Engine.from_pretrained, path, CONFIG, graphs="context").result(timeout=120)
+    draft = thread.submit(Engine.from_pretrained, path, CONFIG, graphs="context").result(timeout=120)
+    prompts = [random_prompt(n, seed=n) for n in (9, 10, 11)]
+    region_bytes = sum(kv_layout(e, 10).nbytes for e in (engine, draft))
+    arena = KVArena(tmp_path, 2 * -(-region_bytes // KVArena.ALIGN) * KVArena.ALIGN)  # room for two prompts' KV
+    worker = PrefillWorker(engine, max_queue=8, draft=draft, thread=thread, arena=arena)
+    gate = threading.Event()
+    encode = engine.context_encode
+
+    def gated(requests):  # noqa: ANN001, ANN202
+        assert gate.wait(timeout=60)
+        return encode(requests)
+
+    worker.start()
+
+    async def scenario() -> None:
+        held = [await worker.submit(p, SamplingParams(), RequestRng(0)) for p in prompts[:2]]
+        assert all(r.shared is not None for r in held) and arena.in_use == arena.nbytes
+        overflow = await worker.submit(prompts[2], SamplingParams(), RequestRng(0))
+        assert overflow.shared is None  # the arena is full: new tensors, the same KV
+        for result, prompt in zip([*held, overflow], prompts):
+            token, kv = _reference(path, prompt)
+            assert result.first_token == token
+            assert torch.equal(result.kv.keys, kv.keys) and torch.equal(result.kv.values, kv.values)
+            assert torch.equal(result.draft_kv.keys, kv.keys)  # the draft is the same checkpoint
+        for result in held:
+            worker.release(result)
+            worker.release(result)  # a second release (the request's `finally`) is a no-op
+            assert result.shared is None and result.kv is None
+        assert arena.in_use == 0
+
+        engine.context_encode = gated  # cancelled while it is encoded: the worker gives its region back
+        future = worker.submit(prompts[0], SamplingParams(), RequestRng(0))
+        await asyncio.sleep(0.2)
+        future.cancel()
+        gate.set()
+        after = await worker.submit(prompts[1], SamplingParams(), RequestRng(0))  # its result comes after the cancelled one's
+        assert after.shared is not None and arena.in_use == -(-region_bytes // KVArena.ALIGN) * KVArena.ALIGN
+        worker.release(after)
+        assert arena.in_use == 0
+
+    asyncio.run(scenario())
+    worker.stop()
+    thread.close(timeout=10)
+    arena.close()
