@@ -104,6 +104,21 @@ async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int
             "kv_transfer_ms_each": [round(s * 1000, 3) for s in seconds]}
 
 
+async def round_trip(decode_target: str, n: int) -> dict[str, float]:
+    """Milliseconds (median, min) of an empty unary call to the replica (GetLoad), paced like the
+    hand-offs: the gRPC floor under each of them."""
+    seconds = []
+    async with grpc.aio.insecure_channel(decode_target, options=server_options()) as channel:
+        stub = decode_pb2_grpc.DecodeStub(channel)
+        await stub.GetLoad(decode_pb2.GetLoadRequest(), timeout=10)
+        for _ in range(n):
+            await asyncio.sleep(0.1)
+            start = time.perf_counter()
+            await stub.GetLoad(decode_pb2.GetLoadRequest(), timeout=10)
+            seconds.append(time.perf_counter() - start)
+    return {"round_trip_ms": statistics.median(seconds) * 1000, "round_trip_ms_min": min(seconds) * 1000}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory")
@@ -132,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     transfers: dict[str, list[dict]] = {"chunks": [], "shared memory": []}
     with LocalCluster(args.model, decode_replicas=1, engine_args=engine_args) as cluster:
         remote = through_services(cluster.target, prompts, args.new_tokens)
+        floor = asyncio.run(round_trip(cluster.decode_targets[0], args.requests))
         arena = _arena(args.kv_shm_dir, cluster.decode_targets[0], max(kv_tokens), engine)
         try:
             for n in kv_tokens:
@@ -157,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t['kv_transfer_ms_min']:8.2f}-{t['kv_transfer_ms_max']:<7.2f}{t['kv_gb_s']:7.2f}")
     if not transfers["shared memory"]:
         print(f"(no shared-memory figures: no arena could be made in {args.kv_shm_dir}, or the replica does not see it)")
+    print(f"floor: an empty call to the replica (GetLoad) took {floor['round_trip_ms']:.2f} ms "
+          f"(min {floor['round_trip_ms_min']:.2f})")
     transfer = transfers["chunks"][0]
     print(f"\nTTFT overhead through services: {remote['ttft_ms'] - local['ttft_ms']:.2f} ms; services TTFT over in-process "
           f"TTFT plus the KV hand-off ({transfer['tokens']} tokens, chunks): "
@@ -164,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "dtype": engine.config.dtype, "in_process": local,
                                          "services": remote, "kv": transfer, "kv_chunks": transfers["chunks"],
-                                         "kv_shared_memory": transfers["shared memory"]}, indent=2) + "\n")
+                                         "kv_shared_memory": transfers["shared memory"], "kv_floor": floor}, indent=2) + "\n")
     return 0
 
 

@@ -48,7 +48,7 @@ def test_services_bench_runs(tiny: Path, tmp_path: Path) -> None:
     assert services.main(["--model", str(tiny), "--prompt-len", "16", "--new-tokens", "4", "--requests", "1",
                           "--seq-len", "128", "--kv-tokens", "16,100", "--kv-shm-dir", str(shm), "--json", str(tmp_path / "svc.json")]) == 0
     data = json.loads((tmp_path / "svc.json").read_text())
-    assert data["kv"]["kv_bytes"] > 0 and data["services"]["ttft_ms"] > 0
+    assert data["kv"]["kv_bytes"] > 0 and data["services"]["ttft_ms"] > 0 and data["kv_floor"]["round_trip_ms"] > 0
     for transport in ("kv_chunks", "kv_shared_memory"):
         assert [row["tokens"] for row in data[transport]] == [16, 100]
         assert data[transport][1]["kv_bytes"] > data[transport][0]["kv_bytes"] > 0
