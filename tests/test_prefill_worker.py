@@ -7,6 +7,7 @@ import asyncio
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest
@@ -27,13 +28,17 @@ def _reference(path: Path, prompt: list[int]):  # noqa: ANN202
 
 def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(checkpoints: dict[str, Checkpoint],
                                                                               tmp_path: Path) -> None:
-    path = checkpoints["llama"].path
+    path, draft_path = checkpoints["llama"].path, checkpoints["llama-headdim-linear"].path  # a draft of another KV shape
     thread = EngineThread("prefill-engine")
     engine = thread.submit(Engine.from_pretrained, path, CONFIG, graphs="context").result(timeout=120)
-    draft = thread.submit(Engine.from_pretrained, path, CONFIG, graphs="context").result(timeout=120)
+    draft = thread.submit(Engine.from_pretrained, draft_path, CONFIG, graphs="context").result(timeout=120)
+    assert kv_layout(engine, 1) != kv_layout(draft, 1)
     prompts = [random_prompt(n, seed=n) for n in (9, 10, 11)]
-    region_bytes = sum(kv_layout(e, 10).nbytes for e in (engine, draft))
-    arena = KVArena(tmp_path, 2 * -(-region_bytes // KVArena.ALIGN) * KVArena.ALIGN)  # room for two prompts' KV
+
+    def region(n_tokens: int) -> int:  # the arena bytes a prompt's KV (target and draft) takes
+        return -(-sum(kv_layout(e, n_tokens).nbytes for e in (engine, draft)) // KVArena.ALIGN) * KVArena.ALIGN
+
+    arena = KVArena(tmp_path, region(9) + region(10))  # room for the first two prompts' KV, not the third's
     worker = PrefillWorker(engine, max_queue=8, draft=draft, thread=thread, arena=arena)
     gate = threading.Event()
     encode = engine.context_encode
@@ -53,12 +58,20 @@ def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(che
             token, kv = _reference(path, prompt)
             assert result.first_token == token
             assert torch.equal(result.kv.keys, kv.keys) and torch.equal(result.kv.values, kv.values)
-            assert torch.equal(result.draft_kv.keys, kv.keys)  # the draft is the same checkpoint
+            _, draft_kv = _reference(draft_path, prompt)
+            assert torch.equal(result.draft_kv.keys, draft_kv.keys) and torch.equal(result.draft_kv.values, draft_kv.values)
         for result in held:
             worker.release(result)
             worker.release(result)  # a second release (the request's `finally`) is a no-op
             assert result.shared is None and result.kv is None
         assert arena.in_use == 0
+
+        draft_encode = draft.context_encode
+        draft.context_encode = lambda requests: 1 / 0  # fails after the target's KV is in its region
+        with pytest.raises(ZeroDivisionError):
+            await worker.submit(prompts[0], SamplingParams(), RequestRng(0))
+        assert arena.in_use == 0
+        draft.context_encode = draft_encode
 
         engine.context_encode = gated  # cancelled while it is encoded: the worker gives its region back
         future = worker.submit(prompts[0], SamplingParams(), RequestRng(0))
@@ -66,7 +79,7 @@ def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(che
         future.cancel()
         gate.set()
         after = await worker.submit(prompts[1], SamplingParams(), RequestRng(0))  # its result comes after the cancelled one's
-        assert after.shared is not None and arena.in_use == -(-region_bytes // KVArena.ALIGN) * KVArena.ALIGN
+        assert after.shared is not None and arena.in_use == region(10)
         worker.release(after)
         assert arena.in_use == 0
 
