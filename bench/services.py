@@ -80,6 +80,7 @@ async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int
             if arena is not None and reserved is None:
                 raise RuntimeError(f"no room in the arena for {len(prompt)} tokens of KV")
             kv = engine.export_kv(0, len(prompt), out=reserved.snapshots[0] if reserved else None)
+            sealed = arena.seal(reserved) if reserved else None  # as prefill's worker seals it after the export
             engine.free(0)
             await asyncio.sleep(0.1)  # no context encoding (and its spinning threads) next to the transfer
             header = decode_header(engine, kv, request_id="bench", prompt_ids=prompt, sampling=greedy,
@@ -88,7 +89,7 @@ async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int
             call = stub.Decode()  # opened ahead, as prefill opens it before it encodes the prompt
             await asyncio.sleep(0.01)
             try:
-                sent = await send_kv(call, header, kv, chunk_bytes=1 << 20, arena=arena, shared=reserved)
+                sent = await send_kv(call, header, kv, chunk_bytes=1 << 20, arena=arena, shared=sealed)
             finally:
                 call.cancel()
                 if reserved is not None:

@@ -14,7 +14,7 @@ import grpc
 
 from nxcore import Engine, SamplingParams, StoppingCriteria
 from nxcore.kv_cache import KVSnapshot
-from nxcore.kv_wire import KVArena, Reserved, iter_chunks
+from nxcore.kv_wire import KVArena, SharedRegion, iter_chunks
 from nxserve.decode_codec import encode_chunk
 from nxserve.grpc_common import sampling_to_pb, stopping_to_pb
 from nxserve.v1 import decode_pb2
@@ -72,12 +72,13 @@ class NoAck(Exception):
 
 
 async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequest, kv: KVSnapshot, *, chunk_bytes: int,
-                  draft_kv: KVSnapshot | None = None, arena: KVArena | None = None, shared: Reserved | None = None) -> Transfer:
+                  draft_kv: KVSnapshot | None = None, arena: KVArena | None = None, shared: SharedRegion | None = None) -> Transfer:
     """Write header, chunks (target KV, then the draft's when given) and commit, read the ack, then
     close the request side (after the ack: the replica does not wait for it). With `arena`, whose
     directory the replica shares, the region of it named in the header is all there is to send:
-    `shared`, the region `kv` and `draft_kv` were exported into (the caller's to release), else one
-    they are copied into now and released when this returns (chunks still when no region is free).
+    `shared`, the region of it `kv` and `draft_kv` were exported into and sealed (the caller's to
+    release), else one they are copied into now and released when this returns (chunks still when
+    no region is free).
     gRPC errors propagate."""
     start = time.perf_counter()
     snapshots = [kv] if draft_kv is None else [kv, draft_kv]
@@ -85,7 +86,7 @@ async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequ
     if arena is None:
         region = None
     else:
-        region = arena.seal(shared) if shared is not None else arena.put(snapshots)
+        region = shared if shared is not None else arena.put(snapshots)
     try:
         message = header
         if region is not None:

@@ -6,8 +6,9 @@ first token is sampled in the graph), exports each prompt's KV and frees the slo
 engine's slots only live for one call. Results go back through asyncio futures.
 
 With a shared-memory arena the KV is exported straight into a region of it (the draft's after the
-target's), so a replica that shares the arena reads it there without another copy on this side;
-the request releases the region (`PrefillResult.shared`) once decode holds the KV or it is over.
+target's) and sealed there (its CRC-32 taken while the bytes are still in this core's cache), so a
+replica that shares the arena reads it there without another copy on this side; the request
+releases the region (`PrefillResult.shared`) once decode holds the KV or it is over.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest
 from nxcore.engine_thread import EngineThread
 from nxcore.kv_cache import KVSnapshot
-from nxcore.kv_wire import KVArena, Layout, Reserved
+from nxcore.kv_wire import KVArena, Layout, Reserved, SharedRegion
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class PrefillResult:
     """time.monotonic() when it and the KV export finished."""
     batch: int
     """Prompts encoded in the same call."""
-    shared: Reserved | None = None
+    shared: SharedRegion | None = None
     """The arena region `kv` (and `draft_kv`) view when they were exported there: the request
     releases it (`PrefillWorker.release`) once decode holds the KV, or when it ends."""
 
@@ -153,6 +154,7 @@ class PrefillWorker:
             snapshots = [self.engine.export_kv(r.slot, len(r.token_ids), out=region.snapshots[0] if region else None)
                          for r, region in zip(requests, regions)]
             draft_snapshots = self._encode_draft(requests, regions)
+            sealed = [self.arena.seal(region) if region else None for region in regions]
         except Exception as exc:  # validated before submit; anything here is reported per request
             log.exception("context encoding failed")
             for region in regions:
@@ -166,7 +168,7 @@ class PrefillWorker:
                 self.engine.free(r.slot)
         end = time.monotonic()
         log.debug("encoded %d prompt(s) in %.1f ms", len(jobs), (end - start) * 1000)
-        for j, token, kv, draft_kv, region in zip(jobs, tokens, snapshots, draft_snapshots, regions):
+        for j, token, kv, draft_kv, region in zip(jobs, tokens, snapshots, draft_snapshots, sealed):
             result = PrefillResult(first_token=token, kv=kv, draft_kv=draft_kv, enqueued_at=j.enqueued_at, started_at=start,
                                    finished_at=end, batch=len(jobs), shared=region)
             j.loop.call_soon_threadsafe(self._set_result, j.future, result)

@@ -12,7 +12,7 @@ import torch
 
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest
 from nxcore.engine_thread import EngineThread
-from nxcore.kv_wire import KVArena
+from nxcore.kv_wire import KVArena, SharedKVReader
 from prefill_svc.worker import PrefillWorker, kv_layout
 from tests.conftest import Checkpoint, random_prompt
 
@@ -39,6 +39,7 @@ def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(che
         return -(-sum(kv_layout(e, n_tokens).nbytes for e in (engine, draft)) // KVArena.ALIGN) * KVArena.ALIGN
 
     arena = KVArena(tmp_path, region(9) + region(10))  # room for the first two prompts' KV, not the third's
+    reader = SharedKVReader(tmp_path)
     worker = PrefillWorker(engine, max_queue=8, draft=draft, thread=thread, arena=arena)
     gate = threading.Event()
     encode = engine.context_encode
@@ -60,6 +61,9 @@ def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(che
             assert torch.equal(result.kv.keys, kv.keys) and torch.equal(result.kv.values, kv.values)
             _, draft_kv = _reference(draft_path, prompt)
             assert torch.equal(result.draft_kv.keys, draft_kv.keys) and torch.equal(result.draft_kv.values, draft_kv.values)
+            if result.shared is not None:  # sealed: what a replica reads there passes its CRC-32 check and is the same KV
+                target, drafted = reader.snapshots(result.shared, [kv_layout(e, len(prompt)) for e in (engine, draft)])
+                assert torch.equal(target.values, kv.values) and torch.equal(drafted.keys, draft_kv.keys)
         for result in held:
             worker.release(result)
             worker.release(result)  # a second release (the request's `finally`) is a no-op
