@@ -279,7 +279,8 @@ class KVArena:
     here, not with SIGBUS on a later write; reusing its pages skips the page allocation and
     zeroing a new file would pay on every transfer. The file stays locked (flock) while this process
     lives, so a later sender can tell a leftover of a crashed one (`remove_stale`).
-    Thread-safe: the engine's thread reserves, the service's event loop puts, seals and releases.
+    Thread-safe: a service's engine thread reserves and seals regions, its event loop puts and
+    releases them.
     """
 
     ALIGN = 4096

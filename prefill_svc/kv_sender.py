@@ -78,15 +78,11 @@ async def send_kv(call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeRequ
     directory the replica shares, the region of it named in the header is all there is to send:
     `shared`, the region of it `kv` and `draft_kv` were exported into and sealed (the caller's to
     release), else one they are copied into now and released when this returns (chunks still when
-    no region is free).
-    gRPC errors propagate."""
+    no region is free). gRPC errors propagate."""
     start = time.perf_counter()
     snapshots = [kv] if draft_kv is None else [kv, draft_kv]
-    owned = arena is not None and shared is None
-    if arena is None:
-        region = None
-    else:
-        region = shared if shared is not None else arena.put(snapshots)
+    owned = arena is not None and shared is None  # a region put here is released here
+    region = None if arena is None else shared if shared is not None else arena.put(snapshots)
     try:
         message = header
         if region is not None:
