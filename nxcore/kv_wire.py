@@ -157,14 +157,21 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def _create_locked(path: Path, flags: int, mode: int) -> int:
-    """Create `path` (it must not exist) and lock it for this process's life; returns the fd. On
-    failure nothing is left behind."""
-    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
+    """Create `path` (a fresh name) locked for this process's life; returns the fd. On failure
+    nothing is left behind.
+
+    The file is created and locked under a hidden name, then renamed to `path`: created under
+    `path` itself, it would be there unlocked for a moment, and another service starting at the
+    same time (two decode replicas, say) could take it for a crashed one's in `remove_stale` and
+    delete it."""
+    hidden = path.with_name(f".{path.name}.new")
+    fd = os.open(hidden, flags | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(hidden, path)
     except BaseException:
         os.close(fd)
-        remove_file(path.parent, path.name)
+        remove_file(path.parent, hidden.name)
         raise
     return fd
 

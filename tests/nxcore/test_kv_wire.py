@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import zlib
 from pathlib import Path
 
@@ -217,6 +218,27 @@ def test_stale_arenas_and_probes_are_removed_and_live_ones_kept(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_arena.name, live_probe.name, other.name])
     live_arena.close(), live_probe.close()
     assert [p.name for p in tmp_path.iterdir()] == [other.name]
+
+
+@pytest.mark.parametrize("make", [lambda d: KVArena(d, 1 << 14), Probe])
+def test_a_file_being_created_is_never_taken_for_a_stale_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make) -> None:  # noqa: ANN001
+    """Another service's `remove_stale` running between the creation of a file and its lock (here:
+    just before the lock) finds nothing of it to remove."""
+    flock = fcntl.flock
+    removed: list[list[str]] = []
+
+    def racing_flock(fd: int, operation: int) -> None:
+        if not removed:  # the creator's lock: the other service's sweep comes first (its own locks pass)
+            removed.append(remove_stale(tmp_path))
+        flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", racing_flock)
+    made = make(tmp_path)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    assert removed == [[]] and [p.name for p in tmp_path.iterdir()] == [made.name]
+    assert remove_stale(tmp_path) == []  # locked under its name
+    made.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_probe_files_tell_who_shares_the_directory(tmp_path: Path) -> None:
