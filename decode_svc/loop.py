@@ -25,6 +25,7 @@ from nxcore.detokenizer import Decoder, IncrementalDetokenizer
 from nxcore.engine_thread import EngineThread
 from nxcore.generate import FinishReason, GenerationResult, finish_reason
 from nxcore.kv_cache import KVSnapshot
+from nxcore.kv_wire import KVTransferError
 from nxcore.speculation import DraftProposer, NgramProposer, SpecSequence, can_speculate, speculative_step
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    data_loss: bool = False
+    """The request's KV arrived corrupted (its CRC-32 check failed), rather than the replica failing."""
 
 
 Event = Acked | Tokens | Finished | Failed
@@ -99,6 +102,10 @@ class DecodeJob:
     """The draft model's KV from prefill (speculation with a draft model), if it sent one."""
     speculate: bool = True
     """False when the request opted out of speculative decoding."""
+    check_kv: Callable[[], None] | None = None
+    """Run just before the import; KVTransferError when the KV is not what the sender wrote (the
+    CRC-32 of KV in the sender's shared memory, checked here rather than on receipt so that the
+    import reads bytes the check has just brought into this core's cache)."""
     steps: int = 0
     proposed: int = 0
     accepted: int = 0
@@ -209,6 +216,14 @@ class DecodeLoop:
             job = self._waiting.popleft()
             if job.status.is_done():
                 continue
+            if job.check_kv is not None:
+                try:
+                    job.check_kv()
+                except KVTransferError as exc:
+                    job.status = RequestStatus.CANCELLED
+                    job.kv = job.draft_kv = None
+                    job.emit(Failed(str(exc), data_loss=True))
+                    continue
             slot = free.pop(0)
             self.engine.import_kv(slot, job.kv)
             job.kv = None

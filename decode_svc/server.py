@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -16,7 +17,7 @@ from opentelemetry import trace
 from decode_svc.loop import Acked, DecodeJob, DecodeLoop, Event, Failed, Finished, QueueFull, Tokens
 from nxcore import Engine, RequestRng
 from nxcore.kv_wire import (
-    KVAssembler, KVTransferError, Layout, SharedKVReader, SharedKVUnreadable, SharedRegion, valid_arena_name,
+    KVAssembler, KVTransferError, Layout, SharedKVReader, SharedKVUnreadable, SharedRegion, valid_arena_name, verify_crc32,
 )
 from nxserve.decode_codec import SHM_UNREADABLE, DecodeMessage, message_kind
 from nxserve.grpc_common import FINISH_TO_PB, sampling_from_pb, stopping_from_pb
@@ -160,6 +161,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             stopping=stopping,
             stop_strings=stop_strings,
             emit=emit,
+            check_kv=partial(verify_crc32, snapshots, shared.crc32) if shared is not None else None,
         )
 
     async def _receive_kv(self, requests, context, layouts: list[decode_pb2.KvLayout], ctx,  # noqa: ANN001
@@ -174,7 +176,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             writing = shared is None  # whether the sender may still write (chunks before the commit)
             try:
                 if shared is not None:
-                    snapshots = self.shared.snapshots(shared, kv_layouts)
+                    snapshots = self.shared.snapshots(shared, kv_layouts, verify=False)  # DecodeJob.check_kv
                     self.shared_kv_requests += 1
                     span.set_attribute("nxserve.kv_bytes", shared.nbytes)
                     return snapshots
@@ -240,7 +242,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     ))
                     return
                 elif isinstance(event, Failed):
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
+                    await context.abort(grpc.StatusCode.DATA_LOSS if event.data_loss else grpc.StatusCode.UNAVAILABLE, event.message)
             if tokens:
                 yield decode_pb2.DecodeResponse(tokens=decode_pb2.TokenBatch(token_ids=tokens))
 

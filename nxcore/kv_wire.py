@@ -269,6 +269,20 @@ def _views(raw: torch.Tensor, layouts: Sequence[Layout]) -> list[KVSnapshot]:
     return snapshots
 
 
+_CORRUPT_REGION = "shared KV region failed its CRC-32 check: the data is corrupted"
+
+
+def verify_crc32(snapshots: Sequence[KVSnapshot], crc32: int) -> None:
+    """KVTransferError unless the snapshots' bytes, in order and each K block then V block (a shared
+    region's layout), have this CRC-32."""
+    crc = 0
+    for kv in snapshots:
+        for part in snapshot_parts(kv):
+            crc = isal_zlib.crc32(part, crc)
+    if crc != crc32:
+        raise KVTransferError(_CORRUPT_REGION)
+
+
 def snapshot_parts(kv: KVSnapshot) -> tuple[np.ndarray, np.ndarray]:
     """The K block then the V block as flat byte arrays viewing the snapshot (no copy when contiguous)."""
     return _as_bytes(kv.keys).reshape(-1), _as_bytes(kv.values).reshape(-1)
@@ -425,9 +439,12 @@ class SharedKVReader:
         self.max_arenas = max_arenas
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
 
-    def snapshots(self, region: SharedRegion, layouts: Sequence[Layout]) -> list[KVSnapshot]:
+    def snapshots(self, region: SharedRegion, layouts: Sequence[Layout], *, verify: bool = True) -> list[KVSnapshot]:
         """The snapshots (one per layout, in order) in the region, after checking its name, bounds,
-        size and CRC-32. SharedKVUnreadable when the arena cannot be opened here."""
+        size and, unless `verify` is False, CRC-32: then `verify_crc32(snapshots, region.crc32)`
+        must pass before they are read (the decode loop runs it just before its import, which then
+        reads bytes the check has just brought into that core's cache). SharedKVUnreadable when
+        the arena cannot be opened here."""
         if not valid_arena_name(region.name):
             raise KVTransferError(f"shared KV arena name {region.name!r} is not {ARENA_PREFIX}<32 hex digits>")
         expected = sum(layout.nbytes for layout in layouts)
@@ -437,8 +454,8 @@ class SharedKVReader:
         if region.offset < 0 or region.offset + region.nbytes > len(mapping):
             raise KVTransferError(f"shared KV region [{region.offset}, {region.offset + region.nbytes}) is outside "
                                   f"arena {region.name} of {len(mapping)} bytes")
-        if isal_zlib.crc32(memoryview(mapping)[region.offset:region.offset + region.nbytes]) != region.crc32:
-            raise KVTransferError("shared KV region failed its CRC-32 check: the data is corrupted")
+        if verify and isal_zlib.crc32(memoryview(mapping)[region.offset:region.offset + region.nbytes]) != region.crc32:
+            raise KVTransferError(_CORRUPT_REGION)
         return _views(torch.frombuffer(mapping, dtype=torch.uint8, count=region.nbytes, offset=region.offset), layouts)
 
     def _mapping(self, name: str) -> mmap.mmap:

@@ -16,6 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nxcore import Engine, RuntimeConfig, SamplingParams, StoppingCriteria, generate
+from nxcore.kv_cache import KVSnapshot
+from nxcore.kv_wire import KVArena
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
 from nxserve.decode_codec import DecodeStub, is_shm_unreadable
@@ -248,7 +250,7 @@ def _header_only(stub: decode_pb2_grpc.DecodeStub, header: decode_pb2.DecodeRequ
     return err.value
 
 
-def test_decode_refuses_shared_regions_it_cannot_or_must_not_read(cluster: LocalCluster, engine: Engine) -> None:
+def test_decode_refuses_shared_regions_it_cannot_or_must_not_read(cluster: LocalCluster, engine: Engine, shm_dir: Path) -> None:
     """A header naming a shared region is the whole request: the replica answers it without waiting
     for more messages (and ignores a commit an older sender still writes)."""
     region = decode_pb2.SharedKv(name="nxserve-kv-" + "0" * 32, offset=0, nbytes=2 * 2 * 2 * 3 * 16 * 4, crc32=0)
@@ -265,6 +267,16 @@ def test_decode_refuses_shared_regions_it_cannot_or_must_not_read(cluster: Local
         err = _header_only(stub, _header(cluster, engine, shared_kv=outside))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "nxserve-kv-<32 hex digits>" in err.details()
         assert not is_shm_unreadable(err.trailing_metadata())
+
+        arena = KVArena(shm_dir, 1 << 16)  # a real region whose bytes no longer match the CRC-32 the header gives
+        try:
+            kv = KVSnapshot(keys=torch.randn(2, 2, 3, 16), values=torch.randn(2, 2, 3, 16))
+            good = arena.put([kv])
+            corrupted = decode_pb2.SharedKv(name=good.name, offset=good.offset, nbytes=good.nbytes, crc32=good.crc32 ^ 1)
+            err = _header_only(stub, _header(cluster, engine, shared_kv=corrupted))
+            assert err.code() == grpc.StatusCode.DATA_LOSS and "CRC-32" in err.details()
+        finally:
+            arena.close()
     assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
 
 

@@ -12,7 +12,7 @@ import torch
 from nxcore.kv_cache import KVSnapshot
 from nxcore.kv_wire import (
     PROBE_PREFIX, KVArena, KVAssembler, KVChunk, KVTransferError, Layout, SharedKVReader, SharedKVUnreadable, SharedRegion,
-    Probe, iter_chunks, remove_stale, sees_probe,
+    Probe, iter_chunks, remove_stale, sees_probe, verify_crc32,
 )
 
 LAYERS, HEADS, TOKENS, DIM = 3, 2, 7, 16
@@ -122,6 +122,8 @@ def test_arena_region_round_trip_with_a_draft_set_is_exact(tmp_path: Path, dtype
     assert region.crc32 == zlib.crc32(b"".join(bytes(t.contiguous().view(torch.uint8).numpy()) for t in
                                                (target.keys, target.values, draft.keys, draft.values)))
     got = SharedKVReader(tmp_path).snapshots(region, [_layout(target), _layout(draft)])
+    verify_crc32(got, region.crc32)  # the region's CRC-32 over its snapshots, in order
+    verify_crc32([target, draft], region.crc32)
     for mine, theirs in zip([target, draft], got):
         assert theirs.keys.dtype == dtype and torch.equal(theirs.keys, mine.keys) and torch.equal(theirs.values, mine.values)
     arena.close()
@@ -189,6 +191,10 @@ def test_reader_refuses_bad_names_bounds_sizes_checksums_and_missing_arenas(tmp_
             reader.snapshots(bad, layouts)
     with pytest.raises(SharedKVUnreadable, match="cannot open"):
         SharedKVReader(tmp_path / "elsewhere").snapshots(region, layouts)
+    unchecked = reader.snapshots(SharedRegion(region.name, 0, region.nbytes, region.crc32 ^ 1), layouts, verify=False)
+    with pytest.raises(KVTransferError, match="CRC-32"):  # checked later, by whoever reads them (the decode loop)
+        verify_crc32(unchecked, region.crc32 ^ 1)
+    verify_crc32(unchecked, region.crc32)
     arena.close()
 
 
