@@ -184,18 +184,15 @@ class DecodeLoop:
         while True:
             with self._cond:
                 self._drop_cancelled()
-                admitted = self._admit()
+                acks = self._admit()
                 while not self._running and not self._stop:
                     self._cond.wait()
                     self._drop_cancelled()
-                    admitted += self._admit()
+                    acks += self._admit()
                 if self._stop:
                     self._fail_all("the decode service is shutting down")
                     return
                 batch = list(self._running.items())
-            acks = [Acked(slot=slot, queue_ms=queue_ms) for _, slot, queue_ms in admitted]
-            for (job, _, _), ack in zip(admitted, acks):
-                job.emit(ack)
             deadline = time.monotonic() + ACK_WAIT_S
             for ack in acks:
                 ack.sent.wait(max(0.0, deadline - time.monotonic()))
@@ -209,13 +206,17 @@ class DecodeLoop:
                 for _, job in batch:
                     job.emit(Failed(f"decode step failed: {exc}"))
 
-    def _admit(self) -> list[tuple[DecodeJob, int, float]]:
-        admitted = []
+    def _admit(self) -> list[Acked]:
+        """Take waiting requests into free slots: import each one's KV (and its draft KV), ack it at
+        once (from then on the sender may reuse the memory the KV came in), then let the draft
+        model encode the prompt when prefill sent no draft KV."""
+        acks = []
         free = self.engine.free_slots()
         while self._waiting and free:
             job = self._waiting.popleft()
             if job.status.is_done():
                 continue
+            queue_ms = (time.monotonic() - job.enqueued_at) * 1000  # waiting for a slot, not the import
             if job.check_kv is not None:
                 try:
                     job.check_kv()
@@ -226,26 +227,22 @@ class DecodeLoop:
                     continue
             slot = free.pop(0)
             self.engine.import_kv(slot, job.kv)
-            job.kv = None
-            self._prepare_draft(slot, job)
+            draft = self.proposer if isinstance(self.proposer, DraftProposer) else None
+            draft_kv, job.kv, job.draft_kv = job.draft_kv, None, None
+            if draft is not None and draft_kv is not None:
+                draft.draft.import_kv(slot, draft_kv)
             job.status = RequestStatus.RUNNING
             job.result = GenerationResult(prompt_ids=job.prompt_ids, output_ids=[job.first_token])
             if job.stop_strings:  # text is only needed here to find stop strings
                 job.detok = IncrementalDetokenizer(self.tokenizer, stop_strings=job.stop_strings)
                 job.detok.add([job.first_token])
             self._running[slot] = job
-            admitted.append((job, slot, (time.monotonic() - job.enqueued_at) * 1000))
-        return admitted
-
-    def _prepare_draft(self, slot: int, job: DecodeJob) -> None:
-        """Give the draft model the prompt's KV: prefill's copy, or its own context encoding."""
-        if not isinstance(self.proposer, DraftProposer):
-            return
-        if job.draft_kv is not None:
-            self.proposer.draft.import_kv(slot, job.draft_kv)
-            job.draft_kv = None
-        else:
-            self.proposer.prefill(slot, job.prompt_ids, job.sampling, job.rng)
+            ack = Acked(slot=slot, queue_ms=queue_ms)
+            job.emit(ack)
+            acks.append(ack)
+            if draft is not None and draft_kv is None:  # the draft model encodes the prompt itself
+                draft.prefill(slot, job.prompt_ids, job.sampling, job.rng)
+        return acks
 
     def _drop_cancelled(self) -> None:
         for slot, job in list(self._running.items()):
