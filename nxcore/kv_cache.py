@@ -93,7 +93,21 @@ class KVCache(nn.Module):
 
     @torch.no_grad()
     def import_(self, slot: int, kv: KVSnapshot) -> None:
+        """Write a snapshot into the slot's first n_tokens (converted to the cache's dtype if need be).
+
+        On CPU, with the cache's dtype, each layer is copied with numpy rather than torch: a torch
+        copy of more than 32768 elements opens an OpenMP parallel region, and in a service whose
+        engine threads sleep between steps each of the 2 x num_layers regions can wait for them
+        (a 6.3 MB snapshot took 0.8-5.7 ms to import in the decode service, 2.9 ms median)."""
         n = kv.n_tokens
+        k0 = self.buffers_of(0)[0]
+        if k0.device.type == "cpu" and kv.keys.device.type == "cpu" and kv.keys.dtype == k0.dtype == kv.values.dtype:
+            keys, values = (t.contiguous().view(torch.uint8).numpy() for t in (kv.keys, kv.values))
+            for i in range(self.num_layers):
+                k_buf, v_buf = self.buffers_of(i)
+                k_buf[slot, :, :n].view(torch.uint8).numpy()[...] = keys[i]
+                v_buf[slot, :, :n].view(torch.uint8).numpy()[...] = values[i]
+            return
         for i in range(self.num_layers):
             k_buf, v_buf = self.buffers_of(i)
             k_buf[slot, :, :n].copy_(kv.keys[i])

@@ -26,6 +26,20 @@ def test_prefix_write_and_scatter_touch_only_their_cells() -> None:
     assert cache.export(0, 7).keys.shape == (1, 2, 7, 4)
 
 
+def test_import_writes_only_the_slots_first_tokens_in_any_dtype_and_layout() -> None:
+    """Same dtype (copied as bytes), another dtype (converted) and a non-contiguous snapshot."""
+    for cache_dtype, kv_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
+        cache = KVCache(num_layers=2, slots=3, kv_heads=2, seq_len=8, head_dim=4, dtype=cache_dtype)
+        keys = torch.randn(2, 2, 5, 4, dtype=kv_dtype)
+        for kv in (KVSnapshot(keys, -keys), KVSnapshot(keys.transpose(2, 3).contiguous().transpose(2, 3), 2 * keys)):
+            cache.import_(1, kv)
+            for layer in range(2):
+                k_buf, v_buf = cache.buffers_of(layer)
+                assert torch.equal(k_buf[1, :, :5], kv.keys[layer].to(cache_dtype))
+                assert torch.equal(v_buf[1, :, :5], kv.values[layer].to(cache_dtype))
+                assert k_buf[[0, 2]].abs().sum() == 0 and k_buf[1, :, 5:].abs().sum() == 0
+
+
 def test_generation_continued_after_import_equals_one_engine(checkpoints: dict[str, Checkpoint]) -> None:
     ckpt = checkpoints["qwen3"]
     config = RuntimeConfig(batch_size=2, ctx_batch_size=1, seq_len=64, buckets=(32, 64))
