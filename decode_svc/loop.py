@@ -227,10 +227,10 @@ class DecodeLoop:
                     continue
             slot = free.pop(0)
             self.engine.import_kv(slot, job.kv)
-            draft = self.proposer if isinstance(self.proposer, DraftProposer) else None
+            drafter = self.proposer if isinstance(self.proposer, DraftProposer) else None
             draft_kv, job.kv, job.draft_kv = job.draft_kv, None, None
-            if draft is not None and draft_kv is not None:
-                draft.draft.import_kv(slot, draft_kv)
+            if drafter is not None and draft_kv is not None:
+                drafter.draft.import_kv(slot, draft_kv)
             job.status = RequestStatus.RUNNING
             job.result = GenerationResult(prompt_ids=job.prompt_ids, output_ids=[job.first_token])
             if job.stop_strings:  # text is only needed here to find stop strings
@@ -240,8 +240,8 @@ class DecodeLoop:
             ack = Acked(slot=slot, queue_ms=queue_ms)
             job.emit(ack)
             acks.append(ack)
-            if draft is not None and draft_kv is None:  # the draft model encodes the prompt itself
-                draft.prefill(slot, job.prompt_ids, job.sampling, job.rng)
+            if drafter is not None and draft_kv is None:  # the draft model encodes the prompt itself
+                drafter.prefill(slot, job.prompt_ids, job.sampling, job.rng)
         return acks
 
     def _drop_cancelled(self) -> None:
