@@ -168,8 +168,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                           shared: SharedRegion | None):  # noqa: ANN202
         """Chunks until the commit, into one snapshot per KV set (target, then draft when sent); or,
         when the header named a shared region, views of the region at once, without reading the
-        stream further (the decode loop imports them before it acks, after which the sender may
-        reuse the region)."""
+        stream further (the decode loop checks their CRC-32 and imports them before it acks, after
+        which the sender may reuse the region)."""
         with span_in(tracer, "kv_receive", parent=ctx, attributes={"nxserve.kv_transport": "shm" if shared else "chunks"}) as (span, _):
             kv_layouts = [Layout(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, n_tokens=lay.n_tokens,
                                  head_dim=lay.head_dim, dtype=lay.dtype) for lay in layouts]
