@@ -275,11 +275,7 @@ _CORRUPT_REGION = "shared KV region failed its CRC-32 check: the data is corrupt
 def verify_crc32(snapshots: Sequence[KVSnapshot], crc32: int) -> None:
     """KVTransferError unless the snapshots' bytes, in order and each K block then V block (a shared
     region's layout), have this CRC-32."""
-    crc = 0
-    for kv in snapshots:
-        for part in snapshot_parts(kv):
-            crc = isal_zlib.crc32(part, crc)
-    if crc != crc32:
+    if crc32_of(tuple(memoryview(part) for kv in snapshots for part in snapshot_parts(kv))) != crc32:
         raise KVTransferError(_CORRUPT_REGION)
 
 
