@@ -115,9 +115,8 @@ class KVAssembler:
     K and V live in one buffer allocated up front; each chunk is copied into it once."""
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, n_tokens: int, dtype: str) -> None:
-        if dtype not in DTYPES:
-            raise KVTransferError(f"KV dtype {dtype!r} is not supported: allowed {sorted(DTYPES)}")
-        buffer = torch.empty((2, num_layers, num_kv_heads, n_tokens, head_dim), dtype=DTYPES[dtype])
+        torch_dtype = Layout(num_layers, num_kv_heads, n_tokens, head_dim, dtype).torch_dtype  # checks it is supported
+        buffer = torch.empty((2, num_layers, num_kv_heads, n_tokens, head_dim), dtype=torch_dtype)
         self.keys, self.values = buffer[0], buffer[1]
         self._bytes = buffer.view(torch.uint8).numpy()  # [2, layers, heads, tokens, head_dim * element_size]
         self._filled = np.zeros((num_layers, n_tokens), dtype=bool)

@@ -253,7 +253,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                       ctx, opened) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN001
         replica, call = await self._hand_off(req, rng, prefill, context, ctx, opened)
         self.worker.release(prefill)  # decode holds the KV now: free prefill's copies
-        prefill.kv = prefill.draft_kv = None
         try:
             with span_in(tracer, "decoding", parent=ctx, attributes={"nxserve.decode_replica": replica.target}):
                 while True:

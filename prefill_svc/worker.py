@@ -86,11 +86,12 @@ class PrefillWorker:
         return self._queue.qsize()
 
     def release(self, result: PrefillResult) -> None:
-        """Free the result's arena region, if it has one still (its KV views are dropped with it)."""
+        """Drop the result's KV (decode holds it, or the request is over) and free its arena region,
+        if it still has one. Calling it again does nothing."""
+        result.kv = result.draft_kv = None
         if result.shared is not None:
             self.arena.release(result.shared)
             result.shared = None
-            result.kv = result.draft_kv = None
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, rng: RequestRng) -> asyncio.Future:
         loop = asyncio.get_running_loop()
