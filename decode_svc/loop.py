@@ -228,7 +228,7 @@ class DecodeLoop:
             slot = free.pop(0)
             self.engine.import_kv(slot, job.kv)
             drafter = self.proposer if isinstance(self.proposer, DraftProposer) else None
-            draft_kv, job.kv, job.draft_kv = job.draft_kv, None, None
+            draft_kv, job.kv, job.draft_kv, job.check_kv = job.draft_kv, None, None, None  # nothing views the sender's memory
             if drafter is not None and draft_kv is not None:
                 drafter.draft.import_kv(slot, draft_kv)
             job.status = RequestStatus.RUNNING

@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -16,8 +15,9 @@ from opentelemetry import trace
 
 from decode_svc.loop import Acked, DecodeJob, DecodeLoop, Event, Failed, Finished, QueueFull, Tokens
 from nxcore import Engine, RequestRng
+from nxcore.kv_cache import KVSnapshot
 from nxcore.kv_wire import (
-    KVAssembler, KVTransferError, Layout, SharedKVReader, SharedKVUnreadable, SharedRegion, valid_arena_name, verify_crc32,
+    KVAssembler, KVTransferError, Layout, SharedKV, SharedKVReader, SharedKVUnreadable, SharedRegion, valid_arena_name,
 )
 from nxserve.decode_codec import SHM_UNREADABLE, DecodeMessage, message_kind
 from nxserve.grpc_common import FINISH_TO_PB, sampling_from_pb, stopping_from_pb
@@ -146,7 +146,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 await _reject(requests, context, grpc.StatusCode.INVALID_ARGUMENT,
                               f"shared KV arena name {shared.name!r} is not nxserve-kv-<32 hex digits>", drain=False)
         layouts = [header.layout] + ([header.draft_layout] if header.HasField("draft_layout") else [])
-        snapshots = await self._receive_kv(requests, context, layouts, ctx, shared)
+        received = await self._receive_kv(requests, context, layouts, ctx, shared)
+        snapshots = received.snapshots if isinstance(received, SharedKV) else received
         stopping, stop_strings = stopping_from_pb(header.stopping)
         sampling = sampling_from_pb(header.sampling)
         return DecodeJob(
@@ -161,25 +162,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             stopping=stopping,
             stop_strings=stop_strings,
             emit=emit,
-            check_kv=partial(verify_crc32, snapshots, shared.crc32) if shared is not None else None,
+            check_kv=received.verify if isinstance(received, SharedKV) else None,
         )
 
     async def _receive_kv(self, requests, context, layouts: list[decode_pb2.KvLayout], ctx,  # noqa: ANN001
-                          shared: SharedRegion | None):  # noqa: ANN202
+                          shared: SharedRegion | None) -> list[KVSnapshot] | SharedKV:
         """Chunks until the commit, into one snapshot per KV set (target, then draft when sent); or,
-        when the header named a shared region, views of the region at once, without reading the
-        stream further (the decode loop checks their CRC-32 and imports them before it acks, after
-        which the sender may reuse the region)."""
+        when the header named a shared region, the region with views of it, at once and without
+        reading the stream further (the decode loop checks its CRC-32 and imports the views before
+        it acks, after which the sender may reuse the region)."""
         with span_in(tracer, "kv_receive", parent=ctx, attributes={"nxserve.kv_transport": "shm" if shared else "chunks"}) as (span, _):
             kv_layouts = [Layout(num_layers=lay.num_layers, num_kv_heads=lay.num_kv_heads, n_tokens=lay.n_tokens,
                                  head_dim=lay.head_dim, dtype=lay.dtype) for lay in layouts]
             writing = shared is None  # whether the sender may still write (chunks before the commit)
             try:
                 if shared is not None:
-                    snapshots = self.shared.snapshots(shared, kv_layouts, verify=False)  # DecodeJob.check_kv
+                    region = self.shared.read(shared, kv_layouts)  # checked by the loop: DecodeJob.check_kv
                     self.shared_kv_requests += 1
                     span.set_attribute("nxserve.kv_bytes", shared.nbytes)
-                    return snapshots
+                    return region
                 assemblers = [KVAssembler(**dataclasses.asdict(lay)) for lay in kv_layouts]
                 async for message in requests:
                     kind = message_kind(message)

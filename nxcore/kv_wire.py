@@ -271,13 +271,6 @@ def _views(raw: torch.Tensor, layouts: Sequence[Layout]) -> list[KVSnapshot]:
 _CORRUPT_REGION = "shared KV region failed its CRC-32 check: the data is corrupted"
 
 
-def verify_crc32(snapshots: Sequence[KVSnapshot], crc32: int) -> None:
-    """KVTransferError unless the snapshots' bytes, in order and each K block then V block (a shared
-    region's layout), have this CRC-32."""
-    if crc32_of(tuple(memoryview(part) for kv in snapshots for part in snapshot_parts(kv))) != crc32:
-        raise KVTransferError(_CORRUPT_REGION)
-
-
 def snapshot_parts(kv: KVSnapshot) -> tuple[np.ndarray, np.ndarray]:
     """The K block then the V block as flat byte arrays viewing the snapshot (no copy when contiguous)."""
     return _as_bytes(kv.keys).reshape(-1), _as_bytes(kv.values).reshape(-1)
@@ -421,6 +414,23 @@ def remove_stale(directory: Path) -> list[str]:
     return removed
 
 
+@dataclass(frozen=True)
+class SharedKV:
+    """Snapshots read out of a region of another process's arena (`SharedKVReader.read`): views of
+    its memory, valid until that process releases the region."""
+
+    raw: memoryview
+    """The region's bytes."""
+    crc32: int
+    """What the sender says `raw`'s CRC-32 is."""
+    snapshots: list[KVSnapshot]
+
+    def verify(self) -> None:
+        """KVTransferError unless the region's bytes have the CRC-32 the sender gave."""
+        if isal_zlib.crc32(self.raw) != self.crc32:
+            raise KVTransferError(_CORRUPT_REGION)
+
+
 class SharedKVReader:
     """The receiver's side: maps each sender's arena once and reads snapshots out of its regions.
 
@@ -434,12 +444,18 @@ class SharedKVReader:
         self.max_arenas = max_arenas
         self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
 
-    def snapshots(self, region: SharedRegion, layouts: Sequence[Layout], *, verify: bool = True) -> list[KVSnapshot]:
-        """The snapshots (one per layout, in order) in the region, after checking its name, bounds,
-        size and, unless `verify` is False, CRC-32: then `verify_crc32(snapshots, region.crc32)`
-        must pass before they are read (the decode loop runs it just before its import, which then
-        reads bytes the check has just brought into that core's cache). SharedKVUnreadable when
-        the arena cannot be opened here."""
+    def snapshots(self, region: SharedRegion, layouts: Sequence[Layout]) -> list[KVSnapshot]:
+        """The snapshots (one per layout, in order) in the region, once its CRC-32 checks out (see
+        `read` for the rest)."""
+        shared = self.read(region, layouts)
+        shared.verify()
+        return shared.snapshots
+
+    def read(self, region: SharedRegion, layouts: Sequence[Layout]) -> SharedKV:
+        """The region and its snapshots (one per layout, in order), after checking its name, bounds
+        and size but not its CRC-32: `SharedKV.verify` must pass before they are read (the decode
+        loop runs it just before its import, which then reads bytes the check has just brought into
+        that core's cache). SharedKVUnreadable when the arena cannot be opened here."""
         if not valid_arena_name(region.name):
             raise KVTransferError(f"shared KV arena name {region.name!r} is not {ARENA_PREFIX}<32 hex digits>")
         expected = sum(layout.nbytes for layout in layouts)
@@ -449,9 +465,9 @@ class SharedKVReader:
         if region.offset < 0 or region.offset + region.nbytes > len(mapping):
             raise KVTransferError(f"shared KV region [{region.offset}, {region.offset + region.nbytes}) is outside "
                                   f"arena {region.name} of {len(mapping)} bytes")
-        if verify and isal_zlib.crc32(memoryview(mapping)[region.offset:region.offset + region.nbytes]) != region.crc32:
-            raise KVTransferError(_CORRUPT_REGION)
-        return _views(torch.frombuffer(mapping, dtype=torch.uint8, count=region.nbytes, offset=region.offset), layouts)
+        raw = memoryview(mapping)[region.offset:region.offset + region.nbytes]
+        snapshots = _views(torch.frombuffer(mapping, dtype=torch.uint8, count=region.nbytes, offset=region.offset), layouts)
+        return SharedKV(raw=raw, crc32=region.crc32, snapshots=snapshots)
 
     def _mapping(self, name: str) -> mmap.mmap:
         mapping = self._maps.get(name)

@@ -40,6 +40,22 @@ def test_import_writes_only_the_slots_first_tokens_in_any_dtype_and_layout() -> 
                 assert k_buf[[0, 2]].abs().sum() == 0 and k_buf[1, :, 5:].abs().sum() == 0
 
 
+def test_import_writes_into_buffers_that_replaced_the_ones_it_wrote_before() -> None:
+    """The import keeps numpy views of the buffers: a replaced buffer (`Module.to`, an assignment)
+    gets the next import, not the old one."""
+    cache = KVCache(num_layers=2, slots=2, kv_heads=1, seq_len=4, head_dim=2, dtype=torch.float32)
+    kv = KVSnapshot(torch.randn(2, 1, 3, 2), torch.randn(2, 1, 3, 2))
+    cache.import_(0, kv)
+    cache.v1 = torch.zeros_like(cache.v1)
+    cache.to(torch.bfloat16)
+    cache.import_(1, KVSnapshot(kv.keys.bfloat16(), kv.values.bfloat16()))
+    for layer in range(2):
+        k_buf, v_buf = cache.buffers_of(layer)
+        assert k_buf.dtype == torch.bfloat16
+        assert torch.equal(k_buf[1, :, :3], kv.keys[layer].bfloat16()) and torch.equal(v_buf[1, :, :3], kv.values[layer].bfloat16())
+    assert cache.v1[0].abs().sum() == 0  # the replaced buffer's import is gone with it
+
+
 def test_generation_continued_after_import_equals_one_engine(checkpoints: dict[str, Checkpoint]) -> None:
     ckpt = checkpoints["qwen3"]
     config = RuntimeConfig(batch_size=2, ctx_batch_size=1, seq_len=64, buckets=(32, 64))

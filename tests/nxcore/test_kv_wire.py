@@ -12,7 +12,7 @@ import torch
 from nxcore.kv_cache import KVSnapshot
 from nxcore.kv_wire import (
     PROBE_PREFIX, KVArena, KVAssembler, KVChunk, KVTransferError, Layout, SharedKVReader, SharedKVUnreadable, SharedRegion,
-    Probe, iter_chunks, remove_stale, sees_probe, verify_crc32,
+    Probe, crc32_of, iter_chunks, remove_stale, sees_probe, snapshot_parts,
 )
 
 LAYERS, HEADS, TOKENS, DIM = 3, 2, 7, 16
@@ -122,8 +122,8 @@ def test_arena_region_round_trip_with_a_draft_set_is_exact(tmp_path: Path, dtype
     assert region.crc32 == zlib.crc32(b"".join(bytes(t.contiguous().view(torch.uint8).numpy()) for t in
                                                (target.keys, target.values, draft.keys, draft.values)))
     got = SharedKVReader(tmp_path).snapshots(region, [_layout(target), _layout(draft)])
-    verify_crc32(got, region.crc32)  # the region's CRC-32 over its snapshots, in order
-    verify_crc32([target, draft], region.crc32)
+    for snapshots in (got, [target, draft]):  # the region's CRC-32 is its snapshots' bytes, in order
+        assert crc32_of(tuple(memoryview(part) for kv in snapshots for part in snapshot_parts(kv))) == region.crc32
     for mine, theirs in zip([target, draft], got):
         assert theirs.keys.dtype == dtype and torch.equal(theirs.keys, mine.keys) and torch.equal(theirs.values, mine.values)
     arena.close()
@@ -191,10 +191,11 @@ def test_reader_refuses_bad_names_bounds_sizes_checksums_and_missing_arenas(tmp_
             reader.snapshots(bad, layouts)
     with pytest.raises(SharedKVUnreadable, match="cannot open"):
         SharedKVReader(tmp_path / "elsewhere").snapshots(region, layouts)
-    unchecked = reader.snapshots(SharedRegion(region.name, 0, region.nbytes, region.crc32 ^ 1), layouts, verify=False)
+    unchecked = reader.read(SharedRegion(region.name, 0, region.nbytes, region.crc32 ^ 1), layouts)
+    assert torch.equal(unchecked.snapshots[0].keys, kv.keys) and torch.equal(unchecked.snapshots[0].values, kv.values)
     with pytest.raises(KVTransferError, match="CRC-32"):  # checked later, by whoever reads them (the decode loop)
-        verify_crc32(unchecked, region.crc32 ^ 1)
-    verify_crc32(unchecked, region.crc32)
+        unchecked.verify()
+    reader.read(region, layouts).verify()
     arena.close()
 
 
