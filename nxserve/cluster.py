@@ -3,8 +3,9 @@
     with LocalCluster("/tmp/tiny-llama", decode_replicas=2) as cluster:
         Client(cluster.target).generate_text("Hello")
 
-The decode replicas start first (in parallel); prefill starts once they report SERVING, so its
-router sees them from its first request. Each child writes stdout and stderr to its own log file.
+Every service starts at once. The cluster is up when each reports SERVING and prefill's router
+routes to every decode replica (ModelInfo's decode_replicas_up), so the first request finds them
+all. Each child writes stdout and stderr to its own log file.
 """
 
 from __future__ import annotations
@@ -142,15 +143,17 @@ class LocalCluster:
         return [*self._decodes, self._prefill]
 
     def start(self) -> LocalCluster:
-        """Start every service and wait until all are SERVING; on failure stop them and raise ClusterError."""
+        """Start every service at once and wait until all are SERVING and prefill routes to every
+        decode replica; on failure stop them and raise ClusterError. (Starting prefill only once
+        the replicas served took the whole of both startups, 15-25 s for a 125M model here.)"""
         atexit.register(self._kill)
         deadline = time.monotonic() + self.startup_timeout
         try:
             for s in self._decodes:
                 self._spawn(s, self.decode_args)
-            self._wait_serving(self._decodes, deadline)
             self._spawn(self._prefill, ["--decode", ",".join(self.decode_targets), *self.prefill_args])
-            self._wait_serving([self._prefill], deadline)
+            self._wait_serving(self.services, deadline)
+            self._wait_routed(deadline)
         except BaseException:
             self.stop(grace=2)
             raise
@@ -210,6 +213,34 @@ class LocalCluster:
         finally:
             for channel in channels.values():
                 channel.close()
+
+    def _wait_routed(self, deadline: float) -> None:
+        """Until prefill's ModelInfo counts every decode replica as up (its router polls them every
+        0.5 s, so it may not have seen the last one start serving yet)."""
+        import grpc
+
+        from nxserve.v1 import generation_pb2, generation_pb2_grpc
+
+        want, up = len(self._decodes), -1
+        with grpc.insecure_channel(self.target, options=_PROBE_OPTIONS) as channel:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            while True:
+                if dead := self.exited():
+                    name, code = dead[0]
+                    service = next(s for s in self.services if s.name == name)
+                    raise ClusterError(f"{name} exited with code {code}; last lines of {service.log_path}:\n{service.log_tail()}")
+                try:
+                    up = stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=1.0).decode_replicas_up
+                except grpc.RpcError as exc:
+                    log.debug("prefill ModelInfo: %s", exc)
+                if up == want:
+                    return
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"prefill routes to {max(up, 0)} of {want} decode replicas after {self.startup_timeout:.0f}s, "
+                        f"though every one reports SERVING; last lines of {self._prefill.log_path}:\n{self._prefill.log_tail()}"
+                    )
+                time.sleep(0.1)
 
     def exited(self) -> list[tuple[str, int]]:
         """(name, exit code) of every started service that is no longer running."""

@@ -98,7 +98,10 @@ class DecodeRouter:
             log.info("KV to decode replica %s: %s", r.target, f"shared memory in {self.shm_dir}" if shm else "chunks over gRPC")
         r.shm = shm
         if r.fingerprint != self.fingerprint:
-            r.last_error = f"serves model {r.fingerprint}, prefill serves {self.fingerprint}"
+            error = f"serves model {r.fingerprint}, prefill serves {self.fingerprint}"
+            if r.last_error != error:  # logged once, not every report
+                log.warning("decode replica %s %s: not routing to it", r.target, error)
+            r.last_error = error
 
     def usable(self) -> list[Replica]:
         return [r for r in self.replicas if r.up and r.fingerprint == self.fingerprint]

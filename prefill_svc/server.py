@@ -78,7 +78,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             model=self.model_name, architecture=mc.model_type, dtype=cfg.dtype, buckets=list(cfg.buckets),
             batch_size=max((r.total_slots for r in self.router.usable()), default=0), ctx_batch_size=cfg.ctx_batch_size, max_prompt_tokens=cfg.max_prompt_len,
             max_total_tokens=cfg.seq_len, vocab_size=mc.vocab_size, decode_replicas=len(self.router.replicas),
-            fingerprint=self.engine.fingerprint,
+            fingerprint=self.engine.fingerprint, decode_replicas_up=len(self.router.usable()),
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:

@@ -196,6 +196,7 @@ def test_cancel_and_deadline_free_the_decode_slot(cluster: LocalCluster) -> None
 def test_model_info_and_tokenize(client: Client) -> None:
     info = client.model_info()
     assert info["architecture"] == "llama" and info["max_total_tokens"] == SEQ_LEN and info["decode_replicas"] == 2
+    assert info["decode_replicas_up"] == 2
     assert client.tokenize("Hello", add_special_tokens=True)[0] == 0  # bos
 
 

@@ -19,7 +19,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk.trace import TracerProvider
 
 from nxserve.client import Client
-from nxserve.cluster import LocalCluster, _free_ports
+from nxserve.cluster import ClusterError, LocalCluster, _free_ports
 from nxserve.model_factory import make_model
 
 pytestmark = pytest.mark.slow
@@ -114,10 +114,24 @@ def test_prefill_refuses_decode_replicas_of_another_model(model_dir: Path, tmp_p
         assert [proc.wait(timeout=30) for proc in procs] == [0, 0]
 
 
+def test_cluster_start_fails_while_prefill_cannot_route_to_its_replicas(model_dir: Path) -> None:
+    """Every service SERVING is not enough: a decode replica of another dtype (another model
+    fingerprint) gets no requests, and the cluster says so at start rather than at the first one."""
+    cluster = LocalCluster(model_dir, decode_replicas=1, engine_args=ENGINE_ARGS, decode_args=["--dtype", "bfloat16"], startup_timeout=20)
+    with pytest.raises(ClusterError, match=r"prefill routes to 0 of 1 decode replicas(.|\n)*serves model"):
+        cluster.start()
+    assert all(code is not None for _, code in cluster.exited()) and len(cluster.exited()) == 2
+
+
 def test_lost_decode_replica_is_skipped(model_dir: Path) -> None:
     with LocalCluster(model_dir, decode_replicas=2, engine_args=ENGINE_ARGS) as cluster, Client(cluster.target) as client:
+        assert client.model_info()["decode_replicas_up"] == 2  # the cluster is up once prefill routes to both
         cluster.services[0].process.kill()
         cluster.services[0].process.wait()
+        deadline = time.monotonic() + 10
+        while client.model_info()["decode_replicas_up"] != 1:
+            assert time.monotonic() < deadline, "prefill still counts the killed replica as up"
+            time.sleep(0.1)
         for _ in range(4):
             result = client.generate_text([5, 6, 7], max_new_tokens=8, ignore_eos=True)
             assert len(result.output_ids) == 8
