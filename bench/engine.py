@@ -65,12 +65,25 @@ class Bandwidth:
 
 
 def bytes_read_per_token(model: torch.nn.Module) -> int:
-    """Weight bytes a decode step reads: every parameter once (`parameters()` yields a tied one
-    once), except the input embedding table, of which a step reads one row per sequence (unless it
-    is tied to the LM head). Works on a meta-device model: only shapes are used."""
+    """Weight bytes a batch-1 decode step reads: every parameter once (`named_parameters()` yields
+    a tied one once), except the input embedding table, of which a step reads one row per sequence
+    (unless it is tied to the LM head), and, in a mixture of experts, only the num_experts_per_tok
+    experts the token is routed to (nxcore gathers those at batch 1): expert weights (parameters
+    under an `experts` module) count k / num_experts of their bytes. Works on a meta-device model:
+    only shapes are used."""
     embedding = model.get_input_embeddings().weight
     tied = embedding is model.get_output_embeddings().weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if tied or p is not embedding)
+    cfg = model.config
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    routed = getattr(cfg, "num_experts_per_tok", None)
+    share = routed / experts if experts and routed else 1.0
+    total = 0.0
+    for name, p in model.named_parameters():
+        if p is embedding and not tied:
+            continue
+        nbytes = p.numel() * p.element_size()
+        total += nbytes * share if ".experts." in f".{name}" else nbytes
+    return round(total)
 
 
 def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int,
@@ -176,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             hf_res["prefill_ms"][length] = hf_prefill_ms(hf, length, args.repeats)
 
     b1, big = args.batches[0], args.batches[-1]
-    print(f"\n{args.model} ({hf.config.model_type}, {args.dtype}); weights read per token {weight_bytes / 1e6:.0f} MB; "
+    print(f"\n{args.model} ({hf.config.model_type}, {args.dtype}); weights read per token {weight_bytes / 1e6:.3g} MB; "
           "roofline = those bytes at the read bandwidth measured between the timed batch-1 decode steps")
     header = f"{'':28}" + "".join(f"{b:>12}" for b in args.backends)
     if not args.no_hf:

@@ -72,3 +72,18 @@ def test_roofline_counts_the_bytes_a_decode_step_reads(tmp_path: Path, tied: boo
     with torch.device("meta"):
         shapes_only = AutoModelForCausalLM.from_config(model.config)
     assert bytes_read_per_token(shapes_only) == expected
+
+
+def test_roofline_counts_only_the_routed_experts_of_a_mixture_of_experts(tmp_path: Path) -> None:
+    """At batch 1 a token reads num_experts_per_tok of the experts' weights, and everything else."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.engine import bytes_read_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(make_model(arch="mixtral", preset="tiny", out=tmp_path / "m"))
+    cfg = model.config
+    embedding = model.get_input_embeddings().weight
+    expert_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".experts." in name)
+    rest = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".experts." not in name and p is not embedding)
+    assert 0 < expert_bytes and cfg.num_experts_per_tok < cfg.num_local_experts
+    assert bytes_read_per_token(model) == round(rest + expert_bytes * cfg.num_experts_per_tok / cfg.num_local_experts)
