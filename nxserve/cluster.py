@@ -30,6 +30,10 @@ from nxserve.omp_env import share_cores
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+ROUTE_WAIT_S = 15.0
+"""How long prefill may take, once every service is SERVING, to route to every replica: its router
+polls them every 0.5 s, and a channel that found a replica not yet listening retries after gRPC's
+reconnect backoff (1 s, then 1.6 s, 2.6 s, ...). Longer means it never will (another model)."""
 # Reconnect quickly while a service is still starting (gRPC's default backoff grows to minutes).
 _PROBE_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +157,7 @@ class LocalCluster:
                 self._spawn(s, self.decode_args)
             self._spawn(self._prefill, ["--decode", ",".join(self.decode_targets), *self.prefill_args])
             self._wait_serving(self.services, deadline)
-            self._wait_routed(deadline)
+            self._wait_routed(min(deadline, time.monotonic() + ROUTE_WAIT_S))
         except BaseException:
             self.stop(grace=2)
             raise
@@ -237,8 +241,8 @@ class LocalCluster:
                     return
                 if time.monotonic() > deadline:
                     raise ClusterError(
-                        f"prefill routes to {max(up, 0)} of {want} decode replicas after {self.startup_timeout:.0f}s, "
-                        f"though every one reports SERVING; last lines of {self._prefill.log_path}:\n{self._prefill.log_tail()}"
+                        f"prefill routes to {max(up, 0)} of {want} decode replicas, though every service reports SERVING; "
+                        f"last lines of {self._prefill.log_path}:\n{self._prefill.log_tail()}"
                     )
                 time.sleep(0.1)
 

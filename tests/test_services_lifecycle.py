@@ -114,10 +114,11 @@ def test_prefill_refuses_decode_replicas_of_another_model(model_dir: Path, tmp_p
         assert [proc.wait(timeout=30) for proc in procs] == [0, 0]
 
 
-def test_cluster_start_fails_while_prefill_cannot_route_to_its_replicas(model_dir: Path) -> None:
+def test_cluster_start_fails_while_prefill_cannot_route_to_its_replicas(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every service SERVING is not enough: a decode replica of another dtype (another model
     fingerprint) gets no requests, and the cluster says so at start rather than at the first one."""
-    cluster = LocalCluster(model_dir, decode_replicas=1, engine_args=ENGINE_ARGS, decode_args=["--dtype", "bfloat16"], startup_timeout=20)
+    monkeypatch.setattr("nxserve.cluster.ROUTE_WAIT_S", 3.0)
+    cluster = LocalCluster(model_dir, decode_replicas=1, engine_args=ENGINE_ARGS, decode_args=["--dtype", "bfloat16"])
     with pytest.raises(ClusterError, match=r"prefill routes to 0 of 1 decode replicas(.|\n)*serves model"):
         cluster.start()
     assert all(code is not None for _, code in cluster.exited()) and len(cluster.exited()) == 2
