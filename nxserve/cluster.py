@@ -148,8 +148,8 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         """Start every service at once and wait until all are SERVING and prefill routes to every
-        decode replica; on failure stop them and raise ClusterError. (Starting prefill only once
-        the replicas served took the whole of both startups, 15-25 s for a 125M model here.)"""
+        decode replica; on failure stop them and raise ClusterError. (Prefill used to start once
+        the replicas served, which took both startups in a row.)"""
         atexit.register(self._kill)
         deadline = time.monotonic() + self.startup_timeout
         try:
