@@ -182,13 +182,15 @@ class DecodeLoop:
 
     def _run(self) -> None:
         while True:
+            acks: list[Acked] = []
+            drafts: list[tuple[int, DecodeJob]] = []
             with self._cond:
                 self._drop_cancelled()
-                acks = self._admit()
+                self._admit(acks, drafts)
                 while not self._running and not self._stop:
                     self._cond.wait()
                     self._drop_cancelled()
-                    acks += self._admit()
+                    self._admit(acks, drafts)
                 if self._stop:
                     self._fail_all("the decode service is shutting down")
                     return
@@ -197,6 +199,11 @@ class DecodeLoop:
             for ack in acks:
                 ack.sent.wait(max(0.0, deadline - time.monotonic()))
             try:
+                # The draft model encodes the prompts prefill sent no draft KV for, outside the lock:
+                # the gRPC side takes it (load, room, submit, cancel), on its event loop. Cancelled
+                # ones too: they are in `batch`, and a step speculates for every slot in it.
+                for slot, job in drafts:
+                    self.proposer.prefill(slot, job.prompt_ids, job.sampling, job.rng)
                 self._step(batch)
             except Exception as exc:  # a bug or a bad state: fail these requests, keep serving
                 log.exception("decode step failed")
@@ -206,11 +213,11 @@ class DecodeLoop:
                 for _, job in batch:
                     job.emit(Failed(f"decode step failed: {exc}"))
 
-    def _admit(self) -> list[Acked]:
-        """Take waiting requests into free slots: import each one's KV (and its draft KV), ack it at
-        once (from then on the sender may reuse the memory the KV came in), then let the draft
-        model encode the prompt when prefill sent no draft KV."""
-        acks = []
+    def _admit(self, acks: list[Acked], drafts: list[tuple[int, DecodeJob]]) -> None:
+        """Take waiting requests into free slots: import each one's KV (and its draft KV) and ack it
+        at once (from then on the sender may reuse the memory the KV came in), adding the ack to
+        `acks`; and to `drafts` the (slot, request) whose prompt the draft model must encode itself
+        (prefill sent no draft KV) before the next step."""
         free = self.engine.free_slots()
         while self._waiting and free:
             job = self._waiting.popleft()
@@ -240,9 +247,8 @@ class DecodeLoop:
             ack = Acked(slot=slot, queue_ms=queue_ms)
             job.emit(ack)
             acks.append(ack)
-            if drafter is not None and draft_kv is None:  # the draft model encodes the prompt itself
-                drafter.prefill(slot, job.prompt_ids, job.sampling, job.rng)
-        return acks
+            if drafter is not None and draft_kv is None:
+                drafts.append((slot, job))
 
     def _drop_cancelled(self) -> None:
         for slot, job in list(self._running.items()):

@@ -78,3 +78,47 @@ def test_admission_acks_before_the_drafts_own_prefill_and_checks_kv_first(checkp
     finally:
         loop.stop(timeout=10)
         thread.close(timeout=10)
+
+
+def test_the_drafts_own_prefill_runs_outside_the_loops_lock(checkpoints: dict[str, Checkpoint]) -> None:
+    """The gRPC side takes the loop's lock on its event loop (load, room, submit, cancel): while the
+    draft model encodes a prompt, those calls still answer, and the request decodes as before."""
+    path = checkpoints["llama"].path
+    prompt = random_prompt(12, seed=5)
+    prefill = Engine.from_pretrained(path, CONFIG)
+    [first] = prefill.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=SamplingParams(), rng=RequestRng(0))])
+    kv = prefill.export_kv(0, len(prompt))
+    [expected] = generate(prefill, [prompt], stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True))
+
+    thread = EngineThread("decode-engine")
+    engine = thread.submit(Engine.from_pretrained, path, CONFIG.replace(speculation_length=2), graphs="decode").result(timeout=120)
+    draft = thread.submit(Engine.from_pretrained, path, CONFIG).result(timeout=120)
+    proposer = DraftProposer(draft, 2, target_vocab=engine.model_config.vocab_size)
+    encode = draft.context_encode
+    encoding, release = threading.Event(), threading.Event()
+
+    def held_encode(requests):  # noqa: ANN001, ANN202
+        encoding.set()
+        assert release.wait(timeout=30)
+        return encode(requests)
+
+    draft.context_encode = held_encode
+    loop = DecodeLoop(engine, tokenizer=None, max_queue=4, proposer=proposer, thread=thread)
+    loop.start()
+    try:
+        events: list = []
+        done = threading.Event()
+        loop.submit(_job(prompt, first, kv, events, done))
+        assert encoding.wait(timeout=60)
+        answered = threading.Event()
+        threading.Thread(target=lambda: (loop.load(), loop.has_room(), answered.set()), daemon=True).start()
+        assert answered.wait(timeout=5), "the loop held its lock while the draft model encoded the prompt"
+        assert loop.load() == (1, 2, 0)
+        release.set()
+        assert done.wait(timeout=60)
+        tokens = [t for e, _ in events if isinstance(e, Tokens) for t in e.token_ids]
+        assert [first, *tokens] == expected.output_ids
+    finally:
+        release.set()
+        loop.stop(timeout=10)
+        thread.close(timeout=10)
