@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
 TINY = dict(
     vocab_size=512,
@@ -46,6 +46,13 @@ VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
     "qwen2": (Qwen2Config, dict(use_sliding_window=True, sliding_window=12, max_window_layers=1)),
     "qwen3": (Qwen3Config, dict(head_dim=32)),
     "mistral": (MistralConfig, dict(sliding_window=12)),
+}
+
+# Mixtures of experts (written on demand: tests/nxcore/test_moe.py, test_compiled.py).
+MOE_VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
+    "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96, sliding_window=None)),
+    "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=32,
+                                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria, generate
 from nxcore.compiled import MANIFEST, ArtifactError, ArtifactKey, ArtifactStore, graph_file, graph_keys
 from nxserve.cli import main as cli_main
-from tests.conftest import Checkpoint, random_prompt
+from tests.conftest import MOE_VARIANTS, VARIANTS, Checkpoint, random_prompt, write_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -158,6 +158,23 @@ def test_compiled_greedy_equals_eager_and_loads_without_compiling(
         actual = generate(compiled, prompts, sampling=sampling, stopping=STOP)
         assert [r.output_ids for r in actual] == [r.output_ids for r in expected]
     assert actual[0].output_ids != actual[1].output_ids
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n != "llama"] + sorted(MOE_VARIANTS))
+def test_every_architecture_compiles_to_eagers_tokens(checkpoints: dict[str, Checkpoint], tmp_path: Path, name: str) -> None:
+    """Sliding windows, llama3 and linear rope scaling, MQA with tied embeddings, biases, q/k norms
+    and experts all go through the compiled graphs: greedy tokens equal eager's and transformers',
+    sampled ones eager's."""
+    ckpt = checkpoints[name] if name in VARIANTS else write_checkpoint(tmp_path / name, *MOE_VARIANTS[name])
+    compiled = Engine.from_pretrained(ckpt.path, CONFIG, compile_cache=tmp_path / "cache", compile_on_demand=True)
+    eager = Engine.from_pretrained(ckpt.path, CONFIG.replace(backend="eager"))
+    prompts = [random_prompt(n, seed=n) for n in (5, 19)]
+    expected = generate(eager, prompts, stopping=STOP)
+    assert [r.output_ids for r in generate(compiled, prompts, stopping=STOP)] == [r.output_ids for r in expected]
+    assert [r.output_ids for r in expected] == [ckpt.hf_greedy(p, STOP.max_new_tokens) for p in prompts]
+    sampling = [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7), SamplingParams(temperature=1.2, seed=3)]
+    expected = generate(eager, prompts, sampling=sampling, stopping=STOP)
+    assert [r.output_ids for r in generate(compiled, prompts, sampling=sampling, stopping=STOP)] == [r.output_ids for r in expected]
 
 
 def test_packaged_graphs_run_through_nxcores_runner_or_torchs(cache: Path, checkpoints: dict[str, Checkpoint]) -> None:

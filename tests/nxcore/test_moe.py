@@ -15,14 +15,9 @@ from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRe
 from nxcore.model_config import ModelConfig
 from nxcore.modules.moe import MoE
 from nxcore.parallel.plan import make_plan
-from tests.conftest import Checkpoint, random_prompt, write_checkpoint
+from tests.conftest import MOE_VARIANTS, Checkpoint, random_prompt, write_checkpoint
 
 E, K, H, I = 8, 2, 32, 24
-MOE_VARIANTS = {
-    "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96, sliding_window=None)),
-    "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=32,
-                                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])),
-}
 CONFIG = RuntimeConfig(batch_size=2, ctx_batch_size=2, seq_len=64, buckets=(32, 64), dtype="float32")
 STOP = StoppingCriteria(max_new_tokens=10, ignore_eos=True)
 
