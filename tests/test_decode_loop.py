@@ -9,6 +9,8 @@ import time
 from decode_svc.loop import Acked, DecodeJob, DecodeLoop, Failed, Finished, Tokens
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria, generate
 from nxcore.engine_thread import EngineThread
+from nxcore.generate import GenerationResult
+from nxcore.kv_cache import KVSnapshot
 from nxcore.kv_wire import KVTransferError
 from nxcore.speculation import DraftProposer
 from tests.conftest import Checkpoint, random_prompt
@@ -27,18 +29,27 @@ def _job(prompt: list[int], first: int, kv, events: list, done: threading.Event,
                      stop_strings=(), emit=emit, **extra)
 
 
-def test_admission_acks_before_the_drafts_own_prefill_and_checks_kv_first(checkpoints: dict[str, Checkpoint]) -> None:
-    path = checkpoints["llama"].path
-    prompt = random_prompt(12, seed=4)
-    prefill = Engine.from_pretrained(path, CONFIG)
+def _prefilled(ckpt: Checkpoint, *, seed: int) -> tuple[list[int], int, KVSnapshot, GenerationResult]:
+    """A prompt, its first token and KV from a prefill engine, and what one engine generates from it."""
+    prompt = random_prompt(12, seed=seed)
+    prefill = Engine.from_pretrained(ckpt.path, CONFIG)
     [first] = prefill.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=SamplingParams(), rng=RequestRng(0))])
     kv = prefill.export_kv(0, len(prompt))
     [expected] = generate(prefill, [prompt], stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True))
+    return prompt, first, kv, expected
 
+
+def _decode_with_draft(ckpt: Checkpoint) -> tuple[EngineThread, Engine, Engine, DraftProposer]:
+    """A decode engine speculating with a draft model (which encodes prompts itself), on their thread."""
     thread = EngineThread("decode-engine")
-    engine = thread.submit(Engine.from_pretrained, path, CONFIG.replace(speculation_length=2), graphs="decode").result(timeout=120)
-    draft = thread.submit(Engine.from_pretrained, path, CONFIG).result(timeout=120)
-    proposer = DraftProposer(draft, 2, target_vocab=engine.model_config.vocab_size)
+    engine = thread.submit(Engine.from_pretrained, ckpt.path, CONFIG.replace(speculation_length=2), graphs="decode").result(timeout=120)
+    draft = thread.submit(Engine.from_pretrained, ckpt.path, CONFIG).result(timeout=120)
+    return thread, engine, draft, DraftProposer(draft, 2, target_vocab=engine.model_config.vocab_size)
+
+
+def test_admission_acks_before_the_drafts_own_prefill_and_checks_kv_first(checkpoints: dict[str, Checkpoint]) -> None:
+    prompt, first, kv, expected = _prefilled(checkpoints["llama"], seed=4)
+    thread, engine, draft, proposer = _decode_with_draft(checkpoints["llama"])
     import_kv, encode = engine.import_kv, draft.context_encode
     draft_started: list[float] = []
 
@@ -83,17 +94,8 @@ def test_admission_acks_before_the_drafts_own_prefill_and_checks_kv_first(checkp
 def test_the_drafts_own_prefill_runs_outside_the_loops_lock(checkpoints: dict[str, Checkpoint]) -> None:
     """The gRPC side takes the loop's lock on its event loop (load, room, submit, cancel): while the
     draft model encodes a prompt, those calls still answer, and the request decodes as before."""
-    path = checkpoints["llama"].path
-    prompt = random_prompt(12, seed=5)
-    prefill = Engine.from_pretrained(path, CONFIG)
-    [first] = prefill.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=SamplingParams(), rng=RequestRng(0))])
-    kv = prefill.export_kv(0, len(prompt))
-    [expected] = generate(prefill, [prompt], stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True))
-
-    thread = EngineThread("decode-engine")
-    engine = thread.submit(Engine.from_pretrained, path, CONFIG.replace(speculation_length=2), graphs="decode").result(timeout=120)
-    draft = thread.submit(Engine.from_pretrained, path, CONFIG).result(timeout=120)
-    proposer = DraftProposer(draft, 2, target_vocab=engine.model_config.vocab_size)
+    prompt, first, kv, expected = _prefilled(checkpoints["llama"], seed=5)
+    thread, engine, draft, proposer = _decode_with_draft(checkpoints["llama"])
     encode = draft.context_encode
     encoding, release = threading.Event(), threading.Event()
 
