@@ -100,7 +100,7 @@ class KVCache(nn.Module):
         that was replaced (`Module.to`). Slicing these costs a fraction of slicing the tensors: the
         2 x num_layers torch views took 0.125 ms of a 0.19 ms import of 128 tokens (125M model,
         measured here), and several times that in a service that has just woken up."""
-        buffers = [self._buffers[f"{kind}{i}"] for i in range(self.num_layers) for kind in "kv"]
+        buffers = [buf for i in range(self.num_layers) for buf in self.buffers_of(i)]
         views = self._byte_views
         if len(views) != len(buffers) or any(cached is not buf for (cached, _), buf in zip(views, buffers)):
             views[:] = [(buf, buf.view(torch.uint8).numpy()) for buf in buffers]

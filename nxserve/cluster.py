@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -195,12 +195,8 @@ class LocalCluster:
         channels = {s.name: grpc.insecure_channel(s.target, options=_PROBE_OPTIONS) for s in services}
         try:
             while pending:
+                self._raise_if_exited(pending.values(), "before serving")
                 for name, s in list(pending.items()):
-                    if s.process.poll() is not None:
-                        raise ClusterError(
-                            f"{name} exited with code {s.process.returncode} before serving; "
-                            f"last lines of {s.log_path}:\n{s.log_tail()}"
-                        )
                     stub = health_pb2_grpc.HealthStub(channels[name])
                     try:
                         status = stub.Check(health_pb2.HealthCheckRequest(service=s.health_name), timeout=1.0).status
@@ -229,10 +225,7 @@ class LocalCluster:
         with grpc.insecure_channel(self.target, options=_PROBE_OPTIONS) as channel:
             stub = generation_pb2_grpc.GenerationStub(channel)
             while True:
-                if dead := self.exited():
-                    name, code = dead[0]
-                    service = next(s for s in self.services if s.name == name)
-                    raise ClusterError(f"{name} exited with code {code}; last lines of {service.log_path}:\n{service.log_tail()}")
+                self._raise_if_exited(self.services, "after serving")
                 try:
                     up = stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=1.0).decode_replicas_up
                 except grpc.RpcError as exc:
@@ -245,6 +238,13 @@ class LocalCluster:
                         f"last lines of {self._prefill.log_path}:\n{self._prefill.log_tail()}"
                     )
                 time.sleep(0.1)
+
+    @staticmethod
+    def _raise_if_exited(services: Iterable[_Service], when: str) -> None:
+        for s in services:
+            if s.process.poll() is not None:
+                raise ClusterError(f"{s.name} exited with code {s.process.returncode} {when}; "
+                                   f"last lines of {s.log_path}:\n{s.log_tail()}")
 
     def exited(self) -> list[tuple[str, int]]:
         """(name, exit code) of every started service that is no longer running."""
