@@ -93,6 +93,7 @@ def can_pack(dtype: torch.dtype) -> bool:
 def prepack(model: nn.Module) -> int:
     """Pack the weight of every `Linear` in `model` (CPU, packable dtype); returns how many.
     The packed copies are dropped when `model` is garbage-collected."""
+    _drop_deferred()
     weights = []
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.device.type == "cpu" and can_pack(module.weight.dtype):
@@ -108,10 +109,24 @@ def prepack(model: nn.Module) -> int:
     return len(weights)
 
 
+_DEFERRED: list[list[torch.Tensor]] = []
+"""Weights of models collected while torch was tracing a graph (see `_drop`)."""
+
+
 def _drop(weights: list[torch.Tensor]) -> None:
     """Forget the packed copies of `weights` (held until now, so no other tensor can take their
-    addresses while they are registered)."""
-    for weight in weights:
-        _PACKED.pop(_key(weight), None)
-        if NATIVE:
-            torch.ops.nxcore._unregister_packed(weight)
+    addresses while they are registered). A model's finalizer runs wherever the garbage collector
+    happens to, which can be in the middle of torch.export or torch.compile tracing another model:
+    an op called then lands in that graph (strict export then fails on a lifted constant). So while
+    torch traces, the weights wait for the next `_drop` or `prepack` that runs outside tracing."""
+    _DEFERRED.append(weights)
+    if not torch.compiler.is_compiling():
+        _drop_deferred()
+
+
+def _drop_deferred() -> None:
+    while _DEFERRED:
+        for weight in _DEFERRED.pop():
+            _PACKED.pop(_key(weight), None)
+            if NATIVE:
+                torch.ops.nxcore._unregister_packed(weight)

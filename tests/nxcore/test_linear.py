@@ -102,6 +102,33 @@ def test_packed_entries_die_with_the_model() -> None:
         assert torch.ops.nxcore._packed_count() == native_before
 
 
+def test_a_model_collected_while_torch_traces_drops_its_packed_weights_after() -> None:
+    """A model's finalizer can run in the middle of export or compile tracing of another: its ops
+    must not land in that graph (strict export failed on the lifted weight), and the packed copies
+    go at the next drop outside tracing."""
+    model = _model(False)
+    before = len(packed_linear._PACKED)
+    native_before = torch.ops.nxcore._packed_count() if packed_linear.NATIVE else 0
+    prepack(model)
+    weights = [model[0].weight.detach(), model[2].weight.detach()]
+
+    class CollectsMidTrace(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            packed_linear._drop(weights)  # what the model's finalizer does
+            return x * 2
+
+    program = torch.export.export(CollectsMidTrace(), (torch.randn(3),), strict=False)
+    assert [str(n.target) for n in program.graph.nodes if n.op == "call_function"] == ["aten.mul.Tensor"]
+    assert len(packed_linear._PACKED) == before + 2  # still registered: dropped after tracing
+    packed_linear._drop([])
+    assert len(packed_linear._PACKED) == before
+    if packed_linear.NATIVE:
+        assert torch.ops.nxcore._packed_count() == native_before
+    del model
+    gc.collect()  # its own finalizer finds nothing left to drop
+    assert len(packed_linear._PACKED) == before
+
+
 def test_eager_call_runs_the_op_with_its_numbers() -> None:
     model = _model(True)
     prepack(model)
