@@ -24,14 +24,13 @@ import grpc
 
 from bench.common import random_prompts
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria
-from nxcore.kv_wire import KVArena, sees_probe
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
-from nxserve.decode_codec import DecodeStub
-from nxserve.grpc_common import server_options
+from nxserve.kv import SHM, DecodeStub, KVSender, OutboundKV, engine_layout
+from nxserve.kv.shm import KVArena, sees_probe
+from nxserve.rpc.convert import decode_header, fingerprint_pb
+from nxserve.rpc.server import channel_options
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
-from prefill_svc.kv_sender import decode_header, send_kv
-from prefill_svc.worker import kv_layout
 
 
 def in_process(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
@@ -71,31 +70,31 @@ async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int
     the header, as prefill opens it before context encoding."""
     seconds, sizes = [], []
     greedy = SamplingParams(seed=0)
-    async with grpc.aio.insecure_channel(decode_target, options=server_options()) as channel:
+    sender = KVSender(arena=arena, chunk_bytes=1 << 20)
+    fingerprint = fingerprint_pb(digest=engine.fingerprint, architecture=engine.model_config.model_type, dtype=engine.config.dtype)
+    async with grpc.aio.insecure_channel(decode_target, options=channel_options()) as channel:
         stub = DecodeStub(channel)
         for prompt in prompts:
             rng = RequestRng(0)
             [first] = engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=greedy, rng=rng)])
-            reserved = arena.reserve([kv_layout(engine, len(prompt))]) if arena is not None else None
-            if arena is not None and reserved is None:
+            kv = OutboundKV.reserve(arena, [engine_layout(engine, len(prompt))])
+            if arena is not None and kv.region is None:
                 raise RuntimeError(f"no room in the arena for {len(prompt)} tokens of KV")
-            kv = engine.export_kv(0, len(prompt), out=reserved.snapshots[0] if reserved else None)
-            sealed = arena.seal(reserved) if reserved else None  # as prefill's worker seals it after the export
+            kv.export(0, engine, 0)
+            kv.seal()  # as prefill's worker seals it after the export
             engine.free(0)
             await asyncio.sleep(0.1)  # no context encoding (and its spinning threads) next to the transfer
-            header = decode_header(engine, kv, request_id="bench", prompt_ids=prompt, sampling=greedy,
-                                   stopping=StoppingCriteria(max_new_tokens=2), stop_strings=(), first_token=first,
-                                   rng_offset=rng.offset)
+            header = decode_header(request_id="bench", prompt_ids=prompt, sampling=greedy, stopping=StoppingCriteria(max_new_tokens=2),
+                                   stop_strings=(), first_token=first, rng_offset=rng.offset, fingerprint=fingerprint)
             call = stub.Decode()  # opened ahead, as prefill opens it before it encodes the prompt
             await asyncio.sleep(0.01)
             try:
-                sent = await send_kv(call, header, kv, chunk_bytes=1 << 20, arena=arena, shared=sealed)
+                sent = await sender.send(call, header, kv, shared_memory=arena is not None, peer=decode_target)
             finally:
                 call.cancel()
-                if reserved is not None:
-                    arena.release(reserved)
-            if sent.shared != (arena is not None):
-                raise RuntimeError(f"the KV went {'through shared memory' if sent.shared else 'as chunks'}, not as asked")
+                kv.release()
+            if (sent.transport == SHM) != (arena is not None):
+                raise RuntimeError(f"the KV went as {sent.transport}, not as asked")
             seconds.append(sent.seconds)
             sizes.append(sent.bytes_sent)
             await asyncio.sleep(0.1)  # the replica's decode step for the request, which is cancelled
@@ -109,7 +108,7 @@ async def round_trip(decode_target: str, n: int) -> dict[str, float]:
     """Milliseconds (median, min) of an empty unary call to the replica (GetLoad), paced like the
     hand-offs: the gRPC floor under each of them."""
     seconds = []
-    async with grpc.aio.insecure_channel(decode_target, options=server_options()) as channel:
+    async with grpc.aio.insecure_channel(decode_target, options=channel_options()) as channel:
         stub = decode_pb2_grpc.DecodeStub(channel)
         await stub.GetLoad(decode_pb2.GetLoadRequest(), timeout=10)
         for _ in range(n):
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _arena(directory: Path, decode_target: str, max_tokens: int, engine: Engine) -> KVArena | None:
     """An arena in `directory` big enough for the largest snapshot, if the replica sees the directory."""
-    size = kv_layout(engine, max_tokens).nbytes
+    size = engine_layout(engine, max_tokens).nbytes
     try:
         arena = KVArena(directory, size + KVArena.ALIGN)
     except OSError as exc:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from functools import partial
 
-from decode_svc.loop import DecodeLoop
-from decode_svc.server import DecodeServicer
-from nxcore.kv_wire import Probe, remove_stale
-from nxserve.decode_codec import add_decode_servicer
-from nxserve.engine_args import SERVICE_DEFAULTS, SERVICE_GRAPHS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
-from nxserve.grpc_common import add_kv_shm_flag, add_server_flags, install_shutdown, run_service, set_health, start_server
-from nxserve.tracing import configure_tracing, shutdown_tracing
+from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_kv_shm_flag, add_server_flags
+from nxserve.rpc.server import install_shutdown, run_service, set_health, start_server
+from nxserve.rpc.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import decode_pb2
 
 log = logging.getLogger("decode_svc")
@@ -30,37 +27,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (the same as prefill's)")
     add_server_flags(p, port=50061, max_queue=64, queue_help="requests that may wait for a free slot")
     add_kv_shm_flag(p, role="prefill services keep their KV arenas there and this replica reads requests' KV out of them")
-    add_engine_flags(p, **SERVICE_DEFAULTS["decode"])
-    add_speculation_flags(p)
+    EngineFlags.add_to(p, defaults=SERVICE_DEFAULTS["decode"])
     return p
 
 
 async def serve(args: argparse.Namespace) -> None:
+    from decode_svc.loop import DecodeLoop
+    from decode_svc.server import DecodeServicer
     from nxcore import Engine
     from nxcore.checkpoint import read_hf_config
     from nxcore.engine_thread import EngineThread
+    from nxcore.speculation import build_proposer
     from nxcore.tokenizer import load_tokenizer
+    from nxserve.kv import KVReceiver, add_decode_servicer
 
-    configure_tracing("nxserve-decode")
-    servicer = DecodeServicer(shm_dir=args.kv_shm_dir)
-    server, health, port = await start_server(
-        args, service=SERVICE, register=lambda s: add_decode_servicer(servicer, s))
+    flags = EngineFlags.from_args(args, environ=os.environ)
+    configure_tracing("nxserve-decode", os.environ)
+    kv = KVReceiver(args.kv_shm_dir)
+    servicer = DecodeServicer(kv=kv)
+    server, health, port = await start_server(args, service=SERVICE, register=lambda s: add_decode_servicer(servicer, s))
 
     start = time.perf_counter()
     thread = EngineThread("decode-engine")  # every torch call from here on: see nxcore.engine_thread
-    await thread.run(apply_threads, args)
-    config = service_config(args, "decode", max_positions=read_hf_config(args.model).max_position_embeddings)
-    if args.speculation:
-        config = config.replace(speculation_length=args.speculation_length)
+    await thread.run(flags.apply_threads)
+    config = flags.service_config("decode", max_positions=read_hf_config(args.model).max_position_embeddings)
     engine = await thread.run(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["decode"],
-                                      **load_options(args)))
-    proposer = await thread.run(build_proposer, args.speculation, engine, **load_options(args))
+                                      **flags.load_options()))
+    proposer = await thread.run(partial(build_proposer, flags.speculation, engine, **flags.load_options()))
     tokenizer = load_tokenizer(args.model, required=False)
     await thread.run(_warm_up, engine)
     loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer, thread=thread)
     loop.start()
     servicer.attach(loop)
-    probe = _advertise_shm(servicer)
+    kv.advertise()
     await set_health(health, SERVICE, serving=True)
     log.info("SERVING %s on port %d after %.1fs: %d slots, seq_len %d", args.model, port, time.perf_counter() - start,
              config.batch_size, config.seq_len)
@@ -71,31 +70,11 @@ async def serve(args: argparse.Namespace) -> None:
         loop.stop(timeout=5)
         thread.submit(engine.close)
         thread.close(timeout=10)
-        if probe is not None:
-            probe.close()
+        kv.close()
 
     await install_shutdown(stop).wait()
     shutdown_tracing()
     log.info("stopped")
-
-
-def _advertise_shm(servicer: DecodeServicer) -> Probe | None:
-    """Create the probe file GetLoad advertises, so prefill services on this host can tell that they
-    share --kv-shm-dir; without it (no directory, or not writable) KV arrives as chunks only."""
-    if servicer.shared is None:
-        return None
-    directory = servicer.shared.directory
-    try:
-        for name in remove_stale(directory):
-            log.info("removed %s from %s: the service that made it is gone", name, directory)
-        probe = Probe(directory)
-    except OSError as exc:
-        log.warning("KV through shared memory is off: cannot create a file in --kv-shm-dir %s (%s)", directory, exc.strerror)
-        servicer.shared = None
-        return None
-    servicer.shm_probe = probe.name
-    log.info("taking KV through shared memory in %s from prefill services that see %s there", directory, probe.name)
-    return probe
 
 
 def _warm_up(engine) -> None:  # noqa: ANN001

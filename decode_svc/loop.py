@@ -1,44 +1,35 @@
-"""The continuous-batching loop: one thread owns the engine and runs one token-generation call per
-step over every running request. It is the service's `EngineThread`, the thread that also loaded
-and warmed up the engine (see nxcore.engine_thread for why it must be one thread).
+"""The continuous-batching loop: one thread owns the engine and runs one step per iteration over
+every running request. It is the service's `EngineThread`, the thread that also loaded and warmed
+up the engine (see nxcore.engine_thread for why it must be one thread).
 
-Requests arrive with their KV snapshot (already received and checked), wait in a bounded queue
-for a free slot, are imported into it, and from then on join every step. A finished or cancelled
+Requests arrive with their KV (already received and its layout checked), wait in a bounded queue
+for a free slot, are imported into it and acknowledged, and from then on join every step. The
+scheduling itself is nxcore's (`nxcore.scheduler`), the one `nxcore.generate` runs: this loop adds
+the lock the gRPC side needs, the import and ack at admission, and events. A finished or cancelled
 request frees its slot at once, and the next waiting request takes it before the next step.
-Events (ack, tokens, final) go back through each request's `emit` callback, which the gRPC layer
-makes thread-safe.
+Events (ack, tokens, final, failure) go back through each request's `emit` callback, which the
+gRPC layer makes thread-safe.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import enum
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest, StoppingCriteria
-from nxcore.detokenizer import Decoder, IncrementalDetokenizer
+from nxcore import Engine
+from nxcore.detokenizer import Decoder
 from nxcore.engine_thread import EngineThread
-from nxcore.generate import FinishReason, GenerationResult, finish_reason
-from nxcore.kv_cache import KVSnapshot
-from nxcore.kv_wire import KVTransferError
-from nxcore.speculation import DraftProposer, NgramProposer, SpecSequence, can_speculate, speculative_step
+from nxcore.scheduler import Scheduler, Sequence, SequenceStatus
+from nxcore.speculation import DraftProposer, Proposer
+from nxcore.stopping import FinishReason
+from nxserve.kv import ReceivedKV
+from nxserve.rpc.errors import EngineFailure, NotReady, Overloaded, ServiceError
 
 log = logging.getLogger(__name__)
-
-
-class RequestStatus(enum.IntEnum):
-    WAITING = 0
-    RUNNING = 1
-    FINISHED = 2
-    CANCELLED = 3
-
-    def is_done(self) -> bool:
-        return self >= RequestStatus.FINISHED
 
 
 @dataclass(frozen=True)
@@ -73,57 +64,38 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    message: str
-    data_loss: bool = False
-    """The request's KV arrived corrupted (its CRC-32 check failed), rather than the replica failing."""
+    error: ServiceError
+    """Why: KVCorrupted (its KV failed its check at import), EngineFailure, NotReady (shutting down)."""
 
 
 Event = Acked | Tokens | Finished | Failed
 
 
-@dataclass
-class DecodeJob:
+@dataclass(eq=False, kw_only=True)
+class DecodeJob(Sequence):
+    """A request on this replica: a sequence whose first token came from prefill (`output_ids`
+    starts with it), with its KV until admission and the callback its events go to."""
+
     request_id: str
-    prompt_ids: list[int]
-    first_token: int
-    kv: KVSnapshot | None
-    """The prompt's KV until it is imported into a slot. It may view the sender's shared memory,
-    which the sender reuses once it has the ack: import before emitting Acked (and draft_kv too)."""
-    sampling: SamplingParams
-    rng: RequestRng
-    stopping: StoppingCriteria
-    stop_strings: tuple[str, ...]
+    kv: ReceivedKV | None
+    """The prompt's KV until it is imported into a slot (it may view the sender's shared memory,
+    which the sender reuses once it has the ack)."""
     emit: Callable[[Event], None]
-    status: RequestStatus = RequestStatus.WAITING
     enqueued_at: float = field(default_factory=time.monotonic)
-    result: GenerationResult | None = None
-    detok: IncrementalDetokenizer | None = None
-    draft_kv: KVSnapshot | None = None
-    """The draft model's KV from prefill (speculation with a draft model), if it sent one."""
-    speculate: bool = True
-    """False when the request opted out of speculative decoding."""
-    check_kv: Callable[[], None] | None = None
-    """Run just before the import; KVTransferError when the KV is not what the sender wrote (the
-    CRC-32 of KV in the sender's shared memory, checked here rather than on receipt so that the
-    import reads bytes the check has just brought into this core's cache)."""
-    steps: int = 0
-    proposed: int = 0
-    accepted: int = 0
-
-
-class QueueFull(Exception):
-    pass
 
 
 class DecodeLoop:
-    def __init__(self, engine: Engine, *, tokenizer: Decoder, max_queue: int,
-                 proposer: NgramProposer | DraftProposer | None = None, thread: EngineThread) -> None:
+    """Runs requests' token generation in a continuous batch on the engine's thread. The gRPC side
+    calls `submit`, `cancel`, `load` and `has_room` from its event loop, under the loop's lock; the
+    engine is only touched on the loop's thread. `clock` times the wait for a slot (queue_ms)."""
+
+    def __init__(self, engine: Engine, *, tokenizer: Decoder | None, max_queue: int, proposer: Proposer | None = None,
+                 thread: EngineThread, clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.proposer = proposer
-        self.tokenizer = tokenizer
         self.max_queue = max_queue
-        self._waiting: deque[DecodeJob] = deque()
-        self._running: dict[int, DecodeJob] = {}
+        self.scheduler = Scheduler(engine, proposer=proposer, tokenizer=tokenizer)
+        self.clock = clock
         self._cond = threading.Condition()
         self._stop = False
         self._thread = thread
@@ -146,184 +118,118 @@ class DecodeLoop:
 
     def has_room(self) -> bool:
         with self._cond:
-            return len(self._waiting) < self.max_queue or self._free_count() > 0
+            return len(self.scheduler.waiting) < self.max_queue or self.scheduler.free_slot_count() > 0
 
     def submit(self, job: DecodeJob) -> None:
+        """Queue a request; Overloaded when every slot is busy and the queue is full."""
         with self._cond:
             if self._stop:
-                raise QueueFull("the decode service is shutting down")
-            if len(self._waiting) >= self.max_queue and self._free_count() == 0:
-                raise QueueFull(
-                    f"all {self.engine.config.batch_size} decode slots are busy and {len(self._waiting)} requests "
+                raise NotReady("the decode service is shutting down")
+            waiting = len(self.scheduler.waiting)
+            if waiting >= self.max_queue and self.scheduler.free_slot_count() == 0:
+                raise Overloaded(
+                    f"all {self.engine.config.batch_size} decode slots are busy and {waiting} requests "
                     f"wait (max_queue={self.max_queue}): retry later or add decode replicas"
                 )
-            self._waiting.append(job)
+            job.enqueued_at = self.clock()
+            self.scheduler.add(job)
             self._cond.notify_all()
 
     def cancel(self, job: DecodeJob) -> None:
+        """Drop the request (its slot is freed before the next step). Idempotent."""
         with self._cond:
-            if not job.status.is_done():
-                job.status = RequestStatus.CANCELLED
+            if not job.status.is_finished():
+                job.status = SequenceStatus.CANCELLED
                 self._cond.notify_all()
 
     def load(self) -> tuple[int, int, int]:
         """(free slots, total slots, queued requests)."""
         with self._cond:
-            return self._free_count(), self.engine.config.batch_size, len(self._waiting)
+            return self.scheduler.free_slot_count(), self.engine.config.batch_size, len(self.scheduler.waiting)
 
     def idle(self) -> bool:
         with self._cond:
-            return not self._waiting and not self._running
-
-    def _free_count(self) -> int:
-        return self.engine.config.batch_size - len(self._running)
+            return not self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------- the loop thread
 
     def _run(self) -> None:
         while True:
-            acks: list[Acked] = []
-            drafts: list[tuple[int, DecodeJob]] = []
             with self._cond:
-                self._drop_cancelled()
-                self._admit(acks, drafts)
-                while not self._running and not self._stop:
+                out = self.scheduler.schedule()
+                while not (out.admitted or out.running or self._stop):
                     self._cond.wait()
-                    self._drop_cancelled()
-                    self._admit(acks, drafts)
+                    out = self.scheduler.schedule()
                 if self._stop:
-                    self._fail_all("the decode service is shutting down")
+                    self._fail_all(NotReady("the decode service is shutting down"))
                     return
-                batch = list(self._running.items())
-            deadline = time.monotonic() + ACK_WAIT_S
-            for ack in acks:
-                ack.sent.wait(max(0.0, deadline - time.monotonic()))
+            admitted, drafts = self._admit(out.admitted)  # type: ignore[arg-type]
+            batch = [*out.running, *admitted]
+            if not batch:
+                continue
             try:
                 # The draft model encodes the prompts prefill sent no draft KV for, outside the lock:
                 # the gRPC side takes it (load, room, submit, cancel), on its event loop. Cancelled
                 # ones too: they are in `batch`, and a step speculates for every slot in it.
-                for slot, job in drafts:
-                    self.proposer.prefill(slot, job.prompt_ids, job.sampling, job.rng)
-                self._step(batch)
+                for job in drafts:
+                    assert self.proposer is not None and job.slot is not None
+                    self.proposer.prefill(job.slot, job.prompt_ids, job.sampling, job.rng)
+                produced = self.scheduler.step(batch)
             except Exception as exc:  # a bug or a bad state: fail these requests, keep serving
                 log.exception("decode step failed")
                 with self._cond:
-                    for slot, job in batch:
-                        self._finish(slot, job, RequestStatus.CANCELLED)
-                for _, job in batch:
-                    job.emit(Failed(f"decode step failed: {exc}"))
-
-    def _admit(self, acks: list[Acked], drafts: list[tuple[int, DecodeJob]]) -> None:
-        """Take waiting requests into free slots: import each one's KV (and its draft KV) and ack it
-        at once (from then on the sender may reuse the memory the KV came in), adding the ack to
-        `acks`; and to `drafts` the (slot, request) whose prompt the draft model must encode itself
-        (prefill sent no draft KV) before the next step."""
-        free = self.engine.free_slots()
-        while self._waiting and free:
-            job = self._waiting.popleft()
-            if job.status.is_done():
+                    for job in batch:
+                        self.scheduler.finish(job)
+                for job in batch:
+                    job.emit(Failed(EngineFailure(f"decode step failed: {exc}")))  # type: ignore[attr-defined]
                 continue
-            queue_ms = (time.monotonic() - job.enqueued_at) * 1000  # waiting for a slot, not the import
-            if job.check_kv is not None:
-                try:
-                    job.check_kv()
-                except KVTransferError as exc:
-                    job.status = RequestStatus.CANCELLED
-                    job.kv = job.draft_kv = None
-                    job.emit(Failed(str(exc), data_loss=True))
-                    continue
-            slot = free.pop(0)
-            self.engine.import_kv(slot, job.kv)
-            drafter = self.proposer if isinstance(self.proposer, DraftProposer) else None
-            draft_kv, job.kv, job.draft_kv, job.check_kv = job.draft_kv, None, None, None  # nothing views the sender's memory
-            if drafter is not None and draft_kv is not None:
-                drafter.draft.import_kv(slot, draft_kv)
-            job.status = RequestStatus.RUNNING
-            job.result = GenerationResult(prompt_ids=job.prompt_ids, output_ids=[job.first_token])
-            if job.stop_strings:  # text is only needed here to find stop strings
-                job.detok = IncrementalDetokenizer(self.tokenizer, stop_strings=job.stop_strings)
-                job.detok.add([job.first_token])
-            self._running[slot] = job
-            ack = Acked(slot=slot, queue_ms=queue_ms)
+            self.steps += 1
+            self._post_process(produced)
+
+    def _admit(self, jobs: list[DecodeJob]) -> tuple[list[DecodeJob], list[DecodeJob]]:
+        """Import each admitted request's KV (and its draft KV) into its slot and ack it at once (from
+        then on the sender may reuse the memory the KV came in); KV that fails its check takes no
+        slot. Then wait, briefly, for the acks to be written (ACK_WAIT_S). Returns the imported
+        requests, and those whose prompt the draft model must encode itself (prefill sent no draft
+        KV) before their first step."""
+        drafter = self.proposer.draft if isinstance(self.proposer, DraftProposer) else None
+        imported, drafts, acks = [], [], []
+        for job in jobs:
+            queue_ms = (self.clock() - job.enqueued_at) * 1000  # waiting for a slot, not the import
+            kv, job.kv = job.kv, None
+            assert kv is not None and job.slot is not None
+            try:
+                drafted = kv.import_into(job.slot, self.engine, drafter)
+            except ServiceError as exc:  # KVCorrupted: its shared region's CRC-32 failed
+                with self._cond:
+                    self.scheduler.finish(job)
+                job.emit(Failed(exc))
+                continue
+            ack = Acked(slot=job.slot, queue_ms=queue_ms)
             job.emit(ack)
             acks.append(ack)
-            if drafter is not None and draft_kv is None:
-                drafts.append((slot, job))
+            imported.append(job)
+            if drafter is not None and not drafted:
+                drafts.append(job)
+        deadline = time.monotonic() + ACK_WAIT_S
+        for ack in acks:
+            ack.sent.wait(max(0.0, deadline - time.monotonic()))
+        return imported, drafts
 
-    def _drop_cancelled(self) -> None:
-        for slot, job in list(self._running.items()):
-            if job.status == RequestStatus.CANCELLED:
-                self._finish(slot, job, RequestStatus.CANCELLED)
-        if any(j.status.is_done() for j in self._waiting):
-            self._waiting = deque(j for j in self._waiting if not j.status.is_done())
-
-    def _finish(self, slot: int, job: DecodeJob, status: RequestStatus) -> None:
-        job.status = status
-        self.engine.free(slot)
-        if self.proposer is not None:
-            self.proposer.free(slot)
-        self._running.pop(slot, None)
-
-    def _step(self, batch: Sequence[tuple[int, DecodeJob]]) -> None:
-        """One step: a speculation round for requests that can take one, one token for the rest."""
-        produced = self._generate(batch)
-        self.steps += 1
-        finished: list[tuple[DecodeJob, FinishReason]] = []
-        sent: dict[int, list[int]] = {}
+    def _post_process(self, produced: dict[Sequence, list[int]]) -> None:
+        """Append the step's tokens, then emit them and the final events of requests that finished."""
         with self._cond:
-            for slot, job in batch:
-                if job.status != RequestStatus.RUNNING:
-                    continue
-                job.steps += 1
-                sent[slot] = []
-                for token in produced[slot]:
-                    sent[slot].append(token)
-                    reason = self._add_token(job, token)
-                    if reason is not None:
-                        self._finish(slot, job, RequestStatus.FINISHED)
-                        self.completed += 1
-                        finished.append((job, reason))
-                        break
-        for slot, job in batch:
-            if sent.get(slot):
-                job.emit(Tokens(sent[slot]))
-        for job, reason in finished:
-            job.emit(Finished(reason=reason, decoded_tokens=len(job.result.output_ids) - 1, steps=job.steps,
-                              proposed=job.proposed, accepted=job.accepted))
+            kept = self.scheduler.update(produced)
+            finished = [job for job, _ in kept if job.status == SequenceStatus.FINISHED]
+            self.completed += len(finished)
+        for job, tokens in kept:
+            if tokens:
+                job.emit(Tokens(tokens))  # type: ignore[attr-defined]
+        for job in finished:
+            assert job.finish_reason is not None
+            job.emit(Finished(reason=job.finish_reason, decoded_tokens=len(job.output_ids) - 1,  # type: ignore[attr-defined]
+                              steps=job.steps, proposed=job.proposed, accepted=job.accepted))
 
-    def _generate(self, batch: Sequence[tuple[int, DecodeJob]]) -> dict[int, list[int]]:
-        spec = [(slot, job) for slot, job in batch
-                if self.proposer is not None and job.speculate and can_speculate(self.engine, slot)]
-        plain = [(slot, job) for slot, job in batch if (slot, job) not in spec]
-        produced: dict[int, list[int]] = {}
-        if spec:
-            sequences = [SpecSequence(slot=slot, tokens=job.prompt_ids + job.result.output_ids, sampling=job.sampling, rng=job.rng)
-                         for slot, job in spec]
-            for (slot, job), tokens in zip(spec, speculative_step(self.engine, self.proposer, sequences)):
-                produced[slot] = tokens
-                job.proposed += self.engine.config.speculation_length
-                job.accepted += len(tokens) - 1
-        if plain:
-            requests = [SequenceRequest(slot=slot, token_ids=[job.result.output_ids[-1]], sampling=job.sampling, rng=job.rng)
-                        for slot, job in plain]
-            for (slot, _), token in zip(plain, self.engine.token_generate(requests)):
-                produced[slot] = [token]
-        return produced
-
-    def _add_token(self, job: DecodeJob, token: int) -> FinishReason | None:
-        job.result.output_ids.append(token)
-        stopped = job.detok is not None and job.detok.add([token]) is not None and job.detok.stopped
-        if stopped:
-            return FinishReason.STOP
-        return finish_reason(job.result, stopping=job.stopping, eos_token_ids=self.engine.model_config.eos_token_ids,
-                             seq_len=self.engine.config.seq_len)
-
-    def _fail_all(self, message: str) -> None:
-        for slot, job in list(self._running.items()):
-            self._finish(slot, job, RequestStatus.CANCELLED)
-            job.emit(Failed(message))
-        while self._waiting:
-            job = self._waiting.popleft()
-            job.status = RequestStatus.CANCELLED
-            job.emit(Failed(message))
-
+    def _fail_all(self, error: ServiceError) -> None:
+        for job in self.scheduler.finish_all():
+            job.emit(Failed(error))  # type: ignore[attr-defined]

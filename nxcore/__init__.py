@@ -6,7 +6,8 @@ The public surface: `RuntimeConfig`, `Engine`, `SamplingParams`, `generate`.
 from nxcore.config import RuntimeConfig
 from nxcore.engine import Engine, SequenceRequest
 from nxcore.errors import EngineError
-from nxcore.generate import GenerationResult, StoppingCriteria, generate
+from nxcore.generate import GenerationResult, generate
+from nxcore.stopping import StoppingCriteria
 from nxcore.kv_cache import KVSnapshot
 from nxcore.sampling import RequestRng, SamplingParams
 

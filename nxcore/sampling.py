@@ -105,6 +105,18 @@ def sample(
     return torch.cond((temperature > 0).any(), sampled_rows, greedy_rows, operands)
 
 
+def truncated_probs(values: torch.Tensor, *, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The candidates' probabilities [N, W] after top-k then top-p, not renormalized, from their
+    temperature-scaled logits `values` [N, W] in descending order. In-graph sampling and the
+    distribution speculative acceptance compares against both use it: they must agree exactly."""
+    width = values.shape[-1]
+    rank = torch.arange(width, device=values.device)[None, :]
+    k = torch.where((top_k > 0) & (top_k < width), top_k, torch.full_like(top_k, width))
+    probs = torch.softmax(values.masked_fill(rank >= k[:, None], float("-inf")), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs
+    return probs.masked_fill((before >= top_p[:, None]) & (rank > 0), 0.0)
+
+
 def _sample_candidates(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                        rand: torch.Tensor, greedy_tokens: torch.Tensor, max_topk: int, offset: int,
                        comm: TPComm | None) -> torch.Tensor:
@@ -117,12 +129,7 @@ def _sample_candidates(logits: torch.Tensor, *, temperature: torch.Tensor, top_k
         values, order = torch.topk(values, min(max_topk, values.shape[-1]), dim=-1)
         indices = indices.gather(-1, order)
     width = values.shape[-1]
-    rank = torch.arange(width, device=logits.device)[None, :]
-    k = torch.where((top_k > 0) & (top_k < width), top_k, torch.full_like(top_k, width))
-    values = values.masked_fill(rank >= k[:, None], float("-inf"))
-    probs = torch.softmax(values, dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs
-    probs = probs.masked_fill((before >= top_p[:, None]) & (rank > 0), 0.0)
+    probs = truncated_probs(values, top_k=top_k, top_p=top_p)
     cdf = torch.cumsum(probs, dim=-1)
     threshold = rand[:, None] * cdf[:, -1:]
     choice = (cdf <= threshold).sum(dim=-1).clamp(max=width - 1)
@@ -138,13 +145,8 @@ def distribution(
     vocab = logits.shape[-1]
     greedy = torch.nn.functional.one_hot(torch.argmax(logits, dim=-1), vocab).to(torch.float32)
     safe_temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    width = min(max_topk, vocab)
-    values, indices = torch.topk(logits / safe_temp[:, None], width, dim=-1)
-    rank = torch.arange(width, device=logits.device)[None, :]
-    k = torch.where((top_k > 0) & (top_k < width), top_k, torch.full_like(top_k, width))
-    probs = torch.softmax(values.masked_fill(rank >= k[:, None], float("-inf")), dim=-1)
-    before = torch.cumsum(probs, dim=-1) - probs
-    probs = probs.masked_fill((before >= top_p[:, None]) & (rank > 0), 0.0)
+    values, indices = torch.topk(logits / safe_temp[:, None], min(max_topk, vocab), dim=-1)
+    probs = truncated_probs(values, top_k=top_k, top_p=top_p)
     probs = probs / probs.sum(dim=-1, keepdim=True)
     dense = torch.zeros_like(logits).scatter(-1, indices, probs)
     return torch.where((temperature > 0)[:, None], dense, greedy)

@@ -230,3 +230,24 @@ def speculative_step(
         target.truncate(s.slot, length + len(tokens))
         proposer.accepted(s.slot, length + len(tokens))
     return emitted
+
+
+Proposer = NgramProposer | DraftProposer
+
+
+def build_proposer(spec: str | None, engine: Engine, *, draft_only: bool = False, **load_kwargs: object) -> Proposer | None:
+    """The proposer `spec` names for `engine`: "ngram" (prompt lookup), "draft:DIR" (a draft model
+    checkpoint, loaded here with `load_kwargs` for its `Engine.from_pretrained`), None when off.
+    `draft_only` (a prefill service, which only ships the draft's prompt KV) skips n-gram and loads
+    only the draft's context-encoding graphs."""
+    if not spec:
+        return None
+    k = engine.config.speculation_length
+    if spec == "ngram":
+        return None if draft_only else NgramProposer(k)
+    if spec.startswith("draft:"):
+        # Off prefill the draft encodes prompts itself when prefill sent no draft KV: all its graphs.
+        draft = Engine.from_pretrained(spec.removeprefix("draft:"), engine.config.replace(tp_degree=1, ep_degree=1),
+                                       graphs="context" if draft_only else "all", **load_kwargs)  # type: ignore[arg-type]
+        return DraftProposer(draft, k, target_vocab=engine.model_config.vocab_size)
+    raise ValueError(f"--speculation {spec!r} is invalid: use ngram or draft:DIR")

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypedDict, Unpack
 
 import grpc
 
-from nxserve.tracing import inject_metadata
+from nxserve.rpc.tracing import inject_metadata
 from nxserve.v1 import generation_pb2 as pb
 from nxserve.v1 import generation_pb2_grpc as pb_grpc
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-from nxserve.engine_args import SERVICE_DEFAULTS, SERVICE_GRAPHS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer, load_options, service_config
-from nxserve.grpc_common import add_kv_shm_flag, add_server_flags, install_shutdown, run_service, set_health, start_server
-from nxserve.tracing import configure_tracing, shutdown_tracing
+from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_kv_shm_flag, add_server_flags
+from nxserve.rpc.server import install_shutdown, run_service, set_health, start_server
+from nxserve.rpc.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger("prefill_svc")
@@ -34,10 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of the shared-memory KV arena, reserved at start; a request whose KV does not fit in "
                         "what is free goes as chunks. Accepts K, M, G suffixes (default: room for the KV of 4 full "
                         "context-encoding batches at the largest bucket, draft model's included, within 16M-1G)")
-    add_speculation_flags(p)
     defaults = SERVICE_DEFAULTS["prefill"]
-    add_engine_flags(p, **defaults, batch_help="prompts encoded together per context-encoding call, same as "
-                     f"--ctx-batch-size (default: {defaults['batch_size']})")
+    EngineFlags.add_to(p, defaults=defaults, helps={"batch_size": "prompts encoded together per context-encoding call, "
+                                                    f"same as --ctx-batch-size (default: {defaults['batch_size']})"})
     return p
 
 
@@ -45,39 +45,42 @@ async def serve(args: argparse.Namespace) -> None:
     from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest
     from nxcore.checkpoint import read_hf_config
     from nxcore.engine_thread import EngineThread
+    from nxcore.speculation import build_proposer
     from nxcore.tokenizer import load_tokenizer
+    from nxserve.kv import KVSender
     from prefill_svc.router import DecodeRouter
     from prefill_svc.server import GenerationServicer
     from prefill_svc.worker import PrefillWorker
 
-    configure_tracing("nxserve-prefill")
-    servicer = GenerationServicer(model_name=str(args.model), chunk_bytes=args.kv_chunk_bytes)
+    flags = EngineFlags.from_args(args, environ=os.environ)
+    configure_tracing("nxserve-prefill", os.environ)
+    servicer = GenerationServicer(model_name=str(args.model))
     server, health, port = await start_server(
         args, service=SERVICE, register=lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s))
 
     start = time.perf_counter()
     thread = EngineThread("prefill-engine")  # every torch call from here on: see nxcore.engine_thread
-    await thread.run(apply_threads, args)
-    config = service_config(args, "prefill", max_positions=read_hf_config(args.model).max_position_embeddings)
+    await thread.run(flags.apply_threads)
+    config = flags.service_config("prefill", max_positions=read_hf_config(args.model).max_position_embeddings)
     engine = await thread.run(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["prefill"],
-                                      **load_options(args)))
+                                      **flags.load_options()))
     tokenizer = load_tokenizer(args.model, required=False)
     greedy = SamplingParams()
     for bucket in config.buckets:  # warm every context-encoding graph
         await thread.run(engine.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
         engine.free(0)
-    proposer = await thread.run(build_proposer, args.speculation, engine, draft_only=True, **load_options(args))
+    proposer = await thread.run(partial(build_proposer, flags.speculation, engine, draft_only=True, **flags.load_options()))
     draft = proposer.draft if proposer is not None else None
     if draft is not None:  # warm the draft's context-encoding graphs too
         for bucket in config.buckets:
             await thread.run(draft.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
             draft.free(0)
-    arena = _arena(args.kv_shm_dir, args.kv_shm_bytes or _arena_default(engine, draft))
-    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=arena)
+    kv = KVSender.open(args.kv_shm_dir, arena_bytes=args.kv_shm_bytes or _arena_default(engine, draft), chunk_bytes=args.kv_chunk_bytes)
+    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=kv.arena)
     worker.start()
-    router = DecodeRouter(args.decode, fingerprint=engine.fingerprint, shm_dir=arena.directory if arena else None)
+    router = DecodeRouter(args.decode, fingerprint=engine.fingerprint, shares_memory=kv.shares_memory_with)
     await router.start()
-    servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer, arena=arena)
+    servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer, kv=kv)
     await set_health(health, SERVICE, serving=True)
     log.info("SERVING %s on port %d after %.1fs: buckets %s, %d decode replica(s), %d up",
              args.model, port, time.perf_counter() - start, list(config.buckets), len(args.decode), len(router.usable()))
@@ -91,8 +94,7 @@ async def serve(args: argparse.Namespace) -> None:
         if draft is not None:
             thread.submit(draft.close)
         thread.close(timeout=10)
-        if arena is not None:
-            arena.close()
+        kv.close()
 
     await install_shutdown(stop).wait()
     shutdown_tracing()
@@ -116,30 +118,11 @@ def _size(text: str) -> int:
 def _arena_default(engine, draft) -> int:  # noqa: ANN001
     """Room for the KV of 4 full context-encoding batches at the largest bucket (they stay in the arena
     until their decode replica has them), within 16 MiB..1 GiB."""
-    from prefill_svc.worker import kv_layout
+    from nxserve.kv import engine_layout
 
     tokens = 4 * engine.config.ctx_batch_size * engine.config.max_prompt_len
-    want = sum(kv_layout(e, tokens).nbytes for e in (engine, draft) if e is not None)
+    want = sum(engine_layout(e, tokens).nbytes for e in (engine, draft) if e is not None)
     return min(max(want, 16 << 20), 1 << 30)
-
-
-def _arena(directory: Path | None, nbytes: int):  # noqa: ANN202
-    """This service's shared-memory KV arena, after removing arenas crashed senders left there; None
-    (chunks only) without a directory or when the arena cannot be reserved there."""
-    from nxcore.kv_wire import KVArena, remove_stale
-
-    if directory is None:
-        return None
-    try:
-        for name in remove_stale(directory):
-            log.info("removed %s from %s: the service that made it is gone", name, directory)
-        arena = KVArena(directory, nbytes)
-    except OSError as exc:
-        log.warning("KV through shared memory is off: cannot reserve a %d-byte arena in --kv-shm-dir %s (%s); "
-                    "give the directory more room or lower --kv-shm-bytes", nbytes, directory, exc.strerror or exc)
-        return None
-    log.info("KV arena %s/%s: %d MiB for decode replicas that share the directory", directory, arena.name, nbytes >> 20)
-    return arena
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
-from nxcore.kv_wire import sees_probe
-from nxserve.decode_codec import DecodeStub
-from nxserve.grpc_common import server_options
+from nxserve.kv import DecodeStub
+from nxserve.rpc.errors import ModelMismatch, NoReplica
+from nxserve.rpc.server import channel_options
 from nxserve.v1 import decode_pb2
 
 log = logging.getLogger(__name__)
@@ -39,26 +39,31 @@ class Replica:
     """The probe the replica advertised when it could not read the arena: chunks while it still does
     (a restarted replica advertises a new probe and gets another try)."""
 
+    @property
+    def name(self) -> str:
+        """How errors and logs name it."""
+        return f"decode replica {self.target}"
+
     def score(self) -> int:
         return self.free_slots - self.queued - self.picks_since_report
 
 
-class NoReplica(Exception):
-    def __init__(self, message: str, *, code: grpc.StatusCode) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class DecodeRouter:
-    def __init__(self, targets: list[str], *, fingerprint: str, interval_s: float = 0.5, shm_dir: Path | None = None) -> None:
+    """The decode replicas prefill hands requests to: polls each one's GetLoad every `interval_s`,
+    keeps those that are up and serve this model (`usable`), and picks the least loaded (`pick`).
+    `shares_memory(probe)` says whether a replica advertising that probe file sees this service's
+    shared-memory arena."""
+
+    def __init__(self, targets: list[str], *, fingerprint: str, interval_s: float = 0.5,
+                 shares_memory: Callable[[str], bool] = lambda probe: False) -> None:
         if not targets:
             raise ValueError("no decode replicas given: pass --decode HOST:PORT[,HOST:PORT...]")
         self.fingerprint = fingerprint
-        self.shm_dir = shm_dir
+        self.shares_memory = shares_memory
         self.interval_s = interval_s
         self.replicas: list[Replica] = []
         for target in targets:
-            channel = grpc.aio.insecure_channel(target, options=server_options())
+            channel = grpc.aio.insecure_channel(target, options=channel_options())
             self.replicas.append(Replica(target=target, stub=DecodeStub(channel), channel=channel))
         self._task: asyncio.Task | None = None
 
@@ -85,35 +90,37 @@ class DecodeRouter:
             load = await r.stub.GetLoad(decode_pb2.GetLoadRequest(), timeout=max(self.interval_s, 1.0))
         except grpc.aio.AioRpcError as exc:
             if r.up:
-                log.warning("decode replica %s is down: %s", r.target, exc.code().name)
+                log.warning("%s is down: %s", r.name, exc.code().name)
             r.up, r.last_error = False, f"{exc.code().name}: {exc.details()}"
             return
         if not r.up:
-            log.info("decode replica %s is up: %d/%d slots free", r.target, load.free_slots, load.total_slots)
+            log.info("%s is up: %d/%d slots free", r.name, load.free_slots, load.total_slots)
         r.up, r.free_slots, r.total_slots, r.queued, r.fingerprint = True, load.free_slots, load.total_slots, load.queued_requests, load.fingerprint
         r.picks_since_report = 0
-        shm = self.shm_dir is not None and load.shm_probe != r.shm_failed_probe and sees_probe(self.shm_dir, load.shm_probe)
+        shm = load.shm_probe != r.shm_failed_probe and self.shares_memory(load.shm_probe)
         r.shm_probe = load.shm_probe
         if shm != r.shm:
-            log.info("KV to decode replica %s: %s", r.target, f"shared memory in {self.shm_dir}" if shm else "chunks over gRPC")
+            log.info("KV to %s: %s", r.name, "shared memory in this service's arena" if shm else "chunks over gRPC")
         r.shm = shm
         if r.fingerprint != self.fingerprint:
             error = f"serves model {r.fingerprint}, prefill serves {self.fingerprint}"
             if r.last_error != error:  # logged once, not every report
-                log.warning("decode replica %s %s: not routing to it", r.target, error)
+                log.warning("%s %s: not routing to it", r.name, error)
             r.last_error = error
 
     def usable(self) -> list[Replica]:
         return [r for r in self.replicas if r.up and r.fingerprint == self.fingerprint]
 
-    def pick(self, exclude: set[str] = frozenset()) -> Replica:
-        """The least-loaded usable replica not in `exclude`."""
+    def pick(self, exclude: Collection[str] = frozenset()) -> Replica:
+        """The least-loaded usable replica not in `exclude` (targets). ModelMismatch when every
+        replica that is up serves another model, else NoReplica when there is none."""
         candidates = [r for r in self.usable() if r.target not in exclude]
         if not candidates:
             states = "; ".join(f"{r.target}: {'tried' if r.target in exclude else r.last_error}" for r in self.replicas)
-            wrong_model = any(r.up and r.fingerprint != self.fingerprint for r in self.replicas)
-            code = grpc.StatusCode.FAILED_PRECONDITION if wrong_model and not self.usable() else grpc.StatusCode.UNAVAILABLE
-            raise NoReplica(f"no decode replica can take the request ({states})", code=code)
+            message = f"no decode replica can take the request ({states})"
+            if any(r.up and r.fingerprint != self.fingerprint for r in self.replicas) and not self.usable():
+                raise ModelMismatch(message)
+            raise NoReplica(message)
         best = max(candidates, key=lambda r: (r.score(), -self.replicas.index(r)))
         best.picks_since_report += 1
         return best
@@ -122,8 +129,8 @@ class DecodeRouter:
         """Send chunks to this replica while it advertises the same probe: it could not read this
         service's arena."""
         replica.shm, replica.shm_failed_probe = False, replica.shm_probe
-        log.warning("KV to decode replica %s: chunks over gRPC until it restarts, the shared-memory hand-off failed: %s", replica.target, error)
+        log.warning("KV to %s: chunks over gRPC until it restarts, the shared-memory hand-off failed: %s", replica.name, error)
 
     def mark_down(self, replica: Replica, error: str) -> None:
         replica.up, replica.last_error = False, error
-        log.warning("decode replica %s failed: %s", replica.target, error)
+        log.warning("%s failed: %s", replica.name, error)

@@ -1,5 +1,16 @@
 """The public Generation service: validate, encode the prompt, hand the KV to a decode replica,
-relay tokens and text. Protobuf is converted here and nowhere else."""
+relay tokens and text. Protobuf is converted here (through `nxserve.rpc.convert`) and nowhere else;
+errors are raised as `nxserve.rpc.errors` kinds, which the server's interceptor maps to status codes.
+
+A Generate call, in order:
+
+1. `_prepare`: the request's fields, validated (`InvalidRequest`).
+2. `_open_decode`: a Decode stream opened on the least-loaded replica before context encoding,
+   so setting it up on both sides (~0.7 ms measured here) overlaps the encoding.
+3. `_prefill`: the prompt queued for the worker, encoded, its first token sampled in the graph.
+4. `_hand_off`: the KV sent on that stream, or on the next replica while replicas are full or fail.
+5. `_relay`: the replica's tokens relayed as they come, with text that never splits a character.
+"""
 
 from __future__ import annotations
 
@@ -9,38 +20,61 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from nxcore import Engine, RequestRng, SamplingParams, StoppingCriteria
 from nxcore.detokenizer import IncrementalDetokenizer
-from nxcore.generate import FinishReason, GenerationResult, finish_reason
-from nxcore.kv_wire import DEFAULT_CHUNK_BYTES, KVArena
-from nxserve.decode_codec import is_shm_unreadable
-from nxserve.grpc_common import FINISH_FROM_PB, FINISH_TO_PB, sampling_from_pb, stopping_from_pb
-from nxserve.tracing import extract_context, inject_metadata, span_in
-from nxserve.v1 import generation_pb2 as pb, generation_pb2_grpc
-from prefill_svc.kv_sender import NoAck, decode_header, send_kv
-from prefill_svc.router import DecodeRouter, NoReplica
-from prefill_svc.worker import PrefillQueueFull, PrefillResult, PrefillWorker
+from nxcore.generate import GenerationResult
+from nxcore.stopping import FinishReason, finish_reason
+from nxserve.kv import KVSender
+from nxserve.rpc.convert import FINISH_FROM_PB, FINISH_TO_PB, decode_header, fingerprint_pb, sampling_from_pb, stopping_from_pb
+from nxserve.rpc.errors import (
+    DeadlineExceeded, EngineFailure, InvalidRequest, NoReplica, NotReady, Overloaded, ReplicaFailed,
+    ServiceError, SharedMemoryUnreadable, Unsupported,
+)
+from nxserve.rpc.status import error_of_call
+from nxserve.rpc.tracing import extract_context, inject_metadata, span_in
+from nxserve.v1 import generation_pb2 as pb
+from nxserve.v1 import generation_pb2_grpc
+from prefill_svc.router import DecodeRouter, Replica
+from prefill_svc.worker import PrefillResult, PrefillWorker
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("nxserve.prefill_svc")
 
-class InvalidRequest(Exception):
-    pass
-
 
 @dataclass
-class Prepared:
-    request_id: str
+class Request:
+    """One Generate call's state, from its validated fields to the tokens relayed so far."""
+
+    id: str
     prompt_ids: list[int]
     sampling: SamplingParams
     stopping: StoppingCriteria
     stop_strings: tuple[str, ...]
-    disable_speculation: bool = False
+    disable_speculation: bool
+    rng: RequestRng
+    ctx: otel_context.Context = field(default_factory=otel_context.Context)
+    """The trace context of its `generate` span: child spans go under it."""
+    timeout: float | None = None
+    """Seconds left to the caller's deadline when the call came in (None: none)."""
+    result: GenerationResult = field(init=False)
+    detok: IncrementalDetokenizer | None = None
+
+    def __post_init__(self) -> None:
+        self.result = GenerationResult(prompt_ids=self.prompt_ids)
+
+
+@dataclass
+class Opened:
+    """A Decode stream opened ahead of the KV (see `_open_decode`)."""
+
+    replica: Replica
+    call: grpc.aio.StreamStreamCall
 
 
 def _ns(monotonic_s: float) -> int:
@@ -51,88 +85,80 @@ def _ns(monotonic_s: float) -> int:
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     """Registered before the server starts (so health answers while loading); `attach` makes it serve."""
 
-    def __init__(self, *, model_name: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, *, model_name: str) -> None:
         self.model_name = model_name
-        self.chunk_bytes = chunk_bytes
         self.engine: Engine | None = None
 
-    def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer,  # noqa: ANN001
-               arena: KVArena | None = None) -> None:
+    def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer, kv: KVSender) -> None:  # noqa: ANN001
         self.worker = worker
         self.router = router
-        self.arena = arena
-        """Shared-memory arena for KV to replicas that share its directory (router: Replica.shm)."""
+        self.kv = kv
         self.tokenizer = tokenizer
         self.engine = engine
 
-    async def _require_ready(self, context: grpc.aio.ServicerContext) -> None:
+    def _ready(self) -> Engine:
         if self.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill service is still loading its model: retry when health reports SERVING")
+            raise NotReady("the prefill service is still loading its model: retry when health reports SERVING")
+        return self.engine
 
     # ------------------------------------------------------------------ small RPCs
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
-        await self._require_ready(context)
-        cfg, mc = self.engine.config, self.engine.model_config
+        engine = self._ready()
+        cfg, mc = engine.config, engine.model_config
         return pb.ModelInfoResponse(
             model=self.model_name, architecture=mc.model_type, dtype=cfg.dtype, buckets=list(cfg.buckets),
-            batch_size=max((r.total_slots for r in self.router.usable()), default=0), ctx_batch_size=cfg.ctx_batch_size, max_prompt_tokens=cfg.max_prompt_len,
-            max_total_tokens=cfg.seq_len, vocab_size=mc.vocab_size, decode_replicas=len(self.router.replicas),
-            fingerprint=self.engine.fingerprint, decode_replicas_up=len(self.router.usable()),
+            batch_size=max((r.total_slots for r in self.router.usable()), default=0), ctx_batch_size=cfg.ctx_batch_size,
+            max_prompt_tokens=cfg.max_prompt_len, max_total_tokens=cfg.seq_len, vocab_size=mc.vocab_size,
+            decode_replicas=len(self.router.replicas), fingerprint=engine.fingerprint,
+            decode_replicas_up=len(self.router.usable()),
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        await self._require_ready(context)
+        self._ready()
         hf = getattr(self.tokenizer, "hf", None)
         if hf is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.model_name} has no tokenizer files")
+            raise Unsupported(f"{self.model_name} has no tokenizer files: send token ids")
         ids = hf(request.text, add_special_tokens=request.add_special_tokens)["input_ids"]
         return pb.TokenizeResponse(token_ids=ids, tokens=hf.convert_ids_to_tokens(ids))
 
     # ------------------------------------------------------------------ Generate
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        await self._require_ready(context)
+        engine = self._ready()
         parent = extract_context(context.invocation_metadata())
         with span_in(tracer, "generate", parent=parent, kind=trace.SpanKind.SERVER) as (span, ctx):
-            try:
-                req = self._prepare(request)
-            except InvalidRequest as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            req = self._prepare(request, engine)
+            req.ctx, req.timeout = ctx, context.time_remaining()
             span.set_attributes({
-                "nxserve.request_id": req.request_id,
+                "nxserve.request_id": req.id,
                 "gen_ai.request.model": self.model_name,
                 "gen_ai.request.max_tokens": req.stopping.max_new_tokens,
                 "gen_ai.request.temperature": req.sampling.temperature,
                 "gen_ai.usage.input_tokens": len(req.prompt_ids),
             })
-            rng = RequestRng(req.sampling.seed)
-            req.sampling = dataclasses.replace(req.sampling, seed=rng.seed)
-            opened = self._open_decode(context, ctx)
+            opened = self._open_decode(req)
             prefill = None
             try:
-                prefill = await self._prefill(req, rng, context, ctx)
-                result = GenerationResult(prompt_ids=req.prompt_ids, output_ids=[prefill.first_token])
-                detok = IncrementalDetokenizer(self.tokenizer, stop_strings=req.stop_strings)
-                first = pb.GenerateResponse(request_id=req.request_id, token_ids=[prefill.first_token],
-                                            text=detok.add([prefill.first_token]), prompt_token_ids=req.prompt_ids)
-                reason = FinishReason.STOP if detok.stopped else finish_reason(
-                    result, stopping=req.stopping, eos_token_ids=self.engine.model_config.eos_token_ids, seq_len=self.engine.config.seq_len)
+                prefill = await self._prefill(req)
+                first = pb.GenerateResponse(request_id=req.id, prompt_token_ids=req.prompt_ids)
+                reason = self._add_tokens(req, first, [prefill.first_token])
                 if reason is not None:
-                    first.text += detok.flush()
-                    yield self._finalize(first, req, result, reason, span)
+                    yield self._finalize(req, first, reason, span)
                     return
                 yield first
-                async for response in self._decode(req, rng, prefill, result, detok, context, span, ctx, opened):
+                replica, call = await self._hand_off(req, prefill, opened)
+                prefill.kv.release()  # decode holds the KV now: free prefill's copies
+                async for response in self._relay(req, replica, call, span):
                     yield response
             finally:
                 if prefill is not None:
-                    self.worker.release(prefill)  # its arena region, unless the hand-off did
+                    prefill.kv.release()  # its arena region, unless the hand-off did
                 if opened is not None:
-                    opened[1].cancel()  # no-op once the call is over; frees it when no KV was sent
+                    opened.call.cancel()  # no-op once the call is over; frees it when no KV was sent
 
-    def _prepare(self, request: pb.GenerateRequest) -> Prepared:
-        cfg = self.engine.config
+    def _prepare(self, request: pb.GenerateRequest, engine: Engine) -> Request:
+        cfg = engine.config
         kind = request.WhichOneof("prompt")
         if kind == "text":
             try:
@@ -141,7 +167,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 raise InvalidRequest(str(exc)) from None
         elif kind == "token_ids":
             prompt_ids = list(request.token_ids.ids)
-            vocab = self.engine.model_config.vocab_size
+            vocab = engine.model_config.vocab_size
             bad = [t for t in prompt_ids if t >= vocab]
             if bad:
                 raise InvalidRequest(f"token ids {bad[:8]} out of range: allowed 0..{vocab - 1} (vocab_size)")
@@ -150,120 +176,99 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
         if len(prompt_ids) > cfg.max_prompt_len:
-            raise InvalidRequest(
-                f"prompt of {len(prompt_ids)} tokens is longer than the largest context bucket ({cfg.max_prompt_len} tokens)"
-            )
+            raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens is longer than the largest context bucket ({cfg.max_prompt_len} tokens)")
         try:
             sampling = sampling_from_pb(request.sampling)
             sampling.validate(max_topk=cfg.max_topk)
             stopping, stop_strings = stopping_from_pb(request.stopping)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        return Prepared(request_id=request.request_id or uuid.uuid4().hex, prompt_ids=prompt_ids, sampling=sampling,
-                        stopping=stopping, stop_strings=stop_strings, disable_speculation=request.disable_speculation)
+        rng = RequestRng(sampling.seed)
+        return Request(id=request.request_id or uuid.uuid4().hex, prompt_ids=prompt_ids,
+                       sampling=dataclasses.replace(sampling, seed=rng.seed), stopping=stopping, stop_strings=stop_strings,
+                       disable_speculation=request.disable_speculation, rng=rng,
+                       detok=IncrementalDetokenizer(self.tokenizer, stop_strings=stop_strings))
 
-    async def _prefill(self, req: Prepared, rng: RequestRng, context: grpc.aio.ServicerContext, ctx) -> PrefillResult:  # noqa: ANN001
+    def _open_decode(self, req: Request, exclude: set[str] = frozenset(), busy: list[str] | None = None) -> Opened | None:  # type: ignore[assignment]
+        """A Decode stream on the least-loaded replica not in `exclude`; None when there is none now,
+        or, from a hand-off (`busy` given), Overloaded when the replicas that could take it are full."""
         try:
-            future = self.worker.submit(req.prompt_ids, req.sampling, rng)
-        except PrefillQueueFull as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            replica = self.router.pick(exclude)
+        except NoReplica:
+            if busy is None:
+                return None
+            if busy:
+                raise Overloaded("; ".join(busy)) from None
+            raise
+        return Opened(replica, replica.stub.Decode(metadata=inject_metadata(req.ctx), timeout=req.timeout))
+
+    async def _prefill(self, req: Request) -> PrefillResult:
+        future = self.worker.submit(req.prompt_ids, req.sampling, req.rng)
         try:
             result: PrefillResult = await future
-        except asyncio.CancelledError:  # the result may have come with the cancellation: its region
+        except asyncio.CancelledError:  # the result may have come with the cancellation: its KV
             if future.done() and not future.cancelled() and future.exception() is None:
-                self.worker.release(future.result())
+                future.result().kv.release()
             raise
         finally:
             future.cancel()
-        queue_span = tracer.start_span("queue", context=ctx, start_time=_ns(result.enqueued_at))
+        queue_span = tracer.start_span("queue", context=req.ctx, start_time=_ns(result.enqueued_at))
         queue_span.end(end_time=_ns(result.started_at))
-        encode_span = tracer.start_span("context_encoding", context=ctx, start_time=_ns(result.started_at),
+        encode_span = tracer.start_span("context_encoding", context=req.ctx, start_time=_ns(result.started_at),
                                         attributes={"nxserve.batch": result.batch, "nxserve.prompt_tokens": len(req.prompt_ids)})
         encode_span.end(end_time=_ns(result.finished_at))
         return result
 
-    def _open_decode(self, context: grpc.aio.ServicerContext, ctx):  # noqa: ANN001, ANN202
-        """(replica, call): a Decode stream on the least-loaded replica, or None when there is none
-        now. `Generate` opens one before context encoding, so that setting the stream up on both
-        sides (~0.7 ms measured here) overlaps the encoding instead of delaying the KV hand-off."""
-        try:
-            replica = self.router.pick()
-        except NoReplica:
-            return None
-        return replica, replica.stub.Decode(metadata=inject_metadata(ctx), timeout=context.time_remaining())
-
-    async def _hand_off(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, context: grpc.aio.ServicerContext,
-                        ctx, opened):  # noqa: ANN001, ANN202
-        """Send the KV on `opened` (see `_open_decode`) while its replica is usable, else on a
-        stream opened now on the least-loaded replica, then on the others in turn while they fail
-        or are full; returns (replica, call) after the ack."""
-        draft = (self.worker.draft, prefill.draft_kv) if prefill.draft_kv is not None else None
+    async def _hand_off(self, req: Request, prefill: PrefillResult, opened: Opened | None) -> tuple[Replica, grpc.aio.StreamStreamCall]:
+        """Send the KV on `opened` while its replica is usable, else on a stream opened now on the
+        least-loaded replica; then on the others in turn while they are full (Overloaded once all
+        are) or fail (marked down). A replica that cannot read the arena gets the KV again as
+        chunks. Returns the replica and its call once it acknowledged the KV."""
+        engine = self._ready()
         header = decode_header(
-            self.engine, prefill.kv, request_id=req.request_id, prompt_ids=req.prompt_ids, sampling=req.sampling,
-            stopping=req.stopping, stop_strings=req.stop_strings, first_token=prefill.first_token, rng_offset=rng.offset,
-            draft=draft, disable_speculation=req.disable_speculation,
+            request_id=req.id, prompt_ids=req.prompt_ids, sampling=req.sampling, stopping=req.stopping,
+            stop_strings=req.stop_strings, first_token=prefill.first_token, rng_offset=req.rng.offset,
+            fingerprint=fingerprint_pb(digest=engine.fingerprint, architecture=engine.model_config.model_type, dtype=engine.config.dtype),
+            disable_speculation=req.disable_speculation,
         )
         tried: set[str] = set()
         busy: list[str] = []
         while True:
-            if opened is not None and opened[0] in self.router.usable():
-                replica, call = opened
-            else:
+            if opened is None or opened.replica not in self.router.usable():
                 if opened is not None:
-                    opened[1].cancel()
-                try:
-                    replica = self.router.pick(tried)
-                except NoReplica as exc:
-                    if busy:  # every replica that could take it is full
-                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "; ".join(busy))
-                    await context.abort(exc.code, str(exc))
-                call = replica.stub.Decode(metadata=inject_metadata(ctx), timeout=context.time_remaining())
+                    opened.call.cancel()
+                opened = self._open_decode(req, tried, busy)
+            assert opened is not None
+            replica, call = opened.replica, opened.call
             opened = None  # used once: a retry opens a new stream
             tried.add(replica.target)
-            arena = self.arena if replica.shm else None
             try:
-                with span_in(tracer, "kv_transfer", parent=ctx, attributes={"nxserve.decode_replica": replica.target}) as (span, _):
-                    sent = await send_kv(call, header, prefill.kv, chunk_bytes=self.chunk_bytes, draft_kv=prefill.draft_kv,
-                                         arena=arena, shared=prefill.shared)
-                    span.set_attributes({"nxserve.kv_transport": "shm" if sent.shared else "chunks",
-                                         "nxserve.kv_bytes": sent.bytes_sent, "nxserve.kv_transfer_ms": sent.seconds * 1000,
-                                         "nxserve.decode_queue_ms": sent.queue_ms, "nxserve.decode_slot": sent.slot,
+                with span_in(tracer, "kv_transfer", parent=req.ctx, attributes={"nxserve.decode_replica": replica.target}) as (span, _):
+                    sent = await self.kv.send(call, header, prefill.kv, shared_memory=replica.shm, peer=replica.name)
+                    span.set_attributes({"nxserve.kv_transport": sent.transport, "nxserve.kv_bytes": sent.bytes_sent,
+                                         "nxserve.kv_transfer_ms": sent.seconds * 1000, "nxserve.decode_queue_ms": sent.queue_ms,
+                                         "nxserve.decode_slot": sent.slot,
                                          "nxserve.kv_gbps": sent.bytes_sent / max(sent.seconds, 1e-9) / 1e9})
                 return replica, call
-            except NoAck as exc:
-                await context.abort(grpc.StatusCode.INTERNAL, f"decode replica {replica.target}: {exc}")
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                # A write to a call that already failed raises InvalidStateError; the status says why.
-                code, details = await call.code(), await call.details()
-                if arena is not None and code == grpc.StatusCode.FAILED_PRECONDITION and \
-                        is_shm_unreadable(await call.trailing_metadata()):
-                    self.router.shm_failed(replica, details)
-                    tried.discard(replica.target)  # again, with chunks
-                    continue
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    busy.append(f"decode replica {replica.target}: {details}")
-                    continue
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    self.router.mark_down(replica, f"{code.name}: {details}")
-                    continue
-                await context.abort(code, f"decode replica {replica.target}: {details}")
+            except SharedMemoryUnreadable as exc:
+                self.router.shm_failed(replica, str(exc))
+                tried.discard(replica.target)  # again, with chunks
+            except Overloaded as exc:
+                busy.append(str(exc))
+            except (ReplicaFailed, NotReady, EngineFailure) as exc:
+                self.router.mark_down(replica, str(exc))
 
-    async def _decode(self, req: Prepared, rng: RequestRng, prefill: PrefillResult, result: GenerationResult,
-                      detok: IncrementalDetokenizer, context: grpc.aio.ServicerContext, span: trace.Span,
-                      ctx, opened) -> AsyncIterator[pb.GenerateResponse]:  # noqa: ANN001
-        replica, call = await self._hand_off(req, rng, prefill, context, ctx, opened)
-        self.worker.release(prefill)  # decode holds the KV now: free prefill's copies
+    async def _relay(self, req: Request, replica: Replica, call: grpc.aio.StreamStreamCall,
+                     span: trace.Span) -> AsyncIterator[pb.GenerateResponse]:
+        """The replica's token batches as responses, then the final one."""
         try:
-            with span_in(tracer, "decoding", parent=ctx, attributes={"nxserve.decode_replica": replica.target}):
-                while True:
-                    message = await call.read()
-                    if message is grpc.aio.EOF:
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode replica {replica.target} closed the stream without a final message")
+            with span_in(tracer, "decoding", parent=req.ctx, attributes={"nxserve.decode_replica": replica.target}):
+                while (message := await call.read()) is not grpc.aio.EOF:  # call.read: the ack was read with it
                     kind = message.WhichOneof("kind")
                     if kind == "tokens":
-                        ids = list(message.tokens.token_ids)
-                        result.output_ids.extend(ids)
-                        yield pb.GenerateResponse(request_id=req.request_id, token_ids=ids, text=detok.add(ids))
+                        response = pb.GenerateResponse(request_id=req.id)
+                        self._add_tokens(req, response, list(message.tokens.token_ids))
+                        yield response
                     elif kind == "final":
                         f = message.final
                         span.set_attributes({
@@ -272,21 +277,35 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                             "nxserve.speculation.acceptance_rate": f.accepted_tokens / f.proposed_tokens if f.proposed_tokens else 0.0,
                             "nxserve.tokens_per_step": f.decoded_tokens / f.steps if f.steps else 0.0,
                         })
-                        last = pb.GenerateResponse(request_id=req.request_id, text=detok.flush())
-                        yield self._finalize(last, req, result, FINISH_FROM_PB[message.final.finish_reason], span)
+                        yield self._finalize(req, pb.GenerateResponse(request_id=req.id), FINISH_FROM_PB[f.finish_reason], span)
                         return
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code() if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"decode replica {replica.target} failed mid-request: {exc.code().name}: {exc.details()}")
+        except grpc.aio.AioRpcError:
+            error: ServiceError = await error_of_call(call, peer=replica.name)
+            if not isinstance(error, DeadlineExceeded):
+                error = ReplicaFailed(f"{replica.name} failed mid-request: {error}")
+            raise error from None
         finally:
             call.cancel()
+        raise ReplicaFailed(f"{replica.name} closed the stream without a final message")
 
-    @staticmethod
-    def _finalize(response: pb.GenerateResponse, req: Prepared, result: GenerationResult, reason: FinishReason,
-                  span: trace.Span) -> pb.GenerateResponse:
+    def _add_tokens(self, req: Request, response: pb.GenerateResponse, tokens: list[int]) -> FinishReason | None:
+        """Put `tokens` and their text into `response`; why the request ends with them (None: it goes on)."""
+        assert req.detok is not None
+        req.result.output_ids.extend(tokens)
+        response.token_ids.extend(tokens)
+        response.text = req.detok.add(tokens)
+        engine = self._ready()
+        if req.detok.stopped:
+            return FinishReason.STOP
+        return finish_reason(req.result.output_ids, prompt_len=len(req.prompt_ids), stopping=req.stopping,
+                             eos_token_ids=engine.model_config.eos_token_ids,
+                             seq_len=engine.config.seq_len)
+
+    def _finalize(self, req: Request, response: pb.GenerateResponse, reason: FinishReason, span: trace.Span) -> pb.GenerateResponse:
+        assert req.detok is not None
+        response.text += req.detok.flush()
         response.finish_reason = FINISH_TO_PB[reason]
         response.usage.prompt_tokens = len(req.prompt_ids)
-        response.usage.completion_tokens = len(result.output_ids)
-        span.set_attributes({"gen_ai.usage.output_tokens": len(result.output_ids), "gen_ai.response.finish_reasons": [str(reason)]})
+        response.usage.completion_tokens = len(req.result.output_ids)
+        span.set_attributes({"gen_ai.usage.output_tokens": len(req.result.output_ids), "gen_ai.response.finish_reasons": [str(reason)]})
         return response
-

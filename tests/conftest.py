@@ -99,3 +99,6 @@ def checkpoint(request: pytest.FixtureRequest, checkpoints: dict[str, Checkpoint
 def random_prompt(length: int, *, seed: int, vocab: int = TINY["vocab_size"]) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (length,), generator=gen).tolist()
+
+
+from tests.services import client, cluster, shm_dir, svc_engine, svc_model  # noqa: E402, F401 (fixtures of the service tests)

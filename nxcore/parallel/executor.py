@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from nxcore.config import RuntimeConfig
+from nxcore.errors import TPRankError
 from nxcore.executor import GraphKey
 from nxcore.graphs import GraphInputs
 from nxcore.kv_cache import KVSnapshot
@@ -33,10 +34,6 @@ log = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 POLL_S = 0.05
-
-
-class TPRankError(RuntimeError):
-    """A TP rank died or failed; the engine cannot continue."""
 
 
 def _free_port() -> int:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nxserve.commands.common import AppendPrompt, add_sampling_flags, token_ids
-from nxserve.engine_args import (SERVICE_DEFAULTS, SERVICE_GRAPHS, add_engine_flags, add_speculation_flags, apply_threads, build_proposer,
-                                 config_from_args, load_options, service_config)
+from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags
 
 if TYPE_CHECKING:
     from nxcore import RuntimeConfig
@@ -21,7 +21,7 @@ log = logging.getLogger("nxserve")
 
 
 def add_make_model(sub: argparse._SubParsersAction) -> None:
-    from nxserve.model_factory import ARCHS, PRESETS
+    from nxserve.testing.model_factory import ARCHS, PRESETS
 
     p = sub.add_parser(
         "make-model",
@@ -45,8 +45,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", dest="prompts", action=AppendPrompt, metavar="TEXT", help="prompt text (repeatable)")
     p.add_argument("--prompt-ids", dest="prompts", action=AppendPrompt, type=token_ids, metavar="1,2,3", help="prompt as token ids (repeatable)")
     add_sampling_flags(p)
-    add_engine_flags(p, batch_size=None, seq_len=None)
-    add_speculation_flags(p)
+    EngineFlags.add_to(p, helps={"batch_size": "decode slots (default: the number of prompts)",
+                                 "seq_len": "tokens per slot, prompt + output (default: fits the longest prompt plus "
+                                            "--max-new-tokens; capped at the model's max_position_embeddings)"})
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt: prompt_ids, output_ids, text, finish_reason")
     p.set_defaults(func=_cmd_generate)
 
@@ -74,9 +75,10 @@ def add_compile(sub: argparse._SubParsersAction) -> None:
                         "flags take the decode service's defaults). --batch-size and --seq-len, when given, apply to all")
     defaults = ", ".join(f"{name} {d['batch_size']}" for name, d in SERVICE_DEFAULTS.items())
     seq_lens = ", ".join(f"{name} {d['seq_len']}" for name, d in SERVICE_DEFAULTS.items())
-    add_engine_flags(p, batch_size=None, seq_len=None, batch_help=f"decode slots (default: the service's: {defaults})",
-                     seq_help=f"tokens per slot, prompt + output (default: the service's: {seq_lens}; capped at the "
-                              "model's max_position_embeddings)")
+    EngineFlags.add_to(p, exclude=("speculation", "speculation_length", "backend"),
+                       helps={"batch_size": f"decode slots (default: the service's: {defaults})",
+                              "seq_len": f"tokens per slot, prompt + output (default: the service's: {seq_lens}; capped "
+                                         "at the model's max_position_embeddings)"})
     p.add_argument("--speculation-length", type=int, default=0,
                    help="also compile the decode config's speculation graphs for this many proposed tokens, for a decode "
                         "service started with --speculation and the same --speculation-length (default: 0, none)")
@@ -90,12 +92,11 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from nxcore import Engine
     from nxcore.checkpoint import read_hf_config
 
-    if args.backend != "compile":
-        raise ValueError("nxserve compile builds artifacts for --backend compile only")
+    flags = EngineFlags.from_args(args, environ=os.environ)
     max_positions = read_hf_config(args.model).max_position_embeddings
     builds: list[tuple[RuntimeConfig, str]] = []  # (config, graph set), one engine each
     for target in SERVICE_DEFAULTS if args.targets == "all" else [args.targets]:
-        config = service_config(args, "decode" if target == "engine" else target, max_positions=max_positions)
+        config = flags.service_config("decode" if target == "engine" else target, max_positions=max_positions)
         if target != "prefill":  # speculation graphs run where tokens are generated
             config = config.replace(speculation_length=args.speculation_length)
         if target == "engine":
@@ -106,10 +107,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             builds[same[0]] = (config, "all")
         else:
             builds.append((config, SERVICE_GRAPHS[target]))
-    apply_threads(args)
+    flags.apply_threads()
     for config, graphs in builds:
-        engine = Engine.from_pretrained(args.model, config, compile_cache=args.compile_cache, compile_on_demand=True,
-                                        graphs=graphs)
+        engine = Engine.from_pretrained(args.model, config, compile_cache=flags.load_options()["compile_cache"],
+                                        compile_on_demand=True, graphs=graphs)
         store = engine.artifacts
         missing = engine.missing_graphs()
         print(f"{len(missing)} graph(s) to compile ({graphs} graphs) for batch size {config.batch_size}, context batch "
@@ -130,7 +131,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
-    from nxserve.model_factory import make_model
+    from nxserve.testing.model_factory import make_model
 
     start = time.perf_counter()
     out = make_model(arch=args.arch, preset=args.preset, out=args.out, seed=args.seed)
@@ -150,6 +151,7 @@ def _seq_len_for(prompt_lens: Sequence[int], max_new_tokens: int, max_positions:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from nxcore import Engine, SamplingParams, StoppingCriteria, generate
     from nxcore.checkpoint import read_hf_config
+    from nxcore.speculation import build_proposer
     from nxcore.tokenizer import load_tokenizer
 
     if not args.prompts:
@@ -157,16 +159,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model, required=any(kind == "text" for kind, _ in args.prompts))
     prompts = [tokenizer.encode(value) if kind == "text" else value for kind, value in args.prompts]
     max_positions = read_hf_config(args.model).max_position_embeddings
-    config = config_from_args(
-        args, max_positions=max_positions, batch_size=args.batch_size or len(prompts),
-        seq_len=args.seq_len or _seq_len_for([len(p) for p in prompts], args.max_new_tokens, max_positions),
-    )
-    if args.speculation:
-        config = config.replace(speculation_length=args.speculation_length)
-    apply_threads(args)
+    flags = EngineFlags.from_args(args, environ=os.environ)
+    config = flags.runtime_config(max_positions=max_positions, batch_size=len(prompts),
+                                  seq_len=_seq_len_for([len(p) for p in prompts], args.max_new_tokens, max_positions))
+    if flags.speculation:
+        config = config.replace(speculation_length=flags.speculation_length)
+    flags.apply_threads()
     log.info("loading %s", args.model)
-    engine = Engine.from_pretrained(args.model, config, **load_options(args))
-    proposer = build_proposer(args.speculation, engine, **load_options(args))
+    engine = Engine.from_pretrained(args.model, config, **flags.load_options())
+    proposer = build_proposer(flags.speculation, engine, **flags.load_options())
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     stopping = StoppingCriteria(
         max_new_tokens=args.max_new_tokens, stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos

@@ -9,6 +9,7 @@ import sys
 import time
 
 from nxserve.commands.common import AppendPrompt, add_sampling_flags, rpc_failed, token_ids
+from nxserve.rpc.flags import EngineFlags
 
 log = logging.getLogger("nxserve")
 
@@ -19,21 +20,18 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-replicas", type=int, default=2, help="decode processes (default: 2)")
     p.add_argument("--log-dir", default=None, help="directory for the services' logs (default: a temporary directory, removed after a clean stop)")
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds every service gets to report SERVING (default: 120)")
-    g = p.add_argument_group("engine (passed to every service; unset flags keep the services' defaults)")
-    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None, help="weights/activations/KV dtype (default: the checkpoint's own)")
-    g.add_argument("--batch-size", type=int, default=None, help="decode slots per decode replica (default: decode_svc's)")
-    g.add_argument("--ctx-batch-size", type=int, default=None, help="prompts per context-encoding call (default: prefill_svc's)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per slot, prompt + output (default: the services')")
-    g.add_argument("--speculation", default=None, metavar="ngram|draft:DIR",
-                   help="speculative decoding on the decode replicas (and the draft's prefill): ngram or draft:DIR (default: off)")
-    g.add_argument("--speculation-length", type=int, default=None, help="tokens proposed per round (default: the services')")
-    g.add_argument("--backend", choices=["eager", "compile"], default=None,
-                   help="graph backend of every service (default: eager); compile needs `nxserve compile` run with each "
-                        "service's engine flags, or --compile-on-demand")
-    g.add_argument("--compile-cache", default=None, metavar="DIR", help="compiled-artifact cache root (default: the services')")
-    g.add_argument("--compile-on-demand", action="store_true", help="services compile graphs missing from the cache at startup")
-    g.add_argument("--prefill-tp", type=int, default=1, help="tensor-parallel degree of the prefill service (default: 1)")
-    g.add_argument("--decode-tp", type=int, default=1, help="tensor-parallel degree of each decode replica (default: 1)")
+    p.add_argument("--kv-shm-dir", default=None, metavar="DIR|none",
+                   help="shared-memory directory for KV hand-off between the services (default: the services', /dev/shm)")
+    p.add_argument("--prefill-tp", type=int, default=None, help="tensor-parallel degree of the prefill service (default: --tp)")
+    p.add_argument("--decode-tp", type=int, default=None, help="tensor-parallel degree of each decode replica (default: --tp)")
+    EngineFlags.add_to(p, unset=True, helps={
+        "batch_size": "decode slots per decode replica, and prefill's context-encoding batch unless --ctx-batch-size is "
+                      "given (default: the services': decode 8, prefill 4)",
+        "seq_len": "tokens per slot, prompt + output (default: the services', 1024)",
+    })
+    for group in p._action_groups:  # say where the flags go
+        if group.title in ("engine", "speculative decoding"):
+            group.title += " (passed to every service; unset flags keep the services' defaults)"
 
 
 def add_up(sub: argparse._SubParsersAction) -> None:
@@ -129,7 +127,7 @@ def _default_model() -> str:
 
     path = Path(".cache/models/tiny-llama")
     if not (path / "config.json").is_file():
-        from nxserve.model_factory import make_model
+        from nxserve.testing.model_factory import make_model
 
         log.info("writing a tiny random-weight llama to %s", path)
         make_model(arch="llama", preset="tiny", out=path)
@@ -137,20 +135,19 @@ def _default_model() -> str:
 
 
 def _cluster_from_args(args: argparse.Namespace):  # noqa: ANN202 (a LocalCluster, imported lazily)
+    """The LocalCluster `up` or `demo` starts: every engine flag given goes to every service, but
+    --prefill-tp and --decode-tp (each defaulting to --tp) to one side."""
     from nxserve.cluster import LocalCluster
 
-    engine_args: list[str] = []
-    for flag, value in (("--dtype", args.dtype), ("--batch-size", args.batch_size),
-                        ("--ctx-batch-size", args.ctx_batch_size), ("--seq-len", args.seq_len),
-                        ("--speculation", args.speculation), ("--speculation-length", args.speculation_length),
-                        ("--backend", args.backend), ("--compile-cache", args.compile_cache)):
-        if value is not None:
-            engine_args += [flag, str(value)]
-    if args.compile_on_demand:
-        engine_args.append("--compile-on-demand")
+    engine_args = EngineFlags.set_in(argparse.Namespace(**{**vars(args), "tp": None}))
+    if args.kv_shm_dir is not None:
+        engine_args += ["--kv-shm-dir", args.kv_shm_dir]
+    prefill_tp, decode_tp = args.prefill_tp or args.tp, args.decode_tp or args.tp
+    prefill_args = ["--tp", str(prefill_tp)] if prefill_tp else []
+    decode_args = ["--tp", str(decode_tp)] if decode_tp else []
     return LocalCluster(
-        args.model or _default_model(), decode_replicas=args.decode_replicas, port=args.port,
-        engine_args=engine_args, prefill_args=["--tp", str(args.prefill_tp)], decode_args=["--tp", str(args.decode_tp)], log_dir=args.log_dir, startup_timeout=args.startup_timeout,
+        args.model or _default_model(), decode_replicas=args.decode_replicas, port=args.port, engine_args=engine_args,
+        prefill_args=prefill_args, decode_args=decode_args, log_dir=args.log_dir, startup_timeout=args.startup_timeout,
     )
 
 

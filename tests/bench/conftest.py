@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nxserve.model_factory import make_model
+from nxserve.testing.model_factory import make_model
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nxserve.model_factory import make_model
+from nxserve.testing.model_factory import make_model
 
 pytestmark = pytest.mark.slow
 

@@ -58,7 +58,7 @@ def test_missing_vllm_venv_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
 
 @pytest.mark.slow
 def test_runs_nxserve_and_transformers_on_the_tiny_model(tmp_path: Path) -> None:
-    from nxserve.model_factory import make_model
+    from nxserve.testing.model_factory import make_model
 
     tiny = make_model(arch="llama", preset="tiny", out=tmp_path / "tiny")
     out = tmp_path / "peers.json"

@@ -122,7 +122,7 @@ def test_compile_for_all_builds_each_services_config(checkpoints: dict[str, Chec
     """With the same flags, `nxserve compile` fills exactly the configs the two services will look up."""
     from decode_svc.__main__ import build_parser as decode_parser
     from nxcore.checkpoint import read_hf_config
-    from nxserve.engine_args import service_config
+    from nxserve.rpc.flags import EngineFlags
     from prefill_svc.__main__ import build_parser as prefill_parser
 
     path = str(checkpoints["llama"].path)
@@ -131,7 +131,7 @@ def test_compile_for_all_builds_each_services_config(checkpoints: dict[str, Chec
     err = capsys.readouterr().err
     max_positions = read_hf_config(path).max_position_embeddings
     for service, parser, own in (("decode", decode_parser, []), ("prefill", prefill_parser, ["--decode", "127.0.0.1:1"])):
-        c = service_config(parser().parse_args(["--model", path, *own, *flags]), service, max_positions=max_positions)
+        c = EngineFlags.from_args(parser().parse_args(["--model", path, *own, *flags])).service_config(service, max_positions=max_positions)
         assert f"for batch size {c.batch_size}, context batch {c.ctx_batch_size}, seq_len {c.seq_len} into" in err
 
 

@@ -10,7 +10,7 @@ import torch
 
 from nxcore.detokenizer import IncrementalDetokenizer
 from nxcore.tokenizer import Tokenizer, load_tokenizer
-from nxserve.model_factory import make_model
+from nxserve.testing.model_factory import make_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from nxserve.cluster import LocalCluster
-from nxserve.model_factory import make_model
+from nxserve.testing.model_factory import make_model
 from nxserve.omp_env import SHARED_CORES_SPINCOUNT, share_cores
 
 

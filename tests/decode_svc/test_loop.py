@@ -4,39 +4,40 @@ the wait for a slot, and KV that fails its check takes no slot."""
 from __future__ import annotations
 
 import threading
-import time
+from pathlib import Path
 
 from decode_svc.loop import Acked, DecodeJob, DecodeLoop, Failed, Finished, Tokens
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria, generate
 from nxcore.engine_thread import EngineThread
 from nxcore.generate import GenerationResult
 from nxcore.kv_cache import KVSnapshot
-from nxcore.kv_wire import KVTransferError
 from nxcore.speculation import DraftProposer
+from nxserve.kv import CHUNKS, SHM, ReceivedKV, engine_layout
+from nxserve.kv.shm import KVArena, SharedKVReader, SharedRegion
+from nxserve.rpc.errors import KVCorrupted
 from tests.conftest import Checkpoint, random_prompt
 
 CONFIG = RuntimeConfig(batch_size=2, seq_len=64, dtype="float32")
 
 
-def _job(prompt: list[int], first: int, kv, events: list, done: threading.Event, **extra) -> DecodeJob:  # noqa: ANN001, ANN003
+def _job(prompt: list[int], first: int, kv: ReceivedKV, events: list, done: threading.Event) -> DecodeJob:
     def emit(event) -> None:  # noqa: ANN001
-        events.append((event, time.monotonic()))
+        events.append(event)
         if isinstance(event, Finished | Failed):
             done.set()
 
-    return DecodeJob(request_id="r", prompt_ids=prompt, first_token=first, kv=kv, sampling=SamplingParams(),
-                     rng=RequestRng(0, offset=1), stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True),
-                     stop_strings=(), emit=emit, **extra)
+    return DecodeJob(request_id="r", prompt_ids=prompt, output_ids=[first], kv=kv, sampling=SamplingParams(),
+                     rng=RequestRng(0, offset=1), stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True), emit=emit)
 
 
-def _prefilled(ckpt: Checkpoint, *, seed: int) -> tuple[list[int], int, KVSnapshot, GenerationResult]:
+def _prefilled(ckpt: Checkpoint, *, seed: int) -> tuple[list[int], int, KVSnapshot, GenerationResult, Engine]:
     """A prompt, its first token and KV from a prefill engine, and what one engine generates from it."""
     prompt = random_prompt(12, seed=seed)
     prefill = Engine.from_pretrained(ckpt.path, CONFIG)
     [first] = prefill.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=SamplingParams(), rng=RequestRng(0))])
     kv = prefill.export_kv(0, len(prompt))
     [expected] = generate(prefill, [prompt], stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True))
-    return prompt, first, kv, expected
+    return prompt, first, kv, expected, prefill
 
 
 def _decode_with_draft(ckpt: Checkpoint) -> tuple[EngineThread, Engine, Engine, DraftProposer]:
@@ -47,54 +48,61 @@ def _decode_with_draft(ckpt: Checkpoint) -> tuple[EngineThread, Engine, Engine, 
     return thread, engine, draft, DraftProposer(draft, 2, target_vocab=engine.model_config.vocab_size)
 
 
-def test_admission_acks_before_the_drafts_own_prefill_and_checks_kv_first(checkpoints: dict[str, Checkpoint]) -> None:
-    prompt, first, kv, expected = _prefilled(checkpoints["llama"], seed=4)
+def test_admission_acks_before_the_drafts_own_prefill_and_checks_kv_first(checkpoints: dict[str, Checkpoint],
+                                                                          tmp_path: Path) -> None:
+    prompt, first, kv, expected, prefill = _prefilled(checkpoints["llama"], seed=4)
     thread, engine, draft, proposer = _decode_with_draft(checkpoints["llama"])
     import_kv, encode = engine.import_kv, draft.context_encode
-    draft_started: list[float] = []
+    now = [0.0]  # the loop's clock: the import below takes 300 s of it
+    order: list[str] = []
 
     def slow_import(slot, snapshot):  # noqa: ANN001, ANN202
-        time.sleep(0.3)  # a long import is not time spent waiting for a slot
+        now[0] += 300.0  # a long import is not time spent waiting for a slot
         return import_kv(slot, snapshot)
 
     def recorded_encode(requests):  # noqa: ANN001, ANN202
-        draft_started.append(time.monotonic())
+        order.append("draft prefill")
         return encode(requests)
 
     engine.import_kv, draft.context_encode = slow_import, recorded_encode
-    loop = DecodeLoop(engine, tokenizer=None, max_queue=4, proposer=proposer, thread=thread)
+    arena = KVArena(tmp_path, 1 << 20)
+    region = arena.put([kv]).sealed
+    shared = SharedKVReader(tmp_path).read(SharedRegion(region.name, region.offset, region.nbytes, region.crc32 ^ 1),
+                                           [engine_layout(prefill, len(prompt))])
+    loop = DecodeLoop(engine, tokenizer=None, max_queue=4, proposer=proposer, thread=thread, clock=lambda: now[0])
     loop.start()
     try:
         events: list = []
         done = threading.Event()
-
-        def corrupted() -> None:
-            raise KVTransferError("shared KV region failed its CRC-32 check: the data is corrupted")
-
-        loop.submit(_job(prompt, first, kv, events, done, check_kv=corrupted))
+        corrupted = ReceivedKV(snapshots=shared.snapshots, transport=SHM, nbytes=region.nbytes, shared=shared)
+        loop.submit(_job(prompt, first, corrupted, events, done))
         assert done.wait(timeout=60)
-        [(failed, _)] = events
-        assert isinstance(failed, Failed) and failed.data_loss and "CRC-32" in failed.message
-        assert engine.free_slots() == [0, 1] and draft_started == []  # no slot taken, nothing imported
+        [failed] = events
+        assert isinstance(failed, Failed) and isinstance(failed.error, KVCorrupted) and "CRC-32" in str(failed.error)
+        assert engine.free_slots() == [0, 1] and order == [] and loop.load() == (2, 2, 0)  # no slot taken, nothing imported
 
         events.clear()
         done.clear()
-        loop.submit(_job(prompt, first, kv, events, done, check_kv=lambda: None))
+        job = _job(prompt, first, ReceivedKV(snapshots=[kv], transport=CHUNKS, nbytes=kv.nbytes), events, done)
+        emit = job.emit
+        job.emit = lambda event: (order.append(type(event).__name__), emit(event))  # type: ignore[method-assign]
+        loop.submit(job)
         assert done.wait(timeout=60)
-        ack, acked_at = events[0]
-        assert isinstance(ack, Acked) and ack.queue_ms < 300
-        assert len(draft_started) == 1 and acked_at <= draft_started[0]  # the sender was free before the draft encoded
-        tokens = [t for e, _ in events if isinstance(e, Tokens) for t in e.token_ids]
+        ack = events[0]
+        assert isinstance(ack, Acked) and ack.queue_ms == 0.0  # the 300 s import is not in it
+        assert order[:2] == ["Acked", "draft prefill"]  # the sender was free before the draft encoded
+        tokens = [t for e in events if isinstance(e, Tokens) for t in e.token_ids]
         assert [first, *tokens] == expected.output_ids
     finally:
         loop.stop(timeout=10)
         thread.close(timeout=10)
+        arena.close()
 
 
 def test_the_drafts_own_prefill_runs_outside_the_loops_lock(checkpoints: dict[str, Checkpoint]) -> None:
     """The gRPC side takes the loop's lock on its event loop (load, room, submit, cancel): while the
     draft model encodes a prompt, those calls still answer, and the request decodes as before."""
-    prompt, first, kv, expected = _prefilled(checkpoints["llama"], seed=5)
+    prompt, first, kv, expected, _ = _prefilled(checkpoints["llama"], seed=5)
     thread, engine, draft, proposer = _decode_with_draft(checkpoints["llama"])
     encode = draft.context_encode
     encoding, release = threading.Event(), threading.Event()
@@ -110,7 +118,7 @@ def test_the_drafts_own_prefill_runs_outside_the_loops_lock(checkpoints: dict[st
     try:
         events: list = []
         done = threading.Event()
-        loop.submit(_job(prompt, first, kv, events, done))
+        loop.submit(_job(prompt, first, ReceivedKV(snapshots=[kv], transport=CHUNKS, nbytes=kv.nbytes), events, done))
         assert encoding.wait(timeout=60)
         answered = threading.Event()
         threading.Thread(target=lambda: (loop.load(), loop.has_room(), answered.set()), daemon=True).start()
@@ -118,7 +126,7 @@ def test_the_drafts_own_prefill_runs_outside_the_loops_lock(checkpoints: dict[st
         assert loop.load() == (1, 2, 0)
         release.set()
         assert done.wait(timeout=60)
-        tokens = [t for e, _ in events if isinstance(e, Tokens) for t in e.token_ids]
+        tokens = [t for e in events if isinstance(e, Tokens) for t in e.token_ids]
         assert [first, *tokens] == expected.output_ids
     finally:
         release.set()

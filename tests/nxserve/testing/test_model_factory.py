@@ -1,4 +1,4 @@
-"""Tests for nxserve.model_factory: local, seeded, real Hugging Face checkpoints."""
+"""Tests for nxserve.testing.model_factory: local, seeded, real Hugging Face checkpoints."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from nxserve import model_factory
-from nxserve.model_factory import ARCHS, PRESETS, build_config, build_tokenizer, make_model
+from nxserve.testing import model_factory
+from nxserve.testing.model_factory import ARCHS, PRESETS, build_config, build_tokenizer, make_model
 
 TEXT = "Hello, café 日本語 🙂"
 SAMPLES = (TEXT, "In 2024, the price was 12345.", "It's  two\n\nlines", "cafe\u0301 naïve", "👍🏽 €5 — ok")

@@ -1,4 +1,5 @@
-"""KV snapshot <-> chunks: zero-copy sending, one preallocated buffer on receipt, integrity checks."""
+"""Shared memory on one host: arena regions written in place or copied, read back exactly, checked,
+released once; probes and stale files."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import pytest
 import torch
 
 from nxcore.kv_cache import KVSnapshot
-from nxcore.kv_wire import (
-    PROBE_PREFIX, KVArena, KVAssembler, KVChunk, KVTransferError, Layout, SharedKVReader, SharedKVUnreadable, SharedRegion,
-    Probe, crc32_of, iter_chunks, remove_stale, sees_probe, snapshot_parts,
-)
+from nxserve.kv.codec import Layout, crc32_of, snapshot_parts
+from nxserve.kv.shm import PROBE_PREFIX, KVArena, Probe, SharedKVReader, SharedRegion, remove_stale, sees_probe
+from nxserve.rpc.errors import InvalidRequest, KVCorrupted, SharedMemoryUnreadable
 
 LAYERS, HEADS, TOKENS, DIM = 3, 2, 7, 16
 
@@ -22,89 +22,6 @@ def _snapshot(dtype: torch.dtype = torch.float32) -> KVSnapshot:
     g = torch.Generator().manual_seed(0)
     shape = (LAYERS, HEADS, TOKENS, DIM)
     return KVSnapshot(keys=torch.randn(shape, generator=g).to(dtype), values=torch.randn(shape, generator=g).to(dtype))
-
-
-def _assembler(dtype: str = "float32") -> KVAssembler:
-    return KVAssembler(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM, n_tokens=TOKENS, dtype=dtype)
-
-
-def _received(chunk: KVChunk) -> KVChunk:
-    """The chunk as a receiver sees it: its bytes in one run."""
-    return KVChunk(chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end, (memoryview(chunk.data),), chunk.crc32)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("max_bytes", [1 << 20, 2 * HEADS * DIM * 4 * TOKENS, 600])
-def test_round_trip_is_exact(dtype: torch.dtype, max_bytes: int) -> None:
-    """Whole-layer groups, one layer per chunk, and layers split by tokens all come back bit for bit."""
-    kv = _snapshot(dtype)
-    assembler = _assembler(str(dtype).removeprefix("torch."))
-    chunks = list(iter_chunks(kv, max_bytes=max_bytes))
-    for chunk in chunks:
-        assert chunk.nbytes <= max(max_bytes, 2 * HEADS * DIM * kv.keys.element_size())
-        assembler.add(_received(chunk))
-    out = assembler.snapshot()
-    assert torch.equal(out.keys.view(torch.uint8), kv.keys.view(torch.uint8))
-    assert torch.equal(out.values.view(torch.uint8), kv.values.view(torch.uint8))
-    assert assembler.bytes_received == kv.nbytes == sum(c.nbytes for c in chunks)
-
-
-def test_chunk_layout_and_checksum_are_the_wire_format() -> None:
-    """K block then V block, row-major [layers, heads, tokens, head_dim], CRC-32 as zlib computes it."""
-    kv = _snapshot()
-    split = list(iter_chunks(kv, max_bytes=600))  # one layer is 1792 bytes: split by tokens
-    c = split[1]
-    assert (c.layer_start, c.layer_end) == (0, 1) and c.token_start > 0
-    expected = torch.cat([kv.keys[0:1, :, c.token_start:c.token_end].reshape(-1),
-                          kv.values[0:1, :, c.token_start:c.token_end].reshape(-1)]).numpy().tobytes()
-    assert c.data == expected and c.crc32 == zlib.crc32(expected)
-
-
-def test_sent_chunks_are_views_of_the_snapshot() -> None:
-    """No copy before the transport: a change to the snapshot shows in an already built chunk."""
-    kv = _snapshot()
-    [whole] = list(iter_chunks(kv))
-    assert len(whole.parts) == 2  # the K block and the V block, each one run
-    kv.keys[0, 0, 0, 0] = 1234.5
-    kv.values[-1, -1, -1, -1] = -1234.5
-    data = whole.data
-    assert data[:4] == torch.tensor([1234.5]).numpy().tobytes()
-    assert data[-4:] == torch.tensor([-1234.5]).numpy().tobytes()
-
-
-def test_assembler_fills_one_preallocated_buffer() -> None:
-    assembler = _assembler()
-    keys_ptr = assembler.keys.data_ptr()
-    for chunk in iter_chunks(_snapshot(), max_bytes=600):
-        assembler.add(_received(chunk))
-    out = assembler.snapshot()
-    assert out.keys.data_ptr() == keys_ptr
-    assert out.keys.untyped_storage().data_ptr() == out.values.untyped_storage().data_ptr()
-    assert out.keys.is_contiguous() and out.values.is_contiguous()
-
-
-def test_corrupted_resized_misplaced_and_missing_chunks_are_refused() -> None:
-    [chunk] = list(iter_chunks(_snapshot()))
-    data = bytearray(chunk.data)
-    data[100] ^= 1
-    corrupted = KVChunk(0, LAYERS, 0, TOKENS, (memoryview(bytes(data)),), chunk.crc32)
-    with pytest.raises(KVTransferError, match="CRC-32"):
-        _assembler().add(corrupted)
-    short = KVChunk(0, LAYERS, 0, TOKENS, (memoryview(chunk.data[:-4]),), zlib.crc32(chunk.data[:-4]))
-    with pytest.raises(KVTransferError, match="expected"):
-        _assembler().add(short)
-    outside = KVChunk(0, LAYERS + 1, 0, TOKENS, chunk.parts, chunk.crc32)
-    with pytest.raises(KVTransferError, match="outside the layout"):
-        _assembler().add(outside)
-    assembler = _assembler()
-    assembler.add(_received(next(iter(iter_chunks(_snapshot(), max_bytes=600)))))
-    with pytest.raises(KVTransferError, match="incomplete"):
-        assembler.snapshot()
-    with pytest.raises(KVTransferError, match="not supported"):
-        _assembler("int8")
-
-
-# ---------------------------------------------------------------- shared memory
 
 
 def _layout(kv: KVSnapshot) -> Layout:
@@ -116,7 +33,7 @@ def test_arena_region_round_trip_with_a_draft_set_is_exact(tmp_path: Path, dtype
     target = _snapshot(dtype)
     draft = KVSnapshot(keys=target.keys[:1, :, :5].contiguous() * 3, values=target.values[:1, :, :5].contiguous() - 1)
     arena = KVArena(tmp_path, 1 << 16)
-    region = arena.put([target, draft])
+    region = arena.put([target, draft]).sealed
     assert region.name == arena.name and region.offset == 0
     assert region.nbytes == 2 * target.keys.nbytes + 2 * draft.keys.nbytes
     assert region.crc32 == zlib.crc32(b"".join(bytes(t.contiguous().view(torch.uint8).numpy()) for t in
@@ -136,14 +53,17 @@ def test_arena_reuses_released_regions_and_refuses_what_does_not_fit(tmp_path: P
     a, b, c = (arena.put([kv]) for _ in range(3))
     assert [r.offset for r in (a, b, c)] == [0, 8192, 16384] and arena.in_use == 6 * 4096
     assert arena.put([kv]) is None  # full: the sender sends chunks
-    arena.release(b)
-    assert arena.put([kv]).offset == 8192
+    b.release()
+    b.release()  # a region goes back once, however often it is released
+    assert arena.in_use == 4 * 4096
+    refilled = arena.put([kv])
+    assert refilled.offset == 8192
     for r in (a, c):
-        arena.release(r)
+        r.release()
     again = arena.put([kv])
     assert again.offset == 0  # first fit: the freed span at 0
-    for r in (again, SharedRegion(arena.name, 8192, kv.keys.nbytes * 2, 0)):
-        arena.release(r)
+    again.release()
+    refilled.release()
     assert arena.in_use == 0 and arena._free == [(0, 6 * 4096)]  # merged back into one span
     with pytest.raises(ValueError, match="at least"):
         KVArena(tmp_path, 100)
@@ -162,38 +82,40 @@ def test_reserved_regions_are_written_in_place_then_sealed(tmp_path: Path) -> No
         assert view.keys.shape == kv.keys.shape and view.keys.dtype == kv.keys.dtype and view.keys.is_contiguous()
         view.keys.copy_(kv.keys)
         view.values.copy_(kv.values)
-    region = arena.seal(reserved)
+    region = reserved.seal()
     copied = arena.put([target, draft])
-    assert copied.offset == 4096 and region.crc32 == copied.crc32  # the page after the reserved region (3584 bytes)
+    assert copied.offset == 4096 and region.crc32 == copied.sealed.crc32  # the page after the reserved region (3584 bytes)
     got = SharedKVReader(tmp_path).snapshots(region, [_layout(target), _layout(draft)])
     assert torch.equal(got[0].keys, target.keys) and torch.equal(got[1].values, draft.values)
     assert arena.reserve([Layout(64, 8, 64, 64, "float32")]) is None  # does not fit: export into new tensors
-    arena.release(reserved)
-    arena.release(copied)
-    assert arena.in_use == 0
+    views = reserved.snapshots
+    reserved.release()
+    copied.release()
+    assert arena.in_use == 0 and reserved.snapshots == ()
     arena.close()  # the views of the reserved region are still alive: closing neither fails nor frees them
-    assert list(tmp_path.iterdir()) == [] and torch.equal(reserved.snapshots[0].keys, target.keys)
+    assert list(tmp_path.iterdir()) == [] and torch.equal(views[0].keys, target.keys)
 
 
 def test_reader_refuses_bad_names_bounds_sizes_checksums_and_missing_arenas(tmp_path: Path) -> None:
     kv = _snapshot()
     arena = KVArena(tmp_path, 1 << 16)
-    region = arena.put([kv])
+    region = arena.put([kv]).sealed
     reader = SharedKVReader(tmp_path)
     layouts = [_layout(kv)]
+    with pytest.raises(InvalidRequest, match="not nxserve-kv-"):
+        reader.snapshots(SharedRegion("../../etc/passwd", 0, region.nbytes, region.crc32), layouts)
     for bad, match in [
-        (SharedRegion("../../etc/passwd", 0, region.nbytes, region.crc32), "not nxserve-kv-"),
         (SharedRegion(region.name, 0, region.nbytes - 4, region.crc32), "layouts need"),
         (SharedRegion(region.name, (1 << 16) - 4096, region.nbytes, region.crc32), "outside arena"),
         (SharedRegion(region.name, 0, region.nbytes, region.crc32 ^ 1), "CRC-32"),
     ]:
-        with pytest.raises(KVTransferError, match=match):
+        with pytest.raises(KVCorrupted, match=match):
             reader.snapshots(bad, layouts)
-    with pytest.raises(SharedKVUnreadable, match="cannot open"):
+    with pytest.raises(SharedMemoryUnreadable, match="cannot open"):
         SharedKVReader(tmp_path / "elsewhere").snapshots(region, layouts)
     unchecked = reader.read(SharedRegion(region.name, 0, region.nbytes, region.crc32 ^ 1), layouts)
     assert torch.equal(unchecked.snapshots[0].keys, kv.keys) and torch.equal(unchecked.snapshots[0].values, kv.values)
-    with pytest.raises(KVTransferError, match="CRC-32"):  # checked later, by whoever reads them (the decode loop)
+    with pytest.raises(KVCorrupted, match="CRC-32"):  # checked later, by whoever reads them (the decode loop)
         unchecked.verify()
     reader.read(region, layouts).verify()
     arena.close()
@@ -203,12 +125,12 @@ def test_reader_drops_the_mappings_of_arenas_that_are_gone(tmp_path: Path) -> No
     kv = _snapshot()
     reader = SharedKVReader(tmp_path, max_arenas=2)
     first = KVArena(tmp_path, 1 << 14)
-    view = reader.snapshots(first.put([kv]), [_layout(kv)])[0]
+    view = reader.snapshots(first.put([kv]).sealed, [_layout(kv)])[0]
     first.close()
     assert torch.equal(view.keys, kv.keys)  # a view outlives the sender's arena file
     arenas = [KVArena(tmp_path, 1 << 14) for _ in range(3)]
     for arena in arenas:
-        reader.snapshots(arena.put([kv]), [_layout(kv)])
+        reader.snapshots(arena.put([kv]).sealed, [_layout(kv)])
     assert list(reader._maps) == [a.name for a in arenas[1:]]  # the removed one first, then the oldest
     for arena in arenas:
         arena.close()

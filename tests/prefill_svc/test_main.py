@@ -1,15 +1,13 @@
-"""Parsing of the services' shared-memory flags."""
+"""The prefill service's own flags: arena sizes and their default."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from nxserve.grpc_common import shm_dir_arg
-from prefill_svc.__main__ import _arena_default, _size, build_parser
+from prefill_svc.__main__ import _arena_default, _size
 
 
 def test_sizes_take_k_m_g_suffixes_and_refuse_nonsense() -> None:
@@ -17,12 +15,6 @@ def test_sizes_take_k_m_g_suffixes_and_refuse_nonsense() -> None:
     for bad in ("abc", "0", "-1M", "M"):
         with pytest.raises(argparse.ArgumentTypeError):
             _size(bad)
-
-
-def test_kv_shm_dir_none_turns_shared_memory_off() -> None:
-    assert shm_dir_arg("none") is None and shm_dir_arg("None") is None and shm_dir_arg("/x") == Path("/x")
-    args = build_parser().parse_args(["--model", "m", "--decode", "h:1", "--kv-shm-dir", "none", "--kv-shm-bytes", "64M"])
-    assert args.kv_shm_dir is None and args.kv_shm_bytes == 64 << 20
 
 
 def _engine(layers: int, kv_heads: int, head_dim: int, dtype: str, ctx_batch: int = 4, max_prompt: int = 1024) -> SimpleNamespace:

@@ -1,5 +1,5 @@
-"""Service lifecycle end to end: health while loading, graceful SIGTERM, full queues, a lost
-replica, and one trace across client, prefill and decode (exported over real OTLP)."""
+"""Service lifecycle end to end: graceful SIGTERM, full queues, a lost replica, replicas of another
+model, TP on either side, and one trace across client, prefill and decode (exported over real OTLP)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from nxserve.client import Client
 from nxserve.cluster import ClusterError, LocalCluster, _free_ports
-from nxserve.model_factory import make_model
+from nxserve.testing.model_factory import make_model
+from tests.services import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -30,32 +31,6 @@ ENGINE_ARGS = ["--seq-len", "256", "--batch-size", "1", "--threads", "1"]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(arch="qwen3", preset="tiny", out=tmp_path_factory.mktemp("life") / "tiny-qwen3", seed=5)
-
-
-def test_health_reports_not_serving_while_loading_then_serving_and_sigterm_exits_0(model_dir: Path) -> None:
-    [port] = _free_ports(1)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "decode_svc", "--model", str(model_dir), "--port", str(port), *ENGINE_ARGS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    seen: list[int] = []
-    try:
-        # Reconnect fast while the process starts, so polling sees the short loading window.
-        fast = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20), ("grpc.max_reconnect_backoff_ms", 50)]
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=fast) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and health_pb2.HealthCheckResponse.SERVING not in seen:
-                try:
-                    seen.append(stub.Check(health_pb2.HealthCheckRequest(service="nxserve.v1.Decode"), timeout=1, wait_for_ready=True).status)
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.01)
-        assert seen[0] == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert seen[-1] == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err.decode()[-2000:]
 
 
 def test_full_decode_queue_is_resource_exhausted_and_cluster_stops_cleanly(model_dir: Path) -> None:
@@ -100,14 +75,13 @@ def test_prefill_refuses_decode_replicas_of_another_model(model_dir: Path, tmp_p
                                    "--decode", f"127.0.0.1:{decode_port}", *ENGINE_ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
         with Client(f"127.0.0.1:{prefill_port}") as client:
-            deadline = time.monotonic() + 60
-            while True:
+            def refused() -> grpc.RpcError | None:  # UNAVAILABLE while the services start
                 with pytest.raises(grpc.RpcError) as err:
                     client.generate_text([5, 6, 7], max_new_tokens=4, timeout=5)
-                if err.value.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)  # still starting
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "serves model" in err.value.details()
+                return err.value if err.value.code() != grpc.StatusCode.UNAVAILABLE else None
+
+            error = wait_until(refused, timeout=60, what="a refusal other than UNAVAILABLE")
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "serves model" in error.details()
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -129,10 +103,7 @@ def test_lost_decode_replica_is_skipped(model_dir: Path) -> None:
         assert client.model_info()["decode_replicas_up"] == 2  # the cluster is up once prefill routes to both
         cluster.services[0].process.kill()
         cluster.services[0].process.wait()
-        deadline = time.monotonic() + 10
-        while client.model_info()["decode_replicas_up"] != 1:
-            assert time.monotonic() < deadline, "prefill still counts the killed replica as up"
-            time.sleep(0.1)
+        wait_until(lambda: client.model_info()["decode_replicas_up"] == 1, what="prefill dropping the killed replica")
         for _ in range(4):
             result = client.generate_text([5, 6, 7], max_new_tokens=8, ignore_eos=True)
             assert len(result.output_ids) == 8
@@ -170,16 +141,14 @@ def test_one_trace_spans_client_prefill_and_decode(model_dir: Path, monkeypatch:
                 client.generate_text("Hello there", max_new_tokens=6, ignore_eos=True)
             trace_id = span.get_span_context().trace_id.to_bytes(16, "big")
         # stop() sent SIGTERM: each service flushed its spans before exiting.
-        deadline = time.monotonic() + 10
         expected = {("nxserve-prefill", n) for n in ("generate", "queue", "context_encoding", "kv_transfer", "decoding")}
         expected |= {("nxserve-decode", n) for n in ("decode", "kv_receive")}
-        while time.monotonic() < deadline:
+
+        def ours() -> set[tuple[str, str]]:
             with receiver.lock:
-                ours = {(svc, name) for svc, name, tid in receiver.spans if tid == trace_id}
-            if expected <= ours:
-                break
-            time.sleep(0.1)
-        assert expected <= ours, f"spans with the client's trace id: {sorted(ours)}; all: {receiver.spans}"
+                return {(svc, name) for svc, name, tid in receiver.spans if tid == trace_id}
+
+        wait_until(lambda: expected <= ours(), what=f"spans {sorted(expected)} with the client's trace id")
     finally:
         server.stop(0)
 

@@ -12,8 +12,9 @@ import torch
 
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest
 from nxcore.engine_thread import EngineThread
-from nxcore.kv_wire import KVArena, SharedKVReader
-from prefill_svc.worker import PrefillWorker, kv_layout
+from nxserve.kv import engine_layout
+from nxserve.kv.shm import KVArena, SharedKVReader
+from prefill_svc.worker import PrefillWorker
 from tests.conftest import Checkpoint, random_prompt
 
 CONFIG = RuntimeConfig(batch_size=1, seq_len=64, dtype="float32")
@@ -32,19 +33,20 @@ def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(che
     thread = EngineThread("prefill-engine")
     engine = thread.submit(Engine.from_pretrained, path, CONFIG, graphs="context").result(timeout=120)
     draft = thread.submit(Engine.from_pretrained, draft_path, CONFIG, graphs="context").result(timeout=120)
-    assert kv_layout(engine, 1) != kv_layout(draft, 1)
+    assert engine_layout(engine, 1) != engine_layout(draft, 1)
     prompts = [random_prompt(n, seed=n) for n in (9, 10, 11)]
 
     def region(n_tokens: int) -> int:  # the arena bytes a prompt's KV (target and draft) takes
-        return -(-sum(kv_layout(e, n_tokens).nbytes for e in (engine, draft)) // KVArena.ALIGN) * KVArena.ALIGN
+        return -(-sum(engine_layout(e, n_tokens).nbytes for e in (engine, draft)) // KVArena.ALIGN) * KVArena.ALIGN
 
     arena = KVArena(tmp_path, region(9) + region(10))  # room for the first two prompts' KV, not the third's
     reader = SharedKVReader(tmp_path)
     worker = PrefillWorker(engine, max_queue=8, draft=draft, thread=thread, arena=arena)
-    gate = threading.Event()
+    encoding, gate = threading.Event(), threading.Event()
     encode = engine.context_encode
 
     def gated(requests):  # noqa: ANN001, ANN202
+        encoding.set()
         assert gate.wait(timeout=60)
         return encode(requests)
 
@@ -52,22 +54,23 @@ def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(che
 
     async def scenario() -> None:
         held = [await worker.submit(p, SamplingParams(), RequestRng(0)) for p in prompts[:2]]
-        assert all(r.shared is not None for r in held) and arena.in_use == arena.nbytes
+        assert all(r.kv.region is not None for r in held) and arena.in_use == arena.nbytes
         overflow = await worker.submit(prompts[2], SamplingParams(), RequestRng(0))
-        assert overflow.shared is None  # the arena is full: new tensors, the same KV
+        assert overflow.kv.region is None  # the arena is full: new tensors, the same KV
         for result, prompt in zip([*held, overflow], prompts):
             token, kv = _reference(path, prompt)
             assert result.first_token == token
-            assert torch.equal(result.kv.keys, kv.keys) and torch.equal(result.kv.values, kv.values)
+            target_kv, draft_kv_got = result.kv.snapshots
+            assert torch.equal(target_kv.keys, kv.keys) and torch.equal(target_kv.values, kv.values)
             _, draft_kv = _reference(draft_path, prompt)
-            assert torch.equal(result.draft_kv.keys, draft_kv.keys) and torch.equal(result.draft_kv.values, draft_kv.values)
-            if result.shared is not None:  # sealed: what a replica reads there passes its CRC-32 check and is the same KV
-                target, drafted = reader.snapshots(result.shared, [kv_layout(e, len(prompt)) for e in (engine, draft)])
+            assert torch.equal(draft_kv_got.keys, draft_kv.keys) and torch.equal(draft_kv_got.values, draft_kv.values)
+            if result.kv.region is not None:  # sealed: what a replica reads there passes its CRC-32 check and is the same KV
+                target, drafted = reader.snapshots(result.kv.region.sealed, [engine_layout(e, len(prompt)) for e in (engine, draft)])
                 assert torch.equal(target.values, kv.values) and torch.equal(drafted.keys, draft_kv.keys)
         for result in held:
-            worker.release(result)
-            worker.release(result)  # a second release (the request's `finally`) is a no-op
-            assert result.shared is None and result.kv is None
+            result.kv.release()
+            result.kv.release()  # a second release (the request's `finally`) is a no-op
+            assert result.kv.region is None and result.kv.released
         assert arena.in_use == 0
 
         draft_encode = draft.context_encode
@@ -79,12 +82,12 @@ def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(che
 
         engine.context_encode = gated  # cancelled while it is encoded: the worker gives its region back
         future = worker.submit(prompts[0], SamplingParams(), RequestRng(0))
-        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(encoding.wait, 60)
         future.cancel()
         gate.set()
         after = await worker.submit(prompts[1], SamplingParams(), RequestRng(0))  # its result comes after the cancelled one's
-        assert after.shared is not None and arena.in_use == region(10)
-        worker.release(after)
+        assert after.kv.region is not None and arena.in_use == region(10)
+        after.kv.release()
         assert arena.in_use == 0
 
     asyncio.run(scenario())

@@ -1,0 +1,200 @@
+"""The scheduler both generation loops share (vLLM v1's shape): `schedule` which sequences take
+which slots, `step` them through the engine, `update` them with what it produced.
+
+    out = scheduler.schedule()          # admit waiting sequences into free slots
+    ... fill the admitted ones' KV      # context encoding (nxcore.generate), or an import of the
+                                        # KV prefill sent (the decode service)
+    produced = scheduler.step(batch)    # a speculation round where one fits, one token elsewhere
+    scheduler.update(produced)          # append, stop, free finished slots
+
+It owns no thread and no lock: `nxcore.generate` drives it in a plain loop, the decode service's
+loop under its own lock (the gRPC side submits and cancels from another thread).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from nxcore.detokenizer import Decoder, IncrementalDetokenizer
+from nxcore.engine import Engine, SequenceRequest
+from nxcore.sampling import RequestRng, SamplingParams
+from nxcore.speculation import Proposer, SpecSequence, can_speculate, speculative_step
+from nxcore.stopping import FinishReason, StoppingCriteria, finish_reason
+
+
+class SequenceStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+    """Stopped by its criteria."""
+    CANCELLED = 3
+    """Aborted by its caller, or failed."""
+
+    def is_finished(self) -> bool:
+        return self >= SequenceStatus.FINISHED
+
+
+@dataclass(eq=False, kw_only=True)
+class Sequence:
+    """One request's tokens and settings, from waiting to finished. Compared by identity."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    rng: RequestRng
+    stopping: StoppingCriteria
+    stop_strings: tuple[str, ...] = ()
+    """Strings that end it; searched in its text, which needs the scheduler's tokenizer."""
+    speculate: bool = True
+    """False when it opted out of speculative decoding."""
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    slot: int | None = None
+    steps: int = 0
+    """Steps it took part in (each a token, or a speculation round)."""
+    proposed: int = 0
+    accepted: int = 0
+    detok: IncrementalDetokenizer | None = None
+    """Its text so far, kept only to find stop strings."""
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    admitted: list[Sequence]
+    """Sequences that took a free slot in this call: fill their KV, then step them."""
+    running: list[Sequence]
+    """Sequences that held a slot before: step them."""
+
+
+class Scheduler:
+    """Waiting and running sequences over an engine's slots.
+
+    `max_admit` caps the sequences admitted per `schedule` (one context-encoding call's rows);
+    `eos_token_ids` defaults to the checkpoint's; `tokenizer` decodes text for stop strings."""
+
+    def __init__(self, engine: Engine, *, proposer: Proposer | None = None, tokenizer: Decoder | None = None,
+                 eos_token_ids: Seq[int] | None = None, max_admit: int | None = None) -> None:
+        self.engine = engine
+        self.proposer = proposer
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(engine.model_config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.max_admit = max_admit or engine.config.batch_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}
+        """Slot -> the sequence holding it."""
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def free_slots(self) -> list[int]:
+        """Slots neither the engine nor this scheduler holds (a caller may hold some of the engine's)."""
+        return [slot for slot in self.engine.free_slots() if slot not in self.running]
+
+    def free_slot_count(self) -> int:
+        return len(self.free_slots())
+
+    # ---------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Free the slots of sequences that finished or were cancelled since, then admit waiting
+        sequences into free slots (in order, up to max_admit)."""
+        for seq in [s for s in self.running.values() if s.status.is_finished()]:
+            self.finish(seq, seq.status)
+        if any(s.status.is_finished() for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if not s.status.is_finished())
+        running = list(self.running.values())
+        admitted: list[Sequence] = []
+        free = self.free_slots()
+        while self.waiting and free and len(admitted) < self.max_admit:
+            seq = self.waiting.popleft()
+            seq.slot, seq.status = free.pop(0), SequenceStatus.RUNNING
+            self.running[seq.slot] = seq
+            if seq.stop_strings and self.tokenizer is not None and seq.detok is None:
+                seq.detok = IncrementalDetokenizer(self.tokenizer, stop_strings=seq.stop_strings)
+                seq.detok.add(seq.output_ids)
+            admitted.append(seq)
+        return SchedulerOutput(admitted=admitted, running=running)
+
+    # ---------------------------------------------------------------- step
+
+    def step(self, batch: Seq[Sequence]) -> dict[Sequence, list[int]]:
+        """One step over `batch` (running sequences whose last token is not in the cache yet): a
+        speculation round for those that can take one (a proposer, opted in, room in the slot),
+        one token for the rest. Returns each sequence's new tokens (1 to k + 1)."""
+        engine, proposer = self.engine, self.proposer
+        spec = [s for s in batch if proposer is not None and s.speculate and can_speculate(engine, _slot(s))]
+        plain = [s for s in batch if not (proposer is not None and s.speculate and can_speculate(engine, _slot(s)))]
+        produced: dict[Sequence, list[int]] = {}
+        if spec:
+            assert proposer is not None
+            rounds = [SpecSequence(slot=_slot(s), tokens=s.prompt_ids + s.output_ids, sampling=s.sampling, rng=s.rng) for s in spec]
+            for seq, tokens in zip(spec, speculative_step(engine, proposer, rounds)):
+                produced[seq] = tokens
+                seq.proposed += engine.config.speculation_length
+                seq.accepted += len(tokens) - 1
+        if plain:
+            requests = [SequenceRequest(slot=_slot(s), token_ids=[s.output_ids[-1]], sampling=s.sampling, rng=s.rng) for s in plain]
+            for seq, token in zip(plain, engine.token_generate(requests)):
+                produced[seq] = [token]
+        for seq in batch:
+            seq.steps += 1
+        return produced
+
+    # ---------------------------------------------------------------- update
+
+    def update(self, produced: Mapping[Sequence, Seq[int]]) -> list[tuple[Sequence, list[int]]]:
+        """Append each running sequence's new tokens up to the one that finishes it (a finished
+        sequence frees its slot at once); returns each with the tokens it kept. Sequences no
+        longer running (cancelled meanwhile) are skipped."""
+        kept: list[tuple[Sequence, list[int]]] = []
+        for seq, tokens in produced.items():
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            taken: list[int] = []
+            for token in tokens:
+                taken.append(token)
+                reason = self._append(seq, token)
+                if reason is not None:
+                    seq.finish_reason = reason
+                    self.finish(seq, SequenceStatus.FINISHED)
+                    break
+            kept.append((seq, taken))
+        return kept
+
+    def _append(self, seq: Sequence, token: int) -> FinishReason | None:
+        seq.output_ids.append(token)
+        if seq.detok is not None and seq.detok.add([token]) is not None and seq.detok.stopped:
+            return FinishReason.STOP
+        return finish_reason(seq.output_ids, prompt_len=len(seq.prompt_ids), stopping=seq.stopping,
+                             eos_token_ids=self.eos_token_ids, seq_len=self.engine.config.seq_len)
+
+    def finish(self, seq: Sequence, status: SequenceStatus = SequenceStatus.CANCELLED) -> None:
+        """End `seq` with `status` and free its slot (in the engine and the proposer), or take it
+        off the queue."""
+        seq.status = status
+        if seq.slot is not None and self.running.get(seq.slot) is seq:
+            del self.running[seq.slot]
+            self.engine.free(seq.slot)
+            if self.proposer is not None:
+                self.proposer.free(seq.slot)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def finish_all(self, status: SequenceStatus = SequenceStatus.CANCELLED) -> list[Sequence]:
+        """End every running and waiting sequence; returns them."""
+        ended = [*self.running.values(), *self.waiting]
+        for seq in ended:
+            self.finish(seq, status)
+        return ended
+
+
+def _slot(seq: Sequence) -> int:
+    assert seq.slot is not None, "a sequence steps only once it holds a slot"
+    return seq.slot
