@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CACHE  := .cache
 DEFAULT_MODEL := $(CACHE)/models/tiny-llama
 
-.PHONY: setup test run model clean
+.PHONY: setup test lint run model clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,12 @@ model: $(DEFAULT_MODEL)/config.json
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (lint and format, settings in pyproject.toml) and mypy over the packages; CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Starts a local cluster (1 prefill + 2 decode processes) on the default model, streams a few
 # requests through the public gRPC API, prints them with TTFT and tokens/s, and stops the cluster.

@@ -18,8 +18,9 @@ def random_prompts(batch: int, length: int, vocab: int, *, seed: int = 0) -> lis
     return torch.randint(4, vocab, (batch, length), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def decode_steps(engine: Engine, prompts: list[list[int]], steps: int,
-                 between: Callable[[], object] | None = None) -> tuple[float, list[SequenceRequest]]:
+def decode_steps(
+    engine: Engine, prompts: list[list[int]], steps: int, between: Callable[[], object] | None = None
+) -> tuple[float, list[SequenceRequest]]:
     """Encode each prompt into slot i, then time `steps` greedy token-generation calls over all of
     them (after one untimed warm-up call), calling `between` (untimed) after each. Returns the
     median ms per call and the requests for the next step; the slots stay encoded (free them with

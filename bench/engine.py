@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,10 +29,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench.common import GREEDY, decode_steps, free_all, random_prompts
-from nxcore import Engine, RequestRng, RuntimeConfig, SequenceRequest
+from nxcore import Engine, RequestRng, RuntimeConfig, SequenceRequest, native
 
 
-def _median_time(fn, repeats: int) -> float:  # noqa: ANN001
+def _median_time(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -86,8 +87,7 @@ def bytes_read_per_token(model: torch.nn.Module) -> int:
     return round(total)
 
 
-def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int,
-                       between: Callable[[], object] | None = None) -> float:
+def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int, between: Callable[[], object] | None = None) -> float:
     prompts = random_prompts(batch, prompt_len, engine.model_config.vocab_size)
     ms, requests = decode_steps(engine, prompts, steps, between)
     free_all(engine, requests)
@@ -105,7 +105,7 @@ def prefill_ms(engine: Engine, length: int, repeats: int) -> float:
 
 
 @torch.no_grad()
-def hf_decode_ms_per_token(model, batch: int, prompt_len: int, steps: int) -> float:  # noqa: ANN001
+def hf_decode_ms_per_token(model, batch: int, prompt_len: int, steps: int) -> float:
     ids = torch.tensor(random_prompts(batch, prompt_len, model.config.vocab_size))
     mask = torch.ones_like(ids)
 
@@ -119,7 +119,7 @@ def hf_decode_ms_per_token(model, batch: int, prompt_len: int, steps: int) -> fl
 
 
 @torch.no_grad()
-def hf_prefill_ms(model, length: int, repeats: int) -> float:  # noqa: ANN001
+def hf_prefill_ms(model, length: int, repeats: int) -> float:
     ids = torch.tensor(random_prompts(1, length, model.config.vocab_size))
     return _median_time(lambda: model(ids, use_cache=True), repeats) * 1000
 
@@ -149,22 +149,27 @@ def bench_backend(args: argparse.Namespace, backend: str, max_len: int, bandwidt
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's flags (shared with `nxserve bench engine`)."""
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--backends", nargs="+", default=["eager", "compile"], choices=["eager", "compile"],
-                   help="graph backends to measure (default: eager compile)")
+    p.add_argument(
+        "--backends", nargs="+", default=["eager", "compile"], choices=["eager", "compile"], help="graph backends to measure (default: eager compile)"
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="engine and transformers dtype (default: bfloat16)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes; the first is the latency one (default: 1 8 32)")
     p.add_argument("--prefill-lens", type=int, nargs="+", default=[128, 512, 2048], help="prompt lengths to time prefill at (default: 128 512 2048)")
     p.add_argument("--prompt-len", type=int, default=128, help="context before decoding (default: 128)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps (default: 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed prefill calls (default: 3)")
-    p.add_argument("--compile-cache", type=Path, default=Path(".cache/compiled"),
-                   help="compiled-artifact cache for the compile backend; graphs it lacks are compiled on first use "
-                        "(default: .cache/compiled)")
+    p.add_argument(
+        "--compile-cache",
+        type=Path,
+        default=Path(".cache/compiled"),
+        help="compiled-artifact cache for the compile backend; graphs it lacks are compiled on first use (default: .cache/compiled)",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip transformers (the baseline column)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
 
 
 def main(argv: list[str] | None = None) -> int:
+    native.configure_from(os.environ)  # an entry point: NXSERVE_NATIVE* are read here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))
@@ -189,8 +194,10 @@ def run(args: argparse.Namespace) -> int:
             hf_res["prefill_ms"][length] = hf_prefill_ms(hf, length, args.repeats)
 
     b1, big = args.batches[0], args.batches[-1]
-    print(f"\n{args.model} ({hf.config.model_type}, {args.dtype}); weights read per token {weight_bytes / 1e6:.3g} MB; "
-          "roofline = those bytes at the read bandwidth measured between the timed batch-1 decode steps")
+    print(
+        f"\n{args.model} ({hf.config.model_type}, {args.dtype}); weights read per token {weight_bytes / 1e6:.3g} MB; "
+        "roofline = those bytes at the read bandwidth measured between the timed batch-1 decode steps"
+    )
     header = f"{'':28}" + "".join(f"{b:>12}" for b in args.backends)
     if not args.no_hf:
         header += f"{'transformers':>14}" + "".join(f"{b + ' speedup':>16}" for b in args.backends)
@@ -214,18 +221,33 @@ def run(args: argparse.Namespace) -> int:
     for b in args.backends:
         r = results[b]
         ratio = f", {hf_res['decode_ms'][b1] / r['decode_ms'][b1]:.2f}x transformers" if not args.no_hf else ""
-        print(f"{b}: decode b{b1} at {r['roofline_ms'] / r['decode_ms'][b1]:.0%} of the roofline "
-              f"({r['bandwidth_gb_s']:.1f} GB/s, {r['roofline_ms']:.2f} ms/token){ratio}; engine loaded in {r['load_s']:.1f}s")
+        print(
+            f"{b}: decode b{b1} at {r['roofline_ms'] / r['decode_ms'][b1]:.0%} of the roofline "
+            f"({r['bandwidth_gb_s']:.1f} GB/s, {r['roofline_ms']:.2f} ms/token){ratio}; engine loaded in {r['load_s']:.1f}s"
+        )
     if args.json:
         best = min(args.backends, key=lambda b: results[b]["decode_ms"][b1])
         r = results[best]
-        args.json.write_text(json.dumps({
-            "model": str(args.model), "dtype": args.dtype, "backend": best,
-            "decode_b1_ms": r["decode_ms"][b1], "roofline_b1_ms": r["roofline_ms"], "hf_decode_b1_ms": hf_res["decode_ms"].get(b1),
-            f"throughput_b{big}_tok_s": r["throughput_tok_s"][big], f"hf_throughput_b{big}_tok_s": hf_res["throughput_tok_s"].get(big),
-            "prefill_ms": r["prefill_ms"], "hf_prefill_ms": hf_res["prefill_ms"], "bandwidth_gb_s": r["bandwidth_gb_s"],
-            "backends": results,
-        }, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "dtype": args.dtype,
+                    "backend": best,
+                    "decode_b1_ms": r["decode_ms"][b1],
+                    "roofline_b1_ms": r["roofline_ms"],
+                    "hf_decode_b1_ms": hf_res["decode_ms"].get(b1),
+                    f"throughput_b{big}_tok_s": r["throughput_tok_s"][big],
+                    f"hf_throughput_b{big}_tok_s": hf_res["throughput_tok_s"].get(big),
+                    "prefill_ms": r["prefill_ms"],
+                    "hf_prefill_ms": hf_res["prefill_ms"],
+                    "bandwidth_gb_s": r["bandwidth_gb_s"],
+                    "backends": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

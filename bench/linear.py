@@ -17,6 +17,7 @@ Bandwidth is a `torch.sum` of a buffer the size of the chain's weights, timed in
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -28,8 +29,7 @@ from transformers import AutoConfig
 from nxcore import native
 from nxcore.modules import linear as nx_linear
 
-TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000)
+TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)
 
 
 def chain_shapes(cfg: dict) -> list[tuple[int, int]]:
@@ -42,6 +42,7 @@ def chain_shapes(cfg: dict) -> list[tuple[int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    native.configure_from(os.environ)  # an entry point: NXSERVE_NATIVE* are read here
     parser = argparse.ArgumentParser(prog="python -m bench.linear", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint folder whose config.json gives the shapes (default: TinyLlama shape)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="tokens per step to time")
@@ -60,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     buf = torch.ones(n_bytes // 4, dtype=torch.float32)
     status = native.load()
     op_name = "nxcore::linear (C++)" if status is None else "nxcore::linear (Python)"
-    print(f"{len(shapes)} linears, {n_bytes / 1e6:.0f} MB of weights; {op_name}"
-          + ("" if status is None else f": {status}"))
+    print(f"{len(shapes)} linears, {n_bytes / 1e6:.0f} MB of weights; {op_name}" + ("" if status is None else f": {status}"))
 
-    def chain(kernel, rows: int):  # noqa: ANN001, ANN202
+    def chain(kernel, rows: int):
         inputs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in {k for _, k in shapes}}
         return lambda: [kernel(inputs[w.shape[1]], i) for i, w in enumerate(weights)]
 

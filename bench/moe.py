@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -20,11 +21,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench.common import decode_steps, free_all, random_prompts
-from nxcore import Engine, RuntimeConfig
+from nxcore import Engine, RuntimeConfig, native
 
 
 @torch.no_grad()
-def hf_step_ms(model, prompts: torch.Tensor, steps: int) -> float:  # noqa: ANN001
+def hf_step_ms(model, prompts: torch.Tensor, steps: int) -> float:
     out = model(prompts, use_cache=True)
     past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
     times = []
@@ -37,6 +38,7 @@ def hf_step_ms(model, prompts: torch.Tensor, steps: int) -> float:  # noqa: ANN0
 
 
 def main(argv: list[str] | None = None) -> int:
+    native.configure_from(os.environ)  # an entry point: NXSERVE_NATIVE* are read here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])

@@ -60,6 +60,7 @@ def _list_of(kind: type) -> Callable[[str], list]:
             return [kind(x) for x in text.split(",") if x.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s such as 1,2,4, got {text!r}") from None
+
     return parse
 
 
@@ -78,15 +79,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot-dir", type=Path, metavar="DIR", help="write latency_cdf.png and, for a sweep, throughput.png here")
     g = p.add_argument_group("workload (defaults: the workload file's, else these)")
     g.add_argument("--requests", type=int, help=f"requests per run (default: {DEFAULTS.requests})")
-    g.add_argument("--prompt-len", type=_lengths, metavar="N|LO..HI|MEAN+-STD",
-                   help=f"prompt tokens per request: fixed, uniform or normal (default: {DEFAULTS.prompt_len})")
-    g.add_argument("--output-len", type=_lengths, metavar="N|LO..HI|MEAN+-STD",
-                   help=f"max new tokens per request, same forms (default: {DEFAULTS.output_len})")
+    g.add_argument(
+        "--prompt-len",
+        type=_lengths,
+        metavar="N|LO..HI|MEAN+-STD",
+        help=f"prompt tokens per request: fixed, uniform or normal (default: {DEFAULTS.prompt_len})",
+    )
+    g.add_argument(
+        "--output-len", type=_lengths, metavar="N|LO..HI|MEAN+-STD", help=f"max new tokens per request, same forms (default: {DEFAULTS.output_len})"
+    )
     g.add_argument("--prompt", choices=["ids", "text"], help="random token ids, or random words the server tokenizes (default: ids)")
-    g.add_argument("--rate", type=_list_of(float), metavar="R[,R...]",
-                   help="Poisson arrival rates in requests/s, one run each; inf sends all at once")
-    g.add_argument("--concurrency", type=_list_of(int), metavar="N[,N...]",
-                   help="or: requests kept in flight, one run each (default without --rate: 1)")
+    g.add_argument(
+        "--rate", type=_list_of(float), metavar="R[,R...]", help="Poisson arrival rates in requests/s, one run each; inf sends all at once"
+    )
+    g.add_argument(
+        "--concurrency", type=_list_of(int), metavar="N[,N...]", help="or: requests kept in flight, one run each (default without --rate: 1)"
+    )
     g.add_argument("--temperature", type=float, help="0 is greedy (default: 0)")
     g.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 = the server's width (default: 0)")
     g.add_argument("--top-p", type=float, help="nucleus threshold in (0, 1] (default: 1)")
@@ -101,8 +109,21 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     values = json.loads(args.workload.read_text()) if args.workload else {}
     if not isinstance(values, dict):
         raise ValueError(f"{args.workload}: a workload file holds one JSON object")
-    keys = ("requests", "prompt_len", "output_len", "prompt", "rate", "concurrency", "temperature", "top_k", "top_p",
-            "ignore_eos", "seed", "warmup", "timeout")
+    keys = (
+        "requests",
+        "prompt_len",
+        "output_len",
+        "prompt",
+        "rate",
+        "concurrency",
+        "temperature",
+        "top_k",
+        "top_p",
+        "ignore_eos",
+        "seed",
+        "warmup",
+        "timeout",
+    )
     flags = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if "rate" in flags or "concurrency" in flags:
         values.pop("rate", None)
@@ -114,14 +135,18 @@ async def _send(client: AsyncClient, request: Request, w: Workload) -> Outcome:
     start = time.perf_counter()
     try:
         r = await client.generate_text(
-            request.prompt, max_new_tokens=request.max_new_tokens, temperature=w.temperature, top_k=w.top_k,
-            top_p=w.top_p, seed=request.seed, ignore_eos=w.ignore_eos,
+            request.prompt,
+            max_new_tokens=request.max_new_tokens,
+            temperature=w.temperature,
+            top_k=w.top_k,
+            top_p=w.top_p,
+            seed=request.seed,
+            ignore_eos=w.ignore_eos,
         )
     except grpc.RpcError as exc:
         return Outcome(prompt_tokens=0, output_tokens=0, ttft_s=None, e2e_s=time.perf_counter() - start, error=exc.code().name)
     prompt_tokens = r.usage.prompt_tokens if r.usage else len(r.prompt_ids)
-    return Outcome(prompt_tokens=prompt_tokens, output_tokens=len(r.output_ids), ttft_s=r.ttft_s, e2e_s=r.elapsed_s,
-                   finish_reason=r.finish_reason)
+    return Outcome(prompt_tokens=prompt_tokens, output_tokens=len(r.output_ids), ttft_s=r.ttft_s, e2e_s=r.elapsed_s, finish_reason=r.finish_reason)
 
 
 class _Progress:
@@ -147,8 +172,9 @@ class _Progress:
             self.bar.close()
 
 
-async def _run_at_rate(client: AsyncClient, requests: Sequence[Request], offsets: Sequence[float],
-                       w: Workload, done: Callable[[Outcome], None]) -> list[Outcome]:
+async def _run_at_rate(
+    client: AsyncClient, requests: Sequence[Request], offsets: Sequence[float], w: Workload, done: Callable[[Outcome], None]
+) -> list[Outcome]:
     async def one(request: Request) -> Outcome:
         outcome = await _send(client, request, w)
         done(outcome)
@@ -162,8 +188,9 @@ async def _run_at_rate(client: AsyncClient, requests: Sequence[Request], offsets
     return list(await asyncio.gather(*tasks))
 
 
-async def _run_at_concurrency(client: AsyncClient, requests: Sequence[Request], n: int,
-                              w: Workload, done: Callable[[Outcome], None]) -> list[Outcome]:
+async def _run_at_concurrency(
+    client: AsyncClient, requests: Sequence[Request], n: int, w: Workload, done: Callable[[Outcome], None]
+) -> list[Outcome]:
     outcomes: list[Outcome | None] = [None] * len(requests)
     pending = iter(enumerate(requests))  # shared by the workers: each takes the next request
 
@@ -180,8 +207,11 @@ async def _model_info(client: AsyncClient) -> dict[str, Any] | None:
     try:
         return await client.model_info(timeout=30)
     except grpc.RpcError as exc:
-        print(f"bench serve: warning: ModelInfo on {client.target} failed ({exc.code().name}: {exc.details()}); "
-              f"token ids are drawn below {FALLBACK_VOCAB}", file=sys.stderr)
+        print(
+            f"bench serve: warning: ModelInfo on {client.target} failed ({exc.code().name}: {exc.details()}); "
+            f"token ids are drawn below {FALLBACK_VOCAB}",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -190,7 +220,7 @@ async def bench(target: str, w: Workload) -> dict[str, Any]:
     async with AsyncClient(target, timeout=w.timeout) as client:
         info = await _model_info(client)
         requests = w.make_requests(info["vocab_size"] if info else FALLBACK_VOCAB)
-        for request in requests[:w.warmup]:
+        for request in requests[: w.warmup]:
             warm = await _send(client, Request(request.prompt, min(request.max_new_tokens, 4), request.seed), w)
             if warm.error:
                 print(f"bench serve: warning: warm-up request failed: {warm.error}", file=sys.stderr)
@@ -206,8 +236,7 @@ async def bench(target: str, w: Workload) -> dict[str, Any]:
             duration = time.perf_counter() - start
             progress.close()
             runs.append(summarize(load, outcomes, duration))
-            print(f"[{label}] {runs[-1]['completed']} of {len(requests)} requests completed in {duration:.1f}s",
-                  file=sys.stderr, flush=True)
+            print(f"[{label}] {runs[-1]['completed']} of {len(requests)} requests completed in {duration:.1f}s", file=sys.stderr, flush=True)
     return {"target": target, "model": info, "workload": w.to_dict(), "runs": runs}
 
 

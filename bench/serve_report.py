@@ -70,8 +70,14 @@ def summarize(load: dict[str, float], outcomes: Sequence[Outcome], duration_s: f
         "tpot_ms": _ms_stats([o.tpot_s for o in ok if o.tpot_s is not None]),
         "e2e_ms": _ms_stats([o.e2e_s for o in ok]),
         "per_request": [
-            {"ttft_ms": None if o.ttft_s is None else o.ttft_s * 1000, "tpot_ms": None if o.tpot_s is None else o.tpot_s * 1000,
-             "e2e_ms": o.e2e_s * 1000, "prompt_tokens": o.prompt_tokens, "output_tokens": o.output_tokens, "error": o.error}
+            {
+                "ttft_ms": None if o.ttft_s is None else o.ttft_s * 1000,
+                "tpot_ms": None if o.tpot_s is None else o.tpot_s * 1000,
+                "e2e_ms": o.e2e_s * 1000,
+                "prompt_tokens": o.prompt_tokens,
+                "output_tokens": o.output_tokens,
+                "error": o.error,
+            }
             for o in outcomes
         ],
     }
@@ -93,8 +99,10 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     for run in report["runs"]:
         cells = "".join(_cell(run[key][f"p{q}"]) for key in ("ttft_ms", "tpot_ms", "e2e_ms") for q in PERCENTILES)
-        lines.append(f"{run['label']:18}{run['completed']:>4}/{run['requests']:<4}{run['request_throughput']:8.2f}"
-                     f"{run['output_token_throughput']:10.1f}{cells}")
+        lines.append(
+            f"{run['label']:18}{run['completed']:>4}/{run['requests']:<4}{run['request_throughput']:8.2f}"
+            f"{run['output_token_throughput']:10.1f}{cells}"
+        )
     for run in report["runs"]:
         if run["errors"]:
             codes = ", ".join(f"{code} x{n}" for code, n in run["errors_by_code"].items())
@@ -140,7 +148,7 @@ def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-def _throughput_plot(points: list[tuple[float, dict]], by_rate: bool, path: Path, plt) -> None:  # noqa: ANN001
+def _throughput_plot(points: list[tuple[float, dict]], by_rate: bool, path: Path, plt) -> None:
     xs = [x for x, _ in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(xs, [r["request_throughput"] for _, r in points], "o-", label="achieved")

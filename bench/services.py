@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 import grpc
 
 from bench.common import random_prompts
-from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria
+from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria, native
 from nxserve.client import Client
 from nxserve.cluster import LocalCluster
 from nxserve.kv import SHM, DecodeStub, KVSender, OutboundKV, engine_layout
@@ -61,8 +62,7 @@ def through_services(target: str, prompts: list[list[int]], new_tokens: int) -> 
     return {"ttft_ms": statistics.median(ttft) * 1000, "decode_tok_s": statistics.median(speed)}
 
 
-async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int]],
-                      arena: KVArena | None = None) -> dict[str, float | list[float]]:
+async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int]], arena: KVArena | None = None) -> dict[str, float | list[float]]:
     """Bytes and milliseconds (median, min, max, each) of a header + chunks + commit -> ack on a real
     Decode stream (a header naming a region of `arena` -> ack when given), less the time the
     replica queued the request for a slot, and the median throughput in GB/s. The KV is exported
@@ -84,8 +84,16 @@ async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int
             kv.seal()  # as prefill's worker seals it after the export
             engine.free(0)
             await asyncio.sleep(0.1)  # no context encoding (and its spinning threads) next to the transfer
-            header = decode_header(request_id="bench", prompt_ids=prompt, sampling=greedy, stopping=StoppingCriteria(max_new_tokens=2),
-                                   stop_strings=(), first_token=first, rng_offset=rng.offset, fingerprint=fingerprint)
+            header = decode_header(
+                request_id="bench",
+                prompt_ids=prompt,
+                sampling=greedy,
+                stopping=StoppingCriteria(max_new_tokens=2),
+                stop_strings=(),
+                first_token=first,
+                rng_offset=rng.offset,
+                fingerprint=fingerprint,
+            )
             call = stub.Decode()  # opened ahead, as prefill opens it before it encodes the prompt
             await asyncio.sleep(0.01)
             try:
@@ -99,9 +107,14 @@ async def kv_transfer(engine: Engine, decode_target: str, prompts: list[list[int
             sizes.append(sent.bytes_sent)
             await asyncio.sleep(0.1)  # the replica's decode step for the request, which is cancelled
     t, size = statistics.median(seconds), statistics.median(sizes)
-    return {"kv_bytes": size, "kv_transfer_ms": t * 1000, "kv_gb_s": size / t / 1e9,
-            "kv_transfer_ms_min": min(seconds) * 1000, "kv_transfer_ms_max": max(seconds) * 1000,
-            "kv_transfer_ms_each": [round(s * 1000, 3) for s in seconds]}
+    return {
+        "kv_bytes": size,
+        "kv_transfer_ms": t * 1000,
+        "kv_gb_s": size / t / 1e9,
+        "kv_transfer_ms_min": min(seconds) * 1000,
+        "kv_transfer_ms_max": max(seconds) * 1000,
+        "kv_transfer_ms_each": [round(s * 1000, 3) for s in seconds],
+    }
 
 
 async def round_trip(decode_target: str, n: int) -> dict[str, float]:
@@ -120,6 +133,7 @@ async def round_trip(decode_target: str, n: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    native.configure_from(os.environ)  # an entry point: NXSERVE_NATIVE* are read here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
@@ -127,10 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=5, help="requests per measurement; medians are reported (default: 5)")
     p.add_argument("--dtype", default="auto", help="engine dtype on both sides (default: the checkpoint's)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per slot (default: 512)")
-    p.add_argument("--kv-tokens", type=lambda v: [int(x) for x in v.split(",")], default=None,
-                   help="prompt lengths to time the KV hand-off at, e.g. 128,512,1536 (each < --seq-len; default: --prompt-len)")
-    p.add_argument("--kv-shm-dir", type=Path, default=Path("/dev/shm"),
-                   help="shared-memory directory for the second KV measurement, through an arena there (default: /dev/shm)")
+    p.add_argument(
+        "--kv-tokens",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=None,
+        help="prompt lengths to time the KV hand-off at, e.g. 128,512,1536 (each < --seq-len; default: --prompt-len)",
+    )
+    p.add_argument(
+        "--kv-shm-dir",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="shared-memory directory for the second KV measurement, through an arena there (default: /dev/shm)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args(argv)
 
@@ -141,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     in_process(engine, prompts[:1], 4)  # warm
     local = in_process(engine, prompts, args.new_tokens)
     print("starting prefill + 1 decode replica ...", file=sys.stderr)
-    engine_args = ["--seq-len", str(args.seq_len), "--dtype", engine.config.dtype, "--batch-size", "4",
-                   "--kv-shm-dir", str(args.kv_shm_dir)]
+    engine_args = ["--seq-len", str(args.seq_len), "--dtype", engine.config.dtype, "--batch-size", "4", "--kv-shm-dir", str(args.kv_shm_dir)]
     kv_tokens = args.kv_tokens or [args.prompt_len]
     transfers: dict[str, list[dict]] = {"chunks": [], "shared memory": []}
     with LocalCluster(args.model, decode_replicas=1, engine_args=engine_args) as cluster:
@@ -154,14 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                 kv_prompts = random_prompts(args.requests, n, engine.model_config.vocab_size)
                 transfers["chunks"].append({"tokens": n, **asyncio.run(kv_transfer(engine, cluster.decode_targets[0], kv_prompts))})
                 if arena is not None:
-                    transfers["shared memory"].append(
-                        {"tokens": n, **asyncio.run(kv_transfer(engine, cluster.decode_targets[0], kv_prompts, arena))})
+                    transfers["shared memory"].append({"tokens": n, **asyncio.run(kv_transfer(engine, cluster.decode_targets[0], kv_prompts, arena))})
         finally:
             if arena is not None:
                 arena.close()
 
-    print(f"\n{args.model}: {engine.model_config.model_type}, {engine.config.dtype}, prompt {args.prompt_len} tokens, "
-          f"{args.new_tokens} new tokens, medians of {args.requests} requests")
+    print(
+        f"\n{args.model}: {engine.model_config.model_type}, {engine.config.dtype}, prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens, medians of {args.requests} requests"
+    )
     print(f"{'':24}{'in-process':>12}{'services':>12}{'ratio':>8}")
     for key, label in (("ttft_ms", "TTFT (ms)"), ("decode_tok_s", "decode (tokens/s)")):
         print(f"{label:24}{local[key]:12.2f}{remote[key]:12.2f}{remote[key] / local[key]:8.2f}")
@@ -169,20 +191,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'transport':>14}{'tokens':>8}{'MB':>9}{'ms':>9}{'min-max ms':>16}{'GB/s':>7}")
     for transport, rows in transfers.items():
         for t in rows:
-            print(f"{transport:>14}{t['tokens']:8d}{t['kv_bytes'] / 1e6:9.3f}{t['kv_transfer_ms']:9.2f}"
-                  f"{t['kv_transfer_ms_min']:8.2f}-{t['kv_transfer_ms_max']:<7.2f}{t['kv_gb_s']:7.2f}")
+            print(
+                f"{transport:>14}{t['tokens']:8d}{t['kv_bytes'] / 1e6:9.3f}{t['kv_transfer_ms']:9.2f}"
+                f"{t['kv_transfer_ms_min']:8.2f}-{t['kv_transfer_ms_max']:<7.2f}{t['kv_gb_s']:7.2f}"
+            )
     if not transfers["shared memory"]:
         print(f"(no shared-memory figures: no arena could be made in {args.kv_shm_dir}, or the replica does not see it)")
-    print(f"floor: an empty call to the replica (GetLoad) took {floor['round_trip_ms']:.2f} ms "
-          f"(min {floor['round_trip_ms_min']:.2f})")
+    print(f"floor: an empty call to the replica (GetLoad) took {floor['round_trip_ms']:.2f} ms (min {floor['round_trip_ms_min']:.2f})")
     transfer = transfers["chunks"][0]
-    print(f"\nTTFT overhead through services: {remote['ttft_ms'] - local['ttft_ms']:.2f} ms; services TTFT over in-process "
-          f"TTFT plus the KV hand-off ({transfer['tokens']} tokens, chunks): "
-          f"{remote['ttft_ms'] / (local['ttft_ms'] + transfer['kv_transfer_ms']):.2f}")
+    print(
+        f"\nTTFT overhead through services: {remote['ttft_ms'] - local['ttft_ms']:.2f} ms; services TTFT over in-process "
+        f"TTFT plus the KV hand-off ({transfer['tokens']} tokens, chunks): "
+        f"{remote['ttft_ms'] / (local['ttft_ms'] + transfer['kv_transfer_ms']):.2f}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), "dtype": engine.config.dtype, "in_process": local,
-                                         "services": remote, "kv": transfer, "kv_chunks": transfers["chunks"],
-                                         "kv_shared_memory": transfers["shared memory"], "kv_floor": floor}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "dtype": engine.config.dtype,
+                    "in_process": local,
+                    "services": remote,
+                    "kv": transfer,
+                    "kv_chunks": transfers["chunks"],
+                    "kv_shared_memory": transfers["shared memory"],
+                    "kv_floor": floor,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from nxcore import Engine, RuntimeConfig, StoppingCriteria, generate
+from nxcore import Engine, RuntimeConfig, StoppingCriteria, generate, native
 from nxcore.speculation import DraftProposer, NgramProposer
 
 
@@ -28,7 +29,7 @@ def _prompts(vocab: int) -> dict[str, list[int]]:
     return {"repetitive": phrase * 8, "normal": torch.randint(4, vocab, (96,), generator=gen).tolist()}
 
 
-def run(engine: Engine, prompt: list[int], new_tokens: int, proposer) -> tuple[list[int], float]:  # noqa: ANN001
+def run(engine: Engine, prompt: list[int], new_tokens: int, proposer) -> tuple[list[int], float]:
     stop = StoppingCriteria(max_new_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
     [result] = generate(engine, [prompt], stopping=stop, proposer=proposer)
@@ -36,6 +37,7 @@ def run(engine: Engine, prompt: list[int], new_tokens: int, proposer) -> tuple[l
 
 
 def main(argv: list[str] | None = None) -> int:
+    native.configure_from(os.environ)  # an entry point: NXSERVE_NATIVE* are read here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--draft", help="draft checkpoint with the same tokenizer")
@@ -60,18 +62,24 @@ def main(argv: list[str] | None = None) -> int:
             proposer = make()
             output, speed = (baseline, base_speed) if proposer is None else run(engine, prompt, args.new_tokens, proposer)
             stats = proposer.stats if proposer is not None else None
-            rows.append({
-                "prompt": prompt_name, "method": name, "tok_s": speed, "speedup": speed / base_speed,
-                "acceptance_rate": stats.acceptance_rate if stats else None,
-                "tokens_per_step": stats.tokens_per_round if stats else 1.0,
-                "greedy_equal": output == baseline,
-            })
+            rows.append(
+                {
+                    "prompt": prompt_name,
+                    "method": name,
+                    "tok_s": speed,
+                    "speedup": speed / base_speed,
+                    "acceptance_rate": stats.acceptance_rate if stats else None,
+                    "tokens_per_step": stats.tokens_per_round if stats else 1.0,
+                    "greedy_equal": output == baseline,
+                }
+            )
     print(f"\n{args.model}: k={args.k}, {args.new_tokens} new tokens, greedy, batch 1, draft {args.draft or '-'}")
     print(f"{'prompt':>12}{'method':>12}{'tok/s':>9}{'speedup':>9}{'accept':>8}{'tok/step':>10}{'equal':>7}")
     for r in rows:
         acc = f"{r['acceptance_rate']:.2f}" if r["acceptance_rate"] is not None else "-"
-        print(f"{r['prompt']:>12}{r['method']:>12}{r['tok_s']:>9.1f}{r['speedup']:>9.2f}{acc:>8}{r['tokens_per_step']:>10.2f}"
-              f"{str(r['greedy_equal']):>7}")
+        print(
+            f"{r['prompt']:>12}{r['method']:>12}{r['tok_s']:>9.1f}{r['speedup']:>9.2f}{acc:>8}{r['tokens_per_step']:>10.2f}{r['greedy_equal']!s:>7}"
+        )
     if args.json:
         args.json.write_text(json.dumps({"model": str(args.model), "draft": args.draft, "k": args.k, "rows": rows}, indent=2) + "\n")
     return 0

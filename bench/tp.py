@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from bench.common import decode_steps, free_all, random_prompts
-from nxcore import Engine, RuntimeConfig
+from nxcore import Engine, RuntimeConfig, native
+from nxcore.graphs import GraphKey, GraphKind
 
 
 def measure(engine: Engine, *, batch: int, prompt_len: int, steps: int) -> dict[str, float]:
     step_ms, requests = decode_steps(engine, random_prompts(batch, prompt_len, engine.model_config.vocab_size), steps)
     inputs = engine._inputs(requests, rows=batch, width=1, prefill=False)
-    prof = engine.executor.profile(("token_generation", batch, 1, inputs.key_positions.shape[0]), inputs, 8)
+    prof = engine.executor.profile(GraphKey(GraphKind.TOKEN_GENERATION, batch, 1, inputs.key_positions.shape[0]), inputs, 8)
     free_all(engine, requests)
     return {"step_ms": step_ms, "graph_ms": prof["step_ms"], "collective_ms": prof["collective_ms"]}
 
 
 def main(argv: list[str] | None = None) -> int:
+    native.configure_from(os.environ)  # an entry point: NXSERVE_NATIVE* are read here
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--batch", type=int, default=1, help="decode rows (default: 1)")

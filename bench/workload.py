@@ -17,11 +17,79 @@ import numpy as np
 from bench.common import random_prompts
 
 # Text prompts are these words in random order; the server tokenizes them.
-WORDS = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
-    "you were her she there one all we their has been if more when will would who so no time people year way day "
-    "man thing woman life child world school state family student group country problem hand part place case week"
-).split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "a",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "time",
+    "people",
+    "year",
+    "way",
+    "day",
+    "man",
+    "thing",
+    "woman",
+    "life",
+    "child",
+    "world",
+    "school",
+    "state",
+    "family",
+    "student",
+    "group",
+    "country",
+    "problem",
+    "hand",
+    "part",
+    "place",
+    "case",
+    "week",
+]
 # Token ids 0-3 are left to special tokens (as bench.common.random_prompts does); ids are drawn below this
 # when the server's vocabulary size is unknown.
 FALLBACK_VOCAB = 256
@@ -128,8 +196,12 @@ class Workload:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values (lengths as strings, rates as numbers or "inf")."""
         out = asdict(self)
-        out.update(prompt_len=str(self.prompt_len), output_len=str(self.output_len),
-                   rate=[r if math.isfinite(r) else "inf" for r in self.rate], concurrency=list(self.concurrency))
+        out.update(
+            prompt_len=str(self.prompt_len),
+            output_len=str(self.output_len),
+            rate=[r if math.isfinite(r) else "inf" for r in self.rate],
+            concurrency=list(self.concurrency),
+        )
         return out
 
     @property

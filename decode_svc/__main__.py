@@ -51,8 +51,7 @@ async def serve(args: argparse.Namespace) -> None:
     thread = EngineThread("decode-engine")  # every torch call from here on: see nxcore.engine_thread
     await thread.run(flags.apply_threads)
     config = flags.service_config("decode", max_positions=read_hf_config(args.model).max_position_embeddings)
-    engine = await thread.run(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["decode"],
-                                      **flags.load_options()))
+    engine = await thread.run(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["decode"], **flags.load_options()))
     proposer = await thread.run(partial(build_proposer, flags.speculation, engine, **flags.load_options()))
     tokenizer = load_tokenizer(args.model, required=False)
     await thread.run(_warm_up, engine)
@@ -61,8 +60,9 @@ async def serve(args: argparse.Namespace) -> None:
     servicer.attach(loop)
     kv.advertise()
     await set_health(health, SERVICE, serving=True)
-    log.info("SERVING %s on port %d after %.1fs: %d slots, seq_len %d", args.model, port, time.perf_counter() - start,
-             config.batch_size, config.seq_len)
+    log.info(
+        "SERVING %s on port %d after %.1fs: %d slots, seq_len %d", args.model, port, time.perf_counter() - start, config.batch_size, config.seq_len
+    )
 
     async def stop() -> None:
         await set_health(health, SERVICE, serving=False)
@@ -77,7 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("stopped")
 
 
-def _warm_up(engine) -> None:  # noqa: ANN001
+def _warm_up(engine) -> None:
     """Run the token-generation graph at every row count (compiles them on the compile backend).
     Slots are filled as requests fill them, from a (blank, one-token) KV snapshot: the engine has
     no context-encoding graphs."""

@@ -89,12 +89,20 @@ class DecodeLoop:
     calls `submit`, `cancel`, `load` and `has_room` from its event loop, under the loop's lock; the
     engine is only touched on the loop's thread. `clock` times the wait for a slot (queue_ms)."""
 
-    def __init__(self, engine: Engine, *, tokenizer: Decoder | None, max_queue: int, proposer: Proposer | None = None,
-                 thread: EngineThread, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        tokenizer: Decoder | None,
+        max_queue: int,
+        proposer: Proposer | None = None,
+        thread: EngineThread,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.engine = engine
         self.proposer = proposer
         self.max_queue = max_queue
-        self.scheduler = Scheduler(engine, proposer=proposer, tokenizer=tokenizer)
+        self.scheduler: Scheduler[DecodeJob] = Scheduler(engine, proposer=proposer, tokenizer=tokenizer)
         self.clock = clock
         self._cond = threading.Condition()
         self._stop = False
@@ -163,7 +171,7 @@ class DecodeLoop:
                 if self._stop:
                     self._fail_all(NotReady("the decode service is shutting down"))
                     return
-            admitted, drafts = self._admit(out.admitted)  # type: ignore[arg-type]
+            admitted, drafts = self._admit(out.admitted)
             batch = [*out.running, *admitted]
             if not batch:
                 continue
@@ -181,7 +189,7 @@ class DecodeLoop:
                     for job in batch:
                         self.scheduler.finish(job)
                 for job in batch:
-                    job.emit(Failed(EngineFailure(f"decode step failed: {exc}")))  # type: ignore[attr-defined]
+                    job.emit(Failed(EngineFailure(f"decode step failed: {exc}")))
                 continue
             self.steps += 1
             self._post_process(produced)
@@ -216,7 +224,7 @@ class DecodeLoop:
             ack.sent.wait(max(0.0, deadline - time.monotonic()))
         return imported, drafts
 
-    def _post_process(self, produced: dict[Sequence, list[int]]) -> None:
+    def _post_process(self, produced: dict[DecodeJob, list[int]]) -> None:
         """Append the step's tokens, then emit them and the final events of requests that finished."""
         with self._cond:
             kept = self.scheduler.update(produced)
@@ -224,12 +232,19 @@ class DecodeLoop:
             self.completed += len(finished)
         for job, tokens in kept:
             if tokens:
-                job.emit(Tokens(tokens))  # type: ignore[attr-defined]
+                job.emit(Tokens(tokens))
         for job in finished:
             assert job.finish_reason is not None
-            job.emit(Finished(reason=job.finish_reason, decoded_tokens=len(job.output_ids) - 1,  # type: ignore[attr-defined]
-                              steps=job.steps, proposed=job.proposed, accepted=job.accepted))
+            job.emit(
+                Finished(
+                    reason=job.finish_reason,
+                    decoded_tokens=len(job.output_ids) - 1,
+                    steps=job.steps,
+                    proposed=job.proposed,
+                    accepted=job.accepted,
+                )
+            )
 
     def _fail_all(self, error: ServiceError) -> None:
         for job in self.scheduler.finish_all():
-            job.emit(Failed(error))  # type: ignore[attr-defined]
+            job.emit(Failed(error))

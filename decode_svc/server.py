@@ -62,9 +62,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         loop = self._ready()
         free, total, queued = loop.load()
         return decode_pb2.GetLoadResponse(
-            free_slots=free, total_slots=total, queued_requests=queued, max_queue=loop.max_queue,
-            fingerprint=loop.engine.fingerprint, completed_requests=loop.completed, steps=loop.steps,
-            shm_probe=self.kv.probe_name, shared_kv_requests=self.kv.received["shm"],
+            free_slots=free,
+            total_slots=total,
+            queued_requests=queued,
+            max_queue=loop.max_queue,
+            fingerprint=loop.engine.fingerprint,
+            completed_requests=loop.completed,
+            steps=loop.steps,
+            shm_probe=self.kv.probe_name,
+            shared_kv_requests=self.kv.received["shm"],
             chunked_kv_requests=self.kv.received["chunks"],
         )
 
@@ -96,14 +102,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 if job is not None:
                     loop.cancel(job)
 
-    async def _receive(self, loop: DecodeLoop, requests: DecodeRequests, span: trace.Span, ctx, emit) -> DecodeJob:  # noqa: ANN001
+    async def _receive(self, loop: DecodeLoop, requests: DecodeRequests, span: trace.Span, ctx, emit) -> DecodeJob:
         """The header (prefill opens the stream before it encodes the prompt: it comes first),
         checked before any KV is read; then the KV it announces."""
         header = await requests.header()
         span.set_attribute("nxserve.request_id", header.request_id)
         check_header(loop.engine, header)
         if not loop.has_room():
-            free, total, queued = loop.load()
+            _free, total, queued = loop.load()
             raise Overloaded(f"all {total} decode slots are busy and {queued} requests wait (max_queue={loop.max_queue})")
         transport = "shm" if header.HasField("shared_kv") else "chunks"
         with span_in(tracer, "kv_receive", parent=ctx, attributes={"nxserve.kv_transport": transport}) as (kv_span, _):
@@ -147,18 +153,25 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     finally:  # written, or the call is over: the decode loop waits for one or the other
                         event.sent.set()
                 elif isinstance(event, Finished):
-                    span.set_attributes({
-                        "nxserve.decoded_tokens": event.decoded_tokens,
-                        "nxserve.decode_steps": event.steps,
-                        "nxserve.speculation.proposed_tokens": event.proposed,
-                        "nxserve.speculation.accepted_tokens": event.accepted,
-                        "nxserve.speculation.acceptance_rate": event.accepted / event.proposed if event.proposed else 0.0,
-                        "nxserve.tokens_per_step": event.decoded_tokens / event.steps if event.steps else 0.0,
-                    })
-                    yield decode_pb2.DecodeResponse(final=decode_pb2.DecodeFinal(
-                        finish_reason=FINISH_TO_PB[event.reason], decoded_tokens=event.decoded_tokens, steps=event.steps,
-                        proposed_tokens=event.proposed, accepted_tokens=event.accepted,
-                    ))
+                    span.set_attributes(
+                        {
+                            "nxserve.decoded_tokens": event.decoded_tokens,
+                            "nxserve.decode_steps": event.steps,
+                            "nxserve.speculation.proposed_tokens": event.proposed,
+                            "nxserve.speculation.accepted_tokens": event.accepted,
+                            "nxserve.speculation.acceptance_rate": event.accepted / event.proposed if event.proposed else 0.0,
+                            "nxserve.tokens_per_step": event.decoded_tokens / event.steps if event.steps else 0.0,
+                        }
+                    )
+                    yield decode_pb2.DecodeResponse(
+                        final=decode_pb2.DecodeFinal(
+                            finish_reason=FINISH_TO_PB[event.reason],
+                            decoded_tokens=event.decoded_tokens,
+                            steps=event.steps,
+                            proposed_tokens=event.proposed,
+                            accepted_tokens=event.accepted,
+                        )
+                    )
                     return
                 elif isinstance(event, Failed):
                     raise event.error

@@ -7,9 +7,9 @@ from nxcore.config import RuntimeConfig
 from nxcore.engine import Engine, SequenceRequest
 from nxcore.errors import EngineError
 from nxcore.generate import GenerationResult, generate
-from nxcore.stopping import StoppingCriteria
 from nxcore.kv_cache import KVSnapshot
 from nxcore.sampling import RequestRng, SamplingParams
+from nxcore.stopping import StoppingCriteria
 
 __all__ = [
     "Engine",

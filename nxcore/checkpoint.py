@@ -57,7 +57,7 @@ def load_tensors(model_dir: str | Path, *, dtype: torch.dtype) -> dict[str, torc
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open has keys(), no __iter__)
                 if name in tensors:
                     raise ValueError(f"tensor {name!r} appears in more than one shard ({file.name})")
                 tensor = f.get_tensor(name)

@@ -28,7 +28,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -42,15 +41,13 @@ from torch import nn
 from nxcore import native
 from nxcore.config import RuntimeConfig
 from nxcore.errors import EngineError
+from nxcore.graphs import GraphKey, GraphKind
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-ENV_CACHE = "NXSERVE_COMPILE_CACHE"
 
-GraphKey = tuple[str, int, int, int]
-"""(kind, rows, width, KV length): kind is one of context, token_generation, speculation, scoring."""
 Graph = Callable[..., tuple[torch.Tensor, ...]]
 
 
@@ -104,14 +101,14 @@ class PackagedGraph:
 
 
 def default_cache_root() -> Path:
-    """$NXSERVE_COMPILE_CACHE, else ~/.cache/nxserve/compiled."""
-    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "nxserve" / "compiled")
+    """~/.cache/nxserve/compiled (the command line's --compile-cache defaults to $NXSERVE_COMPILE_CACHE first)."""
+    return Path.home() / ".cache" / "nxserve" / "compiled"
 
 
-GRAPH_SETS: dict[str, tuple[str, ...]] = {
-    "all": ("context", "token_generation", "speculation", "scoring"),
-    "context": ("context",),
-    "decode": ("token_generation", "speculation", "scoring"),
+GRAPH_SETS: dict[str, tuple[GraphKind, ...]] = {
+    "all": tuple(GraphKind),
+    "context": (GraphKind.CONTEXT,),
+    "decode": (GraphKind.TOKEN_GENERATION, GraphKind.SPECULATION, GraphKind.SCORING),
 }
 """Which graph kinds an engine loads: all of them (in-process generation), context encoding only
 (a prefill service), or everything that extends a cache another engine filled (a decode service,
@@ -130,22 +127,16 @@ def graph_keys(config: RuntimeConfig, graphs: str = "all") -> list[GraphKey]:
     speculation the speculation and scoring graphs (scoring returns logits for host-side
     acceptance) per (rows, KV bucket)."""
     kinds = GRAPH_SETS[check_graph_set(graphs)]
-    keys: list[GraphKey] = [("context", rows, b, b) for rows in config.ctx_batch_buckets for b in config.buckets]
-    keys += [("token_generation", rows, 1, kv) for rows in config.batch_buckets for kv in config.kv_buckets if kv >= 2]
+    keys = [GraphKey(GraphKind.CONTEXT, rows, b, b) for rows in config.ctx_batch_buckets for b in config.buckets]
+    keys += [GraphKey(GraphKind.TOKEN_GENERATION, rows, 1, kv) for rows in config.batch_buckets for kv in config.kv_buckets if kv >= 2]
     width = config.speculation_length + 1
     if config.speculation_length:
-        for kind in ("speculation", "scoring"):
-            keys += [(kind, rows, width, kv) for rows in config.batch_buckets for kv in config.kv_buckets if kv > width]
-    return [key for key in keys if key[0] in kinds]
+        for kind in (GraphKind.SPECULATION, GraphKind.SCORING):
+            keys += [GraphKey(kind, rows, width, kv) for rows in config.batch_buckets for kv in config.kv_buckets if kv > width]
+    return [key for key in keys if key.kind in kinds]
 
 
-def graph_file(key: GraphKey) -> str:
-    kind, rows, width, kv_len = key
-    return f"{kind}-r{rows}-w{width}-kv{kv_len}.pt2"
-
-
-TRACED_SOURCES = ("compiled.py", "graphs.py", "sampling.py", "kv_cache.py", "model_config.py", "modules/*.py",
-                  "parallel/comm.py", "parallel/plan.py")
+TRACED_SOURCES = ("compiled.py", "graphs.py", "sampling.py", "kv_cache.py", "model_config.py", "modules/*.py", "parallel/comm.py", "parallel/plan.py")
 """nxcore's files that the compiled graphs are traced from (or compiled by)."""
 
 
@@ -174,8 +165,14 @@ class ArtifactKey:
     without them run the Python ops' code, so neither loads in the other kind of process."""
 
     def fields(self) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "torch": self.torch_version,
-                "nxcore_code": self.code, "nxcore_native_ops": self.native_ops, **self.config.to_dict()}
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "torch": self.torch_version,
+            "nxcore_code": self.code,
+            "nxcore_native_ops": self.native_ops,
+            **self.config.to_dict(),
+        }
 
     @property
     def dirname(self) -> str:
@@ -208,11 +205,11 @@ class ArtifactStore:
         """Graphs present in the folder."""
         if not (self.dir / MANIFEST).exists():
             return []
-        return [tuple(k) for k in json.loads((self.dir / MANIFEST).read_text())["graphs"]]  # type: ignore[misc]
+        return [GraphKey(*k) for k in json.loads((self.dir / MANIFEST).read_text())["graphs"]]
 
     def missing(self, keys: list[GraphKey]) -> list[GraphKey]:
         present = set(self.graphs())
-        return [k for k in keys if k not in present or not (self.dir / graph_file(k)).exists()]
+        return [k for k in keys if k not in present or not (self.dir / k.file_name).exists()]
 
     def require(self, keys: list[GraphKey]) -> None:
         """Raise unless every graph in `keys` is present (or may be compiled on demand)."""
@@ -233,8 +230,7 @@ class ArtifactStore:
                 continue
             nearest.append(_differences(mine, theirs))
         nearest = sorted(nearest, key=len)[:3]
-        hint = (" The nearest artifacts there differ in: " + "; ".join(", ".join(d) for d in nearest) + "."
-                if nearest else "")
+        hint = " The nearest artifacts there differ in: " + "; ".join(", ".join(d) for d in nearest) + "." if nearest else ""
         return (
             f"no compiled artifacts for this model and runtime config in {self.root} (looked for {self.key.dirname}).{hint} "
             f"Run `nxserve compile --model DIR` with the same engine flags first, or pass --compile-on-demand "
@@ -254,7 +250,7 @@ class ArtifactStore:
     def load(self, key: GraphKey, module: nn.Module, example: Any) -> Graph:
         """The compiled graph for `key`, bound to `module`'s weights and buffers; compiled first
         when it is missing and compiling on demand is allowed."""
-        path = self.dir / graph_file(key)
+        path = self.dir / key.file_name
         if not path.exists() or key not in self.graphs():
             if not self.compile_on_demand:
                 raise ArtifactError(
@@ -277,22 +273,21 @@ class ArtifactStore:
 
         start = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / graph_file(key)
+        path = self.dir / key.file_name
         tmp = path.with_suffix(".tmp.pt2")
         with warnings.catch_warnings():  # torch's own pytree deprecation notice, once per graph
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             program = torch.export.export(module, (example,), strict=True)
-            aoti_compile_and_package(program, package_path=str(tmp),
-                                     inductor_configs={"aot_inductor.package_constants_in_so": False})
+            aoti_compile_and_package(program, package_path=str(tmp), inductor_configs={"aot_inductor.package_constants_in_so": False})
         tmp.replace(path)
         self._record(key)
         log.info("compiled %s in %.1fs -> %s", key, time.perf_counter() - start, path)
 
     def _record(self, key: GraphKey) -> None:
         manifest = self.dir / MANIFEST
-        data = json.loads(manifest.read_text()) if manifest.exists() else {"key": self.key.fields(), "graphs": []}
-        if list(key) not in data["graphs"]:
-            data["graphs"].append(list(key))
+        data: dict[str, Any] = json.loads(manifest.read_text()) if manifest.exists() else {"key": self.key.fields(), "graphs": []}
+        if key.to_list() not in data["graphs"]:
+            data["graphs"].append(key.to_list())
         tmp = manifest.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(manifest)

@@ -78,28 +78,35 @@ class RuntimeConfig:
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _require(
             isinstance(self.ctx_batch_size, int) and 1 <= self.ctx_batch_size <= self.batch_size,
-            "ctx_batch_size", self.ctx_batch_size, f"1..batch_size ({self.batch_size})",
+            "ctx_batch_size",
+            self.ctx_batch_size,
+            f"1..batch_size ({self.batch_size})",
         )
         _require(isinstance(self.seq_len, int) and self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
         buckets = tuple(self.buckets) if self.buckets else default_buckets(self.seq_len)
         _require(
             all(isinstance(b, int) and 1 <= b <= self.seq_len for b in buckets),
-            "buckets", buckets, f"integers in 1..seq_len ({self.seq_len})",
+            "buckets",
+            buckets,
+            f"integers in 1..seq_len ({self.seq_len})",
         )
         _require(list(buckets) == sorted(set(buckets)), "buckets", buckets, "strictly ascending values")
         object.__setattr__(self, "buckets", buckets)
         _require(isinstance(self.tp_degree, int) and self.tp_degree >= 1, "tp_degree", self.tp_degree, ">= 1")
         _require(
             isinstance(self.ep_degree, int) and self.ep_degree >= 1 and self.tp_degree % self.ep_degree == 0,
-            "ep_degree", self.ep_degree, f"a divisor of tp_degree ({self.tp_degree})",
+            "ep_degree",
+            self.ep_degree,
+            f"a divisor of tp_degree ({self.tp_degree})",
         )
-        _require(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
-                 self.moe_capacity_factor, "None or > 0")
+        _require(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor", self.moe_capacity_factor, "None or > 0")
         _require(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {sorted(DTYPES)}")
         _require(isinstance(self.max_topk, int) and self.max_topk >= 1, "max_topk", self.max_topk, ">= 1")
         _require(
             isinstance(self.speculation_length, int) and 0 <= self.speculation_length < self.seq_len,
-            "speculation_length", self.speculation_length, f"0..{self.seq_len - 1}",
+            "speculation_length",
+            self.speculation_length,
+            f"0..{self.seq_len - 1}",
         )
         _require(self.backend in BACKENDS, "backend", self.backend, f"one of {list(BACKENDS)}")
 
@@ -165,4 +172,3 @@ class RuntimeConfig:
         if "seq_len" in changes and "buckets" not in changes and self.buckets == default_buckets(self.seq_len):
             changes["buckets"] = ()
         return dataclasses.replace(self, **changes)
-

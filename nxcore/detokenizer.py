@@ -38,12 +38,12 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.tokens.extend(token_ids)
-        prefix = self.tokenizer.decode(self.tokens[self._prefix_offset:self._read_offset])
-        window = self.tokenizer.decode(self.tokens[self._prefix_offset:])
+        prefix = self.tokenizer.decode(self.tokens[self._prefix_offset : self._read_offset])
+        window = self.tokenizer.decode(self.tokens[self._prefix_offset :])
         if window.endswith("\ufffd") or len(window) <= len(prefix):
             return ""  # an incomplete character, or nothing new yet
         searched_from = max(0, len(self.text) - self._hold)
-        self.text += window[len(prefix):]
+        self.text += window[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self.tokens)
         for stop in self.stop_strings:
             at = self.text.find(stop, searched_from)
@@ -52,17 +52,17 @@ class IncrementalDetokenizer:
                 self.stopped = True
         # Hold back a tail that could still become the start of a stop string.
         end = len(self.text) if self.stopped else max(self._emitted, len(self.text) - self._hold)
-        delta = self.text[self._emitted:end]
+        delta = self.text[self._emitted : end]
         self._emitted = end
         return delta
 
     def flush(self) -> str:
         """Release held-back text at the end of the request (including an incomplete character)."""
         if not self.stopped:
-            prefix = self.tokenizer.decode(self.tokens[self._prefix_offset:self._read_offset])
-            window = self.tokenizer.decode(self.tokens[self._prefix_offset:])
-            self.text += window[len(prefix):]
+            prefix = self.tokenizer.decode(self.tokens[self._prefix_offset : self._read_offset])
+            window = self.tokenizer.decode(self.tokens[self._prefix_offset :])
+            self.text += window[len(prefix) :]
             self._prefix_offset = self._read_offset = len(self.tokens)
-        delta = self.text[self._emitted:]
+        delta = self.text[self._emitted :]
         self._emitted = len(self.text)
         return delta

@@ -12,23 +12,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from nxcore.compiled import GRAPH_SETS, ArtifactKey, ArtifactStore, GraphKey, check_graph_set, default_cache_root, graph_keys
+from nxcore import native
+from nxcore.compiled import GRAPH_SETS, ArtifactKey, ArtifactStore, check_graph_set, default_cache_root, graph_keys
 from nxcore.config import DTYPES, RuntimeConfig
 from nxcore.errors import EngineError
-from nxcore.executor import LocalExecutor
-from nxcore.graphs import GraphInputs
+from nxcore.executor import Executor, LocalExecutor
+from nxcore.graphs import GraphInputs, GraphKey, GraphKind
 from nxcore.kv_cache import KVSnapshot
 from nxcore.loader import load_rank, read_model_config, resolve_config
 from nxcore.model_config import ModelConfig
 from nxcore.modules.decoder import CausalLM
 from nxcore.sampling import RequestRng, SamplingParams, sample
-
-if TYPE_CHECKING:
-    from nxcore.parallel.executor import TPExecutor
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +42,15 @@ class SequenceRequest:
 
 
 class Engine:
-    def __init__(self, *, executor: LocalExecutor | TPExecutor, model_config: ModelConfig, config: RuntimeConfig,
-                 fingerprint: str, graphs: str = "all") -> None:
+    """A loaded model, its static KV cache and its graphs, served through a few calls.
+
+    `context_encode`, `token_generate` and `speculate` take one `SequenceRequest` per slot, check
+    them against the shapes the engine was built for (EngineError names the value and the limit),
+    pad them into one graph call and return plain token ids; `export_kv`/`import_kv` move a slot's
+    KV to another engine; `free` gives a slot back. Load one with `from_pretrained`. Not
+    thread-safe: drive it from one thread (see nxcore.engine_thread)."""
+
+    def __init__(self, *, executor: Executor, model_config: ModelConfig, config: RuntimeConfig, fingerprint: str, graphs: str = "all") -> None:
         self.executor = executor
         self.model_config = model_config
         self.config = config
@@ -67,9 +71,16 @@ class Engine:
     # ---------------------------------------------------------------- loading
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, config: RuntimeConfig | None = None, *,
-                        saved_config: str | Path | None = None, compile_cache: str | Path | None = None,
-                        compile_on_demand: bool = False, graphs: str = "all") -> Engine:
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        config: RuntimeConfig | None = None,
+        *,
+        saved_config: str | Path | None = None,
+        compile_cache: str | Path | None = None,
+        compile_on_demand: bool = False,
+        graphs: str = "all",
+    ) -> Engine:
         """Load an HF checkpoint directory into an engine built for `config` (TP ranks started as needed).
 
         `saved_config` is the JSON RuntimeConfig that artifacts were built for; any difference
@@ -81,31 +92,35 @@ class Engine:
         `compile_on_demand`, which compiles them (once; later loads reuse them).
         """
         start = time.perf_counter()
+        native.load()  # nxcore's C++ ops, built the first time (see nxcore.native)
         model_config = read_model_config(model_dir)
         config = resolve_config(model_config, config or RuntimeConfig())
         if saved_config is not None:
             config.check_matches(RuntimeConfig.load(saved_config), what=str(saved_config))
         if config.backend == "compile" and config.tp_degree > 1:
-            raise EngineError(
-                f"the compile backend runs tp_degree=1 only (asked: {config.tp_degree}); use --backend eager with TP"
-            )
+            raise EngineError(f"the compile backend runs tp_degree=1 only (asked: {config.tp_degree}); use --backend eager with TP")
         if config.tp_degree == 1:
             model, fingerprint = load_rank(model_dir, model_config, config)
             store = None
             if config.backend == "compile":
-                store = ArtifactStore(compile_cache or default_cache_root(), ArtifactKey(fingerprint, config),
-                                      compile_on_demand=compile_on_demand)
-            executor: LocalExecutor | TPExecutor = LocalExecutor(model, config, store, graphs)
+                store = ArtifactStore(compile_cache or default_cache_root(), ArtifactKey(fingerprint, config), compile_on_demand=compile_on_demand)
+            executor: Executor = LocalExecutor(model, config, store, graphs)
         else:
             from nxcore.parallel.executor import TPExecutor
 
-            executor = TPExecutor(model_dir, model_config, config)
-            fingerprint = executor.fingerprint
+            tp = TPExecutor(model_dir, model_config, config)
+            executor, fingerprint = tp, tp.fingerprint
         engine = cls(executor=executor, model_config=model_config, config=config, fingerprint=fingerprint, graphs=graphs)
         log.info(
             "loaded %s (%s, %s, TP=%d) in %.2fs: %d slots, seq_len %d, buckets %s",
-            model_dir, model_config.model_type, config.dtype, config.tp_degree, time.perf_counter() - start,
-            config.batch_size, config.seq_len, list(config.buckets),
+            model_dir,
+            model_config.model_type,
+            config.dtype,
+            config.tp_degree,
+            time.perf_counter() - start,
+            config.batch_size,
+            config.seq_len,
+            list(config.buckets),
         )
         return engine
 
@@ -120,12 +135,12 @@ class Engine:
     def compile_graph(self, key: GraphKey) -> None:
         """Compile one graph into the artifact store (see `missing_graphs`)."""
         self.artifacts  # noqa: B018 (raises on the eager backend)
-        self.executor.runner.compile(key)
+        self.executor.compile(key)
 
     @property
     def artifacts(self) -> ArtifactStore:
         """The compiled-artifact store this engine's graphs come from (compile backend)."""
-        store = getattr(getattr(self.executor, "runner", None), "store", None)
+        store = self.executor.store
         if store is None:
             raise EngineError(f"backend {self.config.backend!r} has no compiled artifacts: use --backend compile")
         return store
@@ -152,7 +167,7 @@ class Engine:
         bucket = _fit(longest, cfg.buckets)
         rows = _fit(len(requests), cfg.ctx_batch_buckets)
         inputs = self._inputs(requests, rows=rows, width=bucket, prefill=True)
-        outputs = self._run("context", rows, bucket, inputs)
+        outputs = self._run(GraphKey(GraphKind.CONTEXT, rows, bucket, bucket), inputs)
         tokens = self._tokens(outputs, inputs, rows=len(requests))
         for r in requests:
             self.slot_lengths[r.slot] = len(r.token_ids)
@@ -163,26 +178,26 @@ class Engine:
         """Append one token to each request's slot; returns the next token of each."""
         if any(len(r.token_ids) != 1 for r in requests):
             raise EngineError("token generation takes exactly one token per request")
-        return [t[0] for t in self._decode(requests, width=1, kind="token_generation")]
+        return [t[0] for t in self._decode(requests, width=1, kind=GraphKind.TOKEN_GENERATION)]
 
     @torch.no_grad()
     def speculate(self, requests: Sequence[SequenceRequest]) -> list[list[int]]:
         """Score the last token plus k = speculation_length proposed tokens per slot in one pass
         (they are appended to the cache); returns, for each of the k + 1 inputs, the token the
         model samples after it."""
-        return self._decode(requests, width=self._speculation_width(requests), kind="speculation")
+        return self._decode(requests, width=self._speculation_width(requests), kind=GraphKind.SPECULATION)
 
     @torch.no_grad()
     def speculate_logits(self, requests: Sequence[SequenceRequest]) -> torch.Tensor:
         """As `speculate`, but returns float32 logits [n, k + 1, vocab] for host-side acceptance."""
-        return self._decode(requests, width=self._speculation_width(requests), kind="scoring", logits=True)
+        return self._decode(requests, width=self._speculation_width(requests), kind=GraphKind.SCORING, logits=True)
 
     @torch.no_grad()
     def token_generate_logits(self, requests: Sequence[SequenceRequest]) -> torch.Tensor:
         """As `token_generate`, but returns float32 logits [n, vocab] of the next token."""
         if any(len(r.token_ids) != 1 for r in requests):
             raise EngineError("token generation takes exactly one token per request")
-        return self._decode(requests, width=1, kind="scoring", logits=True)[:, 0]
+        return self._decode(requests, width=1, kind=GraphKind.SCORING, logits=True)[:, 0]
 
     def truncate(self, slot: int, n_tokens: int) -> None:
         """Keep only the slot's first n_tokens (after a partial speculation acceptance); later
@@ -200,7 +215,7 @@ class Engine:
             raise EngineError(f"speculation takes the last token plus speculation_length={k} proposals per request")
         return k + 1
 
-    def _decode(self, requests: Sequence[SequenceRequest], *, width: int, kind: str, logits: bool = False):  # noqa: ANN202
+    def _decode(self, requests: Sequence[SequenceRequest], *, width: int, kind: GraphKind, logits: bool = False):
         cfg = self.config
         if not requests:
             return []
@@ -210,28 +225,25 @@ class Engine:
             if length is None:
                 raise EngineError(f"{kind} on slot {r.slot}, which had no context encoding: encode a prompt into it first")
             if length + width > cfg.seq_len:
-                raise EngineError(
-                    f"slot {r.slot} holds {length} tokens; {width} more exceed seq_len ({cfg.seq_len})"
-                )
+                raise EngineError(f"slot {r.slot} holds {length} tokens; {width} more exceed seq_len ({cfg.seq_len})")
             self._check_request(r)
         rows = _fit(len(requests), cfg.batch_buckets)
         inputs = self._inputs(requests, rows=rows, width=width, prefill=False)
-        outputs = self._run(kind, rows, width, inputs)
+        outputs = self._run(GraphKey(kind, rows, width, inputs.key_positions.shape[0]), inputs)
         for r in requests:
-            self.slot_lengths[r.slot] += width
+            self.slot_lengths[r.slot] = self.length(r.slot) + width
         if logits:
             return outputs[1][: len(requests)]
         return self._tokens(outputs, inputs, rows=len(requests)).tolist()
 
-    def _run(self, kind: str, rows: int, width: int, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
-        """Run the graph for this (kind, rows, width, KV length) shape, built on first use."""
-        if kind not in GRAPH_SETS[self.graphs]:
-            sets = " or ".join(repr(name) for name, kinds in GRAPH_SETS.items() if kind in kinds)
+    def _run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
+        """Run the graph for this shape, built on first use."""
+        if key.kind not in GRAPH_SETS[self.graphs]:
+            sets = " or ".join(repr(name) for name, kinds in GRAPH_SETS.items() if key.kind in kinds)
             raise EngineError(
-                f"this engine was loaded with the {self.graphs!r} graph set, which has no {kind} graphs: "
-                f"load it with graphs={sets} to call them"
+                f"this engine was loaded with the {self.graphs!r} graph set, which has no {key.kind} graphs: load it with graphs={sets} to call them"
             )
-        return self.executor.run((kind, rows, width, inputs.key_positions.shape[0]), inputs)
+        return self.executor.run(key, inputs)
 
     def _tokens(self, outputs: tuple[torch.Tensor, ...], inputs: GraphInputs, *, rows: int) -> torch.Tensor:
         """[rows, T] tokens of the real rows; samples on the host when the graph returned logits."""
@@ -257,12 +269,12 @@ class Engine:
         a step at 32 rows)."""
         pad = rows - len(requests)
         ids = [[*r.token_ids, *[0] * (width - len(r.token_ids))] for r in requests] + [[0] * width] * pad
-        starts = [0 if prefill else self.slot_lengths[r.slot] for r in requests] + [0] * pad
+        starts = [0 if prefill else self.length(r.slot) for r in requests] + [0] * pad
         draws = 1 if prefill else width
         rand = torch.zeros(rows, draws, dtype=torch.float32)
         if requests:
             rand[: len(requests)] = torch.stack([r.rng.draw(draws) for r in requests])
-        needed = width if prefill else max(self.slot_lengths[r.slot] for r in requests) + width
+        needed = width if prefill else max(self.length(r.slot) for r in requests) + width
         kv_len = width if prefill else _fit(needed, self.config.kv_buckets)
         return GraphInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64),
@@ -305,6 +317,13 @@ class Engine:
 
     # ---------------------------------------------------------------- slots and KV hand-off
 
+    def length(self, slot: int) -> int:
+        """Tokens the slot's cache holds; EngineError when it holds no sequence."""
+        length = self.slot_lengths[slot]
+        if length is None:
+            raise EngineError(f"slot {slot} holds no sequence: encode a prompt into it or import its KV first")
+        return length
+
     def free_slots(self) -> list[int]:
         return [i for i, n in enumerate(self.slot_lengths) if n is None]
 
@@ -324,8 +343,10 @@ class Engine:
             dtype = DTYPES[self.config.dtype]
             for name, t in (("keys", out.keys), ("values", out.values)):
                 if tuple(t.shape) != expected or t.dtype != dtype or not t.is_contiguous():
-                    raise EngineError(f"cannot export into {name} of shape {tuple(t.shape)} and dtype {t.dtype}"
-                                      f"{'' if t.is_contiguous() else ' (not contiguous)'}: expected a contiguous {expected} {dtype}")
+                    raise EngineError(
+                        f"cannot export into {name} of shape {tuple(t.shape)} and dtype {t.dtype}"
+                        f"{'' if t.is_contiguous() else ' (not contiguous)'}: expected a contiguous {expected} {dtype}"
+                    )
         return self.executor.export_kv(slot, n_tokens, out)
 
     def import_kv(self, slot: int, kv: KVSnapshot) -> None:

@@ -52,8 +52,9 @@ class EngineThread:
         """Submit a serving loop (it returns when told to stop); an exception that ends it is logged
         as "the {what} stopped on an error", since nobody waits on its future until shutdown."""
         future = self.submit(loop)
-        future.add_done_callback(lambda f: None if f.cancelled() or f.exception() is None else
-                                 log.error("the %s stopped on an error", what, exc_info=f.exception()))
+        future.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() is None else log.error("the %s stopped on an error", what, exc_info=f.exception())
+        )
         return future
 
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

@@ -1,23 +1,40 @@
-"""Executors run the graphs an engine asks for: in this process (TP=1) or over TP rank processes.
-
-Both expose the same calls: `run(kind, rows, width, inputs)`, `export_kv`, `import_kv`,
-`prompt_logits`, `close`. `export_kv` always returns the logical layout (the model's real KV
-heads in order) and `import_kv` takes it, whatever the TP degree.
+"""Executors run the graphs an engine asks for: in this process (TP=1, `LocalExecutor`) or over TP
+rank processes (`nxcore.parallel.executor.TPExecutor`), behind one protocol (`Executor`).
+`export_kv` always returns the logical layout (the model's real KV heads in order) and
+`import_kv` takes it, whatever the TP degree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
-from nxcore.compiled import GRAPH_SETS, ArtifactStore, GraphKey, graph_keys
+from nxcore.compiled import GRAPH_SETS, ArtifactStore, graph_keys
 from nxcore.config import RuntimeConfig
-from nxcore.graphs import ContextEncodingGraph, DecodeGraph, GraphInputs, example_inputs
+from nxcore.graphs import ContextEncodingGraph, DecodeGraph, GraphInputs, GraphKey, GraphKind, example_inputs
 from nxcore.kv_cache import KVSnapshot
 from nxcore.modules.decoder import CausalLM
 
-__all__ = ["GraphKey", "GraphRunner", "LocalExecutor"]
+__all__ = ["Executor", "GraphKey", "GraphRunner", "LocalExecutor"]
+
+
+class Executor(Protocol):
+    """What the engine asks of whoever runs its graphs."""
+
+    scratch_slot: int
+    """The KV cache row padding rows of a graph call write to."""
+    store: ArtifactStore | None
+    """Where compiled graphs come from (compile backend); None otherwise."""
+
+    def run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]: ...
+    def compile(self, key: GraphKey) -> None: ...
+    def export_kv(self, slot: int, n_tokens: int, out: KVSnapshot | None = None) -> KVSnapshot: ...
+    def import_kv(self, slot: int, kv: KVSnapshot) -> None: ...
+    def prompt_logits(self, token_ids: Sequence[int]) -> torch.Tensor: ...
+    def profile(self, key: GraphKey, inputs: GraphInputs, steps: int) -> dict[str, float]: ...
+    def close(self) -> None: ...
 
 
 class GraphRunner:
@@ -29,8 +46,7 @@ class GraphRunner:
     request without compiling.
     """
 
-    def __init__(self, model: CausalLM, config: RuntimeConfig, store: ArtifactStore | None = None,
-                 graphs: str = "all") -> None:
+    def __init__(self, model: CausalLM, config: RuntimeConfig, store: ArtifactStore | None = None, graphs: str = "all") -> None:
         if (config.backend == "compile") != (store is not None):
             raise ValueError(f"backend {config.backend!r} {'needs' if store is None else 'takes no'} compiled-artifact store")
         self.model = model
@@ -41,20 +57,26 @@ class GraphRunner:
         self.decode_graph = DecodeGraph(model, max_topk=config.max_topk, output_logits=logits)
         self.scoring_graph = DecodeGraph(model, max_topk=config.max_topk, output_logits=True)
         """Token generation / speculation that also returns full logits (host-side speculative acceptance)."""
+        self._modules: dict[GraphKind, torch.nn.Module] = {
+            GraphKind.CONTEXT: self.ctx_graph,
+            GraphKind.TOKEN_GENERATION: self.decode_graph,
+            GraphKind.SPECULATION: self.decode_graph,
+            GraphKind.SCORING: self.scoring_graph,
+        }
         self._graphs: dict[GraphKey, Callable[..., tuple[torch.Tensor, ...]]] = {}
         if store is not None:
             store.require(graph_keys(config, graphs))
             for key in store.graphs():
-                if key[0] in GRAPH_SETS[graphs]:
+                if key.kind in GRAPH_SETS[graphs]:
                     self._graph(key)
 
-    def _module(self, kind: str) -> torch.nn.Module:
-        return {"context": self.ctx_graph, "scoring": self.scoring_graph}.get(kind, self.decode_graph)
+    def _module(self, kind: GraphKind) -> torch.nn.Module:
+        return self._modules[kind]
 
     def _graph(self, key: GraphKey) -> Callable[..., tuple[torch.Tensor, ...]]:
         graph = self._graphs.get(key)
         if graph is None:
-            module = self._module(key[0])
+            module = self._module(key.kind)
             if self.store is None:
                 graph = module
             else:
@@ -66,7 +88,7 @@ class GraphRunner:
         """Compile one graph into the store."""
         if self.store is None:
             raise ValueError(f"backend {self.config.backend!r} compiles nothing")
-        self.store.compile(key, self._module(key[0]), example_inputs(key, self.model.kv_cache.scratch_slot))
+        self.store.compile(key, self._module(key.kind), example_inputs(key, self.model.kv_cache.scratch_slot))
 
     @torch.no_grad()
     def run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
@@ -106,10 +128,10 @@ class GraphRunner:
 class LocalExecutor:
     """TP=1: the graphs run in this process."""
 
-    def __init__(self, model: CausalLM, config: RuntimeConfig, store: ArtifactStore | None = None,
-                 graphs: str = "all") -> None:
+    def __init__(self, model: CausalLM, config: RuntimeConfig, store: ArtifactStore | None = None, graphs: str = "all") -> None:
         self.runner = GraphRunner(model, config, store, graphs)
         self.scratch_slot = model.kv_cache.scratch_slot
+        self.store = store
 
     @property
     def model(self) -> CausalLM:
@@ -117,6 +139,9 @@ class LocalExecutor:
 
     def run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
         return self.runner.run(key, inputs)
+
+    def compile(self, key: GraphKey) -> None:
+        self.runner.compile(key)
 
     def export_kv(self, slot: int, n_tokens: int, out: KVSnapshot | None = None) -> KVSnapshot:
         return self.runner.export_local(slot, n_tokens, out)

@@ -49,7 +49,7 @@ def generate(
     per_prompt = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
     if len(per_prompt) != len(prompts):
         raise ValueError(f"{len(per_prompt)} sampling settings given for {len(prompts)} prompts")
-    scheduler = Scheduler(engine, proposer=proposer, eos_token_ids=eos_token_ids, max_admit=engine.config.ctx_batch_size)
+    scheduler: Scheduler[Sequence] = Scheduler(engine, proposer=proposer, eos_token_ids=eos_token_ids, max_admit=engine.config.ctx_batch_size)
     sequences = [Sequence(prompt_ids=list(p), sampling=s, rng=RequestRng(s.seed), stopping=stopping) for p, s in zip(prompts, per_prompt)]
     index = {seq: i for i, seq in enumerate(sequences)}
     for seq in sequences:
@@ -62,8 +62,9 @@ def generate(
             else:
                 produced = scheduler.step(out.running)
             for seq, tokens in scheduler.update(produced):
-                for token in tokens if on_token is not None else ():
-                    on_token(index[seq], token)
+                if on_token is not None:
+                    for token in tokens:
+                        on_token(index[seq], token)
     finally:
         scheduler.finish_all()  # an error midway: free the slots still held
     return [GenerationResult(prompt_ids=s.prompt_ids, output_ids=s.output_ids, finish_reason=s.finish_reason) for s in sequences]

@@ -12,6 +12,7 @@ serves every value: the property torch.export and a Neuron trace need.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +50,51 @@ class GraphInputs:
 torch.export.register_dataclass(GraphInputs, serialized_type_name="nxcore.GraphInputs")
 
 
-def example_inputs(key: tuple[str, int, int, int], scratch_slot: int) -> GraphInputs:
-    """Valid inputs of the graph `key` = (kind, rows, width, KV length), every row on the scratch
-    slot: what export and compilation trace with (only shapes and dtypes matter)."""
-    kind, rows, width, kv_len = key
-    start = 0 if kind == "context" else kv_len - width
+class GraphKind(enum.StrEnum):
+    """The engine's graphs (the third of NxD's, speculation, comes with a logits-returning twin)."""
+
+    CONTEXT = "context"
+    """Context encoding: [rows, bucket] prompt tokens into a slot's KV, first token sampled."""
+    TOKEN_GENERATION = "token_generation"
+    """One token per row, appended to its slot's KV."""
+    SPECULATION = "speculation"
+    """The last token plus k proposals per row, scored in one pass."""
+    SCORING = "scoring"
+    """Speculation (or token generation) returning full logits, for host-side acceptance."""
+
+
+@dataclass(frozen=True, order=True)
+class GraphKey:
+    """One static shape of one graph: the unit that is exported, compiled and cached."""
+
+    kind: GraphKind
+    rows: int
+    width: int
+    """Tokens per row."""
+    kv_len: int
+    """Cache positions attended to (the KV bucket; a context graph's is its width)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", GraphKind(self.kind))  # a ValueError names a kind that does not exist
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.kind}-r{self.rows}-w{self.width}-kv{self.kv_len}.pt2"
+
+    def to_list(self) -> list[str | int]:
+        """As the manifest records it."""
+        return [str(self.kind), self.rows, self.width, self.kv_len]
+
+    def __str__(self) -> str:
+        return f"{self.kind} rows={self.rows} width={self.width} kv={self.kv_len}"
+
+
+def example_inputs(key: GraphKey, scratch_slot: int) -> GraphInputs:
+    """Valid inputs of the graph `key`, every row on the scratch slot: what export and compilation
+    trace with (only shapes and dtypes matter)."""
+    rows, width, kv_len = key.rows, key.width, key.kv_len
+    context = key.kind == GraphKind.CONTEXT
+    start = 0 if context else kv_len - width
     return GraphInputs(
         input_ids=torch.zeros(rows, width, dtype=torch.int64),
         position_ids=torch.arange(start, start + width, dtype=torch.int64).repeat(rows, 1),
@@ -62,7 +103,7 @@ def example_inputs(key: tuple[str, int, int, int], scratch_slot: int) -> GraphIn
         temperature=torch.zeros(rows, dtype=torch.float32),
         top_k=torch.zeros(rows, dtype=torch.int64),
         top_p=torch.ones(rows, dtype=torch.float32),
-        rand=torch.zeros(rows, 1 if kind == "context" else width, dtype=torch.float32),
+        rand=torch.zeros(rows, 1 if context else width, dtype=torch.float32),
         key_positions=torch.arange(kv_len, dtype=torch.int64),
     )
 
@@ -101,8 +142,7 @@ class DecodeGraph(nn.Module):
         self.output_logits = output_logits
 
     def forward(self, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
-        ctx = self.model.context(prefill=False, slot_ids=inputs.slot_ids, positions=inputs.position_ids,
-                                 key_positions=inputs.key_positions)
+        ctx = self.model.context(prefill=False, slot_ids=inputs.slot_ids, positions=inputs.position_ids, key_positions=inputs.key_positions)
         hidden = self.model.hidden_states(inputs.input_ids, ctx)
         batch, length, _ = hidden.shape
         logits = self.model.logits(hidden).reshape(batch * length, -1)

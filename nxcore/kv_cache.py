@@ -39,9 +39,7 @@ class KVSnapshot:
 
 
 class KVCache(nn.Module):
-    def __init__(
-        self, *, num_layers: int, slots: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, *, num_layers: int, slots: int, kv_heads: int, seq_len: int, head_dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_layers = num_layers
         self.slots = slots
@@ -67,9 +65,7 @@ class KVCache(nn.Module):
         k_buf[:, :, :length].index_copy_(0, slot_ids, k)
         v_buf[:, :, :length].index_copy_(0, slot_ids, v)
 
-    def scatter(
-        self, layer: int, slot_ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> None:
+    def scatter(self, layer: int, slot_ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v `[rows, kv_heads, T, D]` at `positions` `[rows, T]` of `slot_ids` `[rows]`."""
         k_buf, v_buf = self.buffers_of(layer)
         heads = torch.arange(k_buf.shape[1], device=k.device)
@@ -88,10 +84,8 @@ class KVCache(nn.Module):
     def export(self, slot: int, n_tokens: int, out: KVSnapshot | None = None) -> KVSnapshot:
         """The slot's first n_tokens, copied into `out` when given (contiguous, of the snapshot's
         shape and the cache's dtype), else into new tensors."""
-        keys = torch.stack([self.buffers_of(i)[0][slot, :, :n_tokens] for i in range(self.num_layers)],
-                           out=None if out is None else out.keys)
-        values = torch.stack([self.buffers_of(i)[1][slot, :, :n_tokens] for i in range(self.num_layers)],
-                             out=None if out is None else out.values)
+        keys = torch.stack([self.buffers_of(i)[0][slot, :, :n_tokens] for i in range(self.num_layers)], out=None if out is None else out.keys)
+        values = torch.stack([self.buffers_of(i)[1][slot, :, :n_tokens] for i in range(self.num_layers)], out=None if out is None else out.values)
         return KVSnapshot(keys=keys, values=values)
 
     def _bytes_of(self) -> list[np.ndarray]:

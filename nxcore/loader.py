@@ -39,16 +39,12 @@ def resolve_config(model_config: ModelConfig, config: RuntimeConfig) -> RuntimeC
     if config.dtype == "auto":
         config = config.replace(dtype=model_config.dtype if model_config.dtype in DTYPES else "float32")
     if config.seq_len > model_config.max_position_embeddings:
-        raise ValueError(
-            f"seq_len={config.seq_len} exceeds the model's max_position_embeddings ({model_config.max_position_embeddings})"
-        )
+        raise ValueError(f"seq_len={config.seq_len} exceeds the model's max_position_embeddings ({model_config.max_position_embeddings})")
     make_plan(model_config, config.tp_degree, config.ep_degree)  # raises for TP/EP degrees the model cannot take
     return config
 
 
-def load_rank(
-    model_dir: str | Path, model_config: ModelConfig, config: RuntimeConfig, *, rank: int = 0, group: Any = None
-) -> tuple[CausalLM, str]:
+def load_rank(model_dir: str | Path, model_config: ModelConfig, config: RuntimeConfig, *, rank: int = 0, group: Any = None) -> tuple[CausalLM, str]:
     """This rank's model (weights sliced for `config.tp_degree`) and the fingerprint of the whole model."""
     arch = get_architecture(model_config.model_type)
     plan = make_plan(model_config, config.tp_degree, config.ep_degree)
@@ -58,8 +54,9 @@ def load_rank(
     state = shard_state_dict(state, model_config, plan, rank)
     comm = TPComm(plan=plan, rank=rank, group=group)
     with torch.device("meta"):
-        model = CausalLM(model_config, slots=config.batch_size, seq_len=config.seq_len, dtype=dtype, comm=comm,
-                         capacity_factor=config.moe_capacity_factor)
+        model = CausalLM(
+            model_config, slots=config.batch_size, seq_len=config.seq_len, dtype=dtype, comm=comm, capacity_factor=config.moe_capacity_factor
+        )
     model.to_empty(device="cpu")
     model.init_buffers()
     # assign: parameters take the converted tensors as they are (their dtype, no second copy).

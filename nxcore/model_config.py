@@ -68,10 +68,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads={self.num_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_kv_heads}"
-            )
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
         if self.hidden_act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported: use silu, gelu, gelu_pytorch_tanh or relu")
         if not self.sliding_windows:

@@ -1,21 +1,27 @@
-"""nxcore's C++ ops (`nxcore/csrc`), built once per machine and torch version, loaded at import.
+"""nxcore's C++ ops (`nxcore/csrc`), built once per machine and torch version, loaded on first use.
 
 `torch.utils.cpp_extension` compiles them with the same C++ toolchain AOTInductor already needs
-for the compile backend, into `$NXSERVE_NATIVE_CACHE` (default `~/.cache/nxserve/native`); later
-imports load the built library. Without a compiler, or with `NXSERVE_NATIVE=0`, nxcore runs the
-Python paths instead (`nxcore.modules.linear`, `nxcore.modules.attention`): the same results
-up to float rounding, slower.
-`make setup` builds them; `native.main()` says which ops are in use and why.
+for the compile backend, into a cache folder (default `~/.cache/nxserve/native`); later loads use
+the built library. Without a compiler, or when disabled, nxcore runs the Python paths instead
+(`nxcore.modules.linear`, `nxcore.modules.attention`): the same results up to float rounding,
+slower.
+
+Nothing happens at import. `load()` builds or loads them, the first time an engine is loaded (or
+a module calls `available()`), and runs the hooks modules registered with `on_load` (they define
+the Python fallback ops, or the C++ ops' shape functions). Entry points read the environment once
+and pass it on (`configure_from`): NXSERVE_NATIVE=0 disables the ops, NXSERVE_NATIVE_CACHE moves
+the cache. `make setup` builds them; `main()` says which ops are in use and why.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,9 +43,43 @@ CFLAGS = ("-O3", "-fopenmp", f"-DNXCORE_GEMV_MAX_ROWS={GEMV_MAX_ROWS}")
 one the library binds to at load)."""
 
 
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool = True
+    """False: the Python paths, without trying to build."""
+    cache: Path | None = None
+    """Where builds go (None: ~/.cache/nxserve/native)."""
+
+
+_settings = Settings()
+_UNLOADED = object()
+_status: object = _UNLOADED
+"""None once the ops are loaded, else why not (a string); _UNLOADED before `load`."""
+_hooks: list[Callable[[bool], None]] = []
+
+
+def configure(settings: Settings) -> None:
+    """Choose how `load` behaves; before the first load (the TP ranks get the parent's settings)."""
+    global _settings
+    if _status is not _UNLOADED and settings != _settings:
+        raise RuntimeError(f"nxcore's C++ ops were already loaded with {_settings}: configure them before the first engine")
+    _settings = settings
+
+
+def configure_from(environ: Mapping[str, str]) -> Settings:
+    """`configure` from an entry point's environment (NXSERVE_NATIVE, NXSERVE_NATIVE_CACHE)."""
+    cache = environ.get(ENV_CACHE)
+    settings = Settings(enabled=environ.get(ENV_DISABLE, "1") != "0", cache=Path(cache) if cache else None)
+    configure(settings)
+    return settings
+
+
+def settings() -> Settings:
+    return _settings
+
+
 def cache_dir() -> Path:
-    """$NXSERVE_NATIVE_CACHE, else ~/.cache/nxserve/native."""
-    return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "nxserve" / "native")
+    return _settings.cache or Path.home() / ".cache" / "nxserve" / "native"
 
 
 def build_dir() -> Path:
@@ -53,10 +93,19 @@ def build_dir() -> Path:
     return cache_dir() / f"torch-{torch.__version__}-{digest.hexdigest()[:16]}"
 
 
-@functools.cache
 def load() -> str | None:
-    """Build (first time) and load the ops; returns None when loaded, else why they are not."""
-    if os.environ.get(ENV_DISABLE, "1") == "0":
+    """Build (first time) and load the ops, then run the `on_load` hooks; returns None when loaded,
+    else why they are not. Later calls return the first answer."""
+    global _status
+    if _status is _UNLOADED:
+        _status = _build()
+        for hook in _hooks:
+            hook(_status is None)
+    return _status  # type: ignore[return-value]
+
+
+def _build() -> str | None:
+    if not _settings.enabled:
         return f"disabled by {ENV_DISABLE}=0"
     from torch.utils import cpp_extension
 
@@ -67,9 +116,15 @@ def load() -> str | None:
         print(f"nxcore: building the C++ ops once into {directory} (about 30 s) ...", file=sys.stderr, flush=True)
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(name="nxcore_native", sources=[str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
-                           extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
-                           verbose=False)
+        cpp_extension.load(
+            name="nxcore_native",
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
     except Exception as exc:  # no compiler or ninja, a failed build: the Python ops still work
         reason = f"could not build {', '.join(s.name for s in SOURCES)} ({type(exc).__name__}: {exc})".strip()
         log.warning("nxcore: %s; running the Python ops instead (slower in compiled graphs)", reason[:2000])
@@ -78,12 +133,24 @@ def load() -> str | None:
 
 
 def available() -> bool:
-    return load() is None
+    """Whether the C++ ops are in use (loading them first if nothing has yet)."""
+    if _status is _UNLOADED:
+        load()
+    return _status is None
+
+
+def on_load(hook: Callable[[bool], None]) -> Callable[[bool], None]:
+    """Run `hook(loaded)` when the ops are loaded (or their fallback chosen); at once if that happened."""
+    _hooks.append(hook)
+    if _status is not _UNLOADED:
+        hook(_status is None)
+    return hook
 
 
 def main() -> int:
     """Build and load the ops and print which are in use (the Python ops stand in when the build
     fails, so that is not an error here; the test suite checks the build wherever a compiler is)."""
+    configure_from(os.environ)
     reason = load()
     if reason is None:
         print(f"nxcore C++ ops: loaded from {build_dir()} (bf16 GEMV up to {GEMV_MAX_ROWS} rows)")

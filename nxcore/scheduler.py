@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from nxcore.detokenizer import Decoder, IncrementalDetokenizer
 from nxcore.engine import Engine, SequenceRequest
@@ -62,32 +63,42 @@ class Sequence:
     """Its text so far, kept only to find stop strings."""
 
 
+S = TypeVar("S", bound=Sequence)
+
+
 @dataclass(frozen=True)
-class SchedulerOutput:
-    admitted: list[Sequence]
+class SchedulerOutput(Generic[S]):
+    admitted: list[S]
     """Sequences that took a free slot in this call: fill their KV, then step them."""
-    running: list[Sequence]
+    running: list[S]
     """Sequences that held a slot before: step them."""
 
 
-class Scheduler:
+class Scheduler(Generic[S]):
     """Waiting and running sequences over an engine's slots.
 
     `max_admit` caps the sequences admitted per `schedule` (one context-encoding call's rows);
     `eos_token_ids` defaults to the checkpoint's; `tokenizer` decodes text for stop strings."""
 
-    def __init__(self, engine: Engine, *, proposer: Proposer | None = None, tokenizer: Decoder | None = None,
-                 eos_token_ids: Seq[int] | None = None, max_admit: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        proposer: Proposer | None = None,
+        tokenizer: Decoder | None = None,
+        eos_token_ids: Seq[int] | None = None,
+        max_admit: int | None = None,
+    ) -> None:
         self.engine = engine
         self.proposer = proposer
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(engine.model_config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.max_admit = max_admit or engine.config.batch_size
-        self.waiting: deque[Sequence] = deque()
-        self.running: dict[int, Sequence] = {}
+        self.waiting: deque[S] = deque()
+        self.running: dict[int, S] = {}
         """Slot -> the sequence holding it."""
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: S) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -102,7 +113,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------- schedule
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self) -> SchedulerOutput[S]:
         """Free the slots of sequences that finished or were cancelled since, then admit waiting
         sequences into free slots (in order, up to max_admit)."""
         for seq in [s for s in self.running.values() if s.status.is_finished()]:
@@ -110,7 +121,7 @@ class Scheduler:
         if any(s.status.is_finished() for s in self.waiting):
             self.waiting = deque(s for s in self.waiting if not s.status.is_finished())
         running = list(self.running.values())
-        admitted: list[Sequence] = []
+        admitted: list[S] = []
         free = self.free_slots()
         while self.waiting and free and len(admitted) < self.max_admit:
             seq = self.waiting.popleft()
@@ -124,14 +135,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------- step
 
-    def step(self, batch: Seq[Sequence]) -> dict[Sequence, list[int]]:
+    def step(self, batch: Seq[S]) -> dict[S, list[int]]:
         """One step over `batch` (running sequences whose last token is not in the cache yet): a
         speculation round for those that can take one (a proposer, opted in, room in the slot),
         one token for the rest. Returns each sequence's new tokens (1 to k + 1)."""
         engine, proposer = self.engine, self.proposer
         spec = [s for s in batch if proposer is not None and s.speculate and can_speculate(engine, _slot(s))]
         plain = [s for s in batch if not (proposer is not None and s.speculate and can_speculate(engine, _slot(s)))]
-        produced: dict[Sequence, list[int]] = {}
+        produced: dict[S, list[int]] = {}
         if spec:
             assert proposer is not None
             rounds = [SpecSequence(slot=_slot(s), tokens=s.prompt_ids + s.output_ids, sampling=s.sampling, rng=s.rng) for s in spec]
@@ -149,11 +160,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------- update
 
-    def update(self, produced: Mapping[Sequence, Seq[int]]) -> list[tuple[Sequence, list[int]]]:
+    def update(self, produced: Mapping[S, Seq[int]]) -> list[tuple[S, list[int]]]:
         """Append each running sequence's new tokens up to the one that finishes it (a finished
         sequence frees its slot at once); returns each with the tokens it kept. Sequences no
         longer running (cancelled meanwhile) are skipped."""
-        kept: list[tuple[Sequence, list[int]]] = []
+        kept: list[tuple[S, list[int]]] = []
         for seq, tokens in produced.items():
             if seq.status != SequenceStatus.RUNNING:
                 continue
@@ -172,10 +183,15 @@ class Scheduler:
         seq.output_ids.append(token)
         if seq.detok is not None and seq.detok.add([token]) is not None and seq.detok.stopped:
             return FinishReason.STOP
-        return finish_reason(seq.output_ids, prompt_len=len(seq.prompt_ids), stopping=seq.stopping,
-                             eos_token_ids=self.eos_token_ids, seq_len=self.engine.config.seq_len)
+        return finish_reason(
+            seq.output_ids,
+            prompt_len=len(seq.prompt_ids),
+            stopping=seq.stopping,
+            eos_token_ids=self.eos_token_ids,
+            seq_len=self.engine.config.seq_len,
+        )
 
-    def finish(self, seq: Sequence, status: SequenceStatus = SequenceStatus.CANCELLED) -> None:
+    def finish(self, seq: S, status: SequenceStatus = SequenceStatus.CANCELLED) -> None:
         """End `seq` with `status` and free its slot (in the engine and the proposer), or take it
         off the queue."""
         seq.status = status
@@ -187,7 +203,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def finish_all(self, status: SequenceStatus = SequenceStatus.CANCELLED) -> list[Sequence]:
+    def finish_all(self, status: SequenceStatus = SequenceStatus.CANCELLED) -> list[S]:
         """End every running and waiting sequence; returns them."""
         ended = [*self.running.values(), *self.waiting]
         for seq in ended:

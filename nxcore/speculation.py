@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -85,10 +86,10 @@ class NgramProposer:
         (repeating the last token where there is no match or too little continuation)."""
         n_tokens = len(tokens)
         for n in range(min(self.max_n, n_tokens - 1), self.min_n - 1, -1):
-            suffix = list(tokens[n_tokens - n:])
+            suffix = list(tokens[n_tokens - n :])
             for start in range(n_tokens - n - 1, -1, -1):
-                if list(tokens[start:start + n]) == suffix:
-                    follow = list(tokens[start + n:start + n + self.k])
+                if list(tokens[start : start + n]) == suffix:
+                    follow = list(tokens[start + n : start + n + self.k])
                     return follow + [follow[-1] if follow else tokens[-1]] * (self.k - len(follow))
         return [tokens[-1]] * self.k
 
@@ -123,7 +124,7 @@ class DraftProposer:
         tokens. Greedy requests only get point masses (the draft's argmax, picked in-graph); when
         every request is greedy no logits leave the draft's graph."""
         greedy = all(s.sampling.temperature == 0 for s in sequences)
-        pending = {s.slot: list(s.tokens[self.draft.slot_lengths[s.slot]:]) for s in sequences}
+        pending = {s.slot: list(s.tokens[self.draft.length(s.slot) :]) for s in sequences}
         proposals = {s.slot: Proposal(tokens=[], q=None) for s in sequences}
         qs: dict[int, list[torch.Tensor]] = {s.slot: [] for s in sequences}
         by_slot = {s.slot: s for s in sequences}
@@ -151,7 +152,7 @@ class DraftProposer:
 
     def accepted(self, slot: int, n_tokens: int) -> None:
         """The target now holds n_tokens; keep only what the draft computed for accepted tokens."""
-        self.draft.truncate(slot, min(self.draft.slot_lengths[slot], n_tokens))
+        self.draft.truncate(slot, min(self.draft.length(slot), n_tokens))
 
     def free(self, slot: int) -> None:
         self.draft.free(slot)
@@ -200,26 +201,22 @@ def accept_sampled(proposed: Sequence[int], sampled: Sequence[int]) -> list[int]
 
 def can_speculate(engine: Engine, slot: int) -> bool:
     """Whether the slot has room for a round: k + 1 scored positions plus the token emitted after them."""
-    return engine.slot_lengths[slot] + engine.config.speculation_length + 2 <= engine.config.seq_len
+    return engine.length(slot) + engine.config.speculation_length + 2 <= engine.config.seq_len
 
 
-def speculative_step(
-    target: Engine, proposer: NgramProposer | DraftProposer, sequences: Sequence[SpecSequence]
-) -> list[list[int]]:
+def speculative_step(target: Engine, proposer: NgramProposer | DraftProposer, sequences: Sequence[SpecSequence]) -> list[list[int]]:
     """One round for each sequence: propose, score in one target pass, accept; returns the emitted
     tokens (1 to k + 1 each) and leaves both caches holding exactly the accepted sequence."""
     proposals = proposer.propose(sequences)
     requests = [
-        SequenceRequest(slot=s.slot, token_ids=[s.tokens[-1], *pr.tokens], sampling=s.sampling, rng=s.rng)
-        for s, pr in zip(sequences, proposals)
+        SequenceRequest(slot=s.slot, token_ids=[s.tokens[-1], *pr.tokens], sampling=s.sampling, rng=s.rng) for s, pr in zip(sequences, proposals)
     ]
-    lengths = [target.slot_lengths[s.slot] for s in sequences]
+    lengths = [target.length(s.slot) for s in sequences]
     if all(pr.q is None for pr in proposals):
         results = [accept_sampled(pr.tokens, row) for pr, row in zip(proposals, target.speculate(requests))]
     else:
         logits = target.speculate_logits(requests)
-        results = [accept(_distribution(row, s.sampling, target.config.max_topk), pr, s.rng)
-                   for s, pr, row in zip(sequences, proposals, logits)]
+        results = [accept(_distribution(row, s.sampling, target.config.max_topk), pr, s.rng) for s, pr, row in zip(sequences, proposals, logits)]
     emitted = []
     for s, pr, tokens, length in zip(sequences, proposals, results, lengths):
         emitted.append(tokens)
@@ -235,7 +232,7 @@ def speculative_step(
 Proposer = NgramProposer | DraftProposer
 
 
-def build_proposer(spec: str | None, engine: Engine, *, draft_only: bool = False, **load_kwargs: object) -> Proposer | None:
+def build_proposer(spec: str | None, engine: Engine, *, draft_only: bool = False, **load_kwargs: Any) -> Proposer | None:
     """The proposer `spec` names for `engine`: "ngram" (prompt lookup), "draft:DIR" (a draft model
     checkpoint, loaded here with `load_kwargs` for its `Engine.from_pretrained`), None when off.
     `draft_only` (a prefill service, which only ships the draft's prompt KV) skips n-gram and loads
@@ -247,7 +244,8 @@ def build_proposer(spec: str | None, engine: Engine, *, draft_only: bool = False
         return None if draft_only else NgramProposer(k)
     if spec.startswith("draft:"):
         # Off prefill the draft encodes prompts itself when prefill sent no draft KV: all its graphs.
-        draft = Engine.from_pretrained(spec.removeprefix("draft:"), engine.config.replace(tp_degree=1, ep_degree=1),
-                                       graphs="context" if draft_only else "all", **load_kwargs)  # type: ignore[arg-type]
+        draft = Engine.from_pretrained(
+            spec.removeprefix("draft:"), engine.config.replace(tp_degree=1, ep_degree=1), graphs="context" if draft_only else "all", **load_kwargs
+        )
         return DraftProposer(draft, k, target_vocab=engine.model_config.vocab_size)
     raise ValueError(f"--speculation {spec!r} is invalid: use ngram or draft:DIR")

@@ -29,8 +29,9 @@ class StoppingCriteria:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} is invalid: allowed >= 1")
 
 
-def finish_reason(output_ids: Sequence[int], *, prompt_len: int, stopping: StoppingCriteria,
-                  eos_token_ids: Sequence[int], seq_len: int) -> FinishReason | None:
+def finish_reason(
+    output_ids: Sequence[int], *, prompt_len: int, stopping: StoppingCriteria, eos_token_ids: Sequence[int], seq_len: int
+) -> FinishReason | None:
     """Why a sequence should stop after its latest token, or None to continue."""
     last = output_ids[-1]
     if not stopping.ignore_eos and last in eos_token_ids:

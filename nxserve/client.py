@@ -124,8 +124,7 @@ def _build_request(
         stop_strings=list(stop_strings),
         ignore_eos=ignore_eos,
     )
-    request = pb.GenerateRequest(request_id=request_id, sampling=sampling, stopping=stopping,
-                                 disable_speculation=disable_speculation)
+    request = pb.GenerateRequest(request_id=request_id, sampling=sampling, stopping=stopping, disable_speculation=disable_speculation)
     if isinstance(prompt, str):
         request.text = prompt
     else:
@@ -148,10 +147,7 @@ def _chunk_from_pb(message: pb.GenerateResponse) -> GenerationChunk:
 
 
 def _message_to_dict(message: Any) -> dict[str, Any]:
-    return {
-        f.name: list(getattr(message, f.name)) if f.is_repeated else getattr(message, f.name)
-        for f in message.DESCRIPTOR.fields
-    }
+    return {f.name: list(getattr(message, f.name)) if f.is_repeated else getattr(message, f.name) for f in message.DESCRIPTOR.fields}
 
 
 class _ResultBuilder:
@@ -210,9 +206,7 @@ class Client(_Base):
         self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
-    def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
-    ) -> Iterator[GenerationChunk]:
+    def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]) -> Iterator[GenerationChunk]:
         """Send the request now; iterating yields its chunks as they arrive.
 
         Leaving the iteration early cancels the request. Raises grpc.RpcError while iterating.
@@ -228,9 +222,7 @@ class Client(_Base):
         finally:
             call.cancel()  # no-op once the stream has ended
 
-    def generate_text(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
-    ) -> GenerationResult:
+    def generate_text(self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]) -> GenerationResult:
         """Generate and wait for the whole completion."""
         builder = _ResultBuilder()
         for chunk in self.generate(prompt, timeout=timeout, **options):

@@ -128,8 +128,7 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         *decode_ports, free_port = _free_ports(decode_replicas + 1)
         self._decodes = [
-            _Service(f"decode-{i}", "decode_svc", "nxserve.v1.Decode", p, self.log_dir / f"decode-{i}.log")
-            for i, p in enumerate(decode_ports)
+            _Service(f"decode-{i}", "decode_svc", "nxserve.v1.Decode", p, self.log_dir / f"decode-{i}.log") for i, p in enumerate(decode_ports)
         ]
         self._prefill = _Service("prefill", "prefill_svc", "nxserve.v1.Generation", port or free_port, self.log_dir / "prefill.log")
 
@@ -242,9 +241,8 @@ class LocalCluster:
     @staticmethod
     def _raise_if_exited(services: Iterable[_Service], when: str) -> None:
         for s in services:
-            if s.process.poll() is not None:
-                raise ClusterError(f"{s.name} exited with code {s.process.returncode} {when}; "
-                                   f"last lines of {s.log_path}:\n{s.log_tail()}")
+            if s.process is not None and s.process.poll() is not None:
+                raise ClusterError(f"{s.name} exited with code {s.process.returncode} {when}; last lines of {s.log_path}:\n{s.log_tail()}")
 
     def exited(self) -> list[tuple[str, int]]:
         """(name, exit code) of every started service that is no longer running."""
@@ -252,13 +250,13 @@ class LocalCluster:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every service, wait up to `grace` seconds, then SIGKILL what is left."""
-        running = [s for s in self.services if s.process and s.process.poll() is None]
-        for s in running:
-            s.process.send_signal(signal.SIGTERM)
+        running = [(s, s.process) for s in self.services if s.process and s.process.poll() is None]
+        for _, process in running:
+            process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for s in running:
+        for s, process in running:
             try:
-                s.process.wait(timeout=max(deadline - time.monotonic(), 0))
+                process.wait(timeout=max(deadline - time.monotonic(), 0))
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop within %.0fs: killing it", s.name, grace)
         self._kill()

@@ -8,7 +8,6 @@ import os
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_kv_shm_flag, add_server_flags
 from nxserve.rpc.server import install_shutdown, run_service, set_health, start_server
@@ -26,18 +25,25 @@ def build_parser() -> argparse.ArgumentParser:
         "request's KV cache to the least-loaded decode replica and relays its tokens.",
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--decode", required=True, type=lambda s: [t for t in s.split(",") if t],
-                   help="decode replicas as HOST:PORT[,HOST:PORT...]")
+    p.add_argument("--decode", required=True, type=lambda s: [t for t in s.split(",") if t], help="decode replicas as HOST:PORT[,HOST:PORT...]")
     add_server_flags(p, port=50051, max_queue=256, queue_help="prompts that may wait for context encoding")
     p.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="KV bytes per chunk sent to decode (default: 1 MiB)")
     add_kv_shm_flag(p, role="this service keeps its KV arena there, a file of --kv-shm-bytes, for decode replicas that see it too")
-    p.add_argument("--kv-shm-bytes", type=_size, default=None, metavar="BYTES",
-                   help="size of the shared-memory KV arena, reserved at start; a request whose KV does not fit in "
-                        "what is free goes as chunks. Accepts K, M, G suffixes (default: room for the KV of 4 full "
-                        "context-encoding batches at the largest bucket, draft model's included, within 16M-1G)")
+    p.add_argument(
+        "--kv-shm-bytes",
+        type=_size,
+        default=None,
+        metavar="BYTES",
+        help="size of the shared-memory KV arena, reserved at start; a request whose KV does not fit in "
+        "what is free goes as chunks. Accepts K, M, G suffixes (default: room for the KV of 4 full "
+        "context-encoding batches at the largest bucket, draft model's included, within 16M-1G)",
+    )
     defaults = SERVICE_DEFAULTS["prefill"]
-    EngineFlags.add_to(p, defaults=defaults, helps={"batch_size": "prompts encoded together per context-encoding call, "
-                                                    f"same as --ctx-batch-size (default: {defaults['batch_size']})"})
+    EngineFlags.add_to(
+        p,
+        defaults=defaults,
+        helps={"batch_size": f"prompts encoded together per context-encoding call, same as --ctx-batch-size (default: {defaults['batch_size']})"},
+    )
     return p
 
 
@@ -45,7 +51,7 @@ async def serve(args: argparse.Namespace) -> None:
     from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest
     from nxcore.checkpoint import read_hf_config
     from nxcore.engine_thread import EngineThread
-    from nxcore.speculation import build_proposer
+    from nxcore.speculation import DraftProposer, build_proposer
     from nxcore.tokenizer import load_tokenizer
     from nxserve.kv import KVSender
     from prefill_svc.router import DecodeRouter
@@ -56,21 +62,21 @@ async def serve(args: argparse.Namespace) -> None:
     configure_tracing("nxserve-prefill", os.environ)
     servicer = GenerationServicer(model_name=str(args.model))
     server, health, port = await start_server(
-        args, service=SERVICE, register=lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s))
+        args, service=SERVICE, register=lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s)
+    )
 
     start = time.perf_counter()
     thread = EngineThread("prefill-engine")  # every torch call from here on: see nxcore.engine_thread
     await thread.run(flags.apply_threads)
     config = flags.service_config("prefill", max_positions=read_hf_config(args.model).max_position_embeddings)
-    engine = await thread.run(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["prefill"],
-                                      **flags.load_options()))
+    engine = await thread.run(partial(Engine.from_pretrained, args.model, config, graphs=SERVICE_GRAPHS["prefill"], **flags.load_options()))
     tokenizer = load_tokenizer(args.model, required=False)
     greedy = SamplingParams()
     for bucket in config.buckets:  # warm every context-encoding graph
         await thread.run(engine.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
         engine.free(0)
     proposer = await thread.run(partial(build_proposer, flags.speculation, engine, draft_only=True, **flags.load_options()))
-    draft = proposer.draft if proposer is not None else None
+    draft = proposer.draft if isinstance(proposer, DraftProposer) else None
     if draft is not None:  # warm the draft's context-encoding graphs too
         for bucket in config.buckets:
             await thread.run(draft.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
@@ -82,8 +88,15 @@ async def serve(args: argparse.Namespace) -> None:
     await router.start()
     servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer, kv=kv)
     await set_health(health, SERVICE, serving=True)
-    log.info("SERVING %s on port %d after %.1fs: buckets %s, %d decode replica(s), %d up",
-             args.model, port, time.perf_counter() - start, list(config.buckets), len(args.decode), len(router.usable()))
+    log.info(
+        "SERVING %s on port %d after %.1fs: buckets %s, %d decode replica(s), %d up",
+        args.model,
+        port,
+        time.perf_counter() - start,
+        list(config.buckets),
+        len(args.decode),
+        len(router.usable()),
+    )
 
     async def stop() -> None:
         await set_health(health, SERVICE, serving=False)
@@ -115,7 +128,7 @@ def _size(text: str) -> int:
     return value
 
 
-def _arena_default(engine, draft) -> int:  # noqa: ANN001
+def _arena_default(engine, draft) -> int:
     """Room for the KV of 4 full context-encoding batches at the largest bucket (they stay in the arena
     until their decode replica has them), within 16 MiB..1 GiB."""
     from nxserve.kv import engine_layout

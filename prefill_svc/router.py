@@ -54,8 +54,9 @@ class DecodeRouter:
     `shares_memory(probe)` says whether a replica advertising that probe file sees this service's
     shared-memory arena."""
 
-    def __init__(self, targets: list[str], *, fingerprint: str, interval_s: float = 0.5,
-                 shares_memory: Callable[[str], bool] = lambda probe: False) -> None:
+    def __init__(
+        self, targets: list[str], *, fingerprint: str, interval_s: float = 0.5, shares_memory: Callable[[str], bool] = lambda probe: False
+    ) -> None:
         if not targets:
             raise ValueError("no decode replicas given: pass --decode HOST:PORT[,HOST:PORT...]")
         self.fingerprint = fingerprint

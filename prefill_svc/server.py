@@ -33,8 +33,16 @@ from nxcore.stopping import FinishReason, finish_reason
 from nxserve.kv import KVSender
 from nxserve.rpc.convert import FINISH_FROM_PB, FINISH_TO_PB, decode_header, fingerprint_pb, sampling_from_pb, stopping_from_pb
 from nxserve.rpc.errors import (
-    DeadlineExceeded, EngineFailure, InvalidRequest, NoReplica, NotReady, Overloaded, ReplicaFailed,
-    ServiceError, SharedMemoryUnreadable, Unsupported,
+    DeadlineExceeded,
+    EngineFailure,
+    InvalidRequest,
+    NoReplica,
+    NotReady,
+    Overloaded,
+    ReplicaFailed,
+    ServiceError,
+    SharedMemoryUnreadable,
+    Unsupported,
 )
 from nxserve.rpc.status import error_of_call
 from nxserve.rpc.tracing import extract_context, inject_metadata, span_in
@@ -89,7 +97,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.model_name = model_name
         self.engine: Engine | None = None
 
-    def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer, kv: KVSender) -> None:  # noqa: ANN001
+    def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer, kv: KVSender) -> None:
         self.worker = worker
         self.router = router
         self.kv = kv
@@ -107,10 +115,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         engine = self._ready()
         cfg, mc = engine.config, engine.model_config
         return pb.ModelInfoResponse(
-            model=self.model_name, architecture=mc.model_type, dtype=cfg.dtype, buckets=list(cfg.buckets),
-            batch_size=max((r.total_slots for r in self.router.usable()), default=0), ctx_batch_size=cfg.ctx_batch_size,
-            max_prompt_tokens=cfg.max_prompt_len, max_total_tokens=cfg.seq_len, vocab_size=mc.vocab_size,
-            decode_replicas=len(self.router.replicas), fingerprint=engine.fingerprint,
+            model=self.model_name,
+            architecture=mc.model_type,
+            dtype=cfg.dtype,
+            buckets=list(cfg.buckets),
+            batch_size=max((r.total_slots for r in self.router.usable()), default=0),
+            ctx_batch_size=cfg.ctx_batch_size,
+            max_prompt_tokens=cfg.max_prompt_len,
+            max_total_tokens=cfg.seq_len,
+            vocab_size=mc.vocab_size,
+            decode_replicas=len(self.router.replicas),
+            fingerprint=engine.fingerprint,
             decode_replicas_up=len(self.router.usable()),
         )
 
@@ -130,13 +145,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         with span_in(tracer, "generate", parent=parent, kind=trace.SpanKind.SERVER) as (span, ctx):
             req = self._prepare(request, engine)
             req.ctx, req.timeout = ctx, context.time_remaining()
-            span.set_attributes({
-                "nxserve.request_id": req.id,
-                "gen_ai.request.model": self.model_name,
-                "gen_ai.request.max_tokens": req.stopping.max_new_tokens,
-                "gen_ai.request.temperature": req.sampling.temperature,
-                "gen_ai.usage.input_tokens": len(req.prompt_ids),
-            })
+            span.set_attributes(
+                {
+                    "nxserve.request_id": req.id,
+                    "gen_ai.request.model": self.model_name,
+                    "gen_ai.request.max_tokens": req.stopping.max_new_tokens,
+                    "gen_ai.request.temperature": req.sampling.temperature,
+                    "gen_ai.usage.input_tokens": len(req.prompt_ids),
+                }
+            )
             opened = self._open_decode(req)
             prefill = None
             try:
@@ -184,10 +201,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         rng = RequestRng(sampling.seed)
-        return Request(id=request.request_id or uuid.uuid4().hex, prompt_ids=prompt_ids,
-                       sampling=dataclasses.replace(sampling, seed=rng.seed), stopping=stopping, stop_strings=stop_strings,
-                       disable_speculation=request.disable_speculation, rng=rng,
-                       detok=IncrementalDetokenizer(self.tokenizer, stop_strings=stop_strings))
+        return Request(
+            id=request.request_id or uuid.uuid4().hex,
+            prompt_ids=prompt_ids,
+            sampling=dataclasses.replace(sampling, seed=rng.seed),
+            stopping=stopping,
+            stop_strings=stop_strings,
+            disable_speculation=request.disable_speculation,
+            rng=rng,
+            detok=IncrementalDetokenizer(self.tokenizer, stop_strings=stop_strings),
+        )
 
     def _open_decode(self, req: Request, exclude: set[str] = frozenset(), busy: list[str] | None = None) -> Opened | None:  # type: ignore[assignment]
         """A Decode stream on the least-loaded replica not in `exclude`; None when there is none now,
@@ -214,8 +237,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             future.cancel()
         queue_span = tracer.start_span("queue", context=req.ctx, start_time=_ns(result.enqueued_at))
         queue_span.end(end_time=_ns(result.started_at))
-        encode_span = tracer.start_span("context_encoding", context=req.ctx, start_time=_ns(result.started_at),
-                                        attributes={"nxserve.batch": result.batch, "nxserve.prompt_tokens": len(req.prompt_ids)})
+        encode_span = tracer.start_span(
+            "context_encoding",
+            context=req.ctx,
+            start_time=_ns(result.started_at),
+            attributes={"nxserve.batch": result.batch, "nxserve.prompt_tokens": len(req.prompt_ids)},
+        )
         encode_span.end(end_time=_ns(result.finished_at))
         return result
 
@@ -226,8 +253,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         chunks. Returns the replica and its call once it acknowledged the KV."""
         engine = self._ready()
         header = decode_header(
-            request_id=req.id, prompt_ids=req.prompt_ids, sampling=req.sampling, stopping=req.stopping,
-            stop_strings=req.stop_strings, first_token=prefill.first_token, rng_offset=req.rng.offset,
+            request_id=req.id,
+            prompt_ids=req.prompt_ids,
+            sampling=req.sampling,
+            stopping=req.stopping,
+            stop_strings=req.stop_strings,
+            first_token=prefill.first_token,
+            rng_offset=req.rng.offset,
             fingerprint=fingerprint_pb(digest=engine.fingerprint, architecture=engine.model_config.model_type, dtype=engine.config.dtype),
             disable_speculation=req.disable_speculation,
         )
@@ -245,10 +277,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             try:
                 with span_in(tracer, "kv_transfer", parent=req.ctx, attributes={"nxserve.decode_replica": replica.target}) as (span, _):
                     sent = await self.kv.send(call, header, prefill.kv, shared_memory=replica.shm, peer=replica.name)
-                    span.set_attributes({"nxserve.kv_transport": sent.transport, "nxserve.kv_bytes": sent.bytes_sent,
-                                         "nxserve.kv_transfer_ms": sent.seconds * 1000, "nxserve.decode_queue_ms": sent.queue_ms,
-                                         "nxserve.decode_slot": sent.slot,
-                                         "nxserve.kv_gbps": sent.bytes_sent / max(sent.seconds, 1e-9) / 1e9})
+                    span.set_attributes(
+                        {
+                            "nxserve.kv_transport": sent.transport,
+                            "nxserve.kv_bytes": sent.bytes_sent,
+                            "nxserve.kv_transfer_ms": sent.seconds * 1000,
+                            "nxserve.decode_queue_ms": sent.queue_ms,
+                            "nxserve.decode_slot": sent.slot,
+                            "nxserve.kv_gbps": sent.bytes_sent / max(sent.seconds, 1e-9) / 1e9,
+                        }
+                    )
                 return replica, call
             except SharedMemoryUnreadable as exc:
                 self.router.shm_failed(replica, str(exc))
@@ -258,8 +296,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             except (ReplicaFailed, NotReady, EngineFailure) as exc:
                 self.router.mark_down(replica, str(exc))
 
-    async def _relay(self, req: Request, replica: Replica, call: grpc.aio.StreamStreamCall,
-                     span: trace.Span) -> AsyncIterator[pb.GenerateResponse]:
+    async def _relay(self, req: Request, replica: Replica, call: grpc.aio.StreamStreamCall, span: trace.Span) -> AsyncIterator[pb.GenerateResponse]:
         """The replica's token batches as responses, then the final one."""
         try:
             with span_in(tracer, "decoding", parent=req.ctx, attributes={"nxserve.decode_replica": replica.target}):
@@ -271,12 +308,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         yield response
                     elif kind == "final":
                         f = message.final
-                        span.set_attributes({
-                            "nxserve.decode_steps": f.steps, "nxserve.speculation.proposed_tokens": f.proposed_tokens,
-                            "nxserve.speculation.accepted_tokens": f.accepted_tokens,
-                            "nxserve.speculation.acceptance_rate": f.accepted_tokens / f.proposed_tokens if f.proposed_tokens else 0.0,
-                            "nxserve.tokens_per_step": f.decoded_tokens / f.steps if f.steps else 0.0,
-                        })
+                        span.set_attributes(
+                            {
+                                "nxserve.decode_steps": f.steps,
+                                "nxserve.speculation.proposed_tokens": f.proposed_tokens,
+                                "nxserve.speculation.accepted_tokens": f.accepted_tokens,
+                                "nxserve.speculation.acceptance_rate": f.accepted_tokens / f.proposed_tokens if f.proposed_tokens else 0.0,
+                                "nxserve.tokens_per_step": f.decoded_tokens / f.steps if f.steps else 0.0,
+                            }
+                        )
                         yield self._finalize(req, pb.GenerateResponse(request_id=req.id), FINISH_FROM_PB[f.finish_reason], span)
                         return
         except grpc.aio.AioRpcError:
@@ -297,9 +337,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         engine = self._ready()
         if req.detok.stopped:
             return FinishReason.STOP
-        return finish_reason(req.result.output_ids, prompt_len=len(req.prompt_ids), stopping=req.stopping,
-                             eos_token_ids=engine.model_config.eos_token_ids,
-                             seq_len=engine.config.seq_len)
+        return finish_reason(
+            req.result.output_ids,
+            prompt_len=len(req.prompt_ids),
+            stopping=req.stopping,
+            eos_token_ids=engine.model_config.eos_token_ids,
+            seq_len=engine.config.seq_len,
+        )
 
     def _finalize(self, req: Request, response: pb.GenerateResponse, reason: FinishReason, span: trace.Span) -> pb.GenerateResponse:
         assert req.detok is not None

@@ -58,8 +58,7 @@ class PrefillWorker:
     """Encodes queued prompts in batches on the engine's thread and hands back each one's first
     token and exported KV (`PrefillResult`) through an asyncio future."""
 
-    def __init__(self, engine: Engine, *, max_queue: int, draft: Engine | None = None, thread: EngineThread,
-                 arena: KVArena | None = None) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int, draft: Engine | None = None, thread: EngineThread, arena: KVArena | None = None) -> None:
         self.engine = engine
         self.draft = draft
         """Draft model for speculative decoding: its prompt KV travels to decode with the target's."""
@@ -145,8 +144,7 @@ class PrefillWorker:
         end = time.monotonic()
         log.debug("encoded %d prompt(s) in %.1f ms", len(jobs), (end - start) * 1000)
         for j, token, kv in zip(jobs, tokens, outputs):
-            result = PrefillResult(first_token=token, kv=kv, enqueued_at=j.enqueued_at, started_at=start, finished_at=end,
-                                   batch=len(jobs))
+            result = PrefillResult(first_token=token, kv=kv, enqueued_at=j.enqueued_at, started_at=start, finished_at=end, batch=len(jobs))
             j.loop.call_soon_threadsafe(_set_result, j.future, result)
 
     def _encode_draft(self, requests: list[SequenceRequest], outputs: list[OutboundKV]) -> None:

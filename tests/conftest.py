@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,10 @@ from typing import Any
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+
+from nxcore import native
+
+native.configure_from(os.environ)  # NXSERVE_NATIVE=0 make test runs the suite on the Python ops
 
 TINY = dict(
     vocab_size=512,
@@ -34,8 +39,12 @@ VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
             num_key_value_heads=1,
             tie_word_embeddings=True,
             rope_parameters=dict(
-                rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                high_freq_factor=4.0, original_max_position_embeddings=64,
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
             ),
         ),
     ),
@@ -51,8 +60,18 @@ VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
 # Mixtures of experts (written on demand: tests/nxcore/test_moe.py, test_compiled.py).
 MOE_VARIANTS: dict[str, tuple[type, dict[str, Any]]] = {
     "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96, sliding_window=None)),
-    "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=32,
-                                       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])),
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            head_dim=32,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        ),
+    ),
 }
 
 
@@ -67,10 +86,14 @@ class Checkpoint:
         ids = torch.tensor([prompt])
         with torch.no_grad():
             out = self.hf_model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                do_sample=False, eos_token_id=None, pad_token_id=0,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
             )
-        return out[0, len(prompt):].tolist()
+        return out[0, len(prompt) :].tolist()
 
     def hf_logits(self, prompt: list[int]) -> torch.Tensor:
         with torch.no_grad():

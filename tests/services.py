@@ -83,8 +83,12 @@ def shm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(svc_model: Path, shm_dir: Path) -> Iterator[LocalCluster]:
     """1 prefill and 2 decode replicas sharing `shm_dir`, float32, 4 slots of 256 tokens each."""
-    with LocalCluster(svc_model, decode_replicas=2, engine_args=[*ENGINE_ARGS, "--max-queue", "64", "--kv-shm-dir", str(shm_dir)],
-                      prefill_args=["--kv-shm-bytes", "4M"]) as c:
+    with LocalCluster(
+        svc_model,
+        decode_replicas=2,
+        engine_args=[*ENGINE_ARGS, "--max-queue", "64", "--kv-shm-dir", str(shm_dir)],
+        prefill_args=["--kv-shm-bytes", "4M"],
+    ) as c:
         yield c
         assert c.exited() == []  # nothing crashed during the tests
     assert list(shm_dir.iterdir()) == []  # arena and probes removed on shutdown

@@ -59,8 +59,11 @@ def _violations(module: str, imports: set[str]) -> list[str]:
 
 
 def test_every_module_is_in_a_layer() -> None:
-    unplaced = [m for m in _graph() if not _under(m, ("nxcore", "nxserve", *SERVICES)) or
-                (_under(m, ("nxserve",)) and m != "nxserve" and not _under(m, (*BOTTOM, *TOP)))]
+    unplaced = [
+        m
+        for m in _graph()
+        if not _under(m, ("nxcore", "nxserve", *SERVICES)) or (_under(m, ("nxserve",)) and m != "nxserve" and not _under(m, (*BOTTOM, *TOP)))
+    ]
     assert unplaced == []
 
 

@@ -18,8 +18,7 @@ ENGINE_STEPS = 16
 """Timed decode steps for the engine-step figures (bench.engine's default)."""
 
 
-def nxserve_figures(model: Path, prompts: list[list[int]], new_tokens: int, *, backend: str, dtype: str,
-                    ctx_batch: int | None, repeats: int) -> dict:
+def nxserve_figures(model: Path, prompts: list[list[int]], new_tokens: int, *, backend: str, dtype: str, ctx_batch: int | None, repeats: int) -> dict:
     """The workload through nxcore.generate (all prompts queued at once, one slot each), then
     bench.engine's decode step time at batch 1 and at the workload's batch."""
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
@@ -42,8 +41,7 @@ def nxserve_figures(model: Path, prompts: list[list[int]], new_tokens: int, *, b
         step_batch = decode_ms_per_step(engine, batch, prompt_len, ENGINE_STEPS)
     finally:
         engine.close()
-    return {**figures, "step_b1_ms": step_b1, f"step_b{batch}_tok_s": batch * 1000 / step_batch,
-            "ctx_batch_size": config.ctx_batch_size}
+    return {**figures, "step_b1_ms": step_b1, f"step_b{batch}_tok_s": batch * 1000 / step_batch, "ctx_batch_size": config.ctx_batch_size}
 
 
 @torch.no_grad()
@@ -58,8 +56,9 @@ def transformers_figures(model: Path, prompts: list[list[int]], new_tokens: int,
             raise ValueError("transformers runs prompts of one length only (no padding)")
         ids = torch.tensor(rows)
         start = time.perf_counter()
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)
+        out = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
         return time.perf_counter() - start, (out.shape[1] - ids.shape[1]) * out.shape[0]
 
     print("[transformers] workload ...", file=sys.stderr)

@@ -45,5 +45,4 @@ def measure(run: Run, prompts: list[list[int]], new_tokens: int, *, repeats: int
     batch = min(timed(prompts, new_tokens) for _ in range(repeats))
     first = statistics.median(timed(prompts[:1], 1) for _ in range(repeats))
     full = statistics.median(timed(prompts[:1], new_tokens) for _ in range(repeats))
-    return Figures(batch_tok_s=len(prompts) * new_tokens / batch, ttft_b1_ms=first * 1000,
-                   decode_b1_ms=(full - first) / (new_tokens - 1) * 1000)
+    return Figures(batch_tok_s=len(prompts) * new_tokens / batch, ttft_b1_ms=first * 1000, decode_b1_ms=(full - first) / (new_tokens - 1) * 1000)

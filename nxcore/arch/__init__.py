@@ -41,9 +41,7 @@ def get_architecture(model_type: str) -> Architecture:
     for name in _BUILTIN_MODULES:
         importlib.import_module(f"nxcore.arch.{name}")
     if model_type not in _REGISTRY:
-        raise ValueError(
-            f"model_type={model_type!r} is not supported: supported architectures are {sorted(_REGISTRY)}"
-        )
+        raise ValueError(f"model_type={model_type!r} is not supported: supported architectures are {sorted(_REGISTRY)}")
     return _REGISTRY[model_type]
 
 

@@ -114,13 +114,16 @@ class Taker:
             )
 
 
-MlpConverter = Callable[[Taker, ModelConfig, int], dict[str, torch.Tensor]]
+Tensors = dict[str, torch.Tensor | None]
+"""Converted tensors by nxcore name; None where the checkpoint lacked one (Taker.check then fails)."""
+
+MlpConverter = Callable[[Taker, ModelConfig, int], Tensors]
 """(taker, config, layer index) -> nxcore tensors of that layer's MLP, named from `mlp.`."""
 
 
-def convert_dense_mlp(take: Taker, cfg: ModelConfig, layer: int, *, prefix: str = "mlp.") -> dict[str, torch.Tensor]:
+def convert_dense_mlp(take: Taker, cfg: ModelConfig, layer: int, *, prefix: str = "mlp.") -> Tensors:
     mlp = f"model.layers.{layer}.{prefix}"
-    out = {
+    out: Tensors = {
         "mlp.gate_up_proj.weight": _cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
         "mlp.down_proj.weight": take(mlp + "down_proj.weight"),
     }
@@ -136,7 +139,7 @@ def make_converter(mlp: MlpConverter = convert_dense_mlp) -> StateDictConverter:
     def convert(hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
         """HF tensors -> nxcore names: strip `model.`, fuse q/k/v and gate/up, tie lm_head."""
         take = Taker(hf)
-        out: dict[str, torch.Tensor] = {
+        out: Tensors = {
             "embed_tokens.weight": take("model.embed_tokens.weight"),
             "norm.weight": take("model.norm.weight"),
         }
@@ -160,8 +163,8 @@ def make_converter(mlp: MlpConverter = convert_dense_mlp) -> StateDictConverter:
             out["lm_head.weight"] = out["embed_tokens.weight"]
         else:
             out["lm_head.weight"] = take("lm_head.weight")
-        take.check(cfg.model_type)
-        return out
+        take.check(cfg.model_type)  # raises unless every tensor was there: no None is left
+        return {name: tensor for name, tensor in out.items() if tensor is not None}
 
     return convert
 
@@ -170,9 +173,8 @@ convert_state_dict = make_converter()
 
 
 def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
-    if any(p is None for p in parts):
-        return None
-    return torch.cat(parts, dim=0)
+    present = [p for p in parts if p is not None]
+    return torch.cat(present, dim=0) if len(present) == len(parts) else None
 
 
 LLAMA = register(Architecture(model_type="llama", read_config=read_config, convert_state_dict=convert_state_dict))

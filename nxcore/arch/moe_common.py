@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from nxcore.arch.llama import Taker
+from nxcore.arch.llama import Taker, Tensors
 from nxcore.model_config import ModelConfig
 
 
-def stack_experts(take: Taker, cfg: ModelConfig, *, router: str, experts: str, names: tuple[str, str, str]) -> dict[str, torch.Tensor]:
+def stack_experts(take: Taker, cfg: ModelConfig, *, router: str, experts: str, names: tuple[str, str, str]) -> Tensors:
     """`names` are the per-expert (gate, up, down) tensor names under `experts.{j}.`."""
     gate_name, up_name, down_name = names
     gate_up, down = [], []
@@ -19,7 +19,7 @@ def stack_experts(take: Taker, cfg: ModelConfig, *, router: str, experts: str, n
             continue
         gate_up.append(torch.cat([gate, up], dim=0).t())  # [H, 2I]
         down.append(dn.t())  # [I, H]
-    out = {"mlp.router.weight": take(router)}
+    out: Tensors = {"mlp.router.weight": take(router)}
     if len(gate_up) == cfg.num_experts:
         out["mlp.gate_up"] = torch.stack(gate_up).contiguous()
         out["mlp.down"] = torch.stack(down).contiguous()

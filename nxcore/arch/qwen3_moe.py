@@ -34,8 +34,9 @@ def convert_mlp(take: Taker, cfg: ModelConfig, layer: int) -> dict:
     if not cfg.moe_layers[layer]:
         return convert_dense_mlp(take, cfg, layer)
     mlp = f"model.layers.{layer}.mlp."
-    return stack_experts(take, cfg, router=mlp + "gate.weight", experts=mlp + "experts.",
-                         names=("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+    return stack_experts(
+        take, cfg, router=mlp + "gate.weight", experts=mlp + "experts.", names=("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    )
 
 
 QWEN3_MOE = register(Architecture(model_type="qwen3_moe", read_config=read_config, convert_state_dict=make_converter(convert_mlp)))

@@ -27,7 +27,6 @@ from nxcore.modules.linear import Linear
 from nxcore.modules.norm import RMSNorm
 from nxcore.modules.rotary import apply_rotary
 
-NATIVE = native.available()
 """True when `nxcore::decode_attention` (C++) is loaded (see `nxcore.native`)."""
 
 
@@ -93,7 +92,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), ctx.cos, ctx.sin)
         k = apply_rotary(k.transpose(1, 2), ctx.cos, ctx.sin)
@@ -101,7 +100,7 @@ class Attention(nn.Module):
         if not ctx.prefill:
             cache.scatter(self.layer_idx, ctx.slot_ids, ctx.positions, k, v)
             mask = ctx.masks[self.sliding_window]
-            if NATIVE and q.device.type == "cpu":
+            if native.available() and q.device.type == "cpu":
                 k_buf, v_buf = cache.buffers_of(self.layer_idx)
                 out = torch.ops.nxcore.decode_attention(q, k_buf, v_buf, ctx.slot_ids, mask, self.scaling)
             else:
@@ -118,8 +117,7 @@ class Attention(nn.Module):
             if self.sliding_window is None:
                 out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scaling, enable_gqa=True)
             else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[self.sliding_window],
-                                                     scale=self.scaling, enable_gqa=True)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[self.sliding_window], scale=self.scaling, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -136,8 +134,15 @@ class Attention(nn.Module):
         return out.view(batch, self.num_heads, length, dim)
 
 
-if NATIVE:
-    @torch.library.register_fake("nxcore::decode_attention")
-    def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor, mask: torch.Tensor,
-          scale: float) -> torch.Tensor:
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
+def _fake_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@native.on_load
+def _define_shape(loaded: bool) -> None:
+    """The shape function of the C++ op `nxcore::decode_attention` (there is no Python op: without
+    the C++ ops decode attention gathers, then runs `_attend`)."""
+    if loaded:
+        torch.library.register_fake("nxcore::decode_attention")(_fake_decode_attention)

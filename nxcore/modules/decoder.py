@@ -25,8 +25,7 @@ class DecoderLayer(nn.Module):
     """Attention and MLP hold this rank's heads and intermediate units (row-parallel outputs are
     partial sums); the layer all-reduces them before the residual add."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, comm: TPComm | None = None, *,
-                 capacity_factor: float | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, comm: TPComm | None = None, *, capacity_factor: float | None = None) -> None:
         super().__init__()
         self.comm = _comm(cfg, comm)
         plan = self.comm.plan
@@ -74,16 +73,19 @@ class CausalLM(nn.Module):
     embedding all-reduces masked lookups, and `logits` returns this rank's vocabulary slice.
     """
 
-    def __init__(self, cfg: ModelConfig, *, slots: int, seq_len: int, dtype: torch.dtype, comm: TPComm | None = None,
-                 capacity_factor: float | None = None) -> None:
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+    """The rotary tables [seq_len, head_dim] (buffers)."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, slots: int, seq_len: int, dtype: torch.dtype, comm: TPComm | None = None, capacity_factor: float | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.comm = _comm(cfg, comm)
         plan = self.comm.plan
         self.embed_tokens = nn.Embedding(plan.vocab_per_rank, cfg.hidden_size)
-        self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, self.comm, capacity_factor=capacity_factor) for i in range(cfg.num_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.comm, capacity_factor=capacity_factor) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, plan.vocab_per_rank, bias=False)
         self.tie_weights()
@@ -115,8 +117,9 @@ class CausalLM(nn.Module):
             for buf in self.kv_cache.buffers():
                 buf.zero_()
 
-    def context(self, *, prefill: bool, slot_ids: torch.Tensor, positions: torch.Tensor,
-                key_positions: torch.Tensor | None = None) -> AttentionContext:
+    def context(
+        self, *, prefill: bool, slot_ids: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor | None = None
+    ) -> AttentionContext:
         """Rotary tables and masks for one call, computed once for all layers.
 
         Decode attends over cache positions `key_positions` [L] (default: the whole cache)."""
@@ -128,8 +131,7 @@ class CausalLM(nn.Module):
             key_positions = key_positions[None, :]
 
         # Prefill attention without a window is plain causal (see Attention.forward): no mask for it.
-        masks = {w: build_mask(q_pos=positions, k_pos=key_positions, window=w) for w in self.windows
-                 if not (prefill and w is None)}
+        masks = {w: build_mask(q_pos=positions, k_pos=key_positions, window=w) for w in self.windows if not (prefill and w is None)}
         return AttentionContext(
             prefill=prefill,
             slot_ids=slot_ids,

@@ -32,9 +32,6 @@ from torch.nn import functional as F
 from nxcore import native
 from nxcore.modules.eager import runs_eagerly
 
-NATIVE = native.available()
-"""True when `nxcore::linear` is the C++ op (see `nxcore.native`)."""
-
 _PACKED: dict[tuple[int, int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
 """(storage address, storage offset, shape, dtype) of a dense weight -> its oneDNN-packed copy."""
 
@@ -43,7 +40,7 @@ PACKABLE = (torch.bfloat16,)
 
 
 def _key(weight: torch.Tensor) -> tuple[int, int, tuple[int, ...], torch.dtype]:
-    return weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape), weight.dtype
+    return weight.untyped_storage().data_ptr(), int(weight.storage_offset()), tuple(weight.shape), weight.dtype
 
 
 def _python_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -54,8 +51,12 @@ def _python_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return _packed_linear(x, packed, bias, weight.shape[0])
 
 
-if not NATIVE:
-    torch.library.custom_op("nxcore::linear", _python_linear, mutates_args=())
+@native.on_load
+def _define_op(loaded: bool) -> None:
+    """`nxcore::linear` is the C++ op once loaded; else it is defined here. Its shape function either way."""
+    if not loaded:
+        torch.library.custom_op("nxcore::linear", _python_linear, mutates_args=())
+    torch.library.register_fake("nxcore::linear")(_fake_linear)
 
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
@@ -63,8 +64,7 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return out.view(*x.shape[:-1], out_features)
 
 
-@torch.library.register_fake("nxcore::linear")
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _fake_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -77,7 +77,7 @@ class Linear(nn.Linear):
     per decode step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not NATIVE and runs_eagerly(x):
+        if not native.available() and runs_eagerly(x):
             packed = _PACKED.get(_key(self.weight))
             if packed is not None:
                 return _packed_linear(x, packed, self.bias, self.weight.shape[0])
@@ -101,7 +101,7 @@ def prepack(model: nn.Module) -> int:
             key = _key(weight)
             if key not in _PACKED:
                 _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-                if NATIVE:
+                if native.available():
                     torch.ops.nxcore._register_packed(weight, _PACKED[key])
                 weights.append(weight)
     if weights:
@@ -128,5 +128,5 @@ def _drop_deferred() -> None:
     while _DEFERRED:
         for weight in _DEFERRED.pop():
             _PACKED.pop(_key(weight), None)
-            if NATIVE:
+            if native.available():
                 torch.ops.nxcore._unregister_packed(weight)

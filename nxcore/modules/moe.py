@@ -76,6 +76,7 @@ class MoE(nn.Module):
         return "gather" if tokens * self.top_k < self.num_experts else "dense"
 
     def capacity(self, tokens: int) -> int:
+        assert self.capacity_factor is not None, "capacity dispatch needs a capacity factor"
         return min(tokens, math.ceil(tokens * self.top_k * self.capacity_factor / self.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +100,7 @@ class MoE(nn.Module):
         """[T, local experts] routing weight of each local expert for each token (0 if not chosen)."""
         dense = torch.zeros(weights.shape[0], self.num_experts, dtype=weights.dtype, device=weights.device)
         dense = dense.scatter_add(1, experts, weights)
-        return dense[:, self.local.start:self.local.stop]
+        return dense[:, self.local.start : self.local.stop]
 
     def _dense(self, x: torch.Tensor, dense_weights: torch.Tensor) -> torch.Tensor:
         y = self._expert_mlp(x.unsqueeze(0), self.gate_up, self.down)  # [E_local, T, H]

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from nxcore import native
+from nxcore.compiled import ArtifactStore
 from nxcore.config import RuntimeConfig
-from nxcore.errors import TPRankError
-from nxcore.executor import GraphKey
-from nxcore.graphs import GraphInputs
+from nxcore.errors import EngineError, TPRankError
+from nxcore.graphs import GraphInputs, GraphKey
 from nxcore.kv_cache import KVSnapshot
 from nxcore.model_config import ModelConfig
 from nxcore.parallel.plan import ShardPlan, describe, make_plan
@@ -55,7 +56,7 @@ class TPExecutor:
         self._procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(rank, port, str(model_dir), model_config, config, threads, self._commands[rank], self._results),
+                args=(rank, port, str(model_dir), model_config, config, threads, native.settings(), self._commands[rank], self._results),
                 name=f"nxcore-tp-rank{rank}",
                 daemon=True,
             )
@@ -67,11 +68,16 @@ class TPExecutor:
         ready = self._collect("load", timeout=start_timeout)
         self.fingerprint: str = ready[0]
         self.scratch_slot: int = config.batch_size
+        self.store: ArtifactStore | None = None
+        """TP runs the eager backend only (see Engine.from_pretrained)."""
 
     # ------------------------------------------------------------------ calls
 
     def run(self, key: GraphKey, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
         return self._call("run", (key, inputs))[0]
+
+    def compile(self, key: GraphKey) -> None:
+        raise EngineError("the compile backend runs at tp_degree=1 only")
 
     def export_kv(self, slot: int, n_tokens: int, out: KVSnapshot | None = None) -> KVSnapshot:
         """Every rank's slice, reassembled into the logical layout (no replicas, no padding), into
@@ -160,18 +166,27 @@ class TPExecutor:
             p.join(timeout=5)
 
 
-def _rank_main(rank: int, port: int, model_dir: str, model_config: ModelConfig, config: RuntimeConfig, threads: int,
-               commands: mp.Queue, results: mp.Queue) -> None:
+def _rank_main(
+    rank: int,
+    port: int,
+    model_dir: str,
+    model_config: ModelConfig,
+    config: RuntimeConfig,
+    threads: int,
+    native_settings: native.Settings,
+    commands: mp.Queue,
+    results: mp.Queue,
+) -> None:
     """A TP rank: join the group, load this rank's slice, then serve commands until `stop`."""
     import torch.distributed as dist
 
+    native.configure(native_settings)  # the engine's process's choice, not this process's environment
     from nxcore.executor import GraphRunner
     from nxcore.loader import load_rank
 
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=config.tp_degree,
-                                timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=config.tp_degree, timeout=COLLECTIVE_TIMEOUT)
         model, fingerprint = load_rank(model_dir, model_config, config, rank=rank, group=dist.group.WORLD)
         runner = GraphRunner(model, config)
         plan = model.comm.plan
@@ -183,6 +198,7 @@ def _rank_main(rank: int, port: int, model_dir: str, model_config: ModelConfig, 
         op, payload = commands.get()
         if op == "stop":
             break
+        value: Any
         try:
             if op == "run":
                 outputs = runner.run(*payload)

@@ -95,6 +95,8 @@ def make_plan(cfg: ModelConfig, tp: int, ep: int = 1) -> ShardPlan:
             f"tp_degree={tp} cannot shard {heads} query heads and {kv} KV heads: valid TP degrees are 1..{heads} "
             f"(without padded heads: {unpadded_tp_degrees(cfg)})"
         )
+    q_heads: list[tuple[int | None, ...]]  # each rank's query heads; None for a padded (zero) head
+    kv_heads: list[tuple[int, ...]]
     if kv % tp == 0:
         strategy = GQAStrategy.SHARD
         kv_pr = kv // tp
@@ -139,6 +141,9 @@ def describe(plan: ShardPlan, cfg: ModelConfig) -> str:
         f"TP={plan.tp}: {plan.strategy} (query heads {cfg.num_heads}, KV heads {cfg.num_kv_heads}); per rank "
         f"{plan.q_per_rank} query heads ({padded} padded in all), {plan.kv_per_rank} KV heads, "
         f"intermediate {plan.intermediate_per_rank}, vocab {plan.vocab_per_rank}"
-        + (f", experts {len(plan.experts_of(0))} of {plan.num_experts} (EP={plan.ep}) x intermediate "
-           f"{plan.moe_intermediate_per_rank}" if plan.num_experts else "")
+        + (
+            f", experts {len(plan.experts_of(0))} of {plan.num_experts} (EP={plan.ep}) x intermediate {plan.moe_intermediate_per_rank}"
+            if plan.num_experts
+            else ""
+        )
     )

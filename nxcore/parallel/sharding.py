@@ -28,7 +28,7 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _slice_rows(t: torch.Tensor, rank: int, per_rank: int) -> torch.Tensor:
-    return _pad_rows(t, per_rank * (rank + 1))[rank * per_rank:(rank + 1) * per_rank].clone()
+    return _pad_rows(t, per_rank * (rank + 1))[rank * per_rank : (rank + 1) * per_rank].clone()
 
 
 def shard_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, plan: ShardPlan, rank: int) -> dict[str, torch.Tensor]:
@@ -52,12 +52,14 @@ def shard_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, plan: Sha
             out[name] = _slice_rows(t.t(), rank, inter).t().contiguous()
         elif name.endswith("mlp.gate_up"):  # [E, H, 2I]: this rank's experts, its slice of I
             experts, part = plan.experts_of(rank), plan.moe_slice_of(rank)
-            gate, up = t[experts.start:experts.stop].chunk(2, dim=-1)
+            gate, up = t[experts.start : experts.stop].chunk(2, dim=-1)
             moe = plan.moe_intermediate_per_rank
             out[name] = torch.cat([_slice_rows(g.transpose(0, 2), part, moe).transpose(0, 2) for g in (gate, up)], dim=-1).contiguous()
         elif name.endswith("mlp.down"):  # [E, I, H]
             experts, part = plan.experts_of(rank), plan.moe_slice_of(rank)
-            out[name] = _slice_rows(t[experts.start:experts.stop].transpose(0, 1), part, plan.moe_intermediate_per_rank).transpose(0, 1).contiguous()
+            out[name] = (
+                _slice_rows(t[experts.start : experts.stop].transpose(0, 1), part, plan.moe_intermediate_per_rank).transpose(0, 1).contiguous()
+            )
         elif name.endswith("attn.o_proj.bias") or name.endswith("mlp.down_proj.bias"):
             out[name] = t.clone() if rank == 0 else torch.zeros_like(t)
         else:  # norms: replicated

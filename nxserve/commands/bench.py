@@ -36,7 +36,6 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         ("serve", "load generator for a running server: latency percentiles and throughput per rate or concurrency"),
     ):
         module = _bench_module(name)
-        b = benchmarks.add_parser(name, help=summary, description=module.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        b = benchmarks.add_parser(name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(b)
         b.set_defaults(func=module.run)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+import grpc
+
+
 def token_ids(text: str) -> list[int]:
     try:
         ids = [int(part) for part in text.split(",") if part.strip()]
@@ -18,7 +21,7 @@ def token_ids(text: str) -> list[int]:
 class AppendPrompt(argparse.Action):
     """Collect --prompt and --prompt-ids in command-line order as ("text", str) / ("ids", list)."""
 
-    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+    def __call__(self, parser, namespace, values, option_string=None):
         kind = "ids" if option_string == "--prompt-ids" else "text"
         prompts = list(getattr(namespace, self.dest) or [])
         prompts.append((kind, values))
@@ -36,7 +39,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop-token-ids", type=token_ids, default=[], help="comma-separated token ids that end a request")
 
 
-def rpc_failed(command: str, exc: Exception) -> int:
+def rpc_failed(command: str, exc: grpc.RpcError) -> int:
     """Report a failed gRPC call (grpc.RpcError) as `nxserve COMMAND: error: CODE: details`."""
     print(f"nxserve {command}: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
     return 2

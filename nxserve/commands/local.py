@@ -29,7 +29,9 @@ def add_make_model(sub: argparse._SubParsersAction) -> None:
         description="Write a seeded random-weight checkpoint in real Hugging Face format, for tests and demos.",
     )
     p.add_argument("--arch", choices=ARCHS, required=True, help="architecture (model_type)")
-    p.add_argument("--preset", choices=PRESETS, default="tiny", help="tiny: a few MB, for tests; small: ~100M+ params, for benchmarks (default: tiny)")
+    p.add_argument(
+        "--preset", choices=PRESETS, default="tiny", help="tiny: a few MB, for tests; small: ~100M+ params, for benchmarks (default: tiny)"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and tokenizer (default: 0)")
     p.set_defaults(func=_cmd_make_model)
@@ -45,9 +47,14 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", dest="prompts", action=AppendPrompt, metavar="TEXT", help="prompt text (repeatable)")
     p.add_argument("--prompt-ids", dest="prompts", action=AppendPrompt, type=token_ids, metavar="1,2,3", help="prompt as token ids (repeatable)")
     add_sampling_flags(p)
-    EngineFlags.add_to(p, helps={"batch_size": "decode slots (default: the number of prompts)",
-                                 "seq_len": "tokens per slot, prompt + output (default: fits the longest prompt plus "
-                                            "--max-new-tokens; capped at the model's max_position_embeddings)"})
+    EngineFlags.add_to(
+        p,
+        helps={
+            "batch_size": "decode slots (default: the number of prompts)",
+            "seq_len": "tokens per slot, prompt + output (default: fits the longest prompt plus "
+            "--max-new-tokens; capped at the model's max_position_embeddings)",
+        },
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt: prompt_ids, output_ids, text, finish_reason")
     p.set_defaults(func=_cmd_generate)
 
@@ -69,19 +76,32 @@ def add_compile(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--for", dest="targets", choices=["all", *SERVICE_DEFAULTS, "engine"], default="all",
-                   help="compile the prefill service's graphs, the decode service's, or both (default: all); engine: "
-                        "every graph of one config, for an in-process engine (nxserve generate, the Python API; unset "
-                        "flags take the decode service's defaults). --batch-size and --seq-len, when given, apply to all")
+    p.add_argument(
+        "--for",
+        dest="targets",
+        choices=["all", *SERVICE_DEFAULTS, "engine"],
+        default="all",
+        help="compile the prefill service's graphs, the decode service's, or both (default: all); engine: "
+        "every graph of one config, for an in-process engine (nxserve generate, the Python API; unset "
+        "flags take the decode service's defaults). --batch-size and --seq-len, when given, apply to all",
+    )
     defaults = ", ".join(f"{name} {d['batch_size']}" for name, d in SERVICE_DEFAULTS.items())
     seq_lens = ", ".join(f"{name} {d['seq_len']}" for name, d in SERVICE_DEFAULTS.items())
-    EngineFlags.add_to(p, exclude=("speculation", "speculation_length", "backend"),
-                       helps={"batch_size": f"decode slots (default: the service's: {defaults})",
-                              "seq_len": f"tokens per slot, prompt + output (default: the service's: {seq_lens}; capped "
-                                         "at the model's max_position_embeddings)"})
-    p.add_argument("--speculation-length", type=int, default=0,
-                   help="also compile the decode config's speculation graphs for this many proposed tokens, for a decode "
-                        "service started with --speculation and the same --speculation-length (default: 0, none)")
+    EngineFlags.add_to(
+        p,
+        exclude=("speculation", "speculation_length", "backend"),
+        helps={
+            "batch_size": f"decode slots (default: the service's: {defaults})",
+            "seq_len": f"tokens per slot, prompt + output (default: the service's: {seq_lens}; capped at the model's max_position_embeddings)",
+        },
+    )
+    p.add_argument(
+        "--speculation-length",
+        type=int,
+        default=0,
+        help="also compile the decode config's speculation graphs for this many proposed tokens, for a decode "
+        "service started with --speculation and the same --speculation-length (default: 0, none)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the graphs that would be compiled and exit")
     p.set_defaults(func=_cmd_compile, backend="compile")
 
@@ -109,21 +129,25 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             builds.append((config, SERVICE_GRAPHS[target]))
     flags.apply_threads()
     for config, graphs in builds:
-        engine = Engine.from_pretrained(args.model, config, compile_cache=flags.load_options()["compile_cache"],
-                                        compile_on_demand=True, graphs=graphs)
+        engine = Engine.from_pretrained(
+            args.model, config, compile_cache=flags.load_options()["compile_cache"], compile_on_demand=True, graphs=graphs
+        )
         store = engine.artifacts
         missing = engine.missing_graphs()
-        print(f"{len(missing)} graph(s) to compile ({graphs} graphs) for batch size {config.batch_size}, context batch "
-              f"{config.ctx_batch_size}, seq_len {config.seq_len} into {store.dir}", file=sys.stderr)
+        print(
+            f"{len(missing)} graph(s) to compile ({graphs} graphs) for batch size {config.batch_size}, context batch "
+            f"{config.ctx_batch_size}, seq_len {config.seq_len} into {store.dir}",
+            file=sys.stderr,
+        )
         if args.dry_run:
             for key in missing:
-                print(" ".join(map(str, key)))
+                print(" ".join(map(str, key.to_list())))
             engine.close()
             continue
         start = time.perf_counter()
         with tqdm(missing, unit="graph", file=sys.stderr, disable=None) as bar:
             for key in bar:
-                bar.set_postfix_str(f"{key[0]} rows={key[1]} width={key[2]} kv={key[3]}")
+                bar.set_postfix_str(str(key))
                 engine.compile_graph(key)
         engine.close()
         print(f"compiled {len(missing)} graph(s) in {time.perf_counter() - start:.1f}s: {store.dir}", file=sys.stderr)
@@ -160,8 +184,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompts = [tokenizer.encode(value) if kind == "text" else value for kind, value in args.prompts]
     max_positions = read_hf_config(args.model).max_position_embeddings
     flags = EngineFlags.from_args(args, environ=os.environ)
-    config = flags.runtime_config(max_positions=max_positions, batch_size=len(prompts),
-                                  seq_len=_seq_len_for([len(p) for p in prompts], args.max_new_tokens, max_positions))
+    config = flags.runtime_config(
+        max_positions=max_positions, batch_size=len(prompts), seq_len=_seq_len_for([len(p) for p in prompts], args.max_new_tokens, max_positions)
+    )
     if flags.speculation:
         config = config.replace(speculation_length=flags.speculation_length)
     flags.apply_threads()
@@ -169,21 +194,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine.from_pretrained(args.model, config, **flags.load_options())
     proposer = build_proposer(flags.speculation, engine, **flags.load_options())
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    stopping = StoppingCriteria(
-        max_new_tokens=args.max_new_tokens, stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos
-    )
+    stopping = StoppingCriteria(max_new_tokens=args.max_new_tokens, stop_token_ids=tuple(args.stop_token_ids), ignore_eos=args.ignore_eos)
     start = time.perf_counter()
     results = generate(engine, prompts, sampling=sampling, stopping=stopping, proposer=proposer)
     elapsed = time.perf_counter() - start
     for i, result in enumerate(results):
         text = tokenizer.decode(result.output_ids)
         if args.json:
-            print(json.dumps({
-                "prompt_ids": result.prompt_ids,
-                "output_ids": result.output_ids,
-                "text": text,
-                "finish_reason": str(result.finish_reason),
-            }, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "prompt_ids": result.prompt_ids,
+                        "output_ids": result.output_ids,
+                        "text": text,
+                        "finish_reason": str(result.finish_reason),
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             if len(results) > 1:
                 print(f"--- [{i}] {tokenizer.decode(result.prompt_ids)!r}")
@@ -191,8 +219,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     engine.close()
     if proposer is not None:
         st = proposer.stats
-        log.info("speculation (%s, k=%d): %d rounds, acceptance rate %.2f, %.2f tokens per round",
-                 args.speculation, args.speculation_length, st.rounds, st.acceptance_rate, st.tokens_per_round)
+        log.info(
+            "speculation (%s, k=%d): %d rounds, acceptance rate %.2f, %.2f tokens per round",
+            args.speculation,
+            args.speculation_length,
+            st.rounds,
+            st.acceptance_rate,
+            st.tokens_per_round,
+        )
     total = sum(len(r.output_ids) for r in results)
     log.info("generated %d tokens for %d prompts in %.2fs (%.1f tokens/s)", total, len(results), elapsed, total / max(elapsed, 1e-9))
     return 0

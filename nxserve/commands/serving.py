@@ -16,19 +16,31 @@ log = logging.getLogger("nxserve")
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the commands that start a LocalCluster (up, demo)."""
-    p.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: a tiny random-weight llama at .cache/models/tiny-llama, written if missing)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face checkpoint directory (default: a tiny random-weight llama at .cache/models/tiny-llama, written if missing)",
+    )
     p.add_argument("--decode-replicas", type=int, default=2, help="decode processes (default: 2)")
     p.add_argument("--log-dir", default=None, help="directory for the services' logs (default: a temporary directory, removed after a clean stop)")
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds every service gets to report SERVING (default: 120)")
-    p.add_argument("--kv-shm-dir", default=None, metavar="DIR|none",
-                   help="shared-memory directory for KV hand-off between the services (default: the services', /dev/shm)")
+    p.add_argument(
+        "--kv-shm-dir",
+        default=None,
+        metavar="DIR|none",
+        help="shared-memory directory for KV hand-off between the services (default: the services', /dev/shm)",
+    )
     p.add_argument("--prefill-tp", type=int, default=None, help="tensor-parallel degree of the prefill service (default: --tp)")
     p.add_argument("--decode-tp", type=int, default=None, help="tensor-parallel degree of each decode replica (default: --tp)")
-    EngineFlags.add_to(p, unset=True, helps={
-        "batch_size": "decode slots per decode replica, and prefill's context-encoding batch unless --ctx-batch-size is "
-                      "given (default: the services': decode 8, prefill 4)",
-        "seq_len": "tokens per slot, prompt + output (default: the services', 1024)",
-    })
+    EngineFlags.add_to(
+        p,
+        unset=True,
+        helps={
+            "batch_size": "decode slots per decode replica, and prefill's context-encoding batch unless --ctx-batch-size is "
+            "given (default: the services': decode 8, prefill 4)",
+            "seq_len": "tokens per slot, prompt + output (default: the services', 1024)",
+        },
+    )
     for group in p._action_groups:  # say where the flags go
         if group.title in ("engine", "speculative decoding"):
             group.title += " (passed to every service; unset flags keep the services' defaults)"
@@ -70,7 +82,14 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", dest="prompts", action=AppendPrompt, metavar="TEXT", help="prompt text, tokenized by the server (repeatable)")
     p.add_argument("--prompt-ids", dest="prompts", action=AppendPrompt, type=token_ids, metavar="1,2,3", help="prompt as token ids (repeatable)")
     add_sampling_flags(p)
-    p.add_argument("--stop", dest="stop_strings", action="append", default=[], metavar="TEXT", help="string that ends a request; the text stops before it (repeatable)")
+    p.add_argument(
+        "--stop",
+        dest="stop_strings",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="string that ends a request; the text stops before it (repeatable)",
+    )
     p.add_argument("--timeout", type=float, default=None, help="deadline per request in seconds (default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt: prompt_ids, output_ids, text, finish_reason")
     p.set_defaults(func=_cmd_client)
@@ -99,16 +118,30 @@ async def _run_client(args: argparse.Namespace) -> None:
 
     prompts = [value for _, value in args.prompts]
     options = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop_token_ids=args.stop_token_ids, stop_strings=args.stop_strings, ignore_eos=args.ignore_eos,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=args.stop_token_ids,
+        stop_strings=args.stop_strings,
+        ignore_eos=args.ignore_eos,
     )
     async with AsyncClient(args.target, timeout=args.timeout) as client:
         if args.json:
             results = await asyncio.gather(*(client.generate_text(p, **options) for p in prompts))
             for r in results:
-                print(json.dumps({
-                    "prompt_ids": r.prompt_ids, "output_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason,
-                }, ensure_ascii=False))
+                print(
+                    json.dumps(
+                        {
+                            "prompt_ids": r.prompt_ids,
+                            "output_ids": r.output_ids,
+                            "text": r.text,
+                            "finish_reason": r.finish_reason,
+                        },
+                        ensure_ascii=False,
+                    )
+                )
             return
         # Every request is in flight at once; the outputs are shown in order, the first one live.
         streams = [client.generate(p, **options) for p in prompts]
@@ -134,7 +167,7 @@ def _default_model() -> str:
     return str(path)
 
 
-def _cluster_from_args(args: argparse.Namespace):  # noqa: ANN202 (a LocalCluster, imported lazily)
+def _cluster_from_args(args: argparse.Namespace):
     """The LocalCluster `up` or `demo` starts: every engine flag given goes to every service, but
     --prefill-tp and --decode-tp (each defaulting to --tp) to one side."""
     from nxserve.cluster import LocalCluster
@@ -146,12 +179,18 @@ def _cluster_from_args(args: argparse.Namespace):  # noqa: ANN202 (a LocalCluste
     prefill_args = ["--tp", str(prefill_tp)] if prefill_tp else []
     decode_args = ["--tp", str(decode_tp)] if decode_tp else []
     return LocalCluster(
-        args.model or _default_model(), decode_replicas=args.decode_replicas, port=args.port, engine_args=engine_args,
-        prefill_args=prefill_args, decode_args=decode_args, log_dir=args.log_dir, startup_timeout=args.startup_timeout,
+        args.model or _default_model(),
+        decode_replicas=args.decode_replicas,
+        port=args.port,
+        engine_args=engine_args,
+        prefill_args=prefill_args,
+        decode_args=decode_args,
+        log_dir=args.log_dir,
+        startup_timeout=args.startup_timeout,
     )
 
 
-def _serve_until_signal(command: str, cluster) -> int:  # noqa: ANN001
+def _serve_until_signal(command: str, cluster) -> int:
     """Block until Ctrl-C, SIGTERM or SIGHUP (0), or until a service exits on its own (2)."""
     import signal
     import threading
@@ -177,8 +216,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     try:
         with _cluster_from_args(args) as cluster:
-            print(f"nxserve: serving nxserve.v1.Generation on {cluster.target} "
-                  f"(decode replicas: {', '.join(cluster.decode_targets)}); Ctrl-C stops", flush=True)
+            print(
+                f"nxserve: serving nxserve.v1.Generation on {cluster.target} (decode replicas: {', '.join(cluster.decode_targets)}); Ctrl-C stops",
+                flush=True,
+            )
             return _serve_until_signal(args.command, cluster)
     except ClusterError as exc:
         print(f"nxserve {args.command}: error: {exc}", file=sys.stderr)
@@ -220,15 +261,17 @@ async def _run_demo(target: str) -> None:
     prompts = ["The quick brown fox", "Once upon a time", "The capital of France is", "In a galaxy far away"]
     async with AsyncClient(target, timeout=120) as client:
         info = await client.model_info()
-        print(f"model {info['model']}: {info['architecture']}, {info['dtype']}, {info['decode_replicas']} decode "
-              f"replica(s) x {info['batch_size']} slots, up to {info['max_total_tokens']} tokens per sequence", flush=True)
+        print(
+            f"model {info['model']}: {info['architecture']}, {info['dtype']}, {info['decode_replicas']} decode "
+            f"replica(s) x {info['batch_size']} slots, up to {info['max_total_tokens']} tokens per sequence",
+            flush=True,
+        )
 
         async def run(i: int, prompt: str) -> None:
             r = await client.generate_text(prompt, max_new_tokens=24, ignore_eos=True)
             ttft = f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "n/a"
             speed = f"{r.decode_tokens_per_s:.1f} tokens/s" if r.decode_tokens_per_s else "n/a"
-            print(f"[{i}] {prompt!r} -> {r.text!r}\n    {len(r.output_ids)} tokens ({r.finish_reason}), "
-                  f"TTFT {ttft}, decode {speed}", flush=True)
+            print(f"[{i}] {prompt!r} -> {r.text!r}\n    {len(r.output_ids)} tokens ({r.finish_reason}), TTFT {ttft}, decode {speed}", flush=True)
 
         start = time.perf_counter()
         await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)))

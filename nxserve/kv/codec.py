@@ -67,12 +67,14 @@ class Layout:
 
     @classmethod
     def from_pb(cls, layout: decode_pb2.KvLayout) -> Layout:
-        return cls(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, n_tokens=layout.n_tokens,
-                   head_dim=layout.head_dim, dtype=layout.dtype)
+        return cls(
+            num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, n_tokens=layout.n_tokens, head_dim=layout.head_dim, dtype=layout.dtype
+        )
 
     def to_pb(self) -> decode_pb2.KvLayout:
-        return decode_pb2.KvLayout(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                                   n_tokens=self.n_tokens, dtype=self.dtype)
+        return decode_pb2.KvLayout(
+            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, n_tokens=self.n_tokens, dtype=self.dtype
+        )
 
 
 def as_bytes(t: torch.Tensor) -> np.ndarray:
@@ -91,7 +93,7 @@ def views(raw: torch.Tensor, layouts: Sequence[Layout]) -> list[KVSnapshot]:
     snapshots, offset = [], 0
     for layout in layouts:
         half = layout.nbytes // 2
-        k, v = (raw[start:start + half].view(layout.torch_dtype).view(layout.shape) for start in (offset, offset + half))
+        k, v = (raw[start : start + half].view(layout.torch_dtype).view(layout.shape) for start in (offset, offset + half))
         snapshots.append(KVSnapshot(keys=k, values=v))
         offset += layout.nbytes
     return snapshots
@@ -148,9 +150,9 @@ def iter_chunks(kv: KVSnapshot, *, max_bytes: int = DEFAULT_CHUNK_BYTES) -> Iter
     whole_tokens = kv.n_tokens
     for l0, l1, t0, t1 in _spans(kv.keys.shape, kv.keys.element_size(), max_bytes):
         if t0 == 0 and t1 == whole_tokens:  # whole layers: each block is one contiguous run
-            parts = (memoryview(keys[l0:l1]).cast("B"), memoryview(values[l0:l1]).cast("B"))
+            parts: tuple[memoryview, ...] = (keys[l0:l1].data.cast("B"), values[l0:l1].data.cast("B"))
         else:  # part of one layer's tokens: one contiguous run per KV head
-            parts = tuple(memoryview(block[l0, h, t0:t1]).cast("B") for block in (keys, values) for h in range(block.shape[1]))
+            parts = tuple(block[l0, h, t0:t1].data.cast("B") for block in (keys, values) for h in range(block.shape[1]))
         yield KVChunk(layer_start=l0, layer_end=l1, token_start=t0, token_end=t1, parts=parts, crc32=crc32_of(parts))
 
 
@@ -227,8 +229,14 @@ def _varint(value: int) -> bytes:
 def encode_chunk(chunk: KVChunk, *, kv_set: int) -> bytes:
     """`DecodeRequest(chunk=KvChunk(...))` serialized; the chunk's parts are copied once, into it.
     Protobuf encodes the small fields; the data field follows them (parsers take fields in any order)."""
-    head = decode_pb2.KvChunk(layer_start=chunk.layer_start, layer_end=chunk.layer_end, token_start=chunk.token_start,
-                              token_end=chunk.token_end, crc32=chunk.crc32, kv_set=kv_set).SerializeToString()
+    head = decode_pb2.KvChunk(
+        layer_start=chunk.layer_start,
+        layer_end=chunk.layer_end,
+        token_start=chunk.token_start,
+        token_end=chunk.token_end,
+        crc32=chunk.crc32,
+        kv_set=kv_set,
+    ).SerializeToString()
     head += _varint(_DATA_FIELD << 3 | _LEN) + _varint(chunk.nbytes)
     prefix = _varint(_CHUNK_TAG) + _varint(len(head) + chunk.nbytes) + head
     return b"".join((prefix, *chunk.parts))
@@ -236,7 +244,11 @@ def encode_chunk(chunk: KVChunk, *, kv_set: int) -> bytes:
 
 def serialize_request(message: DecodeMessage | bytes) -> bytes:
     """Request serializer of the Decode stream: messages, or chunks already encoded by `encode_chunk`."""
-    return message if isinstance(message, bytes) else message.SerializeToString()
+    if isinstance(message, bytes):
+        return message
+    if isinstance(message, ChunkMessage):
+        raise TypeError("a chunk is sent as the bytes encode_chunk makes")
+    return message.SerializeToString()
 
 
 def parse_request(data: bytes) -> DecodeMessage:
@@ -249,13 +261,14 @@ def parse_request(data: bytes) -> DecodeMessage:
     if message.WhichOneof("kind") != "chunk":
         return message
     c = message.chunk
-    chunk = KVChunk(layer_start=c.layer_start, layer_end=c.layer_end, token_start=c.token_start, token_end=c.token_end,
-                    parts=(memoryview(c.data),), crc32=c.crc32)
+    chunk = KVChunk(
+        layer_start=c.layer_start, layer_end=c.layer_end, token_start=c.token_start, token_end=c.token_end, parts=(memoryview(c.data),), crc32=c.crc32
+    )
     return ChunkMessage(chunk=chunk, kv_set=c.kv_set)
 
 
 def message_kind(message: DecodeMessage) -> str | None:
-    """"header", "chunk", "commit", or None for an empty request."""
+    """ "header", "chunk", "commit", or None for an empty request."""
     return "chunk" if isinstance(message, ChunkMessage) else message.WhichOneof("kind")
 
 
@@ -299,7 +312,7 @@ def _parse_chunk(data: bytes) -> ChunkMessage | None:
                 if pos + size > len(view) or number in _UINT32_FIELDS:
                     return None
                 if number == _DATA_FIELD:
-                    payload = view[pos:pos + size]
+                    payload = view[pos : pos + size]
                 pos += size
             elif wire in (_I64, _I32) and number not in _UINT32_FIELDS and number != _DATA_FIELD:
                 pos += 8 if wire == _I64 else 4
@@ -319,8 +332,10 @@ class DecodeStub(decode_pb2_grpc.DecodeStub):
     def __init__(self, channel: grpc.aio.Channel | grpc.Channel) -> None:
         super().__init__(channel)
         self.Decode = channel.stream_stream(
-            DECODE_METHOD, request_serializer=serialize_request,
-            response_deserializer=decode_pb2.DecodeResponse.FromString, _registered_method=True,
+            DECODE_METHOD,
+            request_serializer=serialize_request,
+            response_deserializer=decode_pb2.DecodeResponse.FromString,
+            _registered_method=True,
         )
 
 
@@ -328,11 +343,13 @@ def add_decode_servicer(servicer: decode_pb2_grpc.DecodeServicer, server: grpc.a
     """`decode_pb2_grpc.add_DecodeServicer_to_server`, with Decode's requests decoded by `parse_request`."""
     handlers = {
         "Decode": grpc.stream_stream_rpc_method_handler(
-            servicer.Decode, request_deserializer=parse_request,
-            response_serializer=decode_pb2.DecodeResponse.SerializeToString),
+            servicer.Decode, request_deserializer=parse_request, response_serializer=decode_pb2.DecodeResponse.SerializeToString
+        ),
         "GetLoad": grpc.unary_unary_rpc_method_handler(
-            servicer.GetLoad, request_deserializer=decode_pb2.GetLoadRequest.FromString,
-            response_serializer=decode_pb2.GetLoadResponse.SerializeToString),
+            servicer.GetLoad,
+            request_deserializer=decode_pb2.GetLoadRequest.FromString,
+            response_serializer=decode_pb2.GetLoadResponse.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
@@ -365,6 +382,7 @@ class DecodeRequests:
         if kind != "header":
             self.sender_done = kind == "commit"
             raise InvalidRequest(f"a Decode stream must start with a header, not a {kind}")
+        assert isinstance(first, decode_pb2.DecodeRequest)
         if first.header.HasField("shared_kv"):
             self.sender_done = True
         return first.header

@@ -12,6 +12,7 @@ that starts in the directory can tell a leftover of a crashed one and remove it 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -65,10 +66,8 @@ def valid_arena_name(name: str) -> bool:
 
 def remove_file(directory: Path, name: str) -> None:
     """Remove a file of `directory` if it is still there."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(Path(directory) / name)
-    except FileNotFoundError:
-        pass
 
 
 def remove_stale(directory: Path) -> list[str]:
@@ -206,7 +205,7 @@ class KVArena:
         offset = self._allocate(size)
         if offset is None:
             return None
-        raw = torch.from_numpy(self._bytes[offset:offset + size])
+        raw = torch.from_numpy(self._bytes[offset : offset + size])
         return Region(self, offset, size, views(raw, layouts))
 
     def put(self, snapshots: Sequence[KVSnapshot]) -> Region | None:
@@ -218,7 +217,7 @@ class KVArena:
             return None
         pos = offset
         for part in parts:  # numpy, not torch: no OpenMP team on the calling thread
-            self._bytes[pos:pos + part.nbytes] = part
+            self._bytes[pos : pos + part.nbytes] = part
             pos += part.nbytes
         region = Region(self, offset, size, ())
         region.seal()
@@ -226,8 +225,7 @@ class KVArena:
 
     def describe(self, offset: int, size: int) -> SharedRegion:
         """The region [offset, offset + size) as a receiver is told of it, with its CRC-32 now."""
-        return SharedRegion(name=self.name, offset=offset, nbytes=size,
-                            crc32=isal_zlib.crc32(memoryview(self._bytes[offset:offset + size])))
+        return SharedRegion(name=self.name, offset=offset, nbytes=size, crc32=isal_zlib.crc32(self._bytes[offset : offset + size].data))
 
     def free(self, offset: int, nbytes: int) -> None:
         """Make [offset, offset + nbytes) free again: `Region.release`, which calls it once per region."""
@@ -248,7 +246,7 @@ class KVArena:
         with self._lock:
             for i, (offset, length) in enumerate(self._free):
                 if length >= size:
-                    self._free[i:i + 1] = [(offset + size, length - size)] if length > size else []
+                    self._free[i : i + 1] = [(offset + size, length - size)] if length > size else []
                     return offset
         return None
 
@@ -323,9 +321,10 @@ class SharedKVReader:
             raise KVCorrupted(f"shared KV region of {region.nbytes} bytes, the layouts need {expected}")
         mapping = self._mapping(region.name)
         if region.offset < 0 or region.offset + region.nbytes > len(mapping):
-            raise KVCorrupted(f"shared KV region [{region.offset}, {region.offset + region.nbytes}) is outside "
-                              f"arena {region.name} of {len(mapping)} bytes")
-        raw = memoryview(mapping)[region.offset:region.offset + region.nbytes]
+            raise KVCorrupted(
+                f"shared KV region [{region.offset}, {region.offset + region.nbytes}) is outside arena {region.name} of {len(mapping)} bytes"
+            )
+        raw = memoryview(mapping)[region.offset : region.offset + region.nbytes]
         snapshots = views(torch.frombuffer(mapping, dtype=torch.uint8, count=region.nbytes, offset=region.offset), layouts)
         return SharedKV(raw=raw, crc32=region.crc32, snapshots=snapshots)
 

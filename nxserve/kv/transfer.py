@@ -125,8 +125,13 @@ class KVSender:
                 log.info("removed %s from %s: the service that made it is gone", name, shm_dir)
             arena = KVArena(shm_dir, arena_bytes)
         except OSError as exc:
-            log.warning("KV through shared memory is off: cannot reserve a %d-byte arena in --kv-shm-dir %s (%s); "
-                        "give the directory more room or lower --kv-shm-bytes", arena_bytes, shm_dir, exc.strerror or exc)
+            log.warning(
+                "KV through shared memory is off: cannot reserve a %d-byte arena in --kv-shm-dir %s (%s); "
+                "give the directory more room or lower --kv-shm-bytes",
+                arena_bytes,
+                shm_dir,
+                exc.strerror or exc,
+            )
             return cls(arena=None, chunk_bytes=chunk_bytes)
         log.info("KV arena %s/%s: %d MiB for decode replicas that share the directory", shm_dir, arena.name, arena_bytes >> 20)
         return cls(arena=arena, chunk_bytes=chunk_bytes)
@@ -135,8 +140,9 @@ class KVSender:
         """Whether a replica advertising `probe` (GetLoad's shm_probe) sees this sender's arena directory."""
         return self.arena is not None and sees_probe(self.arena.directory, probe)
 
-    async def send(self, call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeHeader, kv: OutboundKV, *,
-                   shared_memory: bool, peer: str) -> Transfer:
+    async def send(
+        self, call: grpc.aio.StreamStreamCall, header: decode_pb2.DecodeHeader, kv: OutboundKV, *, shared_memory: bool, peer: str
+    ) -> Transfer:
         """Send `header` (its layouts filled in here) and the KV on `call`, a Decode stream of
         `nxserve.kv.codec.DecodeStub`, and wait for the ack. Through the arena when `shared_memory`
         (the replica sees the arena's directory) and the KV is in a region or fits in a free one
@@ -150,8 +156,7 @@ class KVSender:
             message.header.draft_layout.CopyFrom(kv.layouts[1].to_pb())
         region = self._region(kv) if shared_memory else None
         if region is not None:
-            message.header.shared_kv.CopyFrom(decode_pb2.SharedKv(
-                name=region.name, offset=region.offset, nbytes=region.nbytes, crc32=region.crc32))
+            message.header.shared_kv.CopyFrom(decode_pb2.SharedKv(name=region.name, offset=region.offset, nbytes=region.nbytes, crc32=region.crc32))
         try:
             await call.write(message)
             if region is None:
@@ -170,8 +175,9 @@ class KVSender:
             raise ReplicaFailed(f"{peer}: the decode replica answered the KV with a {ack.WhichOneof('kind')}, not an ack")
         seconds = time.perf_counter() - start - ack.ack.queue_ms / 1000
         await call.done_writing()
-        return Transfer(bytes_sent=sent, seconds=seconds, queue_ms=ack.ack.queue_ms, slot=ack.ack.slot,
-                        transport=SHM if region is not None else CHUNKS)
+        return Transfer(
+            bytes_sent=sent, seconds=seconds, queue_ms=ack.ack.queue_ms, slot=ack.ack.slot, transport=SHM if region is not None else CHUNKS
+        )
 
     def _region(self, kv: OutboundKV) -> SharedRegion | None:
         """The sealed region holding the KV: the one it was exported into, else a copy into a free
@@ -275,8 +281,9 @@ class KVReceiver:
             try:
                 shared = self.reader.read(region, layouts)
             except SharedMemoryUnreadable as exc:
-                raise SharedMemoryUnreadable(f"{exc}: the sender does not share this replica's --kv-shm-dir "
-                                             f"({self.reader.directory}), send chunks") from None
+                raise SharedMemoryUnreadable(
+                    f"{exc}: the sender does not share this replica's --kv-shm-dir ({self.reader.directory}), send chunks"
+                ) from None
             self.received[SHM] += 1
             return ReceivedKV(snapshots=shared.snapshots, transport=SHM, nbytes=region.nbytes, shared=shared)
         assemblers = [KVAssembler(layout) for layout in layouts]

@@ -39,7 +39,7 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _flag(default: Any, help: str, *, unset: str = "", group: str = "engine", **argparse_kwargs: Any) -> Any:  # noqa: A002
+def _flag(default: Any, help: str, *, unset: str = "", group: str = "engine", **argparse_kwargs: Any) -> Any:
     """A field of EngineFlags: its default, help (without the default, which `add_to` appends; `unset`
     says what a None default means) and argparse settings."""
     return dataclasses.field(default=default, metadata={"help": help, "unset": unset, "group": group, "argparse": argparse_kwargs})
@@ -50,34 +50,53 @@ class EngineFlags:
     """The engine's flags; a field `name` is the flag `--name` (underscores as dashes). None means
     the command decides (a service's default, or one fitted to the prompts for `generate`)."""
 
-    dtype: str = _flag("auto", "weights/activations/KV dtype; auto is the checkpoint's own",
-                       choices=["auto", "float32", "bfloat16", "float16"])
+    dtype: str = _flag("auto", "weights/activations/KV dtype; auto is the checkpoint's own", choices=["auto", "float32", "bfloat16", "float16"])
     batch_size: int | None = _flag(None, "decode slots", type=int)
     ctx_batch_size: int | None = _flag(None, "prompts per context-encoding call", unset="the batch size", type=int)
     seq_len: int | None = _flag(None, "tokens per slot, prompt + output; capped at the model's max_position_embeddings", type=int)
-    buckets: tuple[int, ...] | None = _flag(None, "context-encoding bucket lengths, e.g. 128,512,2048",
-                                            unset="powers of two from 128 to seq-len, plus seq-len", type=int_list)
-    backend: str = _flag("eager", "graph backend: eager runs the PyTorch modules; compile runs AOTInductor-compiled graphs "
-                         "from the compiled-artifact cache (fill it with `nxserve compile`)", choices=["eager", "compile"])
-    compile_cache: str | None = _flag(None, "compiled-artifact cache root for --backend compile",
-                                      unset=f"${ENV_COMPILE_CACHE}, else ~/.cache/nxserve/compiled", metavar="DIR")
-    compile_on_demand: bool = _flag(False, "with --backend compile, compile graphs missing from the cache at load instead of failing",
-                                    action="store_true")
+    buckets: tuple[int, ...] | None = _flag(
+        None, "context-encoding bucket lengths, e.g. 128,512,2048", unset="powers of two from 128 to seq-len, plus seq-len", type=int_list
+    )
+    backend: str = _flag(
+        "eager",
+        "graph backend: eager runs the PyTorch modules; compile runs AOTInductor-compiled graphs "
+        "from the compiled-artifact cache (fill it with `nxserve compile`)",
+        choices=["eager", "compile"],
+    )
+    compile_cache: str | None = _flag(
+        None, "compiled-artifact cache root for --backend compile", unset=f"${ENV_COMPILE_CACHE}, else ~/.cache/nxserve/compiled", metavar="DIR"
+    )
+    compile_on_demand: bool = _flag(
+        False, "with --backend compile, compile graphs missing from the cache at load instead of failing", action="store_true"
+    )
     max_topk: int = _flag(256, "width of the in-graph top-k candidate set", type=int)
     tp: int = _flag(1, "tensor-parallel degree: rank processes for this engine", type=int)
     ep: int = _flag(1, "expert-parallel degree for MoE models, a divisor of --tp", type=int)
-    moe_capacity_factor: float | None = _flag(None, "MoE expert capacity factor; overflow tokens are dropped",
-                                              unset="none, every token exact", type=float)
+    moe_capacity_factor: float | None = _flag(
+        None, "MoE expert capacity factor; overflow tokens are dropped", unset="none, every token exact", type=float
+    )
     threads: int | None = _flag(None, "CPU threads for torch", unset="torch's choice, usually one per core", type=int)
-    speculation: str | None = _flag(None, "propose tokens by prompt lookup (ngram) or with a draft model checkpoint (draft:DIR)",
-                                    unset="off", group="speculative decoding", metavar="ngram|draft:DIR")
+    speculation: str | None = _flag(
+        None,
+        "propose tokens by prompt lookup (ngram) or with a draft model checkpoint (draft:DIR)",
+        unset="off",
+        group="speculative decoding",
+        metavar="ngram|draft:DIR",
+    )
     speculation_length: int = _flag(4, "tokens proposed per round", group="speculative decoding", type=int)
 
     # ------------------------------------------------------------------ argparse
 
     @classmethod
-    def add_to(cls, parser: argparse.ArgumentParser, *, defaults: Mapping[str, Any] | None = None,
-               helps: Mapping[str, str] | None = None, exclude: Sequence[str] = (), unset: bool = False) -> None:
+    def add_to(
+        cls,
+        parser: argparse.ArgumentParser,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        helps: Mapping[str, str] | None = None,
+        exclude: Sequence[str] = (),
+        unset: bool = False,
+    ) -> None:
         """Add every flag (but `exclude`) to `parser`, in argument groups. `defaults` and `helps`
         replace a field's default and help; `unset` makes every default None, so that only flags
         given on the command line are set (for forwarding them: `to_argv`)."""
@@ -188,10 +207,14 @@ def default_shm_dir() -> str:
 def add_kv_shm_flag(parser: argparse.ArgumentParser, *, role: str) -> None:
     default = default_shm_dir()
     parser.add_argument(
-        "--kv-shm-dir", type=shm_dir_arg, default=shm_dir_arg(default), metavar="DIR|none",
+        "--kv-shm-dir",
+        type=shm_dir_arg,
+        default=shm_dir_arg(default),
+        metavar="DIR|none",
         help=f"shared-memory directory for KV hand-off on one host: {role}; used only where prefill and "
-             f"decode see the same directory, chunks over gRPC otherwise. In Kubernetes, mount one emptyDir "
-             f"(medium: Memory) into both containers of a pod. none: chunks only (default: {default})")
+        f"decode see the same directory, chunks over gRPC otherwise. In Kubernetes, mount one emptyDir "
+        f"(medium: Memory) into both containers of a pod. none: chunks only (default: {default})",
+    )
 
 
 def add_server_flags(parser: argparse.ArgumentParser, *, port: int, max_queue: int, queue_help: str) -> None:

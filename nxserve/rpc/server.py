@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -49,6 +51,7 @@ def install_shutdown(stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     started = False
+    tasks: list[asyncio.Task] = []  # a reference, so the task is not collected while it runs
 
     def on_signal(signum: int) -> None:
         nonlocal started
@@ -63,15 +66,16 @@ def install_shutdown(stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
             finally:
                 done.set()
 
-        loop.create_task(run())
+        tasks.append(loop.create_task(run()))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     return done
 
 
-async def start_server(args: argparse.Namespace, *, service: str,
-                       register: Callable[[grpc.aio.Server], None]) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+async def start_server(
+    args: argparse.Namespace, *, service: str, register: Callable[[grpc.aio.Server], None]
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A started server with health (NOT_SERVING for now), reflection, the error mapping and the
     servicer `register` adds."""
     server = grpc.aio.server(options=channel_options(), interceptors=[ErrorInterceptor()])
@@ -84,10 +88,12 @@ async def start_server(args: argparse.Namespace, *, service: str,
     return server, servicer, port
 
 
-def run_service(serve: Callable[[argparse.Namespace], Awaitable[None]], parser: argparse.ArgumentParser,
-                argv: Sequence[str] | None) -> int:
+def run_service(serve: Callable[[argparse.Namespace], Coroutine[Any, Any, None]], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse flags, set up logging, run `serve` until it returns (after a signal)."""
+    from nxcore import native
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    native.configure_from(os.environ)  # the one place a service reads NXSERVE_NATIVE*
     asyncio.run(serve(args))
     return 0

@@ -14,19 +14,31 @@ import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 
 from nxcore.errors import EngineError, TPRankError
 from nxserve.rpc.errors import (
-    Cancelled, DeadlineExceeded, EngineFailure, Internal, InvalidRequest, KVCorrupted, ModelMismatch, NoReplica,
-    NotReady, Overloaded, ReplicaFailed, ServiceError, SharedMemoryUnreadable, Unsupported,
+    Cancelled,
+    DeadlineExceeded,
+    EngineFailure,
+    Internal,
+    InvalidRequest,
+    KVCorrupted,
+    ModelMismatch,
+    NoReplica,
+    NotReady,
+    Overloaded,
+    ReplicaFailed,
+    ServiceError,
+    SharedMemoryUnreadable,
+    Unsupported,
 )
 
 log = logging.getLogger(__name__)
 
-Code = grpc.StatusCode
+Code: TypeAlias = grpc.StatusCode
 
 STATUS_CODES: dict[type[ServiceError], Code] = {
     InvalidRequest: Code.INVALID_ARGUMENT,
@@ -88,8 +100,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoRetu
     raise AssertionError("unreachable: abort raises")
 
 
-def error_from_rpc(code: Code, details: str, trailing_metadata: Iterable[tuple[str, Any]] | None, *,
-                   peer: str) -> ServiceError:
+def error_from_rpc(code: Code, details: str, trailing_metadata: Iterable[tuple[str, Any]] | None, *, peer: str) -> ServiceError:
     """The error another service's status stands for, its message prefixed with `peer`."""
     names = [value for key, value in (trailing_metadata or ()) if key == KIND_KEY]
     kind = _BY_NAME.get(names[0]) if names else None
@@ -106,8 +117,9 @@ async def error_of_call(call: grpc.aio.Call, *, peer: str) -> ServiceError:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Ends every call whose handler raises with the status `status_of` gives (see the module)."""
 
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -120,21 +132,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 def _mapped(behaviour: Callable[..., Any]) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behaviour):
+
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 async for response in behaviour(request, context):
                     yield response
-            except Exception as exc:  # noqa: BLE001 (mapped, never lost)
+            except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
                 await abort(context, exc)
+
         return stream
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await behaviour(request, context)
-        except Exception as exc:  # noqa: BLE001 (mapped, never lost)
+        except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             await abort(context, exc)
+
     return call

@@ -17,11 +17,44 @@ def test_engine_bench_writes_the_documented_keys(tiny: Path, tmp_path: Path) -> 
     from bench import engine
 
     out = tmp_path / "engine.json"
-    assert engine.main(["--model", str(tiny), "--backends", "eager", "--dtype", "float32", "--batches", "1", "4",
-                        "--prefill-lens", "32", "128", "--steps", "2", "--repeats", "1", "--json", str(out)]) == 0
+    assert (
+        engine.main(
+            [
+                "--model",
+                str(tiny),
+                "--backends",
+                "eager",
+                "--dtype",
+                "float32",
+                "--batches",
+                "1",
+                "4",
+                "--prefill-lens",
+                "32",
+                "128",
+                "--steps",
+                "2",
+                "--repeats",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
-    for key in ("decode_b1_ms", "roofline_b1_ms", "hf_decode_b1_ms", "throughput_b4_tok_s", "hf_throughput_b4_tok_s",
-                "prefill_ms", "hf_prefill_ms", "model", "dtype", "backend"):
+    for key in (
+        "decode_b1_ms",
+        "roofline_b1_ms",
+        "hf_decode_b1_ms",
+        "throughput_b4_tok_s",
+        "hf_throughput_b4_tok_s",
+        "prefill_ms",
+        "hf_prefill_ms",
+        "model",
+        "dtype",
+        "backend",
+    ):
         assert key in data
     assert data["decode_b1_ms"] > 0 and set(data["prefill_ms"]) == {"32", "128"}
 
@@ -45,8 +78,29 @@ def test_services_bench_runs(tiny: Path, tmp_path: Path) -> None:
 
     shm = tmp_path / "shm"
     shm.mkdir()
-    assert services.main(["--model", str(tiny), "--prompt-len", "16", "--new-tokens", "4", "--requests", "1",
-                          "--seq-len", "128", "--kv-tokens", "16,100", "--kv-shm-dir", str(shm), "--json", str(tmp_path / "svc.json")]) == 0
+    assert (
+        services.main(
+            [
+                "--model",
+                str(tiny),
+                "--prompt-len",
+                "16",
+                "--new-tokens",
+                "4",
+                "--requests",
+                "1",
+                "--seq-len",
+                "128",
+                "--kv-tokens",
+                "16,100",
+                "--kv-shm-dir",
+                str(shm),
+                "--json",
+                str(tmp_path / "svc.json"),
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "svc.json").read_text())
     assert data["kv"]["kv_bytes"] > 0 and data["services"]["ttft_ms"] > 0 and data["kv_floor"]["round_trip_ms"] > 0
     for transport in ("kv_chunks", "kv_shared_memory"):
@@ -85,5 +139,5 @@ def test_roofline_counts_only_the_routed_experts_of_a_mixture_of_experts(tmp_pat
     embedding = model.get_input_embeddings().weight
     expert_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".experts." in name)
     rest = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".experts." not in name and p is not embedding)
-    assert 0 < expert_bytes and cfg.num_experts_per_tok < cfg.num_local_experts
+    assert expert_bytes > 0 and cfg.num_experts_per_tok < cfg.num_local_experts
     assert bytes_read_per_token(model) == round(rest + expert_bytes * cfg.num_experts_per_tok / cfg.num_local_experts)

@@ -14,9 +14,24 @@ from nxserve.cluster import LocalCluster, _free_ports
 pytestmark = pytest.mark.slow
 
 ENGINE_ARGS = ["--seq-len", "128", "--batch-size", "4", "--threads", "1", "--dtype", "float32"]
-RUN_KEYS = {"load", "label", "requests", "completed", "errors", "errors_by_code", "finish_reasons", "duration_s",
-            "request_throughput", "output_token_throughput", "prompt_tokens", "output_tokens", "ttft_ms", "tpot_ms",
-            "e2e_ms", "per_request"}
+RUN_KEYS = {
+    "load",
+    "label",
+    "requests",
+    "completed",
+    "errors",
+    "errors_by_code",
+    "finish_reasons",
+    "duration_s",
+    "request_throughput",
+    "output_token_throughput",
+    "prompt_tokens",
+    "output_tokens",
+    "ttft_ms",
+    "tpot_ms",
+    "e2e_ms",
+    "per_request",
+}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -34,7 +49,7 @@ def bench_serve(tmp_path: Path, *args: str) -> tuple[int, dict]:
 
 
 def check_run(run: dict, requests: int) -> None:
-    assert RUN_KEYS <= set(run)
+    assert set(run) >= RUN_KEYS
     assert run["requests"] == requests == run["completed"] + run["errors"] == len(run["per_request"])
     assert run["errors"] == sum(run["errors_by_code"].values())
     for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
@@ -48,8 +63,21 @@ def check_run(run: dict, requests: int) -> None:
 def test_poisson_sweep_from_a_workload_file_with_flag_overrides(cluster: LocalCluster, tmp_path: Path) -> None:
     workload = Path(__file__).parents[2] / "bench" / "workloads" / "serve-poisson.json"
     code, report = bench_serve(
-        tmp_path, "--target", cluster.target, "--workload", str(workload), "--requests", "5", "--prompt-len", "4..40",
-        "--output-len", "6+-2", "--rate", "20,40,inf", "--plot-dir", str(tmp_path / "plots"),
+        tmp_path,
+        "--target",
+        cluster.target,
+        "--workload",
+        str(workload),
+        "--requests",
+        "5",
+        "--prompt-len",
+        "4..40",
+        "--output-len",
+        "6+-2",
+        "--rate",
+        "20,40,inf",
+        "--plot-dir",
+        str(tmp_path / "plots"),
     )
     assert code == 0
     assert set(report) == {"target", "model", "workload", "runs"}
@@ -67,9 +95,25 @@ def test_poisson_sweep_from_a_workload_file_with_flag_overrides(cluster: LocalCl
 
 
 def test_fixed_concurrency_with_text_prompts(cluster: LocalCluster, tmp_path: Path, capsys) -> None:
-    code, report = bench_serve(tmp_path, "--target", cluster.target, "--requests", "4", "--concurrency", "2",
-                               "--prompt", "text", "--prompt-len", "3..12", "--output-len", "5", "--warmup", "0",
-                               "--plot-dir", str(tmp_path / "plots"))
+    code, report = bench_serve(
+        tmp_path,
+        "--target",
+        cluster.target,
+        "--requests",
+        "4",
+        "--concurrency",
+        "2",
+        "--prompt",
+        "text",
+        "--prompt-len",
+        "3..12",
+        "--output-len",
+        "5",
+        "--warmup",
+        "0",
+        "--plot-dir",
+        str(tmp_path / "plots"),
+    )
     assert code == 0
     [run] = report["runs"]
     check_run(run, 4)
@@ -82,8 +126,7 @@ def test_fixed_concurrency_with_text_prompts(cluster: LocalCluster, tmp_path: Pa
 
 def test_unreachable_target_is_reported_as_errors(tmp_path: Path, capsys) -> None:
     [port] = _free_ports(1)
-    code, report = bench_serve(tmp_path, "--target", f"127.0.0.1:{port}", "--requests", "3", "--rate", "100",
-                               "--timeout", "5")
+    code, report = bench_serve(tmp_path, "--target", f"127.0.0.1:{port}", "--requests", "3", "--rate", "100", "--timeout", "5")
     assert code == 2
     assert report["model"] is None
     [run] = report["runs"]
@@ -94,11 +137,16 @@ def test_unreachable_target_is_reported_as_errors(tmp_path: Path, capsys) -> Non
     assert "UNAVAILABLE x3" in out and "no request completed" in err
 
 
-@pytest.mark.parametrize("benchmark, flags", [
-    ("engine", ("--model", "--backends", "--batches", "--prefill-lens", "--no-hf", "--json")),
-    ("serve", ("--target", "--workload", "--requests", "--prompt-len", "--output-len", "--rate", "--concurrency",
-               "--seed", "--json", "--plot-dir")),
-])
+@pytest.mark.parametrize(
+    "benchmark, flags",
+    [
+        ("engine", ("--model", "--backends", "--batches", "--prefill-lens", "--no-hf", "--json")),
+        (
+            "serve",
+            ("--target", "--workload", "--requests", "--prompt-len", "--output-len", "--rate", "--concurrency", "--seed", "--json", "--plot-dir"),
+        ),
+    ],
+)
 def test_bench_help(benchmark: str, flags: tuple[str, ...], capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["bench", benchmark, "--help"])
@@ -112,8 +160,33 @@ def test_bench_help(benchmark: str, flags: tuple[str, ...], capsys) -> None:
 
 def test_bench_engine_command_writes_json(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
-    assert main(["bench", "engine", "--model", str(tiny), "--backends", "eager", "--dtype", "float32", "--batches", "1",
-                 "--prefill-lens", "16", "--prompt-len", "8", "--steps", "1", "--repeats", "1", "--no-hf",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "engine",
+                "--model",
+                str(tiny),
+                "--backends",
+                "eager",
+                "--dtype",
+                "float32",
+                "--batches",
+                "1",
+                "--prefill-lens",
+                "16",
+                "--prompt-len",
+                "8",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+                "--no-hf",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["backend"] == "eager" and data["decode_b1_ms"] > 0 and set(data["prefill_ms"]) == {"16"}

@@ -51,8 +51,25 @@ def test_missing_vllm_venv_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 512}))
-    assert vllm_cpu.main(["--model", str(model), "--venv", str(tmp_path / "none"), "--engines", "vllm",
-                          "--requests", "2", "--prompt-len", "8", "--new-tokens", "2"]) == 2
+    assert (
+        vllm_cpu.main(
+            [
+                "--model",
+                str(model),
+                "--venv",
+                str(tmp_path / "none"),
+                "--engines",
+                "vllm",
+                "--requests",
+                "2",
+                "--prompt-len",
+                "8",
+                "--new-tokens",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert "--setup" in capsys.readouterr().err
 
 
@@ -62,8 +79,28 @@ def test_runs_nxserve_and_transformers_on_the_tiny_model(tmp_path: Path) -> None
 
     tiny = make_model(arch="llama", preset="tiny", out=tmp_path / "tiny")
     out = tmp_path / "peers.json"
-    assert vllm_cpu.main(["--model", str(tiny), "--engines", "nxserve", "transformers", "--dtype", "float32",
-                          "--requests", "4", "--prompt-len", "16", "--new-tokens", "4", "--json", str(out)]) == 0
+    assert (
+        vllm_cpu.main(
+            [
+                "--model",
+                str(tiny),
+                "--engines",
+                "nxserve",
+                "transformers",
+                "--dtype",
+                "float32",
+                "--requests",
+                "4",
+                "--prompt-len",
+                "16",
+                "--new-tokens",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     engines = json.loads(out.read_text())["engines"]
     assert set(engines) == {"nxserve eager", "transformers"}
     assert all(engines[e]["batch_tok_s"] > 0 and engines[e]["decode_b1_ms"] > 0 for e in engines)

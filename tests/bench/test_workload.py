@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -15,8 +16,9 @@ from bench.workload import Lengths, Workload
 WORKLOADS = Path(__file__).parents[2] / "bench" / "workloads"
 
 
-@pytest.mark.parametrize("spec, kind, lo, hi", [("128", "fixed", 128, 128), (64, "fixed", 64, 64),
-                                                ("32..512", "uniform", 32, 512), ("100+-30", "normal", 10, 190)])
+@pytest.mark.parametrize(
+    "spec, kind, lo, hi", [("128", "fixed", 128, 128), (64, "fixed", 64, 64), ("32..512", "uniform", 32, 512), ("100+-30", "normal", 10, 190)]
+)
 def test_lengths_parse_sample_and_print(spec: str | int, kind: str, lo: int, hi: int) -> None:
     lengths = Lengths.parse(spec)
     assert lengths.kind == kind and str(lengths) == str(spec)
@@ -30,10 +32,17 @@ def test_bad_lengths_are_refused(spec: str) -> None:
         Lengths.parse(spec)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"requests": 0}, "requests"), ({"rate": [1, 0]}, "rate"), ({"top_p": 0}, "top_p"),
-    ({"rate": 1, "concurrency": 2}, "not both"), ({"prompt": "tokens"}, "prompt"), ({"reqests": 3}, "unknown"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"requests": 0}, "requests"),
+        ({"rate": [1, 0]}, "rate"),
+        ({"top_p": 0}, "top_p"),
+        ({"rate": 1, "concurrency": 2}, "not both"),
+        ({"prompt": "tokens"}, "prompt"),
+        ({"reqests": 3}, "unknown"),
+    ],
+)
 def test_bad_workloads_are_refused(values: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Workload.from_dict(values)
@@ -60,7 +69,7 @@ def test_requests_and_arrivals_are_reproducible() -> None:
     assert first == again and len({len(r.prompt) for r in first}) > 1
     assert all(4 <= t < 1000 for r in first for t in r.prompt)
     slow, fast = workload.arrival_offsets(2), workload.arrival_offsets(4)
-    assert slow[0] == 0 and all(a <= b for a, b in zip(slow, slow[1:]))
+    assert slow[0] == 0 and all(a <= b for a, b in itertools.pairwise(slow))
     assert np.allclose(np.asarray(slow) / 2, fast)  # the same gaps, scaled
     assert workload.arrival_offsets(math.inf) == [0.0] * 50
     text = Workload.from_dict({"requests": 3, "prompt": "text", "prompt_len": 7}).make_requests(1000)

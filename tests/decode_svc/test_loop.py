@@ -21,13 +21,21 @@ CONFIG = RuntimeConfig(batch_size=2, seq_len=64, dtype="float32")
 
 
 def _job(prompt: list[int], first: int, kv: ReceivedKV, events: list, done: threading.Event) -> DecodeJob:
-    def emit(event) -> None:  # noqa: ANN001
+    def emit(event) -> None:
         events.append(event)
         if isinstance(event, Finished | Failed):
             done.set()
 
-    return DecodeJob(request_id="r", prompt_ids=prompt, output_ids=[first], kv=kv, sampling=SamplingParams(),
-                     rng=RequestRng(0, offset=1), stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True), emit=emit)
+    return DecodeJob(
+        request_id="r",
+        prompt_ids=prompt,
+        output_ids=[first],
+        kv=kv,
+        sampling=SamplingParams(),
+        rng=RequestRng(0, offset=1),
+        stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True),
+        emit=emit,
+    )
 
 
 def _prefilled(ckpt: Checkpoint, *, seed: int) -> tuple[list[int], int, KVSnapshot, GenerationResult, Engine]:
@@ -48,27 +56,27 @@ def _decode_with_draft(ckpt: Checkpoint) -> tuple[EngineThread, Engine, Engine, 
     return thread, engine, draft, DraftProposer(draft, 2, target_vocab=engine.model_config.vocab_size)
 
 
-def test_admission_acks_before_the_drafts_own_prefill_and_checks_kv_first(checkpoints: dict[str, Checkpoint],
-                                                                          tmp_path: Path) -> None:
+def test_admission_acks_before_the_drafts_own_prefill_and_checks_kv_first(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     prompt, first, kv, expected, prefill = _prefilled(checkpoints["llama"], seed=4)
     thread, engine, draft, proposer = _decode_with_draft(checkpoints["llama"])
     import_kv, encode = engine.import_kv, draft.context_encode
     now = [0.0]  # the loop's clock: the import below takes 300 s of it
     order: list[str] = []
 
-    def slow_import(slot, snapshot):  # noqa: ANN001, ANN202
+    def slow_import(slot, snapshot):
         now[0] += 300.0  # a long import is not time spent waiting for a slot
         return import_kv(slot, snapshot)
 
-    def recorded_encode(requests):  # noqa: ANN001, ANN202
+    def recorded_encode(requests):
         order.append("draft prefill")
         return encode(requests)
 
     engine.import_kv, draft.context_encode = slow_import, recorded_encode
     arena = KVArena(tmp_path, 1 << 20)
     region = arena.put([kv]).sealed
-    shared = SharedKVReader(tmp_path).read(SharedRegion(region.name, region.offset, region.nbytes, region.crc32 ^ 1),
-                                           [engine_layout(prefill, len(prompt))])
+    shared = SharedKVReader(tmp_path).read(
+        SharedRegion(region.name, region.offset, region.nbytes, region.crc32 ^ 1), [engine_layout(prefill, len(prompt))]
+    )
     loop = DecodeLoop(engine, tokenizer=None, max_queue=4, proposer=proposer, thread=thread, clock=lambda: now[0])
     loop.start()
     try:
@@ -107,7 +115,7 @@ def test_the_drafts_own_prefill_runs_outside_the_loops_lock(checkpoints: dict[st
     encode = draft.context_encode
     encoding, release = threading.Event(), threading.Event()
 
-    def held_encode(requests):  # noqa: ANN001, ANN202
+    def held_encode(requests):
         encoding.set()
         assert release.wait(timeout=30)
         return encode(requests)

@@ -28,11 +28,12 @@ KV_BYTES = 2 * 2 * 2 * 3 * 16 * 4  # K and V, 2 layers x 2 KV heads x 3 tokens x
 OTHER_MODEL = decode_pb2.ModelFingerprint(digest="0123456789abcdef", architecture="qwen3", dtype="float32")
 
 
-def _header(engine: Engine, **changes) -> decode_pb2.DecodeRequest:  # noqa: ANN003
+def _header(engine: Engine, **changes) -> decode_pb2.DecodeRequest:
     fp = decode_pb2.ModelFingerprint(digest=engine.fingerprint, architecture="llama", dtype="float32")
     layout = decode_pb2.KvLayout(num_layers=2, num_kv_heads=2, head_dim=16, n_tokens=3, dtype="float32")
-    header = decode_pb2.DecodeHeader(request_id="t", prompt_token_ids=[5, 6, 7], first_token=9, fingerprint=fp, layout=layout,
-                                     stopping=pb.StoppingParameters(max_new_tokens=4))
+    header = decode_pb2.DecodeHeader(
+        request_id="t", prompt_token_ids=[5, 6, 7], first_token=9, fingerprint=fp, layout=layout, stopping=pb.StoppingParameters(max_new_tokens=4)
+    )
     for key, value in changes.items():
         getattr(header, key).CopyFrom(value)
     return decode_pb2.DecodeRequest(header=header)
@@ -72,7 +73,7 @@ def _header_only(stub: decode_pb2_grpc.DecodeStub, header: decode_pb2.DecodeRequ
     for the ack; the error the replica answers with."""
     answered = threading.Event()
 
-    def requests():  # noqa: ANN202
+    def requests():
         yield header
         answered.wait(10)
 

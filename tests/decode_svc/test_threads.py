@@ -19,14 +19,14 @@ def _recording(engine: Engine, idents: set[int], *names: str) -> None:
     for name in names:
         method = getattr(engine, name)
 
-        def wrapped(*args, _method=method, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        def wrapped(*args, _method=method, **kwargs):
             idents.add(threading.get_ident())
             return _method(*args, **kwargs)
 
         setattr(engine, name, wrapped)
 
 
-def test_prefill_worker_and_decode_loop_run_on_the_thread_that_loaded_the_engine(checkpoints) -> None:  # noqa: ANN001
+def test_prefill_worker_and_decode_loop_run_on_the_thread_that_loaded_the_engine(checkpoints) -> None:
     path = checkpoints["llama"].path
     config = RuntimeConfig(batch_size=2, seq_len=64, dtype="float32")
     prompt = random_prompt(9, seed=3)
@@ -38,7 +38,7 @@ def test_prefill_worker_and_decode_loop_run_on_the_thread_that_loaded_the_engine
     worker = PrefillWorker(prefill_engine, max_queue=4, thread=prefill_thread)
     worker.start()
 
-    async def encode():  # noqa: ANN202
+    async def encode():
         return await worker.submit(prompt, SamplingParams(), RequestRng(0))
 
     result = asyncio.run(encode())
@@ -54,14 +54,24 @@ def test_prefill_worker_and_decode_loop_run_on_the_thread_that_loaded_the_engine
     events: list = []
     done = threading.Event()
 
-    def emit(event) -> None:  # noqa: ANN001
+    def emit(event) -> None:
         events.append(event)
         if isinstance(event, Finished):
             done.set()
 
     kv = ReceivedKV(snapshots=list(result.kv.snapshots), transport=CHUNKS, nbytes=result.kv.nbytes)
-    loop.submit(DecodeJob(request_id="r", prompt_ids=prompt, output_ids=[result.first_token], kv=kv, sampling=SamplingParams(),
-                          rng=RequestRng(0, offset=1), stopping=StoppingCriteria(max_new_tokens=4), emit=emit))
+    loop.submit(
+        DecodeJob(
+            request_id="r",
+            prompt_ids=prompt,
+            output_ids=[result.first_token],
+            kv=kv,
+            sampling=SamplingParams(),
+            rng=RequestRng(0, offset=1),
+            stopping=StoppingCriteria(max_new_tokens=4),
+            emit=emit,
+        )
+    )
     assert done.wait(timeout=60)
     loop.stop(timeout=5)
     assert idents == {decode_thread.ident}

@@ -36,7 +36,9 @@ def test_missing_and_unexpected_tensors_are_listed(checkpoints: dict[str, Checkp
     del tensors["model.layers.1.mlp.up_proj.weight"]
     tensors["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
     save_file(tensors, path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]; unexpected tensors \['model.layers.0.self_attn.extra.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]; unexpected tensors \['model.layers.0.self_attn.extra.weight'\]"
+    ):
         Engine.from_pretrained(path, CONFIG)
 
 
@@ -52,8 +54,8 @@ def test_tied_checkpoint_without_lm_head_and_untied_without_it(checkpoints: dict
 
 
 def test_directory_without_weights_or_config(tmp_path: Path, checkpoints: dict[str, Checkpoint]) -> None:
-    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json does not exist"):
         Engine.from_pretrained(tmp_path, CONFIG)
     shutil.copy(checkpoints["llama"].path / "config.json", tmp_path / "config.json")
-    with pytest.raises(FileNotFoundError, match="expected model.safetensors or model.safetensors.index.json"):
+    with pytest.raises(FileNotFoundError, match=r"expected model\.safetensors or model\.safetensors\.index\.json"):
         Engine.from_pretrained(tmp_path, CONFIG)

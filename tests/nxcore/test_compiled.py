@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria, generate
-from nxcore.compiled import MANIFEST, ArtifactError, ArtifactKey, ArtifactStore, graph_file, graph_keys
+from nxcore.compiled import MANIFEST, ArtifactError, ArtifactKey, ArtifactStore, graph_keys
+from nxcore.graphs import GraphKey, GraphKind
 from nxserve.cli import main as cli_main
 from tests.conftest import MOE_VARIANTS, VARIANTS, Checkpoint, random_prompt, write_checkpoint
 
@@ -36,49 +37,60 @@ def cache(checkpoints: dict[str, Checkpoint], tmp_path_factory: pytest.TempPathF
 def test_graph_keys_cover_every_call() -> None:
     config = RuntimeConfig(batch_size=4, ctx_batch_size=2, seq_len=64, buckets=(16, 64), speculation_length=3)
     keys = graph_keys(config)
-    assert ("context", 2, 16, 16) in keys and ("context", 1, 64, 64) in keys
-    assert {("token_generation", r, 1, kv) for r in (1, 2, 4) for kv in (16, 64)} <= set(keys)
-    assert ("speculation", 4, 4, 64) in keys and ("scoring", 1, 4, 16) in keys
+    assert GraphKey(GraphKind.CONTEXT, 2, 16, 16) in keys and GraphKey(GraphKind.CONTEXT, 1, 64, 64) in keys
+    assert {GraphKey(GraphKind.TOKEN_GENERATION, r, 1, kv) for r in (1, 2, 4) for kv in (16, 64)} <= set(keys)
+    assert GraphKey(GraphKind.SPECULATION, 4, 4, 64) in keys and GraphKey(GraphKind.SCORING, 1, 4, 16) in keys
     assert len(keys) == len(set(keys)) == 2 * 2 + 3 * 2 + 2 * 3 * 2
     context, decode = graph_keys(config, "context"), graph_keys(config, "decode")
-    assert {k[0] for k in context} == {"context"} and {k[0] for k in decode} == {"token_generation", "speculation", "scoring"}
+    assert {k.kind for k in context} == {GraphKind.CONTEXT}
+    assert {k.kind for k in decode} == {GraphKind.TOKEN_GENERATION, GraphKind.SPECULATION, GraphKind.SCORING}
+    with pytest.raises(ValueError, match="'contxt' is not a valid GraphKind"):  # a mistyped kind is an error, never a fallback
+        GraphKey("contxt", 1, 1, 2)  # type: ignore[arg-type]
     assert sorted(context + decode) == sorted(keys)
     with pytest.raises(ValueError, match="graph set 'prefill' is not one of all, context, decode"):
         graph_keys(config, "prefill")
 
 
-def test_compile_command_fills_the_cache(cache: Path, checkpoints: dict[str, Checkpoint], capsys) -> None:  # noqa: ANN001
+def test_compile_command_fills_the_cache(cache: Path, checkpoints: dict[str, Checkpoint], capsys) -> None:
     [entry] = [p for p in cache.iterdir() if p.is_dir()]
     manifest = json.loads((entry / MANIFEST).read_text())
     assert manifest["key"]["batch_size"] == 2 and manifest["key"]["torch"] == torch.__version__
-    assert sorted(map(tuple, manifest["graphs"])) == sorted(graph_keys(CONFIG))
+    assert sorted(GraphKey(*k) for k in manifest["graphs"]) == sorted(graph_keys(CONFIG))
     # weights are not in the packages: no package holds the bytes of any layer's weights
     hf = checkpoints["llama"].hf_model
-    samples = [w.detach().reshape(-1)[-64:].numpy().tobytes() for w in (  # (row 0 of embed is the zero pad row)
-        hf.model.embed_tokens.weight, hf.model.layers[0].self_attn.q_proj.weight, hf.model.layers[1].mlp.down_proj.weight)]
+    samples = [
+        w.detach().reshape(-1)[-64:].numpy().tobytes()
+        for w in (  # (row 0 of embed is the zero pad row)
+            hf.model.embed_tokens.weight,
+            hf.model.layers[0].self_attn.q_proj.weight,
+            hf.model.layers[1].mlp.down_proj.weight,
+        )
+    ]
     for key in graph_keys(CONFIG):
-        package = (entry / graph_file(key)).read_bytes()
+        package = (entry / key.file_name).read_bytes()
         assert not any(sample in package for sample in samples), key
     capsys.readouterr()
-    assert cli_main(["compile", "--model", str(checkpoints["llama"].path), "--compile-cache", str(cache), "--for", "engine",
-                     *FLAGS, "--dry-run"]) == 0
+    assert (
+        cli_main(["compile", "--model", str(checkpoints["llama"].path), "--compile-cache", str(cache), "--for", "engine", *FLAGS, "--dry-run"]) == 0
+    )
     assert "0 graph(s) to compile (all graphs)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("target, graphs", [("decode", "decode"), ("prefill", "context")])
-def test_each_service_compiles_only_its_graph_set(checkpoints: dict[str, Checkpoint], tmp_path: Path, capsys,  # noqa: ANN001
-                                                  target: str, graphs: str) -> None:
+def test_each_service_compiles_only_its_graph_set(checkpoints: dict[str, Checkpoint], tmp_path: Path, capsys, target: str, graphs: str) -> None:
     """Decode fills its slots from prefill's KV: its services' cache needs no context graphs, and
     prefill's no token-generation graphs."""
-    assert cli_main(["compile", "--model", str(checkpoints["llama"].path), "--compile-cache", str(tmp_path), "--for", target,
-                     *FLAGS, "--dry-run"]) == 0
+    assert (
+        cli_main(["compile", "--model", str(checkpoints["llama"].path), "--compile-cache", str(tmp_path), "--for", target, *FLAGS, "--dry-run"]) == 0
+    )
     listing, messages = capsys.readouterr()  # the dry run lists the graphs on stdout, one per line
     listed = {line.split()[0] for line in listing.splitlines() if line.strip()}
     assert f"({graphs} graphs)" in messages and listed == ({"context"} if graphs == "context" else {"token_generation"})
 
 
-def test_a_decode_engine_loads_and_warms_only_decode_graphs(cache: Path, checkpoints: dict[str, Checkpoint],
-                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_decode_engine_loads_and_warms_only_decode_graphs(
+    cache: Path, checkpoints: dict[str, Checkpoint], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """What the decode service loads: only token-generation graphs are required and preloaded, its
     warm-up fills slots with import_kv, and context encoding is a clear error."""
     from decode_svc.__main__ import _warm_up
@@ -90,11 +102,11 @@ def test_a_decode_engine_loads_and_warms_only_decode_graphs(cache: Path, checkpo
     decode_only.mkdir()
     (decode_only / MANIFEST).write_text((entry / MANIFEST).read_text())
     for key in graph_keys(CONFIG, "decode"):
-        (decode_only / graph_file(key)).symlink_to(entry / graph_file(key))
+        (decode_only / key.file_name).symlink_to(entry / key.file_name)
     with pytest.raises(ArtifactError, match="1 of 3 graphs are missing"):
         Engine.from_pretrained(path, CONFIG, compile_cache=tmp_path)
 
-    def no_compiling(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def no_compiling(*args, **kwargs):
         raise AssertionError("a warm cache must not compile")
 
     monkeypatch.setattr(ArtifactStore, "compile", no_compiling)
@@ -117,8 +129,7 @@ def test_a_decode_engine_loads_and_warms_only_decode_graphs(cache: Path, checkpo
 
 
 @pytest.mark.parametrize("extra", [[], ["--batch-size", "2", "--ctx-batch-size", "1", "--seq-len", "64"]])
-def test_compile_for_all_builds_each_services_config(checkpoints: dict[str, Checkpoint], tmp_path: Path, capsys,  # noqa: ANN001
-                                                     extra: list[str]) -> None:
+def test_compile_for_all_builds_each_services_config(checkpoints: dict[str, Checkpoint], tmp_path: Path, capsys, extra: list[str]) -> None:
     """With the same flags, `nxserve compile` fills exactly the configs the two services will look up."""
     from decode_svc.__main__ import build_parser as decode_parser
     from nxcore.checkpoint import read_hf_config
@@ -138,7 +149,7 @@ def test_compile_for_all_builds_each_services_config(checkpoints: dict[str, Chec
 def test_compiled_greedy_equals_eager_and_loads_without_compiling(
     cache: Path, checkpoints: dict[str, Checkpoint], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_compiling(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def no_compiling(*args, **kwargs):
         raise AssertionError("a warm cache must not compile")
 
     monkeypatch.setattr(ArtifactStore, "compile", no_compiling)
@@ -152,8 +163,10 @@ def test_compiled_greedy_equals_eager_and_loads_without_compiling(
     assert expected[0].output_ids == checkpoints["llama"].hf_greedy(prompts[0], STOP.max_new_tokens)
     # a sampled row next to a greedy one, then a batch of sampled rows: the graph's sampling branch
     # (top-k, top-p, inverse CDF on the request's uniforms) draws what eager draws
-    for sampling in ([SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7), SamplingParams()],
-                     [SamplingParams(temperature=1.3, seed=s) for s in (1, 2)]):
+    for sampling in (
+        [SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=7), SamplingParams()],
+        [SamplingParams(temperature=1.3, seed=s) for s in (1, 2)],
+    ):
         expected = generate(eager, prompts, sampling=sampling, stopping=STOP)
         actual = generate(compiled, prompts, sampling=sampling, stopping=STOP)
         assert [r.output_ids for r in actual] == [r.output_ids for r in expected]
@@ -191,8 +204,8 @@ def test_packaged_graphs_run_through_nxcores_runner_or_torchs(cache: Path, check
     assert graphs and all(isinstance(g, PackagedGraph) and g.releases_gil == native.available() for g in graphs.values())
     assert [r.output_ids for r in generate(compiled, prompts, stopping=STOP)] == expected
     for key in list(graphs):
-        tensors = module_tensors(compiled.executor.runner._module(key[0]))  # the module the graph was exported from
-        graphs[key] = PackagedGraph(compiled.executor.runner.store.dir / graph_file(key), nxcore_runner=False)
+        tensors = module_tensors(compiled.executor.runner._module(key.kind))  # the module the graph was exported from
+        graphs[key] = PackagedGraph(compiled.executor.runner.store.dir / key.file_name, nxcore_runner=False)
         graphs[key].bind({n: tensors[n] for n in graphs[key].constant_fqns()})
         assert not graphs[key].releases_gil
     assert [r.output_ids for r in generate(compiled, prompts, stopping=STOP)] == expected
@@ -207,7 +220,7 @@ def test_packaged_graphs_run_through_nxcores_runner_or_torchs(cache: Path, check
         (dict(max_topk=64), "max_topk=256 (this engine: 64)"),
     ],
 )
-def test_a_changed_config_misses_with_a_clear_error(cache: Path, checkpoints: dict[str, Checkpoint], change, named) -> None:  # noqa: ANN001
+def test_a_changed_config_misses_with_a_clear_error(cache: Path, checkpoints: dict[str, Checkpoint], change, named) -> None:
     with pytest.raises(ArtifactError, match="no compiled artifacts") as err:
         Engine.from_pretrained(checkpoints["llama"].path, CONFIG.replace(**change), compile_cache=cache)
     assert named in str(err.value) and "nxserve compile" in str(err.value)
@@ -244,14 +257,13 @@ def test_mismatched_or_incomplete_artifacts_are_errors(cache: Path, checkpoints:
     # a folder missing one graph
     (forged / MANIFEST).write_text(json.dumps(manifest))
     for key in graph_keys(CONFIG)[1:]:
-        (forged / graph_file(key)).symlink_to(entry / graph_file(key))
+        (forged / key.file_name).symlink_to(entry / key.file_name)
     with pytest.raises(ArtifactError, match="1 of 3 graphs are missing"):
         Engine.from_pretrained(checkpoints["llama"].path, CONFIG, compile_cache=tmp_path)
 
 
 def test_bfloat16_compiled_logits_stay_close_to_eager(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
-    config = RuntimeConfig(batch_size=1, seq_len=32, buckets=(32,), dtype="bfloat16", backend="compile",
-                           on_device_sampling=False)
+    config = RuntimeConfig(batch_size=1, seq_len=32, buckets=(32,), dtype="bfloat16", backend="compile", on_device_sampling=False)
     path = checkpoints["qwen3"].path
     compiled = Engine.from_pretrained(path, config, compile_cache=tmp_path, compile_on_demand=True)
     eager = Engine.from_pretrained(path, config.replace(backend="eager"))

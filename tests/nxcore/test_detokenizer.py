@@ -21,7 +21,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 def _stream(detok: IncrementalDetokenizer, tokens: list[int]) -> list[str]:
     deltas = [detok.add([t]) for t in tokens]
-    return deltas + [detok.flush()]
+    return [*deltas, detok.flush()]
 
 
 @pytest.mark.parametrize("seed", range(5))

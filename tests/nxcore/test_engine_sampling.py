@@ -3,7 +3,6 @@ sampling agree (the compile backend is checked in test_compiled.py)."""
 
 from __future__ import annotations
 
-
 from nxcore import Engine, RuntimeConfig, SamplingParams, StoppingCriteria, generate
 from tests.conftest import Checkpoint, random_prompt
 
@@ -36,7 +35,9 @@ def test_host_sampling_equals_graph_sampling(checkpoints: dict[str, Checkpoint])
     on_device = generate(Engine.from_pretrained(checkpoints["qwen2"].path, CONFIG), prompts, sampling=sampling, stopping=STOP)
     host = generate(
         Engine.from_pretrained(checkpoints["qwen2"].path, CONFIG.replace(on_device_sampling=False)),
-        prompts, sampling=sampling, stopping=STOP,
+        prompts,
+        sampling=sampling,
+        stopping=STOP,
     )
     assert [r.output_ids for r in host] == [r.output_ids for r in on_device]
 

@@ -8,9 +8,7 @@ import threading
 
 import pytest
 
-from nxcore import Engine, RequestRng, RuntimeConfig, SamplingParams, SequenceRequest, StoppingCriteria
 from nxcore.engine_thread import EngineThread
-from tests.conftest import random_prompt
 
 
 def test_calls_run_in_order_on_one_thread_with_results_and_errors() -> None:

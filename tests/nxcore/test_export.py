@@ -12,11 +12,7 @@ from tests.conftest import Checkpoint
 def _export_and_check(module: torch.nn.Module, inputs, num_layers: int) -> None:
     program = torch.export.export(module, (inputs,), strict=True)
     # Functionalized, the in-place cache writes become buffer mutations of every K and V buffer.
-    mutated = {
-        spec.target
-        for spec in program.run_decompositions().graph_signature.output_specs
-        if spec.kind.name == "BUFFER_MUTATION"
-    }
+    mutated = {spec.target for spec in program.run_decompositions().graph_signature.output_specs if spec.kind.name == "BUFFER_MUTATION"}
     assert mutated == {f"model.kv_cache.{kv}{i}" for i in range(num_layers) for kv in "kv"}
 
 

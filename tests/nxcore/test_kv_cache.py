@@ -94,8 +94,10 @@ def test_export_into_given_tensors_writes_them_in_place(checkpoints: dict[str, C
     assert torch.equal(out.keys, plain.keys) and torch.equal(out.values, plain.values)
     shorter = engine.export_kv(0, 4, out=KVSnapshot(keys=torch.empty_like(plain.keys[:, :, :4]), values=torch.empty_like(plain.values[:, :, :4])))
     assert torch.equal(shorter.keys, plain.keys[:, :, :4])
-    for bad, why in ((KVSnapshot(plain.keys[:, :, :5].clone(), plain.values.clone()), r"\(2, 2, 5, 16\)"),
-                     (KVSnapshot(plain.keys.double(), plain.values.clone()), "torch.float64"),
-                     (KVSnapshot(plain.keys.transpose(2, 3).contiguous().transpose(2, 3), plain.values.clone()), "not contiguous")):
+    for bad, why in (
+        (KVSnapshot(plain.keys[:, :, :5].clone(), plain.values.clone()), r"\(2, 2, 5, 16\)"),
+        (KVSnapshot(plain.keys.double(), plain.values.clone()), "torch.float64"),
+        (KVSnapshot(plain.keys.transpose(2, 3).contiguous().transpose(2, 3), plain.values.clone()), "not contiguous"),
+    ):
         with pytest.raises(EngineError, match=why):
             engine.export_kv(0, len(prompt), out=bad)

@@ -20,7 +20,7 @@ from nxcore.modules.linear import Linear, can_pack, prepack
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16), reason="this CPU's oneDNN has no bfloat16 support")
 
-GEMV_ROWS = torch.ops.nxcore._gemv_rows() if packed_linear.NATIVE else 0
+GEMV_ROWS = torch.ops.nxcore._gemv_rows() if native.available() else 0
 """Rows up to which the op runs the C++ GEMV here (0 without the C++ ops or AVX512-BF16)."""
 
 BF16_ULP = 2.0**-7
@@ -43,7 +43,7 @@ def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_the_cpp_ops_are_built_where_a_compiler_is() -> None:
     """Where there is a compiler (AOTInductor needs one too), the C++ op must be the one in use."""
     assert native.load() is None
-    assert packed_linear.NATIVE
+    assert native.available()
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -90,15 +90,15 @@ def test_float32_is_not_packed_and_equals_f_linear() -> None:
 def test_packed_entries_die_with_the_model() -> None:
     model = _model(False)
     before = len(packed_linear._PACKED)
-    native_before = torch.ops.nxcore._packed_count() if packed_linear.NATIVE else 0
+    native_before = torch.ops.nxcore._packed_count() if native.available() else 0
     prepack(model)
     assert len(packed_linear._PACKED) == before + 2
-    if packed_linear.NATIVE:
+    if native.available():
         assert torch.ops.nxcore._packed_count() == native_before + 2
     del model
     gc.collect()
     assert len(packed_linear._PACKED) == before
-    if packed_linear.NATIVE:
+    if native.available():
         assert torch.ops.nxcore._packed_count() == native_before
 
 
@@ -108,7 +108,7 @@ def test_a_model_collected_while_torch_traces_drops_its_packed_weights_after() -
     go at the next drop outside tracing."""
     model = _model(False)
     before = len(packed_linear._PACKED)
-    native_before = torch.ops.nxcore._packed_count() if packed_linear.NATIVE else 0
+    native_before = torch.ops.nxcore._packed_count() if native.available() else 0
     prepack(model)
     weights = [model[0].weight.detach(), model[2].weight.detach()]
 
@@ -122,7 +122,7 @@ def test_a_model_collected_while_torch_traces_drops_its_packed_weights_after() -
     assert len(packed_linear._PACKED) == before + 2  # still registered: dropped after tracing
     packed_linear._drop([])
     assert len(packed_linear._PACKED) == before
-    if packed_linear.NATIVE:
+    if native.available():
         assert torch.ops.nxcore._packed_count() == native_before
     del model
     gc.collect()  # its own finalizer finds nothing left to drop
@@ -140,7 +140,7 @@ def test_eager_call_runs_the_op_with_its_numbers() -> None:
     names = {event.name for event in prof.events()}
     assert "mkldnn::_linear_pointwise" in names
     # The C++ op is called eagerly too; the Python one is skipped for its ~30-40 us dispatch.
-    assert ("nxcore::linear" in names) == packed_linear.NATIVE
+    assert ("nxcore::linear" in names) == native.available()
     assert torch.equal(eager, via_op)
     assert torch.equal(via_op, F.linear(x, first.weight, first.bias))
 
@@ -165,8 +165,11 @@ def test_python_fallback_without_the_cpp_ops() -> None:
     script = f"""
 import torch
 from torch.nn import functional as F
+import os
+from nxcore import native
+native.configure_from(os.environ)  # as an entry point does
 from nxcore.modules import linear
-assert not linear.NATIVE
+assert not native.available()
 torch.manual_seed(0)
 for trial in range(20):
     w = torch.randn(40, 48, dtype=torch.bfloat16); b = torch.randn(40, dtype=torch.bfloat16)
@@ -183,5 +186,7 @@ for trial in range(20):
 """
     env = {**os.environ, native.ENV_DISABLE: "0"}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
-    status = subprocess.run([sys.executable, "-c", "import sys; from nxcore import native; sys.exit(native.main())"], env=env, capture_output=True, text=True, timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-c", "import sys; from nxcore import native; sys.exit(native.main())"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert status.returncode == 0 and "not in use, disabled by NXSERVE_NATIVE=0" in status.stdout

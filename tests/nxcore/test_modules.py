@@ -149,8 +149,12 @@ def hf_attention_output(hf_attn: nn.Module, hf_config: Any, x: torch.Tensor, all
 def make_cache(cfg: ModelConfig, *, slots: int, seq_len: int, seed: int) -> KVCache:
     """A KV cache whose rows hold random stale data, so masking of stale entries is exercised."""
     cache = KVCache(
-        num_layers=cfg.num_layers, slots=slots, kv_heads=cfg.num_kv_heads, seq_len=seq_len,
-        head_dim=cfg.head_dim, dtype=torch.float32,
+        num_layers=cfg.num_layers,
+        slots=slots,
+        kv_heads=cfg.num_kv_heads,
+        seq_len=seq_len,
+        head_dim=cfg.head_dim,
+        dtype=torch.float32,
     )
     gen = torch.Generator().manual_seed(seed)
     for buf in cache.buffers():
@@ -159,29 +163,47 @@ def make_cache(cfg: ModelConfig, *, slots: int, seq_len: int, seed: int) -> KVCa
 
 
 def nx_prefill(
-    module: nn.Module, cfg: ModelConfig, x: torch.Tensor, cache: KVCache, slot_ids: torch.Tensor,
-    tables: tuple[torch.Tensor, torch.Tensor], window: int | None,
+    module: nn.Module,
+    cfg: ModelConfig,
+    x: torch.Tensor,
+    cache: KVCache,
+    slot_ids: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    window: int | None,
 ) -> torch.Tensor:
     batch, length, _ = x.shape
     positions = torch.arange(length)[None].expand(batch, length)
     cos, sin = tables
     ctx = AttentionContext(
-        prefill=True, slot_ids=slot_ids, positions=positions, cos=cos[positions], sin=sin[positions],
+        prefill=True,
+        slot_ids=slot_ids,
+        positions=positions,
+        cos=cos[positions],
+        sin=sin[positions],
         masks={window: build_mask(q_pos=positions, k_pos=positions, window=window)},
     )
     return module(x, ctx, cache)
 
 
 def nx_decode(
-    module: nn.Module, x: torch.Tensor, start: int, cache: KVCache, slot_ids: torch.Tensor,
-    tables: tuple[torch.Tensor, torch.Tensor], window: int | None,
+    module: nn.Module,
+    x: torch.Tensor,
+    start: int,
+    cache: KVCache,
+    slot_ids: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    window: int | None,
 ) -> torch.Tensor:
     batch, length, _ = x.shape
     positions = (start + torch.arange(length))[None].expand(batch, length).contiguous()
     cos, sin = tables
     key_positions = torch.arange(cache.seq_len)[None]
     ctx = AttentionContext(
-        prefill=False, slot_ids=slot_ids, positions=positions, cos=cos[positions], sin=sin[positions],
+        prefill=False,
+        slot_ids=slot_ids,
+        positions=positions,
+        cos=cos[positions],
+        sin=sin[positions],
         masks={window: build_mask(q_pos=positions, k_pos=key_positions, window=window)},
     )
     return module(x, ctx, cache)
@@ -224,10 +246,12 @@ def test_cos_sin_table_matches_llama_rotary_embedding(case: str) -> None:
     assert cos_table.shape == (hf_config.max_position_embeddings, head_dim)
 
     gen = torch.Generator().manual_seed(0)
-    position_ids = torch.stack([
-        torch.arange(hf_config.max_position_embeddings),
-        torch.randint(0, hf_config.max_position_embeddings, (hf_config.max_position_embeddings,), generator=gen),
-    ])
+    position_ids = torch.stack(
+        [
+            torch.arange(hf_config.max_position_embeddings),
+            torch.randint(0, hf_config.max_position_embeddings, (hf_config.max_position_embeddings,), generator=gen),
+        ]
+    )
     x = torch.zeros(2, position_ids.shape[1], head_dim)
     ref_cos, ref_sin = LlamaRotaryEmbedding(hf_config)(x, position_ids)
     close(cos_table[position_ids], ref_cos)
@@ -304,8 +328,9 @@ ARCH_ATTENTION = {
 }
 
 
-def build_pair(config_cls: type, attn_cls: type, read_config: Any, overrides: dict[str, Any], *, window: int | None = None,
-               seed: int = 0) -> tuple[Any, ModelConfig, nn.Module, Attention]:
+def build_pair(
+    config_cls: type, attn_cls: type, read_config: Any, overrides: dict[str, Any], *, window: int | None = None, seed: int = 0
+) -> tuple[Any, ModelConfig, nn.Module, Attention]:
     hf_config = config_cls(**{**BASE, **overrides})
     hf_config._attn_implementation = "eager"
     cfg = read_config(hf_config)
@@ -318,8 +343,18 @@ def build_pair(config_cls: type, attn_cls: type, read_config: Any, overrides: di
     return hf_config, cfg, hf_attn, nx
 
 
-def check_attention(hf_config: Any, cfg: ModelConfig, hf_attn: nn.Module, nx: Attention, *, window: int | None,
-                    batch: int = 2, length: int = 11, seq_len: int = 24, seed: int = 0) -> None:
+def check_attention(
+    hf_config: Any,
+    cfg: ModelConfig,
+    hf_attn: nn.Module,
+    nx: Attention,
+    *,
+    window: int | None,
+    batch: int = 2,
+    length: int = 11,
+    seq_len: int = 24,
+    seed: int = 0,
+) -> None:
     torch.manual_seed(seed)
     x = torch.randn(batch, length, cfg.hidden_size)
     tables = rope_tables(hf_config, seq_len)
@@ -358,9 +393,7 @@ def test_llama_attention_prefill_and_decode(case: str) -> None:
 
 @pytest.mark.parametrize("window", [1, 4, 20])
 def test_sliding_window_attention_prefill_and_decode(window: int) -> None:
-    hf_config, cfg, hf_attn, nx = build_pair(
-        LlamaConfig, LlamaAttention, llama_arch.read_config, dict(num_key_value_heads=2), window=window
-    )
+    hf_config, cfg, hf_attn, nx = build_pair(LlamaConfig, LlamaAttention, llama_arch.read_config, dict(num_key_value_heads=2), window=window)
     assert nx.sliding_window == window
     check_attention(hf_config, cfg, hf_attn, nx, window=window, length=13)
 

@@ -22,21 +22,21 @@ CONFIG = RuntimeConfig(batch_size=2, ctx_batch_size=2, seq_len=64, buckets=(32, 
 STOP = StoppingCriteria(max_new_tokens=10, ignore_eos=True)
 
 
-def hf_block(kind: str, normalize: bool = True):  # noqa: ANN201
+def hf_block(kind: str, normalize: bool = True):
     torch.manual_seed(0)
     if kind == "mixtral":
         block = MixtralSparseMoeBlock(MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K))
     else:
-        block = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
-                                                      norm_topk_prob=normalize))
+        block = Qwen3MoeSparseMoeBlock(
+            Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K, norm_topk_prob=normalize)
+        )
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return block.eval()
 
 
-def ours(block, *, normalize: bool = True, capacity_factor: float | None = None) -> MoE:  # noqa: ANN001
-    moe = MoE(hidden_size=H, intermediate_size=I, num_experts=E, top_k=K, normalize=normalize, act="silu",
-              capacity_factor=capacity_factor)
+def ours(block, *, normalize: bool = True, capacity_factor: float | None = None) -> MoE:
+    moe = MoE(hidden_size=H, intermediate_size=I, num_experts=E, top_k=K, normalize=normalize, act="silu", capacity_factor=capacity_factor)
     with torch.no_grad():
         moe.router.weight.copy_(block.gate.weight)
         moe.gate_up.copy_(block.experts.gate_up_proj.transpose(1, 2))
@@ -101,9 +101,21 @@ def test_capacity_overflow_drops_later_tokens_deterministically() -> None:
 
 
 def test_expert_parallel_degree_errors() -> None:
-    cfg = ModelConfig(model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=1, num_heads=4,
-                      num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, max_position_embeddings=64, num_experts=4,
-                      num_experts_per_tok=2, moe_intermediate_size=16)
+    cfg = ModelConfig(
+        model_type="mixtral",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+    )
     with pytest.raises(ValueError, match=r"ep_degree=3 cannot split 4 experts evenly: valid EP degrees are \[1\]"):
         make_plan(cfg, 3, 3)
     with pytest.raises(ValueError, match=r"ep_degree=4 does not divide tp_degree=2"):

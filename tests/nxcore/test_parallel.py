@@ -28,13 +28,27 @@ TP_VARIANTS = {
     "q6-kv3": dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3, intermediate_size=130, vocab_size=511),
     "q3-pad": dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3),
 }
-STRATEGY = {"kv4": GQAStrategy.SHARD, "kv1": GQAStrategy.REPLICATE_TO_TP_DEGREE, "q6-kv3": GQAStrategy.CONVERT_TO_MHA,
-            "q3-pad": GQAStrategy.CONVERT_TO_MHA}
+STRATEGY = {
+    "kv4": GQAStrategy.SHARD,
+    "kv1": GQAStrategy.REPLICATE_TO_TP_DEGREE,
+    "q6-kv3": GQAStrategy.CONVERT_TO_MHA,
+    "q3-pad": GQAStrategy.CONVERT_TO_MHA,
+}
 
 
 def _cfg(heads: int, kv: int) -> ModelConfig:
-    return ModelConfig(model_type="llama", vocab_size=100, hidden_size=heads * 8, intermediate_size=30, num_layers=1,
-                       num_heads=heads, num_kv_heads=kv, head_dim=8, rms_norm_eps=1e-6, max_position_embeddings=64)
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=100,
+        hidden_size=heads * 8,
+        intermediate_size=30,
+        num_layers=1,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=64,
+    )
 
 
 @pytest.mark.parametrize(
@@ -47,7 +61,7 @@ def _cfg(heads: int, kv: int) -> ModelConfig:
         (3, 3, 2, GQAStrategy.CONVERT_TO_MHA, ((0, 1), (2, None)), ((0, 1), (2, 2))),
     ],
 )
-def test_shard_plans_follow_nxd(heads, kv, tp, strategy, q_heads, kv_heads) -> None:  # noqa: ANN001
+def test_shard_plans_follow_nxd(heads, kv, tp, strategy, q_heads, kv_heads) -> None:
     plan = make_plan(_cfg(heads, kv), tp)
     assert (plan.strategy, plan.q_heads, plan.kv_heads) == (strategy, q_heads, kv_heads)
     assert [head for head, _ in enumerate(plan.logical_kv_positions())] == list(range(kv))
@@ -55,7 +69,9 @@ def test_shard_plans_follow_nxd(heads, kv, tp, strategy, q_heads, kv_heads) -> N
 
 
 def test_unshardable_tp_degree_names_the_numbers() -> None:
-    with pytest.raises(ValueError, match=r"tp_degree=8 cannot shard 6 query heads and 2 KV heads: valid TP degrees are 1..6 \(without padded heads: \[1, 2, 3, 6\]\)"):
+    with pytest.raises(
+        ValueError, match=r"tp_degree=8 cannot shard 6 query heads and 2 KV heads: valid TP degrees are 1..6 \(without padded heads: \[1, 2, 3, 6\]\)"
+    ):
         make_plan(_cfg(6, 2), 8)
 
 
@@ -66,7 +82,7 @@ def tp_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Checkp
 
 
 @pytest.mark.parametrize("name", sorted(TP_VARIANTS))
-def test_tp2_equals_tp1_and_transformers(tp_checkpoints: dict[str, Checkpoint], name: str, caplog) -> None:  # noqa: ANN001
+def test_tp2_equals_tp1_and_transformers(tp_checkpoints: dict[str, Checkpoint], name: str, caplog) -> None:
     ckpt = tp_checkpoints[name]
     prompts = [random_prompt(n, seed=n, vocab=ckpt.hf_model.config.vocab_size) for n in (5, 21)]
     sampling = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=4)

@@ -173,13 +173,8 @@ def test_top_p_samples_only_inside_the_nucleus(top_k: int) -> None:
     gen = torch.Generator().manual_seed(18)
     top_p = torch.rand(rows, generator=gen).clamp(min=0.02)
     temperature = 0.5 + torch.rand(rows, generator=gen)
-    tokens = run(
-        logits, temperature=temperature, top_k=top_k, top_p=top_p, rand=seeded_rand(rows, seed=19), max_topk=vocab
-    )
-    outside = [
-        i for i in range(rows)
-        if tokens[i].item() not in nucleus(logits[i], temperature[i].item(), top_k, top_p[i].item())
-    ]
+    tokens = run(logits, temperature=temperature, top_k=top_k, top_p=top_p, rand=seeded_rand(rows, seed=19), max_topk=vocab)
+    outside = [i for i in range(rows) if tokens[i].item() not in nucleus(logits[i], temperature[i].item(), top_k, top_p[i].item())]
     assert not outside, f"rows sampled outside their nucleus: {outside[:10]}"
     # Not over-restrictive: some rows sample a token other than their best one.
     assert bool((tokens != logits.argmax(dim=-1)).sum() > rows // 4)

@@ -26,14 +26,18 @@ class FakeEngine:
     """The engine calls the scheduler makes, over a deterministic next-token rule; counts its calls."""
 
     def __init__(self, *, batch_size: int = 2, seq_len: int = 64, speculation_length: int = 0, eos: Seq[int] = ()) -> None:
-        self.config = SimpleNamespace(batch_size=batch_size, seq_len=seq_len, speculation_length=speculation_length,
-                                      ctx_batch_size=batch_size)
+        self.config = SimpleNamespace(batch_size=batch_size, seq_len=seq_len, speculation_length=speculation_length, ctx_batch_size=batch_size)
         self.model_config = SimpleNamespace(eos_token_ids=tuple(eos))
         self.slot_lengths: list[int | None] = [None] * batch_size
         self.calls: list[tuple[str, list[int]]] = []
 
     def free_slots(self) -> list[int]:
         return [i for i, n in enumerate(self.slot_lengths) if n is None]
+
+    def length(self, slot: int) -> int:
+        length = self.slot_lengths[slot]
+        assert length is not None
+        return length
 
     def free(self, slot: int) -> None:
         self.slot_lengths[slot] = None
@@ -48,13 +52,13 @@ class FakeEngine:
     def token_generate(self, requests: list[SequenceRequest]) -> list[int]:
         self.calls.append(("token", [r.slot for r in requests]))
         for r in requests:
-            self.slot_lengths[r.slot] += 1
+            self.slot_lengths[r.slot] = self.length(r.slot) + 1
         return [successor(r.token_ids[0]) for r in requests]
 
     def speculate(self, requests: list[SequenceRequest]) -> list[list[int]]:
         self.calls.append(("speculate", [r.slot for r in requests]))
         for r in requests:
-            self.slot_lengths[r.slot] += len(r.token_ids)
+            self.slot_lengths[r.slot] = self.length(r.slot) + len(r.token_ids)
         return [[successor(t) for t in r.token_ids] for r in requests]
 
     def truncate(self, slot: int, n_tokens: int) -> None:
@@ -62,8 +66,9 @@ class FakeEngine:
 
 
 def _seq(prompt: list[int], max_new_tokens: int = 5, **kwargs: object) -> Sequence:
-    return Sequence(prompt_ids=prompt, sampling=SamplingParams(), rng=RequestRng(0),
-                    stopping=StoppingCriteria(max_new_tokens=max_new_tokens, **kwargs))  # type: ignore[arg-type]
+    return Sequence(
+        prompt_ids=prompt, sampling=SamplingParams(), rng=RequestRng(0), stopping=StoppingCriteria(max_new_tokens=max_new_tokens, **kwargs)
+    )  # type: ignore[arg-type]
 
 
 def _run(scheduler: Scheduler, engine: FakeEngine, sequences: list[Sequence]) -> None:
@@ -150,8 +155,14 @@ def test_stop_strings_end_a_sequence_at_the_matching_token() -> None:
 
     engine = FakeEngine(batch_size=1)
     scheduler = Scheduler(engine, tokenizer=Letters())  # type: ignore[arg-type]
-    seq = Sequence(prompt_ids=[0], sampling=SamplingParams(), rng=RequestRng(0), stopping=StoppingCriteria(max_new_tokens=9),
-                   stop_strings=("de",), output_ids=[1])  # the first token came from elsewhere (prefill)
+    seq = Sequence(
+        prompt_ids=[0],
+        sampling=SamplingParams(),
+        rng=RequestRng(0),
+        stopping=StoppingCriteria(max_new_tokens=9),
+        stop_strings=("de",),
+        output_ids=[1],
+    )  # the first token came from elsewhere (prefill)
     scheduler.add(seq)
     scheduler.schedule()
     engine.slot_lengths[0] = 1

@@ -48,8 +48,7 @@ def test_ngram_lookup_proposes_the_continuation_of_the_longest_match() -> None:
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft-same", "draft-other"])
-def test_greedy_output_equals_non_speculative(target: Engine, near_draft: Engine, checkpoints: dict[str, Checkpoint],
-                                               method: str) -> None:
+def test_greedy_output_equals_non_speculative(target: Engine, near_draft: Engine, checkpoints: dict[str, Checkpoint], method: str) -> None:
     plain = generate(target, _prompts(), stopping=STOP)
     if method == "ngram":
         proposer = NgramProposer(K)
@@ -123,10 +122,10 @@ def test_point_mass_acceptance_on_in_graph_samples_follows_the_target_distributi
     assert _chi_square(seconds, p[1]) < 20.52
 
 
-def test_point_mass_rounds_move_no_logits_to_the_host(target: Engine, near_draft: Engine,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_point_mass_rounds_move_no_logits_to_the_host(target: Engine, near_draft: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """n-gram rounds (greedy or sampled) and greedy draft rounds compare token ids only."""
-    def no_logits(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+
+    def no_logits(*args, **kwargs):
         raise AssertionError("full-vocabulary logits went to the host")
 
     expected = generate(target, _prompts(), stopping=STOP)
@@ -135,8 +134,7 @@ def test_point_mass_rounds_move_no_logits_to_the_host(target: Engine, near_draft
     draft = generate(target, _prompts(), stopping=STOP, proposer=DraftProposer(near_draft, K, target_vocab=512))
     ngram = generate(target, _prompts(), stopping=STOP, proposer=NgramProposer(K))
     assert [r.output_ids for r in draft] == [r.output_ids for r in ngram] == [r.output_ids for r in expected]
-    sampled = generate(target, _prompts(), sampling=SamplingParams(temperature=0.8, seed=3), stopping=STOP,
-                       proposer=NgramProposer(K))
+    sampled = generate(target, _prompts(), sampling=SamplingParams(temperature=0.8, seed=3), stopping=STOP, proposer=NgramProposer(K))
     assert all(len(r.output_ids) == STOP.max_new_tokens for r in sampled)
 
 
@@ -148,7 +146,6 @@ def test_draft_with_another_vocabulary_is_refused(target: Engine, checkpoints: d
 
 def test_sampled_speculation_is_reproducible_by_seed(target: Engine, near_draft: Engine) -> None:
     sampling = SamplingParams(temperature=0.8, top_k=50, seed=9)
-    runs = [generate(target, _prompts(), sampling=sampling, stopping=STOP, proposer=DraftProposer(near_draft, K, target_vocab=512))
-            for _ in range(2)]
+    runs = [generate(target, _prompts(), sampling=sampling, stopping=STOP, proposer=DraftProposer(near_draft, K, target_vocab=512)) for _ in range(2)]
     assert [r.output_ids for r in runs[0]] == [r.output_ids for r in runs[1]]
     assert all(len(r.output_ids) == STOP.max_new_tokens for r in runs[0])

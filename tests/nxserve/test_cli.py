@@ -49,14 +49,31 @@ def test_make_model_then_generate_text(tmp_path: Path, capsys) -> None:
     assert line["prompt_ids"] == tokenizer("Hello world")["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     ids = torch.tensor([line["prompt_ids"]])
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-    assert line["output_ids"] == ref[0, ids.shape[1]:].tolist()
+    ref = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id
+    )
+    assert line["output_ids"] == ref[0, ids.shape[1] :].tolist()
     assert line["text"] == tokenizer.decode(line["output_ids"], skip_special_tokens=True)
 
 
 def test_sampled_generation_is_reproducible_by_seed(checkpoints: dict[str, Checkpoint], capsys) -> None:
-    args = ["generate", "--model", str(checkpoints["qwen3"].path), "--prompt-ids", "5,6,7", "--temperature", "0.9",
-            "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "12", "--ignore-eos", "--json"]
+    args = [
+        "generate",
+        "--model",
+        str(checkpoints["qwen3"].path),
+        "--prompt-ids",
+        "5,6,7",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
+    ]
     first = run_cli(capsys, *args)[1]
     assert run_cli(capsys, *args)[1] == first
 
@@ -73,8 +90,20 @@ def test_errors_are_reported_not_raised(checkpoints: dict[str, Checkpoint], tmp_
 
 def test_help_lists_every_command_and_flag() -> None:
     out = subprocess.run([sys.executable, "-m", "nxserve.cli", "generate", "--help"], capture_output=True, text=True, check=True).stdout
-    for flag in ("--prompt-ids", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--ignore-eos",
-                 "--dtype", "--batch-size", "--seq-len", "--backend", "--json"):
+    for flag in (
+        "--prompt-ids",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--seed",
+        "--ignore-eos",
+        "--dtype",
+        "--batch-size",
+        "--seq-len",
+        "--backend",
+        "--json",
+    ):
         assert flag in out
     out = subprocess.run([sys.executable, "-m", "nxserve.cli", "--help"], capture_output=True, text=True, check=True).stdout
     assert "make-model" in out and "generate" in out

@@ -54,7 +54,9 @@ class FakeGeneration(pb_grpc.GenerationServicer):
             return
         yield pb.GenerateResponse(request_id="req-1", token_ids=[6, 7], text="bc")
         yield pb.GenerateResponse(
-            request_id="req-1", token_ids=[8], finish_reason=pb.FINISH_REASON_EOS,
+            request_id="req-1",
+            token_ids=[8],
+            finish_reason=pb.FINISH_REASON_EOS,
             usage=pb.Usage(prompt_tokens=3, completion_tokens=4),
         )
 
@@ -88,16 +90,31 @@ def check_result(result: GenerationResult) -> None:
 def test_generate_streams_plain_chunks_and_builds_the_request(server) -> None:
     target, fake = server
     with Client(target, timeout=5) as client:
-        chunks = list(client.generate(
-            "hello", max_new_tokens=7, temperature=0.5, top_k=3, top_p=0.9, seed=11,
-            stop_token_ids=[2], stop_strings=["\n"], ignore_eos=True, request_id="mine",
-        ))
+        chunks = list(
+            client.generate(
+                "hello",
+                max_new_tokens=7,
+                temperature=0.5,
+                top_k=3,
+                top_p=0.9,
+                seed=11,
+                stop_token_ids=[2],
+                stop_strings=["\n"],
+                ignore_eos=True,
+                request_id="mine",
+            )
+        )
         assert chunks == STREAM
         req = fake.requests[-1]
         assert (req.WhichOneof("prompt"), req.text, req.request_id) == ("text", "hello", "mine")
         assert (req.sampling.temperature, req.sampling.top_k, req.sampling.seed) == (0.5, 3, 11)
         assert req.sampling.top_p == pytest.approx(0.9)
-        assert (req.stopping.max_new_tokens, list(req.stopping.stop_token_ids), list(req.stopping.stop_strings), req.stopping.ignore_eos) == (7, [2], ["\n"], True)
+        assert (req.stopping.max_new_tokens, list(req.stopping.stop_token_ids), list(req.stopping.stop_strings), req.stopping.ignore_eos) == (
+            7,
+            [2],
+            ["\n"],
+            True,
+        )
 
         list(client.generate(PROMPT_IDS))
         req = fake.requests[-1]
@@ -181,7 +198,7 @@ def test_leaving_the_stream_early_cancels_the_request(server) -> None:
     target, fake = server
     fake.cancelled.clear()
     with Client(target) as client:
-        for chunk in client.generate("hang"):
+        for _chunk in client.generate("hang"):
             break
         assert fake.cancelled.wait(3)
 

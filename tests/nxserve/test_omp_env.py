@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from nxserve.cluster import LocalCluster
-from nxserve.testing.model_factory import make_model
 from nxserve.omp_env import SHARED_CORES_SPINCOUNT, share_cores
+from nxserve.testing.model_factory import make_model
 
 
 def test_spincount_is_set_only_when_oversubscribed_and_the_user_chose_no_policy() -> None:
@@ -26,8 +26,7 @@ def test_cluster_counts_each_services_threads_and_ranks(tmp_path: Path, monkeypa
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert LocalCluster(tmp_path, decode_replicas=2).openmp_threads() == 3 * 16
-    c = LocalCluster(tmp_path, decode_replicas=2, engine_args=["--threads", "2"], prefill_args=["--tp", "2"],
-                     decode_args=["--threads=3"])
+    c = LocalCluster(tmp_path, decode_replicas=2, engine_args=["--threads", "2"], prefill_args=["--tp", "2"], decode_args=["--threads=3"])
     assert c.openmp_threads() == 2 * 2 + 2 * 3
 
 

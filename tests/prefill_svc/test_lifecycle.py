@@ -3,18 +3,15 @@ model, TP on either side, and one trace across client, prefill and decode (expor
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -69,12 +66,23 @@ def test_prefill_refuses_decode_replicas_of_another_model(model_dir: Path, tmp_p
     other = make_model(arch="qwen3", preset="tiny", out=tmp_path / "other", seed=6)  # same shapes, other weights
     decode_port, prefill_port = _free_ports(2)
     common = [sys.executable, "-m"]
-    procs = [subprocess.Popen([*common, "decode_svc", "--model", str(other), "--port", str(decode_port), *ENGINE_ARGS],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    procs.append(subprocess.Popen([*common, "prefill_svc", "--model", str(model_dir), "--port", str(prefill_port),
-                                   "--decode", f"127.0.0.1:{decode_port}", *ENGINE_ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    procs = [
+        subprocess.Popen(
+            [*common, "decode_svc", "--model", str(other), "--port", str(decode_port), *ENGINE_ARGS],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    procs.append(
+        subprocess.Popen(
+            [*common, "prefill_svc", "--model", str(model_dir), "--port", str(prefill_port), "--decode", f"127.0.0.1:{decode_port}", *ENGINE_ARGS],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
     try:
         with Client(f"127.0.0.1:{prefill_port}") as client:
+
             def refused() -> grpc.RpcError | None:  # UNAVAILABLE while the services start
                 with pytest.raises(grpc.RpcError) as err:
                     client.generate_text([5, 6, 7], max_new_tokens=4, timeout=5)
@@ -116,7 +124,7 @@ class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.spans: list[tuple[str, str, bytes]] = []  # (service.name, span name, trace id)
         self.lock = threading.Lock()
 
-    def Export(self, request, context):  # noqa: ANN001, N802
+    def Export(self, request, context):
         with self.lock:
             for rs in request.resource_spans:
                 service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
@@ -161,16 +169,23 @@ def test_kv_hand_off_between_tp_degrees(model_dir: Path, prefill_tp: int, decode
     engine = Engine.from_pretrained(model_dir, RuntimeConfig(batch_size=2, seq_len=256))
     expected = [r.output_ids for r in generate(engine, prompts, stopping=StoppingCriteria(max_new_tokens=12, ignore_eos=True))]
     args = ["--seq-len", "256", "--batch-size", "2"]
-    with LocalCluster(model_dir, decode_replicas=1, engine_args=args, prefill_args=["--tp", str(prefill_tp)],
-                      decode_args=["--tp", str(decode_tp)]) as cluster, Client(cluster.target) as client:
+    with (
+        LocalCluster(
+            model_dir, decode_replicas=1, engine_args=args, prefill_args=["--tp", str(prefill_tp)], decode_args=["--tp", str(decode_tp)]
+        ) as cluster,
+        Client(cluster.target) as client,
+    ):
         got = [client.generate_text(p, max_new_tokens=12, ignore_eos=True).output_ids for p in prompts]
     assert got == expected
 
 
-@pytest.mark.parametrize(("arch", "prefill_args", "decode_args"), [
-    ("mixtral", ["--tp", "1"], ["--tp", "2", "--ep", "2"]),
-    ("qwen3_moe", ["--tp", "2"], ["--tp", "1"]),
-])
+@pytest.mark.parametrize(
+    ("arch", "prefill_args", "decode_args"),
+    [
+        ("mixtral", ["--tp", "1"], ["--tp", "2", "--ep", "2"]),
+        ("qwen3_moe", ["--tp", "2"], ["--tp", "1"]),
+    ],
+)
 def test_moe_through_services_matches_transformers(tmp_path: Path, arch: str, prefill_args: list[str], decode_args: list[str]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -179,11 +194,13 @@ def test_moe_through_services_matches_transformers(tmp_path: Path, arch: str, pr
     hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     prompts = [[5, 6, 7, 8], list(range(20, 45))]
     args = ["--seq-len", "128", "--batch-size", "2"]
-    with LocalCluster(model_dir, decode_replicas=1, engine_args=args, prefill_args=prefill_args,
-                      decode_args=decode_args) as cluster, Client(cluster.target) as client:
+    with (
+        LocalCluster(model_dir, decode_replicas=1, engine_args=args, prefill_args=prefill_args, decode_args=decode_args) as cluster,
+        Client(cluster.target) as client,
+    ):
         got = [client.generate_text(p, max_new_tokens=10, ignore_eos=True).output_ids for p in prompts]
     for prompt, output in zip(prompts, got):
         ids = torch.tensor([prompt])
         with torch.no_grad():
             ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=2)
-        assert output == ref[0, len(prompt):].tolist()
+        assert output == ref[0, len(prompt) :].tolist()

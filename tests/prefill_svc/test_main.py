@@ -18,8 +18,10 @@ def test_sizes_take_k_m_g_suffixes_and_refuse_nonsense() -> None:
 
 
 def _engine(layers: int, kv_heads: int, head_dim: int, dtype: str, ctx_batch: int = 4, max_prompt: int = 1024) -> SimpleNamespace:
-    return SimpleNamespace(model_config=SimpleNamespace(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim),
-                           config=SimpleNamespace(dtype=dtype, ctx_batch_size=ctx_batch, max_prompt_len=max_prompt))
+    return SimpleNamespace(
+        model_config=SimpleNamespace(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim),
+        config=SimpleNamespace(dtype=dtype, ctx_batch_size=ctx_batch, max_prompt_len=max_prompt),
+    )
 
 
 def test_default_arena_holds_four_full_batches_within_bounds() -> None:

@@ -22,18 +22,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def hf_model(svc_model: Path):  # noqa: ANN201
+def hf_model(svc_model: Path):
     return AutoModelForCausalLM.from_pretrained(svc_model).eval()
 
 
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:  # noqa: ANN001
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=2)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
-def test_greedy_single_request_equals_in_process_and_transformers(client: Client, svc_engine: Engine, hf_model) -> None:  # noqa: ANN001
+def test_greedy_single_request_equals_in_process_and_transformers(client: Client, svc_engine: Engine, hf_model) -> None:
     prompt = prompts(1)[0]
     result = client.generate_text(prompt, max_new_tokens=20, ignore_eos=True)
     [local] = generate(svc_engine, [prompt], stopping=StoppingCriteria(max_new_tokens=20, ignore_eos=True))
@@ -43,7 +43,7 @@ def test_greedy_single_request_equals_in_process_and_transformers(client: Client
     assert result.usage.prompt_tokens == len(prompt) and result.usage.completion_tokens == 20
 
 
-def test_sixteen_concurrent_requests_over_two_replicas(client: Client, cluster: LocalCluster, svc_engine: Engine, hf_model) -> None:  # noqa: ANN001
+def test_sixteen_concurrent_requests_over_two_replicas(client: Client, cluster: LocalCluster, svc_engine: Engine, hf_model) -> None:
     """Their KV goes through prefill's shared-memory arena (both services share --kv-shm-dir)."""
     batch = prompts(16)
     start = loads(cluster.decode_targets)
@@ -65,11 +65,14 @@ def test_seeded_sampling_equals_in_process(client: Client, svc_engine: Engine) -
     batch = prompts(3)
     settings = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=s) for s in (1, 2, 3)]
     with ThreadPoolExecutor(3) as pool:
-        remote = list(pool.map(
-            lambda a: client.generate_text(a[0], max_new_tokens=16, ignore_eos=True, temperature=a[1].temperature,
-                                           top_k=a[1].top_k, top_p=a[1].top_p, seed=a[1].seed),
-            zip(batch, settings),
-        ))
+        remote = list(
+            pool.map(
+                lambda a: client.generate_text(
+                    a[0], max_new_tokens=16, ignore_eos=True, temperature=a[1].temperature, top_k=a[1].top_k, top_p=a[1].top_p, seed=a[1].seed
+                ),
+                zip(batch, settings),
+            )
+        )
     local = generate(svc_engine, batch, sampling=settings, stopping=StoppingCriteria(max_new_tokens=16, ignore_eos=True))
     assert [r.output_ids for r in remote] == [r.output_ids for r in local]
 
@@ -80,7 +83,7 @@ def test_text_stream_and_stop_strings(client: Client, svc_engine: Engine) -> Non
     assert "".join(c.text for c in chunks) == full.text
     assert [t for c in chunks for t in c.token_ids] == full.output_ids
     assert chunks[0].prompt_token_ids == full.prompt_ids and chunks[-1].finish_reason == "length"
-    stop = full.text[len(full.text) // 2:][:3]
+    stop = full.text[len(full.text) // 2 :][:3]
     if stop.strip():
         stopped = client.generate_text("Once upon a time", max_new_tokens=30, ignore_eos=True, stop_strings=[stop])
         assert stopped.finish_reason == "stop"
@@ -146,8 +149,16 @@ def test_kv_goes_as_chunks_where_the_directory_is_not_shared(svc_model: Path, sv
     theirs.mkdir(), ours.mkdir()
     batch = prompts(3)
     expected = [r.output_ids for r in generate(svc_engine, batch, stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True))]
-    with LocalCluster(svc_model, decode_replicas=1, engine_args=ENGINE_ARGS, decode_args=["--kv-shm-dir", str(theirs)],
-                      prefill_args=["--kv-shm-dir", str(ours), "--kv-shm-bytes", "1M"]) as c, Client(c.target) as client:
+    with (
+        LocalCluster(
+            svc_model,
+            decode_replicas=1,
+            engine_args=ENGINE_ARGS,
+            decode_args=["--kv-shm-dir", str(theirs)],
+            prefill_args=["--kv-shm-dir", str(ours), "--kv-shm-bytes", "1M"],
+        ) as c,
+        Client(c.target) as client,
+    ):
         assert client.generate_text(batch[0], max_new_tokens=6, ignore_eos=True).output_ids == expected[0]
         [load] = loads(c.decode_targets)
         assert (load.shared_kv_requests, load.chunked_kv_requests) == (0, 1) and load.shm_probe
@@ -168,10 +179,9 @@ def test_speculative_decoding_through_services_keeps_greedy_output(svc_model: Pa
     flags = ["--speculation", spec, "--speculation-length", "3"]
     # draft-decode-only: prefill sends no draft KV, so the decode replica encodes the prompt with its draft itself.
     shared, decode_only = (ENGINE_ARGS, flags) if method == "draft-decode-only" else ([*ENGINE_ARGS, *flags], [])
-    batch = prompts(4) + [[9, 10, 11, 12] * 5]
+    batch = [*prompts(4), [9, 10, 11, 12] * 5]
     local = generate(svc_engine, batch, stopping=StoppingCriteria(max_new_tokens=20, ignore_eos=True))
-    with LocalCluster(svc_model, decode_replicas=1, engine_args=shared, decode_args=decode_only) as cluster, \
-            Client(cluster.target) as client:
+    with LocalCluster(svc_model, decode_replicas=1, engine_args=shared, decode_args=decode_only) as cluster, Client(cluster.target) as client:
         with ThreadPoolExecutor(len(batch)) as pool:
             remote = list(pool.map(lambda p: client.generate_text(p, max_new_tokens=20, ignore_eos=True), batch))
         opted_out = client.generate_text(batch[0], max_new_tokens=20, ignore_eos=True, disable_speculation=True)

@@ -20,15 +20,14 @@ from tests.conftest import Checkpoint, random_prompt
 CONFIG = RuntimeConfig(batch_size=1, seq_len=64, dtype="float32")
 
 
-def _reference(path: Path, prompt: list[int]):  # noqa: ANN202
+def _reference(path: Path, prompt: list[int]):
     """(first token, KV) of the prompt from an engine of its own."""
     engine = Engine.from_pretrained(path, CONFIG)
     [token] = engine.context_encode([SequenceRequest(slot=0, token_ids=prompt, sampling=SamplingParams(), rng=RequestRng(0))])
     return token, engine.export_kv(0, len(prompt))
 
 
-def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(checkpoints: dict[str, Checkpoint],
-                                                                              tmp_path: Path) -> None:
+def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
     path, draft_path = checkpoints["llama"].path, checkpoints["llama-headdim-linear"].path  # a draft of another KV shape
     thread = EngineThread("prefill-engine")
     engine = thread.submit(Engine.from_pretrained, path, CONFIG, graphs="context").result(timeout=120)
@@ -45,7 +44,7 @@ def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(che
     encoding, gate = threading.Event(), threading.Event()
     encode = engine.context_encode
 
-    def gated(requests):  # noqa: ANN001, ANN202
+    def gated(requests):
         encoding.set()
         assert gate.wait(timeout=60)
         return encode(requests)

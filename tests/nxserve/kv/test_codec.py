@@ -3,15 +3,23 @@ and the Decode stream's requests encoded and decoded outside protobuf objects, b
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from google.protobuf.message import DecodeError
 
-import zlib
-
 from nxcore.kv_cache import KVSnapshot
 from nxserve.kv.codec import (
-    ChunkMessage, KVAssembler, KVChunk, Layout, encode_chunk, iter_chunks, message_kind, parse_request, serialize_request,
+    ChunkMessage,
+    KVAssembler,
+    KVChunk,
+    Layout,
+    encode_chunk,
+    iter_chunks,
+    message_kind,
+    parse_request,
+    serialize_request,
 )
 from nxserve.rpc.errors import InvalidRequest, KVCorrupted
 from nxserve.v1 import decode_pb2
@@ -37,14 +45,12 @@ def test_encoded_chunk_is_a_decode_request(kv_set: int) -> None:
     for chunk in _chunks(max_bytes=200):  # several chunks, some starting at layer or token 0
         parsed = decode_pb2.DecodeRequest.FromString(encode_chunk(chunk, kv_set=kv_set))
         assert parsed.WhichOneof("kind") == "chunk"
-        assert _fields(parsed.chunk) == (chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end,
-                                         chunk.data, chunk.crc32, kv_set)
+        assert _fields(parsed.chunk) == (chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end, chunk.data, chunk.crc32, kv_set)
 
 
 def test_parsed_chunk_is_a_view_of_the_message() -> None:
     [chunk] = _chunks()
-    pb = decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(layer_start=0, layer_end=2, token_end=5, data=chunk.data,
-                                                           crc32=chunk.crc32, kv_set=1))
+    pb = decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(layer_start=0, layer_end=2, token_end=5, data=chunk.data, crc32=chunk.crc32, kv_set=1))
     wire = pb.SerializeToString()
     message = parse_request(wire)
     assert isinstance(message, ChunkMessage) and message_kind(message) == "chunk"
@@ -72,11 +78,11 @@ def test_unusual_encodings_decode_as_protobuf_does() -> None:
     unknown = bytes([11 << 3 | 0, 42, 12 << 3 | 2, 3]) + b"abc" + bytes([13 << 3 | 5]) + b"\x00" * 4 + bytes([14 << 3 | 1]) + b"\x00" * 8
     repeated = bytes([2 << 3 | 0, 9])  # layer_end again: the last value wins
     ints = ((7, 1), (6, chunk.crc32), (4, 5), (3, 3), (2, 2), (1, 1))
-    out_of_order = bytes([5 << 3 | 2]) + _varint(len(chunk.data)) + chunk.data + b"".join(
-        bytes([n << 3 | 0]) + _varint(v) for n, v in ints)
+    out_of_order = bytes([5 << 3 | 2]) + _varint(len(chunk.data)) + chunk.data + b"".join(bytes([n << 3 | 0]) + _varint(v) for n, v in ints)
     bodies = [unknown + body, body + unknown, body + repeated, out_of_order]
-    merged = decode_pb2.DecodeRequest(chunk=pb).SerializeToString() + decode_pb2.DecodeRequest(
-        chunk=decode_pb2.KvChunk(token_end=6)).SerializeToString()
+    merged = (
+        decode_pb2.DecodeRequest(chunk=pb).SerializeToString() + decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(token_end=6)).SerializeToString()
+    )
     wires = [_wrap(b) for b in bodies] + [merged]
     for wire in wires:
         expected = decode_pb2.DecodeRequest.FromString(wire).chunk
@@ -145,8 +151,11 @@ def test_chunk_layout_and_checksum_are_the_wire_format() -> None:
     split = list(iter_chunks(kv, max_bytes=600))  # one layer is 1792 bytes: split by tokens
     c = split[1]
     assert (c.layer_start, c.layer_end) == (0, 1) and c.token_start > 0
-    expected = torch.cat([kv.keys[0:1, :, c.token_start:c.token_end].reshape(-1),
-                          kv.values[0:1, :, c.token_start:c.token_end].reshape(-1)]).numpy().tobytes()
+    expected = (
+        torch.cat([kv.keys[0:1, :, c.token_start : c.token_end].reshape(-1), kv.values[0:1, :, c.token_start : c.token_end].reshape(-1)])
+        .numpy()
+        .tobytes()
+    )
     assert c.data == expected and c.crc32 == zlib.crc32(expected)
 
 

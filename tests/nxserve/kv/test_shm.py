@@ -36,8 +36,9 @@ def test_arena_region_round_trip_with_a_draft_set_is_exact(tmp_path: Path, dtype
     region = arena.put([target, draft]).sealed
     assert region.name == arena.name and region.offset == 0
     assert region.nbytes == 2 * target.keys.nbytes + 2 * draft.keys.nbytes
-    assert region.crc32 == zlib.crc32(b"".join(bytes(t.contiguous().view(torch.uint8).numpy()) for t in
-                                               (target.keys, target.values, draft.keys, draft.values)))
+    assert region.crc32 == zlib.crc32(
+        b"".join(bytes(t.contiguous().view(torch.uint8).numpy()) for t in (target.keys, target.values, draft.keys, draft.values))
+    )
     got = SharedKVReader(tmp_path).snapshots(region, [_layout(target), _layout(draft)])
     for snapshots in (got, [target, draft]):  # the region's CRC-32 is its snapshots' bytes, in order
         assert crc32_of(tuple(memoryview(part) for kv in snapshots for part in snapshot_parts(kv))) == region.crc32
@@ -150,7 +151,7 @@ def test_stale_arenas_and_probes_are_removed_and_live_ones_kept(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("make", [lambda d: KVArena(d, 1 << 14), Probe])
-def test_a_file_being_created_is_never_taken_for_a_stale_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make) -> None:  # noqa: ANN001
+def test_a_file_being_created_is_never_taken_for_a_stale_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make) -> None:
     """Another service's `remove_stale` running between the creation of a file and its lock (here:
     just before the lock) finds nothing of it to remove."""
     flock = fcntl.flock

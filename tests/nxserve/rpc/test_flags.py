@@ -16,9 +16,23 @@ from nxserve.commands.serving import _cluster_from_args
 from nxserve.rpc.flags import ENV_COMPILE_CACHE, EngineFlags, shm_dir_arg
 from prefill_svc.__main__ import build_parser as prefill_parser
 
-EVERY_FLAG = EngineFlags(dtype="bfloat16", batch_size=3, ctx_batch_size=2, seq_len=512, buckets=(128, 512), backend="compile",
-                         compile_cache="/tmp/cc", compile_on_demand=True, max_topk=64, tp=2, ep=2, moe_capacity_factor=1.5,
-                         threads=1, speculation="ngram", speculation_length=3)
+EVERY_FLAG = EngineFlags(
+    dtype="bfloat16",
+    batch_size=3,
+    ctx_batch_size=2,
+    seq_len=512,
+    buckets=(128, 512),
+    backend="compile",
+    compile_cache="/tmp/cc",
+    compile_on_demand=True,
+    max_topk=64,
+    tp=2,
+    ep=2,
+    moe_capacity_factor=1.5,
+    threads=1,
+    speculation="ngram",
+    speculation_length=3,
+)
 
 
 def _argv(flags: EngineFlags) -> list[str]:

@@ -18,11 +18,19 @@ from nxserve.v1 import generation_pb2 as pb
 from nxserve.v1 import generation_pb2_grpc
 
 EXPECTED = {
-    errors.InvalidRequest: "INVALID_ARGUMENT", errors.Overloaded: "RESOURCE_EXHAUSTED", errors.NotReady: "UNAVAILABLE",
-    errors.NoReplica: "UNAVAILABLE", errors.ReplicaFailed: "UNAVAILABLE", errors.EngineFailure: "UNAVAILABLE",
-    errors.ModelMismatch: "FAILED_PRECONDITION", errors.Unsupported: "FAILED_PRECONDITION",
-    errors.SharedMemoryUnreadable: "FAILED_PRECONDITION", errors.KVCorrupted: "DATA_LOSS",
-    errors.DeadlineExceeded: "DEADLINE_EXCEEDED", errors.Cancelled: "CANCELLED", errors.Internal: "INTERNAL",
+    errors.InvalidRequest: "INVALID_ARGUMENT",
+    errors.Overloaded: "RESOURCE_EXHAUSTED",
+    errors.NotReady: "UNAVAILABLE",
+    errors.NoReplica: "UNAVAILABLE",
+    errors.ReplicaFailed: "UNAVAILABLE",
+    errors.EngineFailure: "UNAVAILABLE",
+    errors.ModelMismatch: "FAILED_PRECONDITION",
+    errors.Unsupported: "FAILED_PRECONDITION",
+    errors.SharedMemoryUnreadable: "FAILED_PRECONDITION",
+    errors.KVCorrupted: "DATA_LOSS",
+    errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
+    errors.Cancelled: "CANCELLED",
+    errors.Internal: "INTERNAL",
 }
 
 
@@ -37,14 +45,14 @@ class Raising(generation_pb2_grpc.GenerationServicer):
 
     error: BaseException = ValueError()
 
-    async def ModelInfo(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def ModelInfo(self, request, context):
         raise self.error
 
-    async def Generate(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def Generate(self, request, context):
         yield pb.GenerateResponse(request_id="before the error")
         raise self.error
 
-    async def Tokenize(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def Tokenize(self, request, context):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "aborted by the handler itself")
 
 

@@ -83,7 +83,7 @@ def test_arch_specific_config(tiny_dirs: dict[str, Path]) -> None:
     assert qwen3.head_dim == 32 != qwen3.hidden_size // qwen3.num_attention_heads
     assert AutoConfig.from_pretrained(tiny_dirs["mistral"]).sliding_window == 4096
     with safe_open(tiny_dirs["qwen2"] / "model.safetensors", "pt") as f:
-        assert "model.layers.0.self_attn.q_proj.bias" in f.keys()
+        assert "model.layers.0.self_attn.q_proj.bias" in f.keys()  # noqa: SIM118 (safe_open has keys(), no __iter__)
 
 
 def test_moe_tiny_config(tiny_dirs: dict[str, Path]) -> None:
@@ -103,12 +103,7 @@ def test_moe_tiny_config(tiny_dirs: dict[str, Path]) -> None:
 # Per-expert on-disk names (what the hub checkpoints use), not transformers 5's fused in-memory ones.
 _EXPERT_KEYS = {
     "mixtral": ["model.layers.0.block_sparse_moe.gate.weight"]
-    + [
-        f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight"
-        for i in (0, 1)
-        for j in range(4)
-        for w in ("w1", "w2", "w3")
-    ],
+    + [f"model.layers.{i}.block_sparse_moe.experts.{j}.{w}.weight" for i in (0, 1) for j in range(4) for w in ("w1", "w2", "w3")],
     "qwen3_moe": ["model.layers.0.mlp.gate.weight"]
     + [f"model.layers.0.mlp.experts.{j}.{w}.weight" for j in range(4) for w in ("gate_proj", "up_proj", "down_proj")],
 }
