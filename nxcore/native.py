@@ -112,6 +112,16 @@ def _build() -> str | None:
     if shutil.which("ninja") is None:  # the ninja wheel's binary, when the venv is not activated
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     directory = build_dir()
+    built = directory / "nxcore_native.so"
+    if built.is_file():
+        # The folder's name hashes the sources, flags and torch version, so a library there is this
+        # build: load it without running ninja, which compares file times and rebuilds (~15 s on
+        # 2 cores) whenever the sources were touched, e.g. by a new checkout of the same code.
+        try:
+            torch.ops.load_library(str(built))
+            return None
+        except OSError as exc:
+            log.warning("nxcore: could not load %s (%s): building it again", built, exc)
     if not any(directory.glob("*.so")):
         print(f"nxcore: building the C++ ops once into {directory} (about 30 s) ...", file=sys.stderr, flush=True)
     directory.mkdir(parents=True, exist_ok=True)
