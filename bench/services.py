@@ -18,8 +18,10 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -51,9 +53,9 @@ def in_process(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dic
     return {"ttft_ms": statistics.median(ttft) * 1000, "decode_tok_s": statistics.median(speed)}
 
 
-def through_services(target: str, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+def through_services(target: str, prompts: list[list[int]], new_tokens: int, **client_options: Any) -> dict[str, float]:
     ttft, speed = [], []
-    with Client(target) as client:
+    with Client(target, **client_options) as client:
         client.generate_text(prompts[0], max_new_tokens=4, ignore_eos=True)  # connections warm
         for prompt in prompts:
             r = client.generate_text(prompt, max_new_tokens=new_tokens, ignore_eos=True)
@@ -153,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("/dev/shm"),
         help="shared-memory directory for the second KV measurement, through an arena there (default: /dev/shm)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run the services with TLS on every service and mTLS between them (throwaway certificates), "
+        "and report TTFT and decode speed next to plaintext",
+    )
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args(argv)
 
@@ -180,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             if arena is not None:
                 arena.close()
 
+    secured = _with_tls(args, engine_args, prompts) if args.tls else None
+
     print(
         f"\n{args.model}: {engine.model_config.model_type}, {engine.config.dtype}, prompt {args.prompt_len} tokens, "
         f"{args.new_tokens} new tokens, medians of {args.requests} requests"
@@ -204,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         f"TTFT plus the KV hand-off ({transfer['tokens']} tokens, chunks): "
         f"{remote['ttft_ms'] / (local['ttft_ms'] + transfer['kv_transfer_ms']):.2f}"
     )
+    if secured is not None:
+        plain, tls = secured["plaintext"], secured["tls"]
+        print("\nTLS on every service, mTLS prefill -> decode, against plaintext (mean of a run before and after):")
+        print(f"{'':24}{'plaintext':>12}{'TLS':>12}{'ratio':>8}")
+        for key, label in (("ttft_ms", "TTFT (ms)"), ("decode_tok_s", "decode (tokens/s)")):
+            print(f"{label:24}{plain[key]:12.2f}{tls[key]:12.2f}{tls[key] / plain[key]:8.3f}")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -216,12 +232,27 @@ def main(argv: list[str] | None = None) -> int:
                     "kv_chunks": transfers["chunks"],
                     "kv_shared_memory": transfers["shared memory"],
                     "kv_floor": floor,
+                    "tls": secured,
                 },
                 indent=2,
             )
             + "\n"
         )
     return 0
+
+
+def _with_tls(args: argparse.Namespace, engine_args: list[str], prompts: list[list[int]]) -> dict[str, dict[str, float]]:
+    """TTFT and decode through plaintext services, then through TLS + mTLS ones, then plaintext
+    again (the VM's speed drifts: the plaintext figure is the mean of the two around the TLS one)."""
+    from nxserve.pki import ClusterTLS
+
+    runs = []
+    with tempfile.TemporaryDirectory() as pki:
+        for tls in (None, ClusterTLS.create(Path(pki)), None):
+            with LocalCluster(args.model, decode_replicas=1, engine_args=engine_args, tls=tls) as cluster:
+                runs.append(through_services(cluster.target, prompts, args.new_tokens, **cluster.client_options()))
+    plain = {k: (runs[0][k] + runs[2][k]) / 2 for k in runs[0]}
+    return {"plaintext": plain, "tls": runs[1], "plaintext_runs": runs[0::2]}  # type: ignore[dict-item]
 
 
 def _arena(directory: Path, decode_target: str, max_tokens: int, engine: Engine) -> KVArena | None:

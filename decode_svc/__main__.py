@@ -10,7 +10,7 @@ import time
 from functools import partial
 
 from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_kv_shm_flag, add_server_flags
-from nxserve.rpc.server import install_shutdown, run_service, set_health, start_server
+from nxserve.rpc.server import DECODE_MAX_MESSAGE_BYTES, install_shutdown, run_service, set_health, start_server
 from nxserve.rpc.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import decode_pb2
 
@@ -25,7 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
         "in a continuous batch over fixed slots, streaming tokens back.",
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (the same as prefill's)")
-    add_server_flags(p, port=50061, max_queue=64, queue_help="requests that may wait for a free slot")
+    add_server_flags(
+        p,
+        port=50061,
+        max_queue=64,
+        queue_help="requests that may wait for a free slot",
+        max_streams=1024,
+        client_ca_help="require client certificates signed by this CA (mTLS): only prefill services holding one "
+        "can call this replica (default: none asked for)",
+    )
     add_kv_shm_flag(p, role="prefill services keep their KV arenas there and this replica reads requests' KV out of them")
     EngineFlags.add_to(p, defaults=SERVICE_DEFAULTS["decode"])
     return p
@@ -40,12 +48,15 @@ async def serve(args: argparse.Namespace) -> None:
     from nxcore.speculation import build_proposer
     from nxcore.tokenizer import load_tokenizer
     from nxserve.kv import KVReceiver, add_decode_servicer
+    from nxserve.rpc.validate import Limits
 
     flags = EngineFlags.from_args(args, environ=os.environ)
     configure_tracing("nxserve-decode", os.environ)
     kv = KVReceiver(args.kv_shm_dir)
     servicer = DecodeServicer(kv=kv)
-    server, health, port = await start_server(args, service=SERVICE, register=lambda s: add_decode_servicer(servicer, s))
+    server, health, port = await start_server(
+        args, service=SERVICE, register=lambda s: add_decode_servicer(servicer, s), max_receive=DECODE_MAX_MESSAGE_BYTES
+    )
 
     start = time.perf_counter()
     thread = EngineThread("decode-engine")  # every torch call from here on: see nxcore.engine_thread
@@ -57,7 +68,7 @@ async def serve(args: argparse.Namespace) -> None:
     await thread.run(_warm_up, engine)
     loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer, thread=thread)
     loop.start()
-    servicer.attach(loop)
+    servicer.attach(loop, limits=Limits.for_engine(engine))
     kv.advertise()
     await set_health(health, SERVICE, serving=True)
     log.info(

@@ -112,6 +112,11 @@ class DecodeLoop:
         self.steps = 0
         self.completed = 0
 
+    @property
+    def draft(self) -> Engine | None:
+        """The draft model's engine, when this replica speculates with one."""
+        return self.proposer.draft if isinstance(self.proposer, DraftProposer) else None
+
     def start(self) -> None:
         self._loop = self._thread.start_loop(self._run, what="decode loop")
 
@@ -175,22 +180,24 @@ class DecodeLoop:
             batch = [*out.running, *admitted]
             if not batch:
                 continue
-            try:
-                # The draft model encodes the prompts prefill sent no draft KV for, outside the lock:
-                # the gRPC side takes it (load, room, submit, cancel), on its event loop. Cancelled
-                # ones too: they are in `batch`, and a step speculates for every slot in it.
-                for job in drafts:
-                    assert self.proposer is not None and job.slot is not None
+            # The draft model encodes the prompts prefill sent no draft KV for, outside the lock:
+            # the gRPC side takes it (load, room, submit, cancel), on its event loop. Cancelled
+            # ones too: they are in `batch`, and a step speculates for every slot in it.
+            failed: dict[DecodeJob, Exception] = {}
+            for job in drafts:
+                assert self.proposer is not None and job.slot is not None
+                try:
                     self.proposer.prefill(job.slot, job.prompt_ids, job.sampling, job.rng)
-                produced = self.scheduler.step(batch)
-            except Exception as exc:  # a bug or a bad state: fail these requests, keep serving
-                log.exception("decode step failed")
-                with self._cond:
-                    for job in batch:
-                        self.scheduler.finish(job)
-                for job in batch:
-                    job.emit(Failed(EngineFailure(f"decode step failed: {exc}")))
-                continue
+                except Exception as exc:
+                    failed[job] = exc
+            batch = [job for job in batch if job not in failed]
+            try:
+                produced, failed_step = self.scheduler.step_isolated(batch)
+                failed.update(failed_step)
+            except Exception as exc:  # the step failed again without the requests that failed alone
+                produced, failed = {}, {**failed, **dict.fromkeys(batch, exc)}
+            if failed:
+                self._fail(failed)
             self.steps += 1
             self._post_process(produced)
 
@@ -200,7 +207,7 @@ class DecodeLoop:
         slot. Then wait, briefly, for the acks to be written (ACK_WAIT_S). Returns the imported
         requests, and those whose prompt the draft model must encode itself (prefill sent no draft
         KV) before their first step."""
-        drafter = self.proposer.draft if isinstance(self.proposer, DraftProposer) else None
+        drafter = self.draft
         imported, drafts, acks = [], [], []
         for job in jobs:
             queue_ms = (self.clock() - job.enqueued_at) * 1000  # waiting for a slot, not the import
@@ -244,6 +251,16 @@ class DecodeLoop:
                     accepted=job.accepted,
                 )
             )
+
+    def _fail(self, failed: dict[DecodeJob, Exception]) -> None:
+        """End the requests a step failed for (only those: see Scheduler.step_isolated), freeing their slots."""
+        for job, exc in failed.items():
+            log.error("decode step failed for request %s: %s: %s", job.request_id, type(exc).__name__, exc, exc_info=exc)
+        with self._cond:
+            for job in failed:
+                self.scheduler.finish(job)
+        for job, exc in failed.items():
+            job.emit(Failed(EngineFailure(f"decode step failed for this request: {type(exc).__name__}: {exc}")))
 
     def _fail_all(self, error: ServiceError) -> None:
         for job in self.scheduler.finish_all():

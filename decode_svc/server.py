@@ -7,24 +7,42 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
 
 from decode_svc.loop import Acked, DecodeJob, DecodeLoop, Event, Failed, Finished, Tokens
-from nxcore import Engine, RequestRng
-from nxserve.kv import DecodeRequests, KVReceiver
+from nxcore import Engine, RequestRng, SamplingParams, StoppingCriteria
+from nxserve.kv import DecodeRequests, KVReceiver, Layout, engine_layout
 from nxserve.kv.codec import DecodeMessage
-from nxserve.rpc.convert import FINISH_TO_PB, sampling_from_pb, stopping_from_pb
-from nxserve.rpc.errors import ModelMismatch, NotReady, Overloaded, ServiceError
+from nxserve.rpc import validate
+from nxserve.rpc.convert import FINISH_TO_PB
+from nxserve.rpc.errors import InvalidRequest, ModelMismatch, NotReady, Overloaded, ServiceError
 from nxserve.rpc.tracing import extract_context, span_in
+from nxserve.rpc.validate import Limits
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
 
 tracer = trace.get_tracer("nxserve.decode_svc")
 
 
-def check_header(engine: Engine, header: decode_pb2.DecodeHeader) -> None:
-    """ModelMismatch unless this engine can take the header's KV."""
+@dataclass(frozen=True)
+class Header:
+    """A Decode header's fields, checked (`check_header`)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    first_token: int
+    sampling: SamplingParams
+    stopping: StoppingCriteria
+    stop_strings: tuple[str, ...]
+    rng_offset: int
+    speculate: bool
+
+
+def check_header(engine: Engine, header: decode_pb2.DecodeHeader, limits: Limits, *, draft: Engine | None = None) -> Header:
+    """Every field of the header against this replica, before any KV is read: the model (ModelMismatch),
+    the KV layouts (the draft's too), then the request's own fields (InvalidRequest)."""
     theirs = header.fingerprint
     mine = (engine.fingerprint, engine.model_config.model_type, engine.config.dtype)
     if (theirs.digest, theirs.architecture, theirs.dtype) != mine:
@@ -32,15 +50,41 @@ def check_header(engine: Engine, header: decode_pb2.DecodeHeader) -> None:
             f"model fingerprint mismatch: request has {theirs.architecture}/{theirs.dtype}/{theirs.digest}, "
             f"this decode replica serves {mine[1]}/{mine[2]}/{mine[0]}"
         )
-    cfg, lay = engine.model_config, header.layout
-    expected = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, engine.config.dtype)
-    got = (lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.dtype)
-    if got != expected:
-        raise ModelMismatch(f"KV layout mismatch: request has (layers, kv_heads, head_dim, dtype)={got}, this replica expects {expected}")
-    if lay.n_tokens != len(header.prompt_token_ids):
-        raise ModelMismatch(f"KV layout has {lay.n_tokens} tokens for a prompt of {len(header.prompt_token_ids)}")
-    if lay.n_tokens >= engine.config.seq_len:
-        raise ModelMismatch(f"prompt of {lay.n_tokens} tokens leaves no room in this replica's seq_len ({engine.config.seq_len})")
+    n_tokens = len(header.prompt_token_ids)
+    if not 1 <= n_tokens < engine.config.seq_len:
+        raise InvalidRequest(f"prompt of {n_tokens} tokens: allowed 1..{engine.config.seq_len - 1} (this replica's seq_len, less one)")
+    expected = engine_layout(engine, n_tokens)
+    if Layout.from_pb(header.layout) != expected:
+        raise ModelMismatch(f"KV layout {Layout.from_pb(header.layout)} does not match this replica's {expected}")
+    if header.HasField("draft_layout"):
+        if draft is None:
+            raise ModelMismatch(
+                "the request carries draft-model KV, but this replica has no draft model: start it with the same "
+                "--speculation draft:DIR as prefill, or prefill without it"
+            )
+        if Layout.from_pb(header.draft_layout) != engine_layout(draft, n_tokens):
+            raise ModelMismatch(
+                f"draft KV layout {Layout.from_pb(header.draft_layout)} does not match this replica's draft model {engine_layout(draft, n_tokens)}"
+            )
+    prompt_ids = validate.token_ids(header.prompt_token_ids, limits, field="prompt_token_ids", max_count=engine.config.seq_len - 1)
+    [first_token] = validate.token_ids([header.first_token], limits, field="first_token", max_count=1)
+    stopping, stop_strings = validate.stopping(header.stopping, limits)
+    max_draws = 1 + engine.config.seq_len * (engine.config.speculation_length + 1)
+    if header.rng_offset > max_draws:
+        raise InvalidRequest(
+            f"rng_offset={header.rng_offset} is more random numbers than a request can have drawn here: allowed "
+            f"0..{max_draws} (1 + seq_len x (speculation_length + 1))"
+        )
+    return Header(
+        request_id=validate.request_id(header.request_id, limits),
+        prompt_ids=prompt_ids,
+        first_token=first_token,
+        sampling=validate.sampling(header.sampling, limits),
+        stopping=stopping,
+        stop_strings=stop_strings,
+        rng_offset=header.rng_offset,
+        speculate=not header.disable_speculation,
+    )
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -50,7 +94,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.kv = kv
         self.loop: DecodeLoop | None = None
 
-    def attach(self, loop: DecodeLoop) -> None:
+    def attach(self, loop: DecodeLoop, *, limits: Limits) -> None:
+        self.limits = limits
         self.loop = loop
 
     def _ready(self) -> DecodeLoop:
@@ -105,28 +150,26 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def _receive(self, loop: DecodeLoop, requests: DecodeRequests, span: trace.Span, ctx, emit) -> DecodeJob:
         """The header (prefill opens the stream before it encodes the prompt: it comes first),
         checked before any KV is read; then the KV it announces."""
-        header = await requests.header()
+        raw = await requests.header()
+        header = check_header(loop.engine, raw, self.limits, draft=loop.draft)
         span.set_attribute("nxserve.request_id", header.request_id)
-        check_header(loop.engine, header)
         if not loop.has_room():
-            _free, total, queued = loop.load()
+            _, total, queued = loop.load()
             raise Overloaded(f"all {total} decode slots are busy and {queued} requests wait (max_queue={loop.max_queue})")
-        transport = "shm" if header.HasField("shared_kv") else "chunks"
+        transport = "shm" if raw.HasField("shared_kv") else "chunks"
         with span_in(tracer, "kv_receive", parent=ctx, attributes={"nxserve.kv_transport": transport}) as (kv_span, _):
-            kv = await self.kv.receive(header, requests)
+            kv = await self.kv.receive(raw, requests)
             kv_span.set_attribute("nxserve.kv_bytes", kv.nbytes)
-        stopping, stop_strings = stopping_from_pb(header.stopping)
-        sampling = sampling_from_pb(header.sampling)
         return DecodeJob(
             request_id=header.request_id,
-            prompt_ids=list(header.prompt_token_ids),
+            prompt_ids=header.prompt_ids,
             output_ids=[header.first_token],
             kv=kv,
-            speculate=not header.disable_speculation,
-            sampling=sampling,
-            rng=RequestRng(sampling.seed, offset=header.rng_offset),
-            stopping=stopping,
-            stop_strings=stop_strings,
+            speculate=header.speculate,
+            sampling=header.sampling,
+            rng=RequestRng(header.sampling.seed, offset=header.rng_offset),
+            stopping=header.stopping,
+            stop_strings=header.stop_strings,
             emit=emit,
         )
 

@@ -8,6 +8,7 @@ the host from the request's own seeded generator, a request's tokens never depen
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,8 @@ class SamplingParams:
     """Seed of the request's random generator; None picks one at random."""
 
     def validate(self, *, max_topk: int) -> None:
-        if not (self.temperature >= 0.0 and self.temperature == self.temperature):
-            raise ValueError(f"temperature={self.temperature} is invalid: allowed >= 0 (0 is greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise ValueError(f"temperature={self.temperature} is invalid: allowed a finite number >= 0 (0 is greedy)")
         if not 0 <= self.top_k <= max_topk:
             raise ValueError(f"top_k={self.top_k} is invalid: allowed 0..{max_topk} (max_topk; 0 means max_topk)")
         if not 0.0 < self.top_p <= 1.0:
@@ -61,6 +62,14 @@ class RequestRng:
     def draw(self, n: int = 1) -> torch.Tensor:
         self.offset += n
         return torch.rand(n, generator=self._gen, dtype=torch.float32)
+
+    def rewind(self, offset: int) -> None:
+        """Back to the state after `offset` numbers (a step that failed drew some it never used)."""
+        if offset != self.offset:
+            self._gen.manual_seed(self.seed)
+            self.offset = 0
+            if offset:
+                self.draw(offset)
 
 
 def sample(

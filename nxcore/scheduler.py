@@ -158,6 +158,53 @@ class Scheduler(Generic[S]):
             seq.steps += 1
         return produced
 
+    def step_isolated(self, batch: Seq[S]) -> tuple[dict[S, list[int]], dict[S, Exception]]:
+        """`step`, where a failure costs only the sequences that cause it: (tokens of the others,
+        the error of each failed one). After a failed step every sequence is put back as it was
+        (its slot's length, its random stream, its proposer state and counters), each is tried
+        alone and put back again, and the step runs again without those that fail alone. When
+        none fails alone, the batch itself is the problem and every sequence fails with its error.
+        A step that succeeds costs nothing more than `step`."""
+        marks = [self._mark(seq) for seq in batch]
+        try:
+            return self.step(batch), {}
+        except Exception as exc:
+            error = exc
+        for mark in marks:
+            self._rewind(mark)
+        failed: dict[S, Exception] = {}
+        for seq, mark in zip(batch, marks):
+            try:
+                self.step([seq])
+            except Exception as exc:
+                failed[seq] = exc
+            self._rewind(mark)
+        if not failed:
+            return {}, dict.fromkeys(batch, error)
+        survivors = [seq for seq in batch if seq not in failed]
+        return (self.step(survivors) if survivors else {}), failed
+
+    def _mark(self, seq: S) -> _Mark[S]:
+        slot = _slot(seq)
+        draft = getattr(self.proposer, "draft", None)
+        return _Mark(
+            seq=seq,
+            length=self.engine.length(slot),
+            draft_length=draft.slot_lengths[slot] if draft is not None else None,
+            rng_offset=seq.rng.offset,
+            counters=(seq.steps, seq.proposed, seq.accepted),
+        )
+
+    def _rewind(self, mark: _Mark[S]) -> None:
+        seq, slot = mark.seq, _slot(mark.seq)
+        if self.engine.length(slot) != mark.length:
+            self.engine.truncate(slot, mark.length)  # what a failed call appended is masked until overwritten
+        draft = getattr(self.proposer, "draft", None)
+        if draft is not None and mark.draft_length is not None and draft.slot_lengths[slot] not in (None, mark.draft_length):
+            draft.truncate(slot, mark.draft_length)
+        seq.rng.rewind(mark.rng_offset)
+        seq.steps, seq.proposed, seq.accepted = mark.counters
+
     # ---------------------------------------------------------------- update
 
     def update(self, produced: Mapping[S, Seq[int]]) -> list[tuple[S, list[int]]]:
@@ -209,6 +256,17 @@ class Scheduler(Generic[S]):
         for seq in ended:
             self.finish(seq, status)
         return ended
+
+
+@dataclass(frozen=True)
+class _Mark(Generic[S]):
+    """A sequence's state before a step, to put it back after a failed one."""
+
+    seq: S
+    length: int
+    draft_length: int | None
+    rng_offset: int
+    counters: tuple[int, int, int]
 
 
 def _slot(seq: Sequence) -> int:

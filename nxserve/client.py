@@ -10,7 +10,7 @@ lists. Errors are not translated: a failed call raises `grpc.RpcError` (`grpc.ai
 `AsyncClient`), whose `code()` and `details()` say what went wrong; arguments protobuf cannot hold
 (a negative token id) raise `ValueError`/`TypeError` before anything is sent. When an OpenTelemetry
 span is active, its W3C trace context travels in the call metadata, so the server's spans join
-the caller's trace.
+the caller's trace. Over TLS: `Client(target, tls_ca="ca.pem", api_key="...")`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack
 
 import grpc
@@ -184,15 +185,22 @@ class _ResultBuilder:
 
 
 class _Base:
-    """What both clients share: target, default deadline, and per-call metadata."""
+    """What both clients share: target, default deadline, credentials and per-call metadata.
 
-    def __init__(self, target: str, timeout: float | None) -> None:
+    `tls_ca` (a PEM file) makes the connection TLS, trusting that CA; `tls=True` trusts the
+    system's roots instead. `api_key` is sent as `authorization: Bearer KEY` on every call."""
+
+    def __init__(self, target: str, timeout: float | None, *, tls_ca: str | Path | None, tls: bool, api_key: str | None) -> None:
         self.target = target
         self.timeout = timeout
+        self._credentials = None
+        if tls_ca is not None or tls:
+            self._credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes() if tls_ca is not None else None)
+        self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def _call_args(self, timeout: float | None) -> dict[str, Any]:
-        """Deadline (the call's, else the client's) and metadata carrying the active trace context."""
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": inject_metadata()}
+        """Deadline (the call's, else the client's), the API key and the active trace context."""
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._auth + inject_metadata()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
@@ -201,9 +209,14 @@ class _Base:
 class Client(_Base):
     """Blocking client. `timeout` is the default deadline of every call in seconds (None: none)."""
 
-    def __init__(self, target: str, *, timeout: float | None = None) -> None:
-        super().__init__(target, timeout)
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str, *, timeout: float | None = None, tls_ca: str | Path | None = None, tls: bool = False, api_key: str | None = None
+    ) -> None:
+        super().__init__(target, timeout, tls_ca=tls_ca, tls=tls, api_key=api_key)
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            self._channel = grpc.secure_channel(target, self._credentials)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]) -> Iterator[GenerationChunk]:
@@ -251,9 +264,14 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client (grpc.aio); create it inside the event loop that uses it."""
 
-    def __init__(self, target: str, *, timeout: float | None = None) -> None:
-        super().__init__(target, timeout)
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self, target: str, *, timeout: float | None = None, tls_ca: str | Path | None = None, tls: bool = False, api_key: str | None = None
+    ) -> None:
+        super().__init__(target, timeout, tls_ca=tls_ca, tls=tls, api_key=api_key)
+        if self._credentials is None:
+            self._channel = grpc.aio.insecure_channel(target)
+        else:
+            self._channel = grpc.aio.secure_channel(target, self._credentials)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def generate(

@@ -23,9 +23,15 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 from nxserve.omp_env import share_cores
+
+if TYPE_CHECKING:
+    import grpc
+
+    from nxserve.client import Client
+    from nxserve.pki import ClusterTLS
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +115,8 @@ class LocalCluster:
         decode_args: Sequence[str] = (),
         log_dir: str | os.PathLike[str] | None = None,
         startup_timeout: float = 120.0,
+        tls: ClusterTLS | None = None,
+        api_key: str | None = None,
     ) -> None:
         if decode_replicas < 1:
             raise ValueError(f"decode_replicas must be >= 1, got {decode_replicas}")
@@ -123,6 +131,10 @@ class LocalCluster:
         self.decode_args = list(decode_args)
         """Extra flags for every decode replica only."""
         self.startup_timeout = startup_timeout
+        self.tls = tls
+        """TLS on every service and mTLS between prefill and decode (`ClusterTLS.create` makes throwaway certificates)."""
+        self.api_key = api_key
+        """The key this cluster's own checks send, when prefill_args name an --api-keys-file."""
         self._owns_log_dir = log_dir is None
         self.log_dir = Path(tempfile.mkdtemp(prefix="nxserve-cluster-") if log_dir is None else log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +143,28 @@ class LocalCluster:
             _Service(f"decode-{i}", "decode_svc", "nxserve.v1.Decode", p, self.log_dir / f"decode-{i}.log") for i, p in enumerate(decode_ports)
         ]
         self._prefill = _Service("prefill", "prefill_svc", "nxserve.v1.Generation", port or free_port, self.log_dir / "prefill.log")
+
+    def client(self, **kwargs: Any) -> Client:
+        """A client of the public API with this cluster's CA and API key."""
+        from nxserve.client import Client
+
+        return Client(self.target, tls_ca=self.tls.ca if self.tls else None, api_key=self.api_key, **kwargs)
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments of `Client`/`AsyncClient` for this cluster (CA, API key)."""
+        return {"tls_ca": self.tls.ca if self.tls else None, "api_key": self.api_key}
+
+    def _channel(self, service: _Service) -> grpc.Channel:
+        """A blocking channel to one of the services, for start-up checks (mTLS to decode)."""
+        import grpc
+
+        if self.tls is None:
+            return grpc.insecure_channel(service.target, options=_PROBE_OPTIONS)
+        client = self.tls.client if service.module == "decode_svc" else None
+        credentials = grpc.ssl_channel_credentials(
+            self.tls.ca.read_bytes(), client.key.read_bytes() if client else None, client.cert.read_bytes() if client else None
+        )
+        return grpc.secure_channel(service.target, credentials, options=_PROBE_OPTIONS)
 
     @property
     def target(self) -> str:
@@ -152,9 +186,10 @@ class LocalCluster:
         atexit.register(self._kill)
         deadline = time.monotonic() + self.startup_timeout
         try:
+            tls_decode, tls_prefill = (self.tls.decode_args(), self.tls.prefill_args()) if self.tls else ([], [])
             for s in self._decodes:
-                self._spawn(s, self.decode_args)
-            self._spawn(self._prefill, ["--decode", ",".join(self.decode_targets), *self.prefill_args])
+                self._spawn(s, [*tls_decode, *self.decode_args])
+            self._spawn(self._prefill, ["--decode", ",".join(self.decode_targets), *tls_prefill, *self.prefill_args])
             self._wait_serving(self.services, deadline)
             self._wait_routed(min(deadline, time.monotonic() + ROUTE_WAIT_S))
         except BaseException:
@@ -191,7 +226,7 @@ class LocalCluster:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         pending = {s.name: s for s in services}
-        channels = {s.name: grpc.insecure_channel(s.target, options=_PROBE_OPTIONS) for s in services}
+        channels = {s.name: self._channel(s) for s in services}
         try:
             while pending:
                 self._raise_if_exited(pending.values(), "before serving")
@@ -221,12 +256,13 @@ class LocalCluster:
         from nxserve.v1 import generation_pb2, generation_pb2_grpc
 
         want, up = len(self._decodes), -1
-        with grpc.insecure_channel(self.target, options=_PROBE_OPTIONS) as channel:
+        auth = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+        with self._channel(self._prefill) as channel:
             stub = generation_pb2_grpc.GenerationStub(channel)
             while True:
                 self._raise_if_exited(self.services, "after serving")
                 try:
-                    up = stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=1.0).decode_replicas_up
+                    up = stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=1.0, metadata=auth).decode_replicas_up
                 except grpc.RpcError as exc:
                     log.debug("prefill ModelInfo: %s", exc)
                 if up == want:

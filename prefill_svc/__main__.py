@@ -8,11 +8,14 @@ import os
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_kv_shm_flag, add_server_flags
-from nxserve.rpc.server import install_shutdown, run_service, set_health, start_server
+from nxserve.rpc.security import ApiKeys, ChannelTLS, ClientGate
+from nxserve.rpc.server import MAX_KV_CHUNK_BYTES, add_service, install_shutdown, run_service, set_health, start_server
 from nxserve.rpc.tracing import configure_tracing, shutdown_tracing
-from nxserve.v1 import generation_pb2, generation_pb2_grpc
+from nxserve.rpc.validate import PROMPT_BYTES_PER_TOKEN
+from nxserve.v1 import generation_pb2
 
 log = logging.getLogger("prefill_svc")
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -26,8 +29,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--decode", required=True, type=lambda s: [t for t in s.split(",") if t], help="decode replicas as HOST:PORT[,HOST:PORT...]")
-    add_server_flags(p, port=50051, max_queue=256, queue_help="prompts that may wait for context encoding")
-    p.add_argument("--kv-chunk-bytes", type=int, default=1 << 20, help="KV bytes per chunk sent to decode (default: 1 MiB)")
+    add_server_flags(
+        p,
+        port=50051,
+        max_queue=256,
+        queue_help="prompts that may wait for context encoding",
+        max_streams=128,
+        client_ca_help="require client certificates signed by this CA on the public API (mTLS); default: none asked for",
+    )
+    g = p.add_argument_group("callers")
+    g.add_argument(
+        "--api-keys-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="API keys, one per line, read again when the file changes: Generate, ModelInfo and Tokenize then need "
+        "'authorization: Bearer KEY' (UNAUTHENTICATED otherwise); health and reflection stay open (default: no keys)",
+    )
+    g.add_argument(
+        "--max-inflight-per-key",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calls in flight per API key (all callers share one count without --api-keys-file); past it "
+        "RESOURCE_EXHAUSTED with grpc-retry-pushback-ms (default: 0, no limit)",
+    )
+    g = p.add_argument_group("TLS to decode replicas (files read again when they change)")
+    g.add_argument(
+        "--decode-tls-ca", type=Path, default=None, metavar="FILE", help="dial decode replicas over TLS, trusting this CA (default: plaintext)"
+    )
+    g.add_argument("--decode-tls-cert", type=Path, default=None, metavar="FILE", help="client certificate for mTLS to decode (PEM)")
+    g.add_argument("--decode-tls-key", type=Path, default=None, metavar="FILE", help="the private key of --decode-tls-cert (PEM)")
+    g.add_argument(
+        "--decode-tls-server-name", default=None, metavar="NAME", help="check decode's certificate against this name instead of the address dialled"
+    )
+    p.add_argument(
+        "--max-prompt-bytes",
+        type=_size,
+        default=None,
+        metavar="BYTES",
+        help="longest text (prompt or Tokenize) in UTF-8 bytes, refused before it is tokenized; K, M suffixes "
+        f"(default: {PROMPT_BYTES_PER_TOKEN} bytes per token of the largest context bucket)",
+    )
+    p.add_argument(
+        "--kv-chunk-bytes",
+        type=_size,
+        default=1 << 20,
+        metavar="BYTES",
+        help=f"KV bytes per chunk sent to decode, up to {MAX_KV_CHUNK_BYTES >> 20}M (default: 1M)",
+    )
     add_kv_shm_flag(p, role="this service keeps its KV arena there, a file of --kv-shm-bytes, for decode replicas that see it too")
     p.add_argument(
         "--kv-shm-bytes",
@@ -54,15 +104,28 @@ async def serve(args: argparse.Namespace) -> None:
     from nxcore.speculation import DraftProposer, build_proposer
     from nxcore.tokenizer import load_tokenizer
     from nxserve.kv import KVSender
+    from nxserve.rpc.validate import Limits
     from prefill_svc.router import DecodeRouter
     from prefill_svc.server import GenerationServicer
     from prefill_svc.worker import PrefillWorker
 
     flags = EngineFlags.from_args(args, environ=os.environ)
+    if not 0 < args.kv_chunk_bytes <= MAX_KV_CHUNK_BYTES:
+        raise ValueError(f"--kv-chunk-bytes={args.kv_chunk_bytes} is invalid: allowed 1..{MAX_KV_CHUNK_BYTES} (decode's message limit)")
+    decode_tls = None
+    if args.decode_tls_ca or args.decode_tls_cert:
+        decode_tls = ChannelTLS(ca=args.decode_tls_ca, cert=args.decode_tls_cert, key=args.decode_tls_key, server_name=args.decode_tls_server_name)
+    keys = ApiKeys(args.api_keys_file) if args.api_keys_file else None
+    gate = ClientGate(services=[SERVICE], keys=keys, max_inflight=args.max_inflight_per_key)
     configure_tracing("nxserve-prefill", os.environ)
     servicer = GenerationServicer(model_name=str(args.model))
+    max_prompt_bytes = args.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * (args.seq_len or SERVICE_DEFAULTS["prefill"]["seq_len"])
     server, health, port = await start_server(
-        args, service=SERVICE, register=lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(servicer, s)
+        args,
+        service=SERVICE,
+        register=lambda s: add_service(s, servicer, generation_pb2.DESCRIPTOR.services_by_name["Generation"]),
+        max_receive=max_prompt_bytes + (64 << 10),  # the text, and the rest of the request
+        gate=gate,
     )
 
     start = time.perf_counter()
@@ -84,9 +147,10 @@ async def serve(args: argparse.Namespace) -> None:
     kv = KVSender.open(args.kv_shm_dir, arena_bytes=args.kv_shm_bytes or _arena_default(engine, draft), chunk_bytes=args.kv_chunk_bytes)
     worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=kv.arena)
     worker.start()
-    router = DecodeRouter(args.decode, fingerprint=engine.fingerprint, shares_memory=kv.shares_memory_with)
+    router = DecodeRouter(args.decode, fingerprint=engine.fingerprint, shares_memory=kv.shares_memory_with, tls=decode_tls)
     await router.start()
-    servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer, kv=kv)
+    limits = Limits.for_engine(engine, max_prompt_bytes=args.max_prompt_bytes)
+    servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer, kv=kv, limits=limits)
     await set_health(health, SERVICE, serving=True)
     log.info(
         "SERVING %s on port %d after %.1fs: buckets %s, %d decode replica(s), %d up",

@@ -13,7 +13,8 @@ import grpc
 
 from nxserve.kv import DecodeStub
 from nxserve.rpc.errors import ModelMismatch, NoReplica
-from nxserve.rpc.server import channel_options
+from nxserve.rpc.security import ChannelTLS, secure_or_insecure_channel
+from nxserve.rpc.server import DECODE_MAX_MESSAGE_BYTES, channel_options
 from nxserve.v1 import decode_pb2
 
 log = logging.getLogger(__name__)
@@ -55,18 +56,52 @@ class DecodeRouter:
     shared-memory arena."""
 
     def __init__(
-        self, targets: list[str], *, fingerprint: str, interval_s: float = 0.5, shares_memory: Callable[[str], bool] = lambda probe: False
+        self,
+        targets: list[str],
+        *,
+        fingerprint: str,
+        interval_s: float = 0.5,
+        shares_memory: Callable[[str], bool] = lambda probe: False,
+        tls: ChannelTLS | None = None,
     ) -> None:
         if not targets:
             raise ValueError("no decode replicas given: pass --decode HOST:PORT[,HOST:PORT...]")
         self.fingerprint = fingerprint
         self.shares_memory = shares_memory
         self.interval_s = interval_s
+        self.tls = tls
+        """How to dial the replicas (None: plaintext); new channels are made when its files change."""
+        self._tls_stamp = tls.stamp() if tls else ()
         self.replicas: list[Replica] = []
         for target in targets:
-            channel = grpc.aio.insecure_channel(target, options=channel_options())
+            channel = self._channel(target)
             self.replicas.append(Replica(target=target, stub=DecodeStub(channel), channel=channel))
         self._task: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        return secure_or_insecure_channel(target, self.tls, channel_options(max_receive=4 << 20, max_send=DECODE_MAX_MESSAGE_BYTES))
+
+    def _renew_channels(self) -> None:
+        """New channels to every replica when the TLS files changed (gRPC fixes a channel's
+        credentials when it is made); the old ones close once their calls end (up to 10 minutes)."""
+        if self.tls is None:
+            return
+        try:
+            stamp = self.tls.stamp()
+        except OSError as exc:  # a file missing for a moment while it is replaced: next round
+            log.warning("TLS to decode replicas: cannot read the certificate files yet: %s", exc)
+            return
+        if stamp == self._tls_stamp:
+            return
+        self._tls_stamp = stamp
+        log.info("TLS to decode replicas: certificate files changed, new channels")
+        for r in self.replicas:
+            old, r.channel = r.channel, self._channel(r.target)
+            r.stub = DecodeStub(r.channel)
+            task = asyncio.create_task(old.close(grace=600))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def start(self) -> None:
         await self.refresh()
@@ -81,6 +116,7 @@ class DecodeRouter:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
+            self._renew_channels()
             await self.refresh()
 
     async def refresh(self) -> None:

@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -31,7 +30,8 @@ from nxcore.detokenizer import IncrementalDetokenizer
 from nxcore.generate import GenerationResult
 from nxcore.stopping import FinishReason, finish_reason
 from nxserve.kv import KVSender
-from nxserve.rpc.convert import FINISH_FROM_PB, FINISH_TO_PB, decode_header, fingerprint_pb, sampling_from_pb, stopping_from_pb
+from nxserve.rpc import validate
+from nxserve.rpc.convert import FINISH_FROM_PB, FINISH_TO_PB, decode_header, fingerprint_pb
 from nxserve.rpc.errors import (
     DeadlineExceeded,
     EngineFailure,
@@ -46,6 +46,7 @@ from nxserve.rpc.errors import (
 )
 from nxserve.rpc.status import error_of_call
 from nxserve.rpc.tracing import extract_context, inject_metadata, span_in
+from nxserve.rpc.validate import Limits
 from nxserve.v1 import generation_pb2 as pb
 from nxserve.v1 import generation_pb2_grpc
 from prefill_svc.router import DecodeRouter, Replica
@@ -97,7 +98,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.model_name = model_name
         self.engine: Engine | None = None
 
-    def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer, kv: KVSender) -> None:
+    def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer, kv: KVSender, limits: Limits) -> None:
+        self.limits = limits
         self.worker = worker
         self.router = router
         self.kv = kv
@@ -131,19 +133,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         self._ready()
-        hf = getattr(self.tokenizer, "hf", None)
-        if hf is None:
-            raise Unsupported(f"{self.model_name} has no tokenizer files: send token ids")
-        ids = hf(request.text, add_special_tokens=request.add_special_tokens)["input_ids"]
-        return pb.TokenizeResponse(token_ids=ids, tokens=hf.convert_ids_to_tokens(ids))
+        ids = await self._tokenize(validate.text(request.text, self.limits, field="text"), add_special_tokens=request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.hf.convert_ids_to_tokens(ids))
 
     # ------------------------------------------------------------------ Generate
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        engine = self._ready()
+        self._ready()
         parent = extract_context(context.invocation_metadata())
         with span_in(tracer, "generate", parent=parent, kind=trace.SpanKind.SERVER) as (span, ctx):
-            req = self._prepare(request, engine)
+            req = await self._prepare(request)
             req.ctx, req.timeout = ctx, context.time_remaining()
             span.set_attributes(
                 {
@@ -174,35 +173,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 if opened is not None:
                     opened.call.cancel()  # no-op once the call is over; frees it when no KV was sent
 
-    def _prepare(self, request: pb.GenerateRequest, engine: Engine) -> Request:
-        cfg = engine.config
+    async def _prepare(self, request: pb.GenerateRequest) -> Request:
+        """The request's fields, every one checked against `self.limits` before any work; a text
+        prompt is bounded in bytes first, then tokenized off the event loop."""
+        limits = self.limits
+        request_id = validate.request_id(request.request_id, limits)
+        sampling = validate.sampling(request.sampling, limits)
+        stopping, stop_strings = validate.stopping(request.stopping, limits)
         kind = request.WhichOneof("prompt")
         if kind == "text":
-            try:
-                prompt_ids = self.tokenizer.encode(request.text)
-            except FileNotFoundError as exc:
-                raise InvalidRequest(str(exc)) from None
+            prompt_ids = await self._tokenize(validate.text(request.text, limits, field="text"))
         elif kind == "token_ids":
             prompt_ids = list(request.token_ids.ids)
-            vocab = engine.model_config.vocab_size
-            bad = [t for t in prompt_ids if t >= vocab]
-            if bad:
-                raise InvalidRequest(f"token ids {bad[:8]} out of range: allowed 0..{vocab - 1} (vocab_size)")
         else:
             raise InvalidRequest("no prompt: set text or token_ids")
-        if not prompt_ids:
-            raise InvalidRequest("the prompt is empty")
-        if len(prompt_ids) > cfg.max_prompt_len:
-            raise InvalidRequest(f"prompt of {len(prompt_ids)} tokens is longer than the largest context bucket ({cfg.max_prompt_len} tokens)")
-        try:
-            sampling = sampling_from_pb(request.sampling)
-            sampling.validate(max_topk=cfg.max_topk)
-            stopping, stop_strings = stopping_from_pb(request.stopping)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        prompt_ids = validate.prompt_ids(prompt_ids, limits)
         rng = RequestRng(sampling.seed)
         return Request(
-            id=request.request_id or uuid.uuid4().hex,
+            id=request_id,
             prompt_ids=prompt_ids,
             sampling=dataclasses.replace(sampling, seed=rng.seed),
             stopping=stopping,
@@ -211,6 +199,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             rng=rng,
             detok=IncrementalDetokenizer(self.tokenizer, stop_strings=stop_strings),
         )
+
+    async def _tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a (bounded) text, computed on a worker thread: tokenizing on the event loop
+        stalled every other stream and the health checks for as long as it took."""
+        if getattr(self.tokenizer, "hf", None) is None:
+            raise Unsupported(f"{self.model_name} has no tokenizer files: send token ids instead of text")
+        hf = self.tokenizer.hf
+        return await asyncio.to_thread(lambda: list(hf(text, add_special_tokens=add_special_tokens)["input_ids"]))
 
     def _open_decode(self, req: Request, exclude: set[str] = frozenset(), busy: list[str] | None = None) -> Opened | None:  # type: ignore[assignment]
         """A Decode stream on the least-loaded replica not in `exclude`; None when there is none now,

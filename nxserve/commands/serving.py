@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 from nxserve.commands.common import AppendPrompt, add_sampling_flags, rpc_failed, token_ids
 from nxserve.rpc.flags import EngineFlags
+from nxserve.rpc.security import ApiKeys
 
 log = logging.getLogger("nxserve")
 
@@ -29,6 +32,18 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR|none",
         help="shared-memory directory for KV hand-off between the services (default: the services', /dev/shm)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on every service and mTLS between prefill and decode, with a throwaway CA and certificates made "
+        "in the log directory (clients trust its CA: the path is printed)",
+    )
+    p.add_argument(
+        "--api-keys-file",
+        default=None,
+        metavar="FILE",
+        help="API keys for the public API, one per line (prefill's --api-keys-file; default: none needed)",
     )
     p.add_argument("--prefill-tp", type=int, default=None, help="tensor-parallel degree of the prefill service (default: --tp)")
     p.add_argument("--decode-tp", type=int, default=None, help="tensor-parallel degree of each decode replica (default: --tp)")
@@ -91,6 +106,9 @@ def add_client(sub: argparse._SubParsersAction) -> None:
         help="string that ends a request; the text stops before it (repeatable)",
     )
     p.add_argument("--timeout", type=float, default=None, help="deadline per request in seconds (default: none)")
+    p.add_argument("--tls-ca", default=None, metavar="FILE", help="connect over TLS, trusting this CA (PEM)")
+    p.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="API key sent as 'authorization: Bearer KEY' (default: $NXSERVE_API_KEY)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt: prompt_ids, output_ids, text, finish_reason")
     p.set_defaults(func=_cmd_client)
 
@@ -127,7 +145,8 @@ async def _run_client(args: argparse.Namespace) -> None:
         stop_strings=args.stop_strings,
         ignore_eos=args.ignore_eos,
     )
-    async with AsyncClient(args.target, timeout=args.timeout) as client:
+    api_key = args.api_key or os.environ.get("NXSERVE_API_KEY")
+    async with AsyncClient(args.target, timeout=args.timeout, tls_ca=args.tls_ca, tls=args.tls, api_key=api_key) as client:
         if args.json:
             results = await asyncio.gather(*(client.generate_text(p, **options) for p in prompts))
             for r in results:
@@ -178,7 +197,11 @@ def _cluster_from_args(args: argparse.Namespace):
     prefill_tp, decode_tp = args.prefill_tp or args.tp, args.decode_tp or args.tp
     prefill_args = ["--tp", str(prefill_tp)] if prefill_tp else []
     decode_args = ["--tp", str(decode_tp)] if decode_tp else []
-    return LocalCluster(
+    api_key = None
+    if args.api_keys_file:
+        prefill_args += ["--api-keys-file", args.api_keys_file]
+        api_key = ApiKeys(Path(args.api_keys_file)).keys()[0].decode()  # the cluster's own checks use the first
+    cluster = LocalCluster(
         args.model or _default_model(),
         decode_replicas=args.decode_replicas,
         port=args.port,
@@ -187,7 +210,13 @@ def _cluster_from_args(args: argparse.Namespace):
         decode_args=decode_args,
         log_dir=args.log_dir,
         startup_timeout=args.startup_timeout,
+        api_key=api_key,
     )
+    if args.tls:
+        from nxserve.pki import ClusterTLS
+
+        cluster.tls = ClusterTLS.create(cluster.log_dir / "tls")
+    return cluster
 
 
 def _serve_until_signal(command: str, cluster) -> int:
@@ -220,6 +249,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 f"nxserve: serving nxserve.v1.Generation on {cluster.target} (decode replicas: {', '.join(cluster.decode_targets)}); Ctrl-C stops",
                 flush=True,
             )
+            if cluster.tls:
+                print(f"nxserve: TLS; clients trust {cluster.tls.ca} (nxserve client --tls-ca {cluster.tls.ca})", flush=True)
             return _serve_until_signal(args.command, cluster)
     except ClusterError as exc:
         print(f"nxserve {args.command}: error: {exc}", file=sys.stderr)
@@ -238,7 +269,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         with _cluster_from_args(args) as cluster:
             print(f"nxserve demo: prefill on {cluster.target}, decode on {', '.join(cluster.decode_targets)}", flush=True)
-            asyncio.run(_run_demo(cluster.target))
+            asyncio.run(_run_demo(cluster.target, cluster.client_options()))
             if not args.keep_running:
                 return 0
             print(f"nxserve: serving nxserve.v1.Generation on {cluster.target}; Ctrl-C stops", flush=True)
@@ -252,14 +283,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 130
 
 
-async def _run_demo(target: str) -> None:
+async def _run_demo(target: str, options: dict) -> None:
     """Four prompts at once through the public API; each output printed as it completes."""
     import asyncio
 
     from nxserve.client import AsyncClient
 
     prompts = ["The quick brown fox", "Once upon a time", "The capital of France is", "In a galaxy far away"]
-    async with AsyncClient(target, timeout=120) as client:
+    async with AsyncClient(target, timeout=120, **options) as client:
         info = await client.model_info()
         print(
             f"model {info['model']}: {info['architecture']}, {info['dtype']}, {info['decode_replicas']} decode "

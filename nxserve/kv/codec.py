@@ -30,6 +30,8 @@ from isal import isal_zlib
 from nxcore.config import DTYPES
 from nxcore.kv_cache import KVSnapshot
 from nxserve.rpc.errors import InvalidRequest, KVCorrupted
+from nxserve.rpc.server import add_service
+from nxserve.rpc.status import Malformed
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -214,7 +216,8 @@ class ChunkMessage:
     """0 the target model's KV, 1 the draft model's."""
 
 
-DecodeMessage = decode_pb2.DecodeRequest | ChunkMessage
+DecodeMessage = decode_pb2.DecodeRequest | ChunkMessage | Malformed
+"""What the Decode stream's reader gets: a message, a chunk, or bytes that were neither."""
 
 
 def _varint(value: int) -> bytes:
@@ -246,8 +249,8 @@ def serialize_request(message: DecodeMessage | bytes) -> bytes:
     """Request serializer of the Decode stream: messages, or chunks already encoded by `encode_chunk`."""
     if isinstance(message, bytes):
         return message
-    if isinstance(message, ChunkMessage):
-        raise TypeError("a chunk is sent as the bytes encode_chunk makes")
+    if isinstance(message, ChunkMessage | Malformed):
+        raise TypeError(f"a {type(message).__name__} is not sent: chunks go as the bytes encode_chunk makes")
     return message.SerializeToString()
 
 
@@ -268,8 +271,12 @@ def parse_request(data: bytes) -> DecodeMessage:
 
 
 def message_kind(message: DecodeMessage) -> str | None:
-    """ "header", "chunk", "commit", or None for an empty request."""
-    return "chunk" if isinstance(message, ChunkMessage) else message.WhichOneof("kind")
+    """One of header, chunk, commit, malformed; None for an empty request."""
+    if isinstance(message, ChunkMessage):
+        return "chunk"
+    if isinstance(message, Malformed):
+        return "malformed"
+    return message.WhichOneof("kind")
 
 
 def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:
@@ -341,18 +348,7 @@ class DecodeStub(decode_pb2_grpc.DecodeStub):
 
 def add_decode_servicer(servicer: decode_pb2_grpc.DecodeServicer, server: grpc.aio.Server) -> None:
     """`decode_pb2_grpc.add_DecodeServicer_to_server`, with Decode's requests decoded by `parse_request`."""
-    handlers = {
-        "Decode": grpc.stream_stream_rpc_method_handler(
-            servicer.Decode, request_deserializer=parse_request, response_serializer=decode_pb2.DecodeResponse.SerializeToString
-        ),
-        "GetLoad": grpc.unary_unary_rpc_method_handler(
-            servicer.GetLoad,
-            request_deserializer=decode_pb2.GetLoadRequest.FromString,
-            response_serializer=decode_pb2.GetLoadResponse.SerializeToString,
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
+    add_service(server, servicer, decode_pb2.DESCRIPTOR.services_by_name["Decode"], deserializers={"Decode": parse_request})
 
 
 class DecodeRequests:
@@ -378,6 +374,8 @@ class DecodeRequests:
         if first is None:
             self.sender_done = True
             raise InvalidRequest("a Decode stream must start with a header: it was empty")
+        if isinstance(first, Malformed):
+            raise first.refusal()
         kind = message_kind(first)
         if kind != "header":
             self.sender_done = kind == "commit"
@@ -394,7 +392,9 @@ class DecodeRequests:
             if kind == "commit":
                 self.sender_done = True
                 return
-            if kind != "chunk":
+            if isinstance(message, Malformed):
+                raise message.refusal()
+            if not isinstance(message, ChunkMessage):
                 raise KVCorrupted(f"unexpected {kind} message after the header")
             yield message
         self.sender_done = True

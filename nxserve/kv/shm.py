@@ -5,9 +5,12 @@ request's KV is exported straight into a `Region` of it (the one copy out of the
 there, and the receiver is told the region's name, offset, size and CRC-32 (`SharedRegion`). The
 receiver maps the arena once (`SharedKVReader`) and the engine's import is the only copy out.
 
-A receiver advertises a `Probe` file: a sender that sees it in its own directory shares that
-directory. Arenas and probes stay locked (flock) while their process lives, so the next service
-that starts in the directory can tell a leftover of a crashed one and remove it (`remove_stale`).
+A receiver advertises a `Probe`: a sender that sees it in its own directory shares that directory.
+Each arena and probe is a folder of its own (mode 0700) holding one file (0600): only the user
+that made it can open it, so prefill and decode share memory only when they run as the same user
+(one pod), and nothing else on the host can read or plant KV. The file stays locked (flock) while
+its process lives, so the next service that starts in the directory can tell a leftover of a
+crashed one and remove it (`remove_stale`).
 """
 
 from __future__ import annotations
@@ -39,46 +42,63 @@ _PROBE_NAME = re.compile(r"nxserve-decode-[0-9a-f]{32}")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def _create_locked(path: Path, flags: int, mode: int) -> int:
-    """Create `path` (a fresh name) locked for this process's life; returns the fd. On failure
-    nothing is left behind.
+ARENA_FILE = "arena"
+PROBE_FILE = "probe"
 
-    The file is created and locked under a hidden name, then renamed to `path`: created under
-    `path` itself, it would be there unlocked for a moment, and another service starting at the
-    same time (two decode replicas, say) could take it for a crashed one's in `remove_stale` and
-    delete it."""
-    hidden = path.with_name(f".{path.name}.new")
-    fd = os.open(hidden, flags | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
+
+def _create_locked(directory: Path, name: str, file: str, flags: int) -> int:
+    """Create the folder `directory/name` (a fresh name, mode 0700) holding `file` (mode 0600), the
+    file locked for this process's life; returns the file's fd. On failure nothing is left behind.
+
+    Only this user can look into the folder or open the file, so a sender and a receiver that share
+    memory must run as the same user (one pod). The folder is made and its file locked under a
+    hidden name, then renamed into place: made under its own name, it would be there unlocked for a
+    moment, and another service starting at the same time (two decode replicas, say) could take it
+    for a crashed one's in `remove_stale` and delete it."""
+    hidden = Path(directory) / f".{name}.new"
+    os.mkdir(hidden, 0o700)
+    try:
+        fd = os.open(hidden / file, flags | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+    except BaseException:
+        os.rmdir(hidden)
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(hidden, path)
+        os.rename(hidden, Path(directory) / name)
     except BaseException:
         os.close(fd)
-        remove_file(path.parent, hidden.name)
+        _remove(Path(directory), hidden.name, file)
         raise
     return fd
 
 
 def valid_arena_name(name: str) -> bool:
-    """Whether `name` is an arena's file name (and so names nothing outside the shared directory)."""
+    """Whether `name` is an arena's folder name (and so names nothing outside the shared directory)."""
     return _ARENA_NAME.fullmatch(name) is not None
 
 
-def remove_file(directory: Path, name: str) -> None:
-    """Remove a file of `directory` if it is still there."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(Path(directory) / name)
+def _remove(directory: Path, name: str, file: str) -> None:
+    """Remove the folder `directory/name` and its `file`, if they are still there."""
+    try:
+        os.unlink(directory / name / file)
+    except FileNotFoundError:
+        pass
+    try:
+        os.rmdir(directory / name)
+    except FileNotFoundError:
+        pass
 
 
 def remove_stale(directory: Path) -> list[str]:
     """Remove the arenas and probes in `directory` whose process no longer runs (their lock is
-    free); returns their names. A live process's files, and any this user may not lock, stay."""
+    free); returns their names. A live process's folders, and any this user may not lock, stay."""
     removed = []
     for path in sorted(Path(directory).glob("nxserve-*")):
-        if not (valid_arena_name(path.name) or _PROBE_NAME.fullmatch(path.name)):
+        file = ARENA_FILE if valid_arena_name(path.name) else PROBE_FILE if _PROBE_NAME.fullmatch(path.name) else None
+        if file is None or path.is_symlink() or not path.is_dir():
             continue
         try:
-            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+            fd = os.open(path / file, os.O_RDONLY | _NOFOLLOW)
         except OSError:
             continue
         try:
@@ -87,7 +107,7 @@ def remove_stale(directory: Path) -> list[str]:
             continue  # a live process holds it
         finally:
             os.close(fd)
-        remove_file(directory, path.name)
+        _remove(Path(directory), path.name, file)
         removed.append(path.name)
     return removed
 
@@ -100,18 +120,18 @@ class Probe:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.name = PROBE_PREFIX + uuid.uuid4().hex
-        self._fd: int | None = _create_locked(self.directory / self.name, os.O_RDONLY, 0o644)
+        self._fd: int | None = _create_locked(self.directory, self.name, PROBE_FILE, os.O_RDONLY)
 
     def close(self) -> None:
         if self._fd is not None:
-            remove_file(self.directory, self.name)
+            _remove(self.directory, self.name, PROBE_FILE)
             os.close(self._fd)
             self._fd = None
 
 
 def sees_probe(directory: Path, name: str) -> bool:
     """Whether the receiver's probe `name` is in `directory` (names other than a probe's are refused)."""
-    return _PROBE_NAME.fullmatch(name) is not None and (Path(directory) / name).is_file()
+    return _PROBE_NAME.fullmatch(name) is not None and (Path(directory) / name / PROBE_FILE).is_file()
 
 
 @dataclass(frozen=True)
@@ -179,13 +199,13 @@ class KVArena:
         self.directory = Path(directory)
         self.name = ARENA_PREFIX + uuid.uuid4().hex
         self.nbytes = nbytes
-        fd = _create_locked(self.directory / self.name, os.O_RDWR, 0o600)
+        fd = _create_locked(self.directory, self.name, ARENA_FILE, os.O_RDWR)
         try:
             os.posix_fallocate(fd, 0, nbytes)
             self._map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
-            remove_file(self.directory, self.name)
+            _remove(self.directory, self.name, ARENA_FILE)
             raise
         self._fd: int | None = fd  # holds the lock
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
@@ -262,7 +282,7 @@ class KVArena:
             pass
         os.close(self._fd)
         self._fd = None
-        remove_file(self.directory, self.name)
+        _remove(self.directory, self.name, ARENA_FILE)
 
 
 def _aligned(n: int, align: int) -> int:
@@ -335,9 +355,13 @@ class SharedKVReader:
             return mapping
         for old in [n for n in self._maps if not (self.directory / n).exists()]:
             del self._maps[old]  # unmapped once no snapshot views it any more
-        path = self.directory / name
-        try:
-            fd = os.open(path, os.O_RDWR | _NOFOLLOW)
+        path = self.directory / name / ARENA_FILE
+        try:  # neither the folder nor the file may be a symbolic link
+            folder = os.open(self.directory / name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+            try:
+                fd = os.open(ARENA_FILE, os.O_RDWR | _NOFOLLOW, dir_fd=folder)
+            finally:
+                os.close(folder)
         except OSError as exc:
             raise SharedMemoryUnreadable(f"cannot open the shared KV arena {path}: {exc.strerror}") from None
         try:

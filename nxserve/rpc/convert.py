@@ -1,4 +1,5 @@
-"""Protobuf <-> nxcore, in one place: the servicers call these and see no `*_pb2` field elsewhere."""
+"""nxcore -> protobuf for the messages the services send; what they receive is read and bounded by
+`nxserve.rpc.validate`. The servicers see no `*_pb2` field elsewhere."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from nxcore.generate import FinishReason
 from nxserve.v1 import decode_pb2
 from nxserve.v1 import generation_pb2 as gen_pb2
 
-DEFAULT_MAX_NEW_TOKENS = 16
-
 FINISH_TO_PB = {
     FinishReason.LENGTH: gen_pb2.FINISH_REASON_LENGTH,
     FinishReason.EOS: gen_pb2.FINISH_REASON_EOS,
@@ -19,29 +18,11 @@ FINISH_TO_PB = {
 FINISH_FROM_PB = {v: k for k, v in FINISH_TO_PB.items()}
 
 
-def sampling_from_pb(pb: gen_pb2.SamplingParameters, *, seed: int | None = None) -> SamplingParams:
-    return SamplingParams(
-        temperature=pb.temperature,
-        top_k=pb.top_k,
-        top_p=pb.top_p if pb.top_p > 0 else 1.0,
-        seed=pb.seed if pb.HasField("seed") else seed,
-    )
-
-
 def sampling_to_pb(sampling: SamplingParams) -> gen_pb2.SamplingParameters:
     pb = gen_pb2.SamplingParameters(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     if sampling.seed is not None:
         pb.seed = sampling.seed
     return pb
-
-
-def stopping_from_pb(pb: gen_pb2.StoppingParameters) -> tuple[StoppingCriteria, tuple[str, ...]]:
-    criteria = StoppingCriteria(
-        max_new_tokens=pb.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-        stop_token_ids=tuple(pb.stop_token_ids),
-        ignore_eos=pb.ignore_eos,
-    )
-    return criteria, tuple(pb.stop_strings)
 
 
 def stopping_to_pb(criteria: StoppingCriteria, stop_strings: Sequence[str]) -> gen_pb2.StoppingParameters:

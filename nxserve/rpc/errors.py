@@ -17,8 +17,17 @@ class InvalidRequest(ServiceError):
     """A field out of its bounds, or a request the model cannot run as given (INVALID_ARGUMENT)."""
 
 
+class Unauthenticated(ServiceError):
+    """No API key, or one the service does not know (UNAUTHENTICATED)."""
+
+
 class Overloaded(ServiceError):
-    """Queues or slots are full: retry later or elsewhere (RESOURCE_EXHAUSTED)."""
+    """Queues, slots or a caller's share are full: retry later or elsewhere (RESOURCE_EXHAUSTED).
+    The status carries `grpc-retry-pushback-ms`, which gRPC's client-side retries honour."""
+
+    def __init__(self, message: str, *, retry_after_ms: int = 250) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class NotReady(ServiceError):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nxserve.rpc.security import TLSFiles
+
 if TYPE_CHECKING:
     from nxcore import RuntimeConfig
 
@@ -217,10 +219,32 @@ def add_kv_shm_flag(parser: argparse.ArgumentParser, *, role: str) -> None:
     )
 
 
-def add_server_flags(parser: argparse.ArgumentParser, *, port: int, max_queue: int, queue_help: str) -> None:
-    """--host --port --max-queue --grace --log-level, shared by both services."""
+def add_server_flags(parser: argparse.ArgumentParser, *, port: int, max_queue: int, queue_help: str, max_streams: int, client_ca_help: str) -> None:
+    """--host --port --max-queue --grace --log-level, TLS and stream limits, shared by both services."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=port, help=f"port to listen on (default: {port})")
     parser.add_argument("--max-queue", type=int, default=max_queue, help=f"{queue_help}; past it RESOURCE_EXHAUSTED (default: {max_queue})")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to finish on SIGTERM (default: 10)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (default: INFO)")
+    parser.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=max_streams,
+        metavar="N",
+        help=f"calls in flight per client connection (HTTP/2 streams); more wait for one to end (default: {max_streams})",
+    )
+    g = parser.add_argument_group("TLS (files are read again when they change: rotated certificates apply to new connections)")
+    g.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="serve TLS with this certificate chain (PEM); needs --tls-key")
+    g.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="the private key of --tls-cert (PEM)")
+    g.add_argument("--tls-client-ca", type=Path, default=None, metavar="FILE", help=client_ca_help)
+
+
+def tls_files(args: argparse.Namespace) -> TLSFiles | None:
+    """The server's TLS files from --tls-cert/--tls-key/--tls-client-ca (None: plaintext)."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked over TLS")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    return TLSFiles(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)

@@ -9,26 +9,62 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nxserve.rpc.status import ErrorInterceptor
+from nxserve.rpc.flags import tls_files
+from nxserve.rpc.security import ClientGate
+from nxserve.rpc.status import ErrorInterceptor, safe_deserializer
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20
+MAX_KV_CHUNK_BYTES = 16 << 20
+"""The largest KV chunk prefill may send (--kv-chunk-bytes); decode's message limit is sized to it."""
+DECODE_MAX_MESSAGE_BYTES = MAX_KV_CHUNK_BYTES + (1 << 20)
+"""What a decode replica receives at most in one message: a chunk, or a header (its prompt ids,
+5 bytes each at most, and bounded strings) with room to spare."""
 
 
-def channel_options() -> list[tuple[str, int]]:
-    """Message size limits of every server and of the channels between the services."""
-    return [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ]
+def channel_options(*, max_receive: int | None = None, max_send: int | None = None) -> list[tuple[str, int]]:
+    """Message size limits of a server or channel (None: gRPC's default, 4 MiB received, any size sent)."""
+    options = []
+    if max_receive is not None:
+        options.append(("grpc.max_receive_message_length", max_receive))
+    if max_send is not None:
+        options.append(("grpc.max_send_message_length", max_send))
+    return options
+
+
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_service(
+    server: grpc.aio.Server, servicer: object, service: ServiceDescriptor, *, deserializers: Mapping[str, Callable[[bytes], Any]] | None = None
+) -> None:
+    """Register `servicer`'s methods of `service` (what the generated add_*Servicer_to_server does),
+    with every request deserializer made safe (`nxserve.rpc.status.safe_deserializer`).
+    `deserializers` replaces a method's parser (the Decode stream's chunks)."""
+    handlers = {}
+    for method in service.methods:
+        parse = (deserializers or {}).get(method.name, GetMessageClass(method.input_type).FromString)
+        handlers[method.name] = _HANDLERS[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=safe_deserializer(parse, method.input_type.full_name),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_full_name: str) -> health.aio.HealthServicer:
@@ -74,17 +110,27 @@ def install_shutdown(stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
 
 
 async def start_server(
-    args: argparse.Namespace, *, service: str, register: Callable[[grpc.aio.Server], None]
+    args: argparse.Namespace,
+    *,
+    service: str,
+    register: Callable[[grpc.aio.Server], None],
+    max_receive: int,
+    gate: ClientGate | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """A started server with health (NOT_SERVING for now), reflection, the error mapping and the
-    servicer `register` adds."""
-    server = grpc.aio.server(options=channel_options(), interceptors=[ErrorInterceptor()])
+    """A started server with health (NOT_SERVING for now), reflection, the error mapping, the
+    `gate` (API keys, per-key limits) and the servicer `register` adds; TLS when the flags ask for
+    it; at most `max_receive` bytes per message and --max-concurrent-streams per connection."""
+    tls = tls_files(args)
+    options = [*channel_options(max_receive=max_receive), ("grpc.max_concurrent_streams", args.max_concurrent_streams)]
+    server = grpc.aio.server(options=options, interceptors=[ErrorInterceptor(), *([gate] if gate else [])])
     servicer = add_health_and_reflection(server, service)
     register(server)
     await set_health(servicer, service, serving=False)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    address = f"{args.host}:{args.port}"
+    port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     await server.start()
-    log.info("listening on %s:%d (NOT_SERVING until the model is loaded)", args.host, port)
+    security = "plaintext" if tls is None else ("mTLS" if tls.client_ca else "TLS")
+    log.info("listening on %s:%d (%s; NOT_SERVING until the model is loaded)", args.host, port, security)
     return server, servicer, port
 
 

@@ -14,6 +14,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
@@ -33,6 +34,7 @@ from nxserve.rpc.errors import (
     ReplicaFailed,
     ServiceError,
     SharedMemoryUnreadable,
+    Unauthenticated,
     Unsupported,
 )
 
@@ -42,6 +44,7 @@ Code: TypeAlias = grpc.StatusCode
 
 STATUS_CODES: dict[type[ServiceError], Code] = {
     InvalidRequest: Code.INVALID_ARGUMENT,
+    Unauthenticated: Code.UNAUTHENTICATED,
     Overloaded: Code.RESOURCE_EXHAUSTED,
     NotReady: Code.UNAVAILABLE,
     NoReplica: Code.UNAVAILABLE,
@@ -60,6 +63,7 @@ STATUS_CODES: dict[type[ServiceError], Code] = {
 _FROM_CODE: dict[Code, type[ServiceError]] = {
     Code.INVALID_ARGUMENT: InvalidRequest,
     Code.RESOURCE_EXHAUSTED: Overloaded,
+    Code.UNAUTHENTICATED: Unauthenticated,
     Code.UNAVAILABLE: ReplicaFailed,
     Code.FAILED_PRECONDITION: ModelMismatch,
     Code.DATA_LOSS: KVCorrupted,
@@ -69,6 +73,8 @@ _FROM_CODE: dict[Code, type[ServiceError]] = {
 """The kind a status without `nxserve-error` metadata (from a server that is not nxserve's) stands for."""
 
 _BY_NAME = {kind.__name__: kind for kind in STATUS_CODES}
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""Trailing metadata of RESOURCE_EXHAUSTED: milliseconds to wait before a retry (gRPC's retry policy reads it)."""
 KIND_KEY = "nxserve-error"
 """Trailing metadata key carrying the error kind's name (e.g. SharedMemoryUnreadable)."""
 
@@ -90,7 +96,10 @@ def as_service_error(exc: BaseException) -> ServiceError:
 def status_of(error: ServiceError) -> tuple[Code, str, tuple[tuple[str, str], ...]]:
     """(code, details, trailing metadata) of a call that ends with `error`."""
     kind = next(k for k in type(error).__mro__ if k in STATUS_CODES)
-    return STATUS_CODES[kind], str(error) or kind.__name__, ((KIND_KEY, kind.__name__),)
+    metadata: tuple[tuple[str, str], ...] = ((KIND_KEY, kind.__name__),)
+    if isinstance(error, Overloaded):
+        metadata += ((PUSHBACK_KEY, str(error.retry_after_ms)),)
+    return STATUS_CODES[kind], str(error) or kind.__name__, metadata
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
@@ -114,6 +123,32 @@ async def error_of_call(call: grpc.aio.Call, *, peer: str) -> ServiceError:
     return error_from_rpc(await call.code(), await call.details() or "", await call.trailing_metadata(), peer=peer)
 
 
+@dataclass(frozen=True)
+class Malformed:
+    """A request message that did not parse (not protobuf, or invalid UTF-8 in a string field), as
+    `safe_deserializer` hands it to the handler instead of failing inside gRPC (UNKNOWN, and a
+    traceback in the log per request): the interceptor, or the stream's reader, refuses it."""
+
+    message: str
+    """The message type it should have been."""
+    error: str
+
+    def refusal(self) -> InvalidRequest:
+        return InvalidRequest(f"malformed {self.message}: {self.error}")
+
+
+def safe_deserializer(parse: Callable[[bytes], Any], message: str) -> Callable[[bytes], Any]:
+    """`parse`, returning a Malformed instead of raising."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError, UnicodeDecodeError, ValueError: the bytes are not the message
+            return Malformed(message, f"{type(exc).__name__}: {exc}"[:200])
+
+    return deserialize
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Ends every call whose handler raises with the status `status_of` gives (see the module)."""
 
@@ -135,6 +170,8 @@ def _mapped(behaviour: Callable[..., Any]) -> Callable[..., Any]:
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                if isinstance(request, Malformed):
+                    raise request.refusal()
                 async for response in behaviour(request, context):
                     yield response
             except Exception as exc:
@@ -146,6 +183,8 @@ def _mapped(behaviour: Callable[..., Any]) -> Callable[..., Any]:
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, Malformed):
+                raise request.refusal()
             return await behaviour(request, context)
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):

@@ -14,7 +14,7 @@ from nxcore.kv_cache import KVSnapshot
 from nxcore.speculation import DraftProposer
 from nxserve.kv import CHUNKS, SHM, ReceivedKV, engine_layout
 from nxserve.kv.shm import KVArena, SharedKVReader, SharedRegion
-from nxserve.rpc.errors import KVCorrupted
+from nxserve.rpc.errors import EngineFailure, KVCorrupted
 from tests.conftest import Checkpoint, random_prompt
 
 CONFIG = RuntimeConfig(batch_size=2, seq_len=64, dtype="float32")
@@ -138,5 +138,52 @@ def test_the_drafts_own_prefill_runs_outside_the_loops_lock(checkpoints: dict[st
         assert [first, *tokens] == expected.output_ids
     finally:
         release.set()
+        loop.stop(timeout=10)
+        thread.close(timeout=10)
+
+
+def test_a_request_that_fails_a_step_fails_alone_and_the_others_keep_their_tokens(checkpoints: dict[str, Checkpoint]) -> None:
+    """A row the engine refuses mid-batch (a token outside the vocabulary, which the service's
+    header check would have refused: submitted here straight to the loop) fails with
+    EngineFailure; the requests stepped with it go on with the tokens they get without it."""
+    ckpt = checkpoints["llama"]
+    config = RuntimeConfig(batch_size=3, ctx_batch_size=3, seq_len=64, dtype="float32")
+    prefill = Engine.from_pretrained(ckpt.path, config)
+    prompts = [random_prompt(n, seed=n) for n in (9, 13)]
+    requests = [SequenceRequest(slot=i, token_ids=p, sampling=SamplingParams(), rng=RequestRng(0)) for i, p in enumerate(prompts)]
+    firsts = prefill.context_encode(requests)
+    kvs = [prefill.export_kv(i, len(p)) for i, p in enumerate(prompts)]
+    for i in range(len(prompts)):
+        prefill.free(i)
+    expected = generate(prefill, prompts, stopping=StoppingCriteria(max_new_tokens=6, ignore_eos=True))
+    thread = EngineThread("decode-engine")
+    engine = thread.submit(Engine.from_pretrained, ckpt.path, config, graphs="decode").result(timeout=120)
+    loop = DecodeLoop(engine, tokenizer=None, max_queue=4, thread=thread)
+    events: list[list] = [[], [], []]
+    dones = [threading.Event() for _ in range(3)]
+    jobs = [
+        _job(p, f, ReceivedKV(snapshots=[kv], transport=CHUNKS, nbytes=kv.nbytes), events[i], dones[i])
+        for i, (p, f, kv) in enumerate(zip(prompts, firsts, kvs))
+    ]
+    poison_kv = kvs[0]
+    poisoned = _job(
+        prompts[0],
+        engine.model_config.vocab_size + 100,
+        ReceivedKV(snapshots=[poison_kv], transport=CHUNKS, nbytes=poison_kv.nbytes),
+        events[2],
+        dones[2],
+    )
+    for job in (jobs[0], poisoned, jobs[1]):
+        loop.submit(job)  # queued before the loop starts: all three are admitted into one batch
+    loop.start()
+    try:
+        assert all(done.wait(timeout=60) for done in dones)
+        [failure] = events[2][1:]  # its ack, then the failure
+        assert isinstance(failure, Failed) and isinstance(failure.error, EngineFailure) and "out of range" in str(failure.error)
+        for i in range(2):
+            tokens = [t for e in events[i] if isinstance(e, Tokens) for t in e.token_ids]
+            assert isinstance(events[i][-1], Finished) and [firsts[i], *tokens] == expected[i].output_ids
+        assert loop.load() == (3, 3, 0)
+    finally:
         loop.stop(timeout=10)
         thread.close(timeout=10)

@@ -65,10 +65,14 @@ class FakeEngine:
         self.slot_lengths[slot] = n_tokens
 
 
-def _seq(prompt: list[int], max_new_tokens: int = 5, **kwargs: object) -> Sequence:
+def _seq(prompt: list[int], max_new_tokens: int = 5, *, output_ids: list[int] | None = None, **kwargs: object) -> Sequence:
     return Sequence(
-        prompt_ids=prompt, sampling=SamplingParams(), rng=RequestRng(0), stopping=StoppingCriteria(max_new_tokens=max_new_tokens, **kwargs)
-    )  # type: ignore[arg-type]
+        prompt_ids=prompt,
+        sampling=SamplingParams(),
+        rng=RequestRng(0),
+        output_ids=list(output_ids or []),
+        stopping=StoppingCriteria(max_new_tokens=max_new_tokens, **kwargs),  # type: ignore[arg-type]
+    )
 
 
 def _run(scheduler: Scheduler, engine: FakeEngine, sequences: list[Sequence]) -> None:
@@ -184,3 +188,91 @@ def test_speculation_gives_the_same_tokens_in_fewer_steps(k: int) -> None:
     assert [s.output_ids for s in spec] == [s.output_ids for s in plain]
     assert spec[0].steps < plain[0].steps and spec[0].accepted > 0 and spec[1].proposed == 0
     assert any(kind == "speculate" for kind, _ in spec_engine.calls)
+
+
+class Poisoned(FakeEngine):
+    """A fake engine whose token generation draws every row's random number and appends to every
+    slot, then fails when any row carries POISON: the worst case for the rows that did nothing wrong."""
+
+    POISON = VOCAB - 1
+
+    def token_generate(self, requests: list[SequenceRequest]) -> list[int]:
+        draws = [float(r.rng.draw(1)) for r in requests]
+        for r in requests:
+            self.slot_lengths[r.slot] = self.length(r.slot) + 1
+        if any(r.token_ids[0] == self.POISON for r in requests):
+            raise ValueError("poisoned row")
+        return [(successor(r.token_ids[0]) + (u > 0.5)) % (VOCAB - 1) for r, u in zip(requests, draws)]
+
+
+def _isolated_run(engine: Poisoned, sequences: list[Sequence]) -> dict[Sequence, Exception]:
+    scheduler = Scheduler(engine)  # type: ignore[arg-type]
+    for seq in sequences:
+        scheduler.add(seq)
+    failures: dict[Sequence, Exception] = {}
+    while scheduler.has_unfinished():
+        out = scheduler.schedule()
+        for seq in out.admitted:
+            engine.slot_lengths[seq.slot] = len(seq.prompt_ids)  # KV imported, as the decode service does
+        produced, failed = scheduler.step_isolated(out.running + out.admitted)
+        for seq in failed:
+            scheduler.finish(seq)
+        failures.update(failed)
+        scheduler.update(produced)
+    return failures
+
+
+def test_a_step_that_fails_for_one_sequence_fails_only_it_and_the_others_keep_their_tokens() -> None:
+    def batch(poisoned: bool) -> list[Sequence]:
+        seqs = [
+            Sequence(
+                prompt_ids=[1, 2],
+                sampling=SamplingParams(temperature=1.0),
+                rng=RequestRng(seed),
+                stopping=StoppingCriteria(max_new_tokens=8),
+                output_ids=[first],
+            )
+            for seed, first in ((1, 3), (2, 5))
+        ]
+        if poisoned:
+            seqs.insert(
+                1,
+                Sequence(
+                    prompt_ids=[1],
+                    sampling=SamplingParams(),
+                    rng=RequestRng(3),
+                    stopping=StoppingCriteria(max_new_tokens=8),
+                    output_ids=[Poisoned.POISON],
+                ),
+            )
+        return seqs
+
+    clean, poisoned = batch(False), batch(True)
+    assert _isolated_run(Poisoned(batch_size=3), clean) == {}
+    engine = Poisoned(batch_size=3)
+    failures = _isolated_run(engine, poisoned)
+    assert list(failures) == [poisoned[1]] and "poisoned row" in str(failures[poisoned[1]])
+    survivors = [poisoned[0], poisoned[2]]
+    assert [s.output_ids for s in survivors] == [s.output_ids for s in clean]  # the same tokens, random draws included
+    assert [s.rng.offset for s in survivors] == [s.rng.offset for s in clean] and [s.steps for s in survivors] == [s.steps for s in clean]
+    assert engine.free_slots() == [0, 1, 2]
+
+
+def test_a_batch_that_fails_though_no_sequence_fails_alone_fails_every_sequence() -> None:
+    class FailsInBatches(FakeEngine):
+        def token_generate(self, requests: list[SequenceRequest]) -> list[int]:
+            if len(requests) > 1:
+                raise RuntimeError("a batch-wide fault")
+            return super().token_generate(requests)
+
+    engine = FailsInBatches(batch_size=2)
+    scheduler = Scheduler(engine)  # type: ignore[arg-type]
+    seqs = [_seq([1], output_ids=[2]), _seq([3], output_ids=[4])]
+    for seq in seqs:
+        scheduler.add(seq)
+    out = scheduler.schedule()
+    for seq in out.admitted:
+        engine.slot_lengths[seq.slot] = 1
+    produced, failed = scheduler.step_isolated(out.admitted)
+    assert produced == {} and set(failed) == set(seqs) and all("batch-wide" in str(e) for e in failed.values())
+    assert [engine.length(s.slot) for s in seqs] == [1, 1] and [s.steps for s in seqs] == [0, 0]  # put back as they were

@@ -162,7 +162,8 @@ def test_kv_goes_as_chunks_where_the_directory_is_not_shared(svc_model: Path, sv
         assert client.generate_text(batch[0], max_new_tokens=6, ignore_eos=True).output_ids == expected[0]
         [load] = loads(c.decode_targets)
         assert (load.shared_kv_requests, load.chunked_kv_requests) == (0, 1) and load.shm_probe
-        (ours / load.shm_probe).touch()  # prefill now believes it shares the replica's directory
+        (ours / load.shm_probe).mkdir()  # prefill now believes it shares the replica's directory
+        (ours / load.shm_probe / "probe").touch()
         wait_until(lambda: "shared memory in" in c.services[-1].log_tail(200), what="the router seeing the probe")
         for prompt, want in zip(batch[1:], expected[1:]):
             assert client.generate_text(prompt, max_new_tokens=6, ignore_eos=True).output_ids == want

@@ -4,6 +4,7 @@ released once; probes and stale files."""
 from __future__ import annotations
 
 import fcntl
+import stat
 import zlib
 from pathlib import Path
 
@@ -139,15 +140,31 @@ def test_reader_drops_the_mappings_of_arenas_that_are_gone(tmp_path: Path) -> No
 
 def test_stale_arenas_and_probes_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
     live_arena, live_probe = KVArena(tmp_path, 1 << 14), Probe(tmp_path)
-    stale = [tmp_path / ("nxserve-kv-" + "0" * 32), tmp_path / ("nxserve-decode-" + "1" * 32)]
-    for path in stale:
-        path.write_bytes(b"left by a crashed service")
+    stale = [(tmp_path / ("nxserve-kv-" + "0" * 32), "arena"), (tmp_path / ("nxserve-decode-" + "1" * 32), "probe")]
+    for folder, file in stale:
+        folder.mkdir(mode=0o700)
+        (folder / file).write_bytes(b"left by a crashed service")
     other = tmp_path / "nxserve-kv-notes.txt"
     other.write_text("not an arena")
-    assert remove_stale(tmp_path) == sorted(p.name for p in stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_arena.name, live_probe.name, other.name])
+    planted = tmp_path / ("nxserve-kv-" + "2" * 32)  # a link in place of a folder is never followed, nor removed
+    planted.symlink_to(tmp_path / "elsewhere")
+    assert remove_stale(tmp_path) == sorted(folder.name for folder, _ in stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_arena.name, live_probe.name, other.name, planted.name])
     live_arena.close(), live_probe.close()
-    assert [p.name for p in tmp_path.iterdir()] == [other.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, planted.name])
+
+
+def test_arenas_and_probes_are_private_to_their_user(tmp_path: Path) -> None:
+    arena, probe = KVArena(tmp_path, 1 << 14), Probe(tmp_path)
+    for folder, file in ((tmp_path / arena.name, "arena"), (tmp_path / probe.name, "probe")):
+        assert stat.S_IMODE(folder.lstat().st_mode) == 0o700 and stat.S_IMODE((folder / file).lstat().st_mode) == 0o600
+    (tmp_path / "nxserve-kv-linked").mkdir()
+    target = tmp_path / ("nxserve-kv-" + "3" * 32)
+    target.symlink_to(tmp_path / arena.name)  # a name that leads to a real arena through a link is refused
+    region = arena.put([_snapshot()]).sealed
+    with pytest.raises(SharedMemoryUnreadable, match="cannot open"):
+        SharedKVReader(tmp_path).read(SharedRegion(target.name, region.offset, region.nbytes, region.crc32), [_layout(_snapshot())])
+    arena.close(), probe.close()
 
 
 @pytest.mark.parametrize("make", [lambda d: KVArena(d, 1 << 14), Probe])

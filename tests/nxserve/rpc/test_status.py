@@ -19,6 +19,7 @@ from nxserve.v1 import generation_pb2_grpc
 
 EXPECTED = {
     errors.InvalidRequest: "INVALID_ARGUMENT",
+    errors.Unauthenticated: "UNAUTHENTICATED",
     errors.Overloaded: "RESOURCE_EXHAUSTED",
     errors.NotReady: "UNAVAILABLE",
     errors.NoReplica: "UNAVAILABLE",
@@ -112,3 +113,5 @@ def test_a_status_from_a_server_that_is_not_nxserves_maps_by_its_code() -> None:
     assert isinstance(error_from_rpc(grpc.StatusCode.UNKNOWN, "x", (), peer="p"), errors.Internal)
     code, _, metadata = status_of(errors.SharedMemoryUnreadable("no arena"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and metadata == (("nxserve-error", "SharedMemoryUnreadable"),)
+    code, _, metadata = status_of(errors.Overloaded("full", retry_after_ms=120))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and ("grpc-retry-pushback-ms", "120") in metadata
