@@ -15,7 +15,6 @@ crashed one and remove it (`remove_stale`).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import mmap
 import os

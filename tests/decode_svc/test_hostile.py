@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from nxcore import Engine
 from nxserve.cluster import LocalCluster
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
-from tests.decode_svc.test_server import COMMIT, KV_BYTES, _chunk, _header
+from tests.decode_svc.test_server import COMMIT, KV_BYTES, _header
 from tests.services import SEQ_LEN, SLOTS, wait_all_free
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 INVALID, MISMATCH, LOSS = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS
 
 
-def _forged(engine: Engine, **changes) -> decode_pb2.DecodeRequest:  # noqa: ANN003
+def _forged(engine: Engine, **changes) -> decode_pb2.DecodeRequest:
     """A header valid in every field but those changed (scalars and repeated fields set, messages merged)."""
     request = _header(engine)
     header = request.header
@@ -89,39 +89,54 @@ def test_forged_headers_are_refused_at_the_header_and_memory_stays_flat(cluster:
                 assert _send(stub, [header, COMMIT])[0] in (INVALID, MISMATCH)
         after = _rss_mb(decode.process.pid)
         data = bytes(KV_BYTES)
-        bad_set = decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(layer_start=0, layer_end=2, token_start=0, token_end=3, data=data,
-                                                                    crc32=zlib.crc32(data), kv_set=5))
+        bad_set = decode_pb2.DecodeRequest(
+            chunk=decode_pb2.KvChunk(layer_start=0, layer_end=2, token_start=0, token_end=3, data=data, crc32=zlib.crc32(data), kv_set=5)
+        )
         assert _send(stub, [_header(svc_engine), bad_set, COMMIT])[0] == LOSS
     assert after - before < 20, f"decode grew from {before:.0f} to {after:.0f} MB under 80 forged headers"
     assert all(s.free_slots == SLOTS for s in wait_all_free(cluster))
 
 
-fields = st.fixed_dictionaries({
-    "first_token": st.integers(0, 2**32 - 1),
-    "rng_offset": st.integers(0, 2**32 - 1),
-    "request_id": st.text(max_size=50),
-    "prompt_token_ids": st.lists(st.integers(0, 600), max_size=12),
-    "sampling.temperature": st.floats(width=32),
-    "sampling.top_p": st.floats(width=32),
-    "sampling.top_k": st.integers(0, 2**32 - 1),
-    "layout.n_tokens": st.integers(0, 20),
-    "stopping.max_new_tokens": st.integers(0, 3),
-})
-chunks = st.lists(st.builds(lambda l0, l1, t0, t1, data, crc, kv: _chunk_of(l0, l1, t0, t1, data, crc, kv),
-                            st.integers(0, 3), st.integers(0, 3), st.integers(0, 4), st.integers(0, 4), st.binary(max_size=900),
-                            st.booleans(), st.integers(0, 2)), max_size=3)
+fields = st.fixed_dictionaries(
+    {
+        "first_token": st.integers(0, 2**32 - 1),
+        "rng_offset": st.integers(0, 2**32 - 1),
+        "request_id": st.text(max_size=50),
+        "prompt_token_ids": st.lists(st.integers(0, 600), max_size=12),
+        "sampling.temperature": st.floats(width=32),
+        "sampling.top_p": st.floats(width=32),
+        "sampling.top_k": st.integers(0, 2**32 - 1),
+        "layout.n_tokens": st.integers(0, 20),
+        "stopping.max_new_tokens": st.integers(0, 3),
+    }
+)
+chunks = st.lists(
+    st.builds(
+        lambda l0, l1, t0, t1, data, crc, kv: _chunk_of(l0, l1, t0, t1, data, crc, kv),
+        st.integers(0, 3),
+        st.integers(0, 3),
+        st.integers(0, 4),
+        st.integers(0, 4),
+        st.binary(max_size=900),
+        st.booleans(),
+        st.integers(0, 2),
+    ),
+    max_size=3,
+)
 
 
 def _chunk_of(l0: int, l1: int, t0: int, t1: int, data: bytes, good_crc: bool, kv_set: int) -> decode_pb2.DecodeRequest:
     crc = zlib.crc32(data) if good_crc else zlib.crc32(data) ^ 1
-    return decode_pb2.DecodeRequest(chunk=decode_pb2.KvChunk(layer_start=l0, layer_end=l1, token_start=t0, token_end=t1, data=data,
-                                                             crc32=crc, kv_set=kv_set))
+    return decode_pb2.DecodeRequest(
+        chunk=decode_pb2.KvChunk(layer_start=l0, layer_end=l1, token_start=t0, token_end=t1, data=data, crc32=crc, kv_set=kv_set)
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(changes=fields, body=chunks, commit=st.booleans(), raw=st.one_of(st.none(), st.binary(max_size=64)))
-def test_arbitrary_headers_and_chunks_never_get_unknown_or_internal(cluster: LocalCluster, svc_engine: Engine, changes: dict,
-                                                                    body: list, commit: bool, raw: bytes | None) -> None:
+def test_arbitrary_headers_and_chunks_never_get_unknown_or_internal(
+    cluster: LocalCluster, svc_engine: Engine, changes: dict, body: list, commit: bool, raw: bytes | None
+) -> None:
     messages: list = [_forged(svc_engine, **changes), *body, *([COMMIT] if commit else [])]
     if raw is not None:
         messages = [raw]
@@ -141,4 +156,3 @@ def test_after_the_arbitrary_streams_nothing_leaked(cluster: LocalCluster) -> No
     assert cluster.exited() == []
     with cluster.client() as client:
         assert client.generate_text([5, 6, 7], max_new_tokens=3, ignore_eos=True).finish_reason == "length"
-

@@ -25,7 +25,7 @@ PROMPT_BYTES = 32 * SEQ_LEN  # the default --max-prompt-bytes of this cluster
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def _request(**fields) -> pb.GenerateRequest:  # noqa: ANN003
+def _request(**fields) -> pb.GenerateRequest:
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), stopping=pb.StoppingParameters(max_new_tokens=2))
     for name, value in fields.items():
         target, _, leaf = name.rpartition(".")
@@ -72,7 +72,7 @@ TOKENIZE_CASES: list[tuple[str, pb.TokenizeRequest | bytes, grpc.StatusCode, str
 ]
 
 
-def _raw_call(channel: grpc.Channel, method: str, streaming: bool):  # noqa: ANN202
+def _raw_call(channel: grpc.Channel, method: str, streaming: bool):
     identity = lambda b: b  # noqa: E731
     make = channel.unary_stream if streaming else channel.unary_unary
     return make(f"/nxserve.v1.Generation/{method}", request_serializer=identity, response_deserializer=identity)
@@ -127,16 +127,21 @@ uint32 = st.integers(0, 2**32 - 1)
 requests = st.builds(
     pb.GenerateRequest,
     request_id=st.one_of(st.just(""), st.text(max_size=200)),
-    sampling=st.builds(pb.SamplingParameters, temperature=finite, top_k=uint32, top_p=finite,
-                       seed=st.one_of(st.none(), st.integers(0, 2**64 - 1))),
-    stopping=st.builds(pb.StoppingParameters, max_new_tokens=st.one_of(st.integers(0, 4), uint32),
-                       stop_token_ids=st.lists(uint32, max_size=70), stop_strings=st.lists(st.text(max_size=300), max_size=20),
-                       ignore_eos=st.booleans()),
+    sampling=st.builds(pb.SamplingParameters, temperature=finite, top_k=uint32, top_p=finite, seed=st.one_of(st.none(), st.integers(0, 2**64 - 1))),
+    stopping=st.builds(
+        pb.StoppingParameters,
+        max_new_tokens=st.one_of(st.integers(0, 4), uint32),
+        stop_token_ids=st.lists(uint32, max_size=70),
+        stop_strings=st.lists(st.text(max_size=300), max_size=20),
+        ignore_eos=st.booleans(),
+    ),
     disable_speculation=st.booleans(),
-).flatmap(lambda r: st.one_of(
-    st.builds(lambda text: _with(r, text=text), st.text(max_size=300)),
-    st.builds(lambda ids: _with(r, ids=ids), st.lists(st.one_of(st.integers(0, VOCAB + 10), uint32), max_size=SEQ_LEN + 20)),
-))
+).flatmap(
+    lambda r: st.one_of(
+        st.builds(lambda text: _with(r, text=text), st.text(max_size=300)),
+        st.builds(lambda ids: _with(r, ids=ids), st.lists(st.one_of(st.integers(0, VOCAB + 10), uint32), max_size=SEQ_LEN + 20)),
+    )
+)
 
 
 def _with(request: pb.GenerateRequest, *, text: str | None = None, ids: list[int] | None = None) -> pb.GenerateRequest:

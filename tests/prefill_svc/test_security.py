@@ -21,17 +21,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def secured(svc_model: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def secured(svc_model: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("tls")
     keys = root / "keys"
     keys.write_text("key-one\nkey-two\n")
     tls = ClusterTLS.create(root / "pki")
-    with LocalCluster(svc_model, decode_replicas=1, engine_args=ENGINE_ARGS, tls=tls, api_key="key-one",
-                      prefill_args=["--api-keys-file", str(keys)]) as cluster:
+    with LocalCluster(
+        svc_model, decode_replicas=1, engine_args=ENGINE_ARGS, tls=tls, api_key="key-one", prefill_args=["--api-keys-file", str(keys)]
+    ) as cluster:
         yield cluster, root
 
 
-def test_tokens_over_tls_and_mtls_equal_plaintexts(secured, svc_engine: Engine) -> None:  # noqa: ANN001
+def test_tokens_over_tls_and_mtls_equal_plaintexts(secured, svc_engine: Engine) -> None:
     cluster, _ = secured
     batch = prompts(3)
     expected = generate(svc_engine, batch, stopping=StoppingCriteria(max_new_tokens=12, ignore_eos=True))
@@ -40,7 +41,7 @@ def test_tokens_over_tls_and_mtls_equal_plaintexts(secured, svc_engine: Engine) 
     assert got == [r.output_ids for r in expected]
 
 
-def test_callers_without_the_right_key_or_ca_are_refused(secured) -> None:  # noqa: ANN001
+def test_callers_without_the_right_key_or_ca_are_refused(secured) -> None:
     cluster, root = secured
     for key in (None, "wrong-key"):
         with Client(cluster.target, tls_ca=cluster.tls.ca, api_key=key) as client, pytest.raises(grpc.RpcError) as err:
@@ -61,7 +62,7 @@ def test_callers_without_the_right_key_or_ca_are_refused(secured) -> None:  # no
     assert status.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_only_a_client_certificate_from_the_cluster_ca_reaches_decode(secured) -> None:  # noqa: ANN001
+def test_only_a_client_certificate_from_the_cluster_ca_reaches_decode(secured) -> None:
     cluster, root = secured
     tls = cluster.tls
     ca = tls.ca.read_bytes()

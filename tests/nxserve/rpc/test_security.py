@@ -101,8 +101,11 @@ def test_api_keys_are_read_again_when_their_file_changes(tmp_path: Path) -> None
     keys = ApiKeys(path, recheck_s=1.0, clock=lambda: now[0])
     assert keys.check([("authorization", "Bearer first-key")]) == "first-key"
     assert keys.check([("authorization", "bearer second-key")]) == "second-key"
-    for metadata, match in [([], "needs an API key"), ([("authorization", "Basic abc")], "Bearer KEY"),
-                            ([("authorization", "Bearer nope")], "unknown API key")]:
+    for metadata, match in [
+        ([], "needs an API key"),
+        ([("authorization", "Basic abc")], "Bearer KEY"),
+        ([("authorization", "Bearer nope")], "unknown API key"),
+    ]:
         with pytest.raises(Unauthenticated, match=match):
             keys.check(metadata)
     path.write_text("third-key\n")  # a rotated Secret
@@ -124,11 +127,11 @@ class Slow(generation_pb2_grpc.GenerationServicer):
     def __init__(self) -> None:
         self.release = asyncio.Event()
 
-    async def Generate(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def Generate(self, request, context):
         yield pb.GenerateResponse(request_id="started")
         await self.release.wait()
 
-    async def ModelInfo(self, request, context):  # noqa: ANN001, ANN201, N802
+    async def ModelInfo(self, request, context):
         return pb.ModelInfoResponse(model="m")
 
 
