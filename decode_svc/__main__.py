@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -76,9 +77,15 @@ async def serve(args: argparse.Namespace) -> None:
     )
 
     async def stop() -> None:
+        # Drain: NOT_SERVING and no new work at once; running requests get the grace to finish, less
+        # a second in which those still running are handed back (prefill moves them elsewhere).
+        servicer.draining = True
         await set_health(health, SERVICE, serving=False)
-        await server.stop(args.grace)
+        left = await asyncio.to_thread(loop.drain, max(args.grace - 1.0, 0.0))
+        if left:
+            log.info("handing %d request(s) back to prefill: the grace (%.0f s) ends", left, args.grace)
         loop.stop(timeout=5)
+        await server.stop(1.0)
         thread.submit(engine.close)
         thread.close(timeout=10)
         kv.close()

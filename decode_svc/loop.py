@@ -51,6 +51,8 @@ fraction of a millisecond when the event loop is free, and bounded when it is no
 @dataclass(frozen=True)
 class Tokens:
     token_ids: list[int]
+    rng_offset: int
+    """Random numbers the request has drawn after these tokens (where another replica resumes it)."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class DecodeLoop:
         self.clock = clock
         self._cond = threading.Condition()
         self._stop = False
+        self._draining = False
         self._thread = thread
         """Where the engines were loaded: the loop runs there."""
         self._loop: concurrent.futures.Future | None = None
@@ -119,6 +122,17 @@ class DecodeLoop:
 
     def start(self) -> None:
         self._loop = self._thread.start_loop(self._run, what="decode loop")
+
+    def drain(self, timeout: float) -> int:
+        """Take no new request (`submit` raises NotReady) and wait up to `timeout` seconds for the
+        running and waiting ones to finish; returns how many are left. `stop` then hands those back:
+        they fail with NotReady, which prefill answers by moving each to another replica."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._draining = True
+            while self.scheduler.has_unfinished() and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(min(left, 0.1))
+            return len(self.scheduler.running) + len(self.scheduler.waiting)
 
     def stop(self, timeout: float | None = None) -> None:
         with self._cond:
@@ -136,7 +150,7 @@ class DecodeLoop:
     def submit(self, job: DecodeJob) -> None:
         """Queue a request; Overloaded when every slot is busy and the queue is full."""
         with self._cond:
-            if self._stop:
+            if self._stop or self._draining:
                 raise NotReady("the decode service is shutting down")
             waiting = len(self.scheduler.waiting)
             if waiting >= self.max_queue and self.scheduler.free_slot_count() == 0:
@@ -174,7 +188,7 @@ class DecodeLoop:
                     self._cond.wait()
                     out = self.scheduler.schedule()
                 if self._stop:
-                    self._fail_all(NotReady("the decode service is shutting down"))
+                    self._fail_all(NotReady("the decode replica is shutting down: the request goes on on another replica"))
                     return
             admitted, drafts = self._admit(out.admitted)
             batch = [*out.running, *admitted]
@@ -237,9 +251,11 @@ class DecodeLoop:
             kept = self.scheduler.update(produced)
             finished = [job for job, _ in kept if job.status == SequenceStatus.FINISHED]
             self.completed += len(finished)
+            if finished and self._draining:
+                self._cond.notify_all()
         for job, tokens in kept:
             if tokens:
-                job.emit(Tokens(tokens))
+                job.emit(Tokens(tokens, job.rng.offset))
         for job in finished:
             assert job.finish_reason is not None
             job.emit(

@@ -93,6 +93,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def __init__(self, *, kv: KVReceiver) -> None:
         self.kv = kv
         self.loop: DecodeLoop | None = None
+        self.draining = False
+        """SIGTERM came: new streams and load reports are refused (UNAVAILABLE), so prefill stops routing here."""
 
     def attach(self, loop: DecodeLoop, *, limits: Limits) -> None:
         self.limits = limits
@@ -101,6 +103,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def _ready(self) -> DecodeLoop:
         if self.loop is None:
             raise NotReady("the decode service is still loading its model: retry when health reports SERVING")
+        if self.draining:
+            raise NotReady("the decode replica is shutting down")
         return self.loop
 
     async def GetLoad(self, request: decode_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> decode_pb2.GetLoadResponse:
@@ -181,12 +185,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             while not events.empty():
                 pending.append(events.get_nowait())
             tokens: list[int] = []
+            rng_offset = 0
             for event in pending:
                 if isinstance(event, Tokens):
                     tokens.extend(event.token_ids)
+                    rng_offset = event.rng_offset
                     continue
                 if tokens:
-                    yield decode_pb2.DecodeResponse(tokens=decode_pb2.TokenBatch(token_ids=tokens))
+                    yield decode_pb2.DecodeResponse(tokens=decode_pb2.TokenBatch(token_ids=tokens, rng_offset=rng_offset))
                     tokens = []
                 if isinstance(event, Acked):
                     span.set_attribute("nxserve.slot", event.slot)
@@ -219,4 +225,4 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 elif isinstance(event, Failed):
                     raise event.error
             if tokens:
-                yield decode_pb2.DecodeResponse(tokens=decode_pb2.TokenBatch(token_ids=tokens))
+                yield decode_pb2.DecodeResponse(tokens=decode_pb2.TokenBatch(token_ids=tokens, rng_offset=rng_offset))

@@ -15,6 +15,7 @@ the caller's trace. Over TLS: `Client(target, tls_ca="ca.pem", api_key="...")`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,27 @@ from nxserve.v1 import generation_pb2 as pb
 from nxserve.v1 import generation_pb2_grpc as pb_grpc
 
 FinishReason = Literal["length", "eos", "stop"]
+
+RETRY_POLICY = {
+    "methodConfig": [
+        {
+            "name": [{"service": "nxserve.v1.Generation"}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+"""gRPC's own retries: a call that fails with UNAVAILABLE (no decode replica yet, a prefill service
+shutting down or restarting) is sent again, up to 4 attempts in all with 0.2-2 s jittered backoff
+(a `grpc-retry-pushback-ms` from the server overrides it). gRPC commits a streaming call once the
+first response arrives, so a Generate is never retried after a token was delivered: the client
+sees no repeated token. UNAVAILABLE after that is the error."""
+RETRY_OPTIONS = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_POLICY))]
 
 _FINISH_REASONS: dict[int, FinishReason] = {
     pb.FINISH_REASON_LENGTH: "length",
@@ -214,9 +236,9 @@ class Client(_Base):
     ) -> None:
         super().__init__(target, timeout, tls_ca=tls_ca, tls=tls, api_key=api_key)
         if self._credentials is None:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=RETRY_OPTIONS)
         else:
-            self._channel = grpc.secure_channel(target, self._credentials)
+            self._channel = grpc.secure_channel(target, self._credentials, options=RETRY_OPTIONS)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]) -> Iterator[GenerationChunk]:
@@ -269,9 +291,9 @@ class AsyncClient(_Base):
     ) -> None:
         super().__init__(target, timeout, tls_ca=tls_ca, tls=tls, api_key=api_key)
         if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = grpc.aio.insecure_channel(target, options=RETRY_OPTIONS)
         else:
-            self._channel = grpc.aio.secure_channel(target, self._credentials)
+            self._channel = grpc.aio.secure_channel(target, self._credentials, options=RETRY_OPTIONS)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def generate(

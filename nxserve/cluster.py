@@ -69,6 +69,8 @@ class _Service:
     log_path: Path
     process: subprocess.Popen | None = None
     log_file: IO[bytes] | None = None
+    extra: list[str] | None = None
+    """The flags it was started with beyond the cluster's (for a restart)."""
 
     @property
     def target(self) -> str:
@@ -214,7 +216,10 @@ class LocalCluster:
         if share_cores(env, threads=self.openmp_threads()):  # see nxserve.omp_env
             log.debug("%s: GOMP_SPINCOUNT=%s, its engine shares the cores", service.name, env["GOMP_SPINCOUNT"])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
-        service.log_file = open(service.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        service.extra = extra
+        if service.log_file:
+            service.log_file.close()
+        service.log_file = open(service.log_path, "ab" if service.process else "wb")  # noqa: SIM115 (closed in stop); a restart appends
         log.debug("starting %s: %s", service.name, " ".join(argv))
         # A session of their own: the parent decides when they stop (a terminal's Ctrl-C reaches only it).
         service.process = subprocess.Popen(
@@ -279,6 +284,22 @@ class LocalCluster:
         for s in services:
             if s.process is not None and s.process.poll() is not None:
                 raise ClusterError(f"{s.name} exited with code {s.process.returncode} {when}; last lines of {s.log_path}:\n{s.log_tail()}")
+
+    def service(self, name: str) -> _Service:
+        """The service called `name` ("prefill", "decode-0", ...)."""
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(f"no service {name!r}: the cluster has {', '.join(s.name for s in self.services)}")
+
+    def restart(self, name: str, *, timeout: float | None = None) -> None:
+        """Start a service that exited (killed, say) again, with the same flags and port, and wait
+        until it reports SERVING."""
+        s = self.service(name)
+        if s.process is not None and s.process.poll() is None:
+            raise ClusterError(f"{name} is still running (pid {s.process.pid}): stop it first")
+        self._spawn(s, s.extra or [])
+        self._wait_serving([s], time.monotonic() + (timeout or self.startup_timeout))
 
     def exited(self) -> list[tuple[str, int]]:
         """(name, exit code) of every started service that is no longer running."""

@@ -37,6 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
         max_streams=128,
         client_ca_help="require client certificates signed by this CA on the public API (mTLS); default: none asked for",
     )
+    g = p.add_argument_group("failures")
+    g.add_argument(
+        "--max-migrations",
+        type=int,
+        default=2,
+        metavar="N",
+        help="times one request may move to another decode replica when its own fails mid-stream (its prompt and "
+        "tokens so far are encoded again there); then UNAVAILABLE (default: 2)",
+    )
+    g.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=15.0,
+        metavar="S",
+        help="a decode replica that sends a request no token for this long has failed it: the request moves (default: 15)",
+    )
+    g.add_argument(
+        "--kv-lease-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how long a decode replica may hold a shared-memory KV region without acknowledging it; then the region "
+        "is this service's again and the replica refuses it (default: 30)",
+    )
     g = p.add_argument_group("callers")
     g.add_argument(
         "--api-keys-file",
@@ -118,7 +142,7 @@ async def serve(args: argparse.Namespace) -> None:
     keys = ApiKeys(args.api_keys_file) if args.api_keys_file else None
     gate = ClientGate(services=[SERVICE], keys=keys, max_inflight=args.max_inflight_per_key)
     configure_tracing("nxserve-prefill", os.environ)
-    servicer = GenerationServicer(model_name=str(args.model))
+    servicer = GenerationServicer(model_name=str(args.model), max_migrations=args.max_migrations, stall_timeout_s=args.stall_timeout_s)
     max_prompt_bytes = args.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * (args.seq_len or SERVICE_DEFAULTS["prefill"]["seq_len"])
     server, health, port = await start_server(
         args,
@@ -144,7 +168,9 @@ async def serve(args: argparse.Namespace) -> None:
         for bucket in config.buckets:
             await thread.run(draft.context_encode, [SequenceRequest(slot=0, token_ids=[0] * bucket, sampling=greedy, rng=RequestRng(0))])
             draft.free(0)
-    kv = KVSender.open(args.kv_shm_dir, arena_bytes=args.kv_shm_bytes or _arena_default(engine, draft), chunk_bytes=args.kv_chunk_bytes)
+    kv = KVSender.open(
+        args.kv_shm_dir, arena_bytes=args.kv_shm_bytes or _arena_default(engine, draft), chunk_bytes=args.kv_chunk_bytes, lease_s=args.kv_lease_s
+    )
     worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=kv.arena)
     worker.start()
     router = DecodeRouter(args.decode, fingerprint=engine.fingerprint, shares_memory=kv.shares_memory_with, tls=decode_tls)
@@ -163,6 +189,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
 
     async def stop() -> None:
+        servicer.draining = True  # new requests: UNAVAILABLE at once; running ones get the grace
         await set_health(health, SERVICE, serving=False)
         await server.stop(args.grace)
         await router.close()

@@ -33,6 +33,7 @@ from nxserve.kv import KVSender
 from nxserve.rpc import validate
 from nxserve.rpc.convert import FINISH_FROM_PB, FINISH_TO_PB, decode_header, fingerprint_pb
 from nxserve.rpc.errors import (
+    Cancelled,
     DeadlineExceeded,
     EngineFailure,
     InvalidRequest,
@@ -42,13 +43,14 @@ from nxserve.rpc.errors import (
     ReplicaFailed,
     ServiceError,
     SharedMemoryUnreadable,
+    Unauthenticated,
     Unsupported,
 )
 from nxserve.rpc.status import error_of_call
 from nxserve.rpc.tracing import extract_context, inject_metadata, span_in
 from nxserve.rpc.validate import Limits
+from nxserve.v1 import decode_pb2, generation_pb2_grpc
 from nxserve.v1 import generation_pb2 as pb
-from nxserve.v1 import generation_pb2_grpc
 from prefill_svc.router import DecodeRouter, Replica
 from prefill_svc.worker import PrefillResult, PrefillWorker
 
@@ -73,6 +75,10 @@ class Request:
     """Seconds left to the caller's deadline when the call came in (None: none)."""
     result: GenerationResult = field(init=False)
     detok: IncrementalDetokenizer | None = None
+    rng_offset: int = 0
+    """Random numbers the request's stream has drawn by its latest token (from decode's token batches)."""
+    moved: bool = False
+    """It moved to another decode replica at least once (`_migrate`)."""
 
     def __post_init__(self) -> None:
         self.result = GenerationResult(prompt_ids=self.prompt_ids)
@@ -91,12 +97,27 @@ def _ns(monotonic_s: float) -> int:
     return time.time_ns() - int((time.monotonic() - monotonic_s) * 1e9)
 
 
+class Lost(Exception):
+    """The replica holding a request failed it (not the caller's own deadline or cancel): move it."""
+
+    def __init__(self, replica: Replica, error: ServiceError) -> None:
+        super().__init__(str(error))
+        self.replica, self.error = replica, error
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     """Registered before the server starts (so health answers while loading); `attach` makes it serve."""
 
-    def __init__(self, *, model_name: str) -> None:
+    def __init__(self, *, model_name: str, max_migrations: int = 2, stall_timeout_s: float = 15.0) -> None:
         self.model_name = model_name
         self.engine: Engine | None = None
+        self.max_migrations = max_migrations
+        """How often one request may move to another decode replica (--max-migrations)."""
+        self.stall_timeout_s = stall_timeout_s
+        """A replica that sends no token for this long has failed the request (--stall-timeout-s)."""
+        self.migrations = 0
+        self.draining = False
+        """SIGTERM came: new requests are refused (UNAVAILABLE) while running ones finish."""
 
     def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer, kv: KVSender, limits: Limits) -> None:
         self.limits = limits
@@ -110,6 +131,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if self.engine is None:
             raise NotReady("the prefill service is still loading its model: retry when health reports SERVING")
         return self.engine
+
+    def _accepting(self) -> Engine:
+        engine = self._ready()
+        if self.draining:
+            raise NotReady("the prefill service is shutting down: send the request to another one")
+        return engine
 
     # ------------------------------------------------------------------ small RPCs
 
@@ -127,6 +154,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             max_total_tokens=cfg.seq_len,
             vocab_size=mc.vocab_size,
             decode_replicas=len(self.router.replicas),
+            kv_regions_held=self.kv.arena.regions_held if self.kv.arena else 0,
+            migrations=self.migrations,
             fingerprint=engine.fingerprint,
             decode_replicas_up=len(self.router.usable()),
         )
@@ -139,7 +168,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     # ------------------------------------------------------------------ Generate
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        self._ready()
+        self._accepting()
         parent = extract_context(context.invocation_metadata())
         with span_in(tracer, "generate", parent=parent, kind=trace.SpanKind.SERVER) as (span, ctx):
             req = await self._prepare(request)
@@ -165,7 +194,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 yield first
                 replica, call = await self._hand_off(req, prefill, opened)
                 prefill.kv.release()  # decode holds the KV now: free prefill's copies
-                async for response in self._relay(req, replica, call, span):
+                async for response in self._stream(req, replica, call, span):
                     yield response
             finally:
                 if prefill is not None:
@@ -222,15 +251,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return Opened(replica, replica.stub.Decode(metadata=inject_metadata(req.ctx), timeout=req.timeout))
 
     async def _prefill(self, req: Request) -> PrefillResult:
-        future = self.worker.submit(req.prompt_ids, req.sampling, req.rng)
-        try:
-            result: PrefillResult = await future
-        except asyncio.CancelledError:  # the result may have come with the cancellation: its KV
-            if future.done() and not future.cancelled() and future.exception() is None:
-                future.result().kv.release()
-            raise
-        finally:
-            future.cancel()
+        result = await self._encode(req.prompt_ids, req.sampling, req.rng)
+        req.rng_offset = req.rng.offset
         queue_span = tracer.start_span("queue", context=req.ctx, start_time=_ns(result.enqueued_at))
         queue_span.end(end_time=_ns(result.started_at))
         encode_span = tracer.start_span(
@@ -242,24 +264,47 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         encode_span.end(end_time=_ns(result.finished_at))
         return result
 
-    async def _hand_off(self, req: Request, prefill: PrefillResult, opened: Opened | None) -> tuple[Replica, grpc.aio.StreamStreamCall]:
-        """Send the KV on `opened` while its replica is usable, else on a stream opened now on the
-        least-loaded replica; then on the others in turn while they are full (Overloaded once all
-        are) or fail (marked down). A replica that cannot read the arena gets the KV again as
-        chunks. Returns the replica and its call once it acknowledged the KV."""
+    async def _encode(self, prompt_ids: list[int], sampling: SamplingParams, rng: RequestRng) -> PrefillResult:
+        """The worker's context encoding of `prompt_ids`, its KV released if the call is cancelled."""
+        future = self.worker.submit(prompt_ids, sampling, rng)
+        try:
+            result: PrefillResult = await future
+        except asyncio.CancelledError:  # the result may have come with the cancellation: its KV
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().kv.release()
+            raise
+        finally:
+            future.cancel()
+        return result
+
+    def _header(self, req: Request) -> decode_pb2.DecodeHeader:
+        """The Decode header of the request as it stands: its prompt and every generated token but
+        the last as the context the KV covers, the last as the token to feed next, the random
+        stream's position, and what is left of max_new_tokens. At the first hand-off that is the
+        prompt and the token context encoding sampled; after a migration, everything so far."""
         engine = self._ready()
-        header = decode_header(
+        output = req.result.output_ids
+        return decode_header(
             request_id=req.id,
-            prompt_ids=req.prompt_ids,
+            prompt_ids=[*req.prompt_ids, *output[:-1]],
             sampling=req.sampling,
-            stopping=req.stopping,
+            stopping=dataclasses.replace(req.stopping, max_new_tokens=req.stopping.max_new_tokens - (len(output) - 1)),
             stop_strings=req.stop_strings,
-            first_token=prefill.first_token,
-            rng_offset=req.rng.offset,
+            first_token=output[-1],
+            rng_offset=req.rng_offset,
             fingerprint=fingerprint_pb(digest=engine.fingerprint, architecture=engine.model_config.model_type, dtype=engine.config.dtype),
             disable_speculation=req.disable_speculation,
         )
-        tried: set[str] = set()
+
+    async def _hand_off(
+        self, req: Request, prefill: PrefillResult, opened: Opened | None, tried: set[str] | None = None
+    ) -> tuple[Replica, grpc.aio.StreamStreamCall]:
+        """Send the KV on `opened` while its replica is usable, else on a stream opened now on the
+        least-loaded replica not `tried`; then on the others in turn while they are full
+        (Overloaded once all are) or fail (marked down). A replica that cannot read the arena gets
+        the KV again as chunks. Returns the replica and its call once it acknowledged the KV."""
+        header = self._header(req)
+        tried = set(tried or ())
         busy: list[str] = []
         while True:
             if opened is None or opened.replica not in self.router.usable():
@@ -292,15 +337,46 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             except (ReplicaFailed, NotReady, EngineFailure) as exc:
                 self.router.mark_down(replica, str(exc))
 
+    async def _stream(self, req: Request, replica: Replica, call: grpc.aio.StreamStreamCall, span: trace.Span) -> AsyncIterator[pb.GenerateResponse]:
+        """`_relay` from the replica holding the request; when it fails, the request moves to
+        another one (`_migrate`), at most --max-migrations times, and the client's stream goes on."""
+        migrations = 0
+        while True:
+            try:
+                async for response in self._relay(req, replica, call, span):
+                    yield response
+                return
+            except Lost as lost:
+                if migrations >= self.max_migrations:
+                    raise ReplicaFailed(
+                        f"{lost.error}; the request was moved {migrations} time(s) already (--max-migrations={self.max_migrations})"
+                    ) from None
+                migrations += 1
+                replica, call = await self._migrate(req, lost, migrations)
+
     async def _relay(self, req: Request, replica: Replica, call: grpc.aio.StreamStreamCall, span: trace.Span) -> AsyncIterator[pb.GenerateResponse]:
-        """The replica's token batches as responses, then the final one."""
+        """The replica's token batches as responses, then the final one. A failure the replica's
+        (its stream broke, it ended without a final, it shut down, no token for --stall-timeout-s)
+        is `Lost`; the caller's own (deadline, cancel) goes to the client."""
         try:
             with span_in(tracer, "decoding", parent=req.ctx, attributes={"nxserve.decode_replica": replica.target}):
-                while (message := await call.read()) is not grpc.aio.EOF:  # call.read: the ack was read with it
+                while True:
+                    try:  # call.read, not iteration: the ack was read with it
+                        message = await asyncio.wait_for(call.read(), self.stall_timeout_s)
+                    except TimeoutError:
+                        raise Lost(
+                            replica, ReplicaFailed(f"{replica.name} sent no token for {self.stall_timeout_s:g} s (--stall-timeout-s)")
+                        ) from None
+                    if message is grpc.aio.EOF:
+                        raise Lost(replica, ReplicaFailed(f"{replica.name} closed the stream without a final message"))
                     kind = message.WhichOneof("kind")
                     if kind == "tokens":
                         response = pb.GenerateResponse(request_id=req.id)
-                        self._add_tokens(req, response, list(message.tokens.token_ids))
+                        reason = self._add_tokens(req, response, list(message.tokens.token_ids))
+                        req.rng_offset = message.tokens.rng_offset or req.rng_offset
+                        if reason == FinishReason.STOP and req.moved:  # a stop string across the move: only this side saw all the text
+                            yield self._finalize(req, response, reason, span)
+                            return
                         yield response
                     elif kind == "final":
                         f = message.final
@@ -317,12 +393,41 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         return
         except grpc.aio.AioRpcError:
             error: ServiceError = await error_of_call(call, peer=replica.name)
-            if not isinstance(error, DeadlineExceeded):
-                error = ReplicaFailed(f"{replica.name} failed mid-request: {error}")
-            raise error from None
+            if isinstance(error, DeadlineExceeded | Cancelled | InvalidRequest | Unauthenticated):
+                raise error from None
+            raise Lost(replica, error) from None
         finally:
             call.cancel()
-        raise ReplicaFailed(f"{replica.name} closed the stream without a final message")
+
+    async def _migrate(self, req: Request, lost: Lost, attempt: int) -> tuple[Replica, grpc.aio.StreamStreamCall]:
+        """Move the request to another replica: encode its prompt and every generated token but the
+        last into new KV (greedy with a throwaway random stream: the token it samples is not used),
+        and hand that over with the request's own random stream where the lost replica left it."""
+        if not isinstance(lost.error, EngineFailure):
+            self.router.mark_down(lost.replica, str(lost.error))
+        context = [*req.prompt_ids, *req.result.output_ids[:-1]]
+        if len(context) > self.limits.max_prompt_tokens:
+            raise ReplicaFailed(
+                f"{lost.error}; the request cannot move: its {len(context)} tokens exceed the largest context "
+                f"bucket ({self.limits.max_prompt_tokens})"
+            ) from None
+        log.warning("request %s: %s; moving it with %d generated token(s) (move %d)", req.id, lost.error, len(req.result.output_ids), attempt)
+        attributes = {
+            "nxserve.from_replica": lost.replica.target,
+            "nxserve.reason": str(lost.error)[:200],
+            "nxserve.generated_tokens": len(req.result.output_ids),
+            "nxserve.migration": attempt,
+        }
+        with span_in(tracer, "migration", parent=req.ctx, attributes=attributes) as (span, _):
+            encoded = await self._encode(context, SamplingParams(), RequestRng(0))
+            try:
+                req.moved = True
+                replica, call = await self._hand_off(req, encoded, None, tried={lost.replica.target})
+            finally:
+                encoded.kv.release()
+            span.set_attribute("nxserve.to_replica", replica.target)
+        self.migrations += 1
+        return replica, call
 
     def _add_tokens(self, req: Request, response: pb.GenerateResponse, tokens: list[int]) -> FinishReason | None:
         """Put `tokens` and their text into `response`; why the request ends with them (None: it goes on)."""

@@ -209,7 +209,14 @@ class KVArena:
         self._fd: int | None = fd  # holds the lock
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self._free: list[tuple[int, int]] = [(0, nbytes)]  # (offset, size), sorted, never adjacent
+        self._held = 0
         self._lock = threading.Lock()
+
+    @property
+    def regions_held(self) -> int:
+        """Regions handed out and not released yet."""
+        with self._lock:
+            return self._held
 
     @property
     def in_use(self) -> int:
@@ -259,6 +266,7 @@ class KVArena:
                 else:
                     merged.append((start, length))
             self._free = merged
+            self._held -= 1
 
     def _allocate(self, nbytes: int) -> int | None:
         size = _aligned(max(nbytes, 1), self.ALIGN)
@@ -266,6 +274,7 @@ class KVArena:
             for i, (offset, length) in enumerate(self._free):
                 if length >= size:
                     self._free[i : i + 1] = [(offset + size, length - size)] if length > size else []
+                    self._held += 1
                     return offset
         return None
 

@@ -31,7 +31,7 @@ from nxcore import Engine
 from nxcore.kv_cache import KVSnapshot
 from nxserve.kv.codec import DecodeRequests, KVAssembler, Layout, encode_chunk, iter_chunks
 from nxserve.kv.shm import KVArena, Probe, Region, SharedKV, SharedKVReader, SharedRegion, remove_stale, sees_probe
-from nxserve.rpc.errors import KVCorrupted, ReplicaFailed, SharedMemoryUnreadable
+from nxserve.rpc.errors import KVCorrupted, LeaseExpired, Overloaded, ReplicaFailed, SharedMemoryUnreadable
 from nxserve.rpc.status import error_of_call
 from nxserve.v1 import decode_pb2
 
@@ -39,6 +39,24 @@ log = logging.getLogger(__name__)
 
 SHM, CHUNKS = "shm", "chunks"
 """The transports, as traces and load reports name them."""
+
+
+LEASE_MARGIN_MS = 1000
+"""A receiver refuses a shared region whose lease ends within this: the import (a few ms) finishes
+well before the sender can take the region back, so the region has one owner at any time."""
+
+
+def now_ms() -> int:
+    """Wall-clock Unix time in milliseconds: leases are compared across the two processes of one host."""
+    return time.time_ns() // 1_000_000
+
+
+def check_lease(expires_ms: int) -> None:
+    """LeaseExpired when the sender's lease on a shared region ends within LEASE_MARGIN_MS (0: no lease)."""
+    if expires_ms and now_ms() + LEASE_MARGIN_MS >= expires_ms:
+        raise LeaseExpired(
+            f"the sender's lease on the shared KV region ended, or ends within {LEASE_MARGIN_MS} ms: it may hold another request's KV now"
+        )
 
 
 def engine_layout(engine: Engine, n_tokens: int) -> Layout:
@@ -109,17 +127,19 @@ class Transfer:
 class KVSender:
     """Prefill's side: the shared-memory arena (None: chunks only) and the sending of each request's KV."""
 
-    def __init__(self, *, arena: KVArena | None, chunk_bytes: int) -> None:
+    def __init__(self, *, arena: KVArena | None, chunk_bytes: int, lease_s: float = 30.0) -> None:
         self.arena = arena
         self.chunk_bytes = chunk_bytes
+        self.lease_s = lease_s
+        """How long a replica may hold a shared region unacknowledged (--kv-lease-s)."""
 
     @classmethod
-    def open(cls, shm_dir: Path | None, *, arena_bytes: int, chunk_bytes: int) -> KVSender:
+    def open(cls, shm_dir: Path | None, *, arena_bytes: int, chunk_bytes: int, lease_s: float = 30.0) -> KVSender:
         """A sender with an arena of `arena_bytes` in `shm_dir`, after removing arenas and probes that
         services which crashed left there; chunks only without a directory, or when the arena
         cannot be reserved there (a warning says what to do)."""
         if shm_dir is None:
-            return cls(arena=None, chunk_bytes=chunk_bytes)
+            return cls(arena=None, chunk_bytes=chunk_bytes, lease_s=lease_s)
         try:
             for name in remove_stale(shm_dir):
                 log.info("removed %s from %s: the service that made it is gone", name, shm_dir)
@@ -132,9 +152,9 @@ class KVSender:
                 shm_dir,
                 exc.strerror or exc,
             )
-            return cls(arena=None, chunk_bytes=chunk_bytes)
+            return cls(arena=None, chunk_bytes=chunk_bytes, lease_s=lease_s)
         log.info("KV arena %s/%s: %d MiB for decode replicas that share the directory", shm_dir, arena.name, arena_bytes >> 20)
-        return cls(arena=arena, chunk_bytes=chunk_bytes)
+        return cls(arena=arena, chunk_bytes=chunk_bytes, lease_s=lease_s)
 
     def shares_memory_with(self, probe: str) -> bool:
         """Whether a replica advertising `probe` (GetLoad's shm_probe) sees this sender's arena directory."""
@@ -156,14 +176,27 @@ class KVSender:
             message.header.draft_layout.CopyFrom(kv.layouts[1].to_pb())
         region = self._region(kv) if shared_memory else None
         if region is not None:
-            message.header.shared_kv.CopyFrom(decode_pb2.SharedKv(name=region.name, offset=region.offset, nbytes=region.nbytes, crc32=region.crc32))
+            message.header.shared_kv.CopyFrom(
+                decode_pb2.SharedKv(
+                    name=region.name,
+                    offset=region.offset,
+                    nbytes=region.nbytes,
+                    crc32=region.crc32,
+                    lease_expires_unix_ms=now_ms() + int(self.lease_s * 1000),
+                )
+            )
         try:
             await call.write(message)
             if region is None:
                 sent = await self._write_chunks(call, kv)
             else:
                 sent = region.nbytes
-            ack = await call.read()
+            # A region is lent for the lease: no ack by then, the region is this side's again (the
+            # replica refuses it from a second before) and the request goes elsewhere.
+            ack = await (asyncio.wait_for(call.read(), self.lease_s) if region is not None else call.read())
+        except TimeoutError:
+            call.cancel()
+            raise Overloaded(f"{peer}: no ack within the KV lease ({self.lease_s:g} s, --kv-lease-s)") from None
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             # A write to a call that already failed raises InvalidStateError; the status says why.
             raise await error_of_call(call, peer=peer) from None
@@ -214,6 +247,8 @@ class ReceivedKV:
     transport: str
     nbytes: int
     shared: SharedKV | None = None
+    lease_expires_ms: int = 0
+    """When the sender takes its shared region back (Unix ms; 0: no lease)."""
 
     @property
     def has_draft(self) -> bool:
@@ -225,6 +260,7 @@ class ReceivedKV:
         `draft` when a draft set came; returns whether it did. KVCorrupted takes no slot. Nothing
         views the sender's memory afterwards."""
         if self.shared is not None:
+            check_lease(self.lease_expires_ms)
             self.shared.verify()
         snapshots, self.snapshots, self.shared = self.snapshots, [], None
         engine.import_kv(slot, snapshots[0])
@@ -285,7 +321,10 @@ class KVReceiver:
                     f"{exc}: the sender does not share this replica's --kv-shm-dir ({self.reader.directory}), send chunks"
                 ) from None
             self.received[SHM] += 1
-            return ReceivedKV(snapshots=shared.snapshots, transport=SHM, nbytes=region.nbytes, shared=shared)
+            check_lease(ref.lease_expires_unix_ms)
+            return ReceivedKV(
+                snapshots=shared.snapshots, transport=SHM, nbytes=region.nbytes, shared=shared, lease_expires_ms=ref.lease_expires_unix_ms
+            )
         assemblers = [KVAssembler(layout) for layout in layouts]
         async for message in requests.chunks():
             if message.kv_set >= len(assemblers):

@@ -61,6 +61,11 @@ class SharedMemoryUnreadable(ServiceError):
     directory): the sender should send the KV as chunks instead (FAILED_PRECONDITION)."""
 
 
+class LeaseExpired(ServiceError):
+    """The sender's lease on the shared-memory region ran out (or nearly): the region may already
+    hold another request's KV (ABORTED)."""
+
+
 class KVCorrupted(ServiceError):
     """KV that fails its checks: a CRC-32, a size, a range, cells missing at the commit (DATA_LOSS)."""
 

@@ -58,16 +58,18 @@ class DecodeHeader(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generation_pb2.StoppingParameters, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., rng_offset: _Optional[int] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., disable_speculation: _Optional[bool] = ..., draft_layout: _Optional[_Union[KvLayout, _Mapping]] = ..., shared_kv: _Optional[_Union[SharedKv, _Mapping]] = ...) -> None: ...
 
 class SharedKv(_message.Message):
-    __slots__ = ("name", "offset", "nbytes", "crc32")
+    __slots__ = ("name", "offset", "nbytes", "crc32", "lease_expires_unix_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     offset: int
     nbytes: int
     crc32: int
-    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    lease_expires_unix_ms: int
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., crc32: _Optional[int] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("layer_start", "layer_end", "token_start", "token_end", "data", "crc32", "kv_set")
@@ -110,10 +112,12 @@ class Ack(_message.Message):
     def __init__(self, slot: _Optional[int] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class TokenBatch(_message.Message):
-    __slots__ = ("token_ids",)
+    __slots__ = ("token_ids", "rng_offset")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RNG_OFFSET_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    rng_offset: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., rng_offset: _Optional[int] = ...) -> None: ...
 
 class DecodeFinal(_message.Message):
     __slots__ = ("finish_reason", "decoded_tokens", "steps", "proposed_tokens", "accepted_tokens")

@@ -93,7 +93,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "dtype", "buckets", "batch_size", "ctx_batch_size", "max_prompt_tokens", "max_total_tokens", "vocab_size", "decode_replicas", "fingerprint", "decode_replicas_up")
+    __slots__ = ("model", "architecture", "dtype", "buckets", "batch_size", "ctx_batch_size", "max_prompt_tokens", "max_total_tokens", "vocab_size", "decode_replicas", "fingerprint", "decode_replicas_up", "kv_regions_held", "migrations")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,8 @@ class ModelInfoResponse(_message.Message):
     DECODE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DECODE_REPLICAS_UP_FIELD_NUMBER: _ClassVar[int]
+    KV_REGIONS_HELD_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     dtype: str
@@ -118,7 +120,9 @@ class ModelInfoResponse(_message.Message):
     decode_replicas: int
     fingerprint: str
     decode_replicas_up: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., ctx_batch_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., decode_replicas: _Optional[int] = ..., fingerprint: _Optional[str] = ..., decode_replicas_up: _Optional[int] = ...) -> None: ...
+    kv_regions_held: int
+    migrations: int
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., ctx_batch_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., decode_replicas: _Optional[int] = ..., fingerprint: _Optional[str] = ..., decode_replicas_up: _Optional[int] = ..., kv_regions_held: _Optional[int] = ..., migrations: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special_tokens")

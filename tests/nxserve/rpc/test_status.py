@@ -29,6 +29,7 @@ EXPECTED = {
     errors.Unsupported: "FAILED_PRECONDITION",
     errors.SharedMemoryUnreadable: "FAILED_PRECONDITION",
     errors.KVCorrupted: "DATA_LOSS",
+    errors.LeaseExpired: "ABORTED",
     errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
     errors.Cancelled: "CANCELLED",
     errors.Internal: "INTERNAL",

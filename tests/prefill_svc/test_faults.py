@@ -1,0 +1,111 @@
+"""Faults cost no request: a decode replica killed, stopped or shut down mid-stream hands its
+requests to the other one, and every stream completes with the tokens of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nxcore import Engine, SamplingParams, StoppingCriteria, generate
+from nxserve.cluster import LocalCluster
+from tests.services import ENGINE_ARGS, SEQ_LEN, loads, prompts, wait_all_free, wait_until
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 160
+SETTINGS = [SamplingParams(), SamplingParams(), SamplingParams(), *(SamplingParams(temperature=0.9, top_p=0.95, seed=s) for s in (1, 2, 3))]
+
+
+@pytest.fixture(scope="module")
+def faulty(svc_model: Path) -> Iterator[LocalCluster]:
+    """Two decode replicas of 4 slots (the 6 streams spread over both and all run at once, so the
+    victim holds some when the fault comes); prefill moves a request after 2 s without a token;
+    decode's grace is 0.5 s (it hands its requests back at once)."""
+    with LocalCluster(
+        svc_model,
+        decode_replicas=2,
+        engine_args=[*ENGINE_ARGS[:2], "--threads", "1", "--dtype", "float32"],
+        decode_args=["--batch-size", "4", "--grace", "0.5"],
+        prefill_args=["--stall-timeout-s", "2"],
+    ) as c:
+        yield c
+
+
+def _expected(engine: Engine, batch: list[list[int]]) -> list[list[int]]:
+    return [r.output_ids for r in generate(engine, batch, sampling=SETTINGS, stopping=StoppingCriteria(max_new_tokens=NEW_TOKENS, ignore_eos=True))]
+
+
+def _streams(cluster: LocalCluster, batch: list[list[int]], fault: callable) -> tuple[list[list[int]], list[BaseException]]:  # type: ignore[valid-type]
+    """Run the batch's streams, apply `fault` once each has some tokens, return what each received."""
+    received: list[list[int]] = [[] for _ in batch]
+    errors: list[BaseException] = []
+    started = [threading.Event() for _ in batch]
+
+    def run(i: int) -> None:
+        s = SETTINGS[i]
+        try:
+            with cluster.client() as client:
+                for chunk in client.generate(
+                    batch[i], max_new_tokens=NEW_TOKENS, ignore_eos=True, temperature=s.temperature, top_p=s.top_p, seed=s.seed
+                ):
+                    received[i].extend(chunk.token_ids)
+                    if len(received[i]) >= 8:
+                        started[i].set()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            started[i].set()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batch))]
+    for t in threads:
+        t.start()
+    for event in started:
+        assert event.wait(60)
+    fault()
+    for t in threads:
+        t.join(120)
+    return received, errors
+
+
+def _moves(cluster: LocalCluster) -> int:
+    with cluster.client() as client:
+        return int(client.model_info()["migrations"])
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGSTOP"])
+def test_a_lost_replicas_streams_go_on_elsewhere_with_the_same_tokens(faulty: LocalCluster, svc_engine: Engine, how: str) -> None:
+    batch = [p[:20] for p in prompts(6)]
+    assert max(map(len, batch)) + NEW_TOKENS < SEQ_LEN
+    expected = _expected(svc_engine, batch)
+    before = _moves(faulty)
+    victims = []
+
+    def fault() -> None:  # the replica holding the most of the streams now
+        state = loads(faulty.decode_targets)
+        i = min(range(len(state)), key=lambda r: state[r].free_slots)
+        assert state[i].free_slots < state[i].total_slots, "no replica holds a stream"
+        victims.append(faulty.service(f"decode-{i}"))
+        os.kill(victims[0].process.pid, getattr(signal, how))  # type: ignore[union-attr]
+
+    received, errors = _streams(faulty, batch, fault)
+    [victim] = victims
+    assert errors == []
+    assert received == expected  # no error, no repeated and no missing token, the tokens of an uninterrupted run
+    assert _moves(faulty) > before
+    if how == "SIGSTOP":
+        os.kill(victim.process.pid, signal.SIGCONT)
+        victim.process.send_signal(signal.SIGTERM)
+    assert victim.process.wait(30) is not None
+    start = time.monotonic()
+    faulty.restart(victim.name)  # back after its outage: routed to again
+    serving = time.monotonic() - start
+    with faulty.client() as client:
+        wait_until(lambda: client.model_info()["decode_replicas_up"] == 2, timeout=5, what="prefill routing to the restarted replica")
+    print(f"{how}: restarted replica SERVING after {serving:.1f} s, routed to {time.monotonic() - start - serving:.2f} s later")
+    assert all(s.free_slots == s.total_slots for s in wait_all_free(faulty))
