@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CACHE  := .cache
 DEFAULT_MODEL := $(CACHE)/models/tiny-llama
 
-.PHONY: setup test lint run model clean
+.PHONY: setup test lint run model clean proto-lint
 
 setup: $(STAMP)
 
@@ -39,3 +39,10 @@ run: $(STAMP) $(DEFAULT_MODEL)/config.json
 
 clean:
 	rm -rf $(VENV) $(CACHE) *.egg-info
+
+# buf lint (STANDARD, buf.yaml) over protos/; needs npm. The Node tools of the tests (tests/node.py,
+# same versions) go into .cache/node once.
+NODE_TOOLS := @bufbuild/buf@1.75.0 @grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1
+proto-lint:
+	test -x $(CACHE)/node/node_modules/.bin/buf || npm install --prefix $(CACHE)/node --no-audit --no-fund --no-save $(NODE_TOOLS) >/dev/null
+	$(CACHE)/node/node_modules/.bin/buf lint

@@ -161,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the services with TLS on every service and mTLS between them (throwaway certificates), "
         "and report TTFT and decode speed next to plaintext",
     )
+    p.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="also run the services with every telemetry export on (OTLP traces, metrics and logs to a sink in this "
+        "process, Prometheus /metrics scraped every second, JSON logs) and report TTFT and decode speed next to none",
+    )
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args(argv)
 
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 arena.close()
 
     secured = _with_tls(args, engine_args, prompts) if args.tls else None
+    observed = _with_telemetry(args, engine_args, prompts) if args.telemetry else None
 
     print(
         f"\n{args.model}: {engine.model_config.model_type}, {engine.config.dtype}, prompt {args.prompt_len} tokens, "
@@ -220,6 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':24}{'plaintext':>12}{'TLS':>12}{'ratio':>8}")
         for key, label in (("ttft_ms", "TTFT (ms)"), ("decode_tok_s", "decode (tokens/s)")):
             print(f"{label:24}{plain[key]:12.2f}{tls[key]:12.2f}{tls[key] / plain[key]:8.3f}")
+    if observed is not None:
+        off, ctl, on = observed["off"], observed["control"], observed["on"]
+        paired = observed["paired_ratio"]
+        print(f"\nTelemetry: every export on against none, {observed['requests']} requests per cluster, interleaved; the control is a")
+        print("second cluster without telemetry (how far two identical clusters differ here). Ratios to 'off': of medians, and")
+        print("the median of per-request ratios.")
+        print(f"{'':20}{'off':>9}{'control':>9}{'on':>9}{'ctl/off':>9}{'on/off':>9}{'ctl pair':>9}{'on pair':>9}")
+        for key, label in (("ttft_ms", "TTFT (ms)"), ("decode_tok_s", "decode (tokens/s)")):
+            print(
+                f"{label:20}{off[key]:9.2f}{ctl[key]:9.2f}{on[key]:9.2f}{ctl[key] / off[key]:9.3f}{on[key] / off[key]:9.3f}"
+                f"{paired['control'][key]:9.3f}{paired['on'][key]:9.3f}"
+            )
+        print(f"client span per Generate call (SDK tracer, batch processor): {observed['client_span_us']:.1f} us")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -233,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     "kv_shared_memory": transfers["shared memory"],
                     "kv_floor": floor,
                     "tls": secured,
+                    "telemetry": observed,
                 },
                 indent=2,
             )
@@ -253,6 +274,133 @@ def _with_tls(args: argparse.Namespace, engine_args: list[str], prompts: list[li
                 runs.append(through_services(cluster.target, prompts, args.new_tokens, **cluster.client_options()))
     plain = {k: (runs[0][k] + runs[2][k]) / 2 for k in runs[0]}
     return {"plaintext": plain, "tls": runs[1], "plaintext_runs": runs[0::2]}  # type: ignore[dict-item]
+
+
+def _with_telemetry(args: argparse.Namespace, engine_args: list[str], prompts: list[list[int]], rounds: int = 3) -> dict[str, Any]:
+    """TTFT and decode with no telemetry and with all of it, on two clusters up at once, their
+    requests interleaved (off, on, then on, off, ...) so that the VM's drift falls on both; then the
+    cost of a client's span per call."""
+    import threading
+    import urllib.request
+    from concurrent import futures
+
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    from nxserve.cluster import _free_ports
+
+    # OTLP receivers that parse and drop what they get (the collector's work is not ours to time).
+    class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+        def Export(self, request, context):
+            return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    class Logs(logs_service_pb2_grpc.LogsServiceServicer):
+        def Export(self, request, context):
+            return logs_service_pb2.ExportLogsServiceResponse()
+
+    sink = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), sink)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), sink)
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(), sink)
+    port = sink.add_insecure_port("127.0.0.1:0")
+    sink.start()
+    on_env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_LOGS_EXPORTER": "otlp",
+        "OTEL_METRIC_EXPORT_INTERVAL": "5000",
+    }
+    saved = {k: os.environ.pop(k, None) for k in on_env}
+    # Two clusters without telemetry: the second is the control, its ratio to the first is what
+    # two identical clusters differ by on this machine (the noise the "on" figure sits in).
+    clusters = {
+        "off": LocalCluster(args.model, decode_replicas=1, engine_args=engine_args),
+        "control": LocalCluster(args.model, decode_replicas=1, engine_args=engine_args),
+        "on": LocalCluster(args.model, decode_replicas=1, engine_args=[*engine_args, "--log-format", "json"], metrics_port=_free_ports(1)[0]),
+    }
+    stop = threading.Event()
+
+    def scrape() -> None:
+        """As Prometheus would, more often than its default 15 s."""
+        while not stop.wait(1.0):
+            for p in clusters["on"].metrics_ports().values():
+                with urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5) as r:
+                    r.read()
+
+    modes = list(clusters)
+    figures: dict[str, dict[str, list[float]]] = {m: {"ttft_ms": [], "decode_tok_s": []} for m in modes}
+    try:
+        clusters["off"].start()
+        clusters["control"].start()
+        os.environ.update(on_env)
+        try:
+            clusters["on"].start()
+        finally:
+            for k in on_env:
+                os.environ.pop(k, None)
+        threading.Thread(target=scrape, daemon=True).start()
+        clients = {m: Client(c.target) for m, c in clusters.items()}
+        for c in clients.values():
+            c.generate_text(prompts[0], max_new_tokens=4, ignore_eos=True)  # connections warm
+        for i, prompt in enumerate(prompts * rounds):
+            for mode in modes[i % 3 :] + modes[: i % 3]:  # each cluster first, second and third in turn
+                r = clients[mode].generate_text(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
+                figures[mode]["ttft_ms"].append(r.ttft_s * 1000)
+                figures[mode]["decode_tok_s"].append(r.decode_tokens_per_s)
+        for c in clients.values():
+            c.close()
+    finally:
+        stop.set()
+        for cluster in clusters.values():
+            cluster.stop()
+        sink.stop(0)
+        for k, v in saved.items():
+            if v is not None:
+                os.environ[k] = v
+    result: dict[str, Any] = {m: {k: statistics.median(v) for k, v in f.items()} for m, f in figures.items()}
+    result["paired_ratio"] = {
+        m: {k: statistics.median(b / a for a, b in zip(figures["off"][k], figures[m][k], strict=True)) for k in figures[m]} for m in ("control", "on")
+    }
+    result["requests"] = len(figures["on"]["ttft_ms"])
+    result["client_span_us"] = _client_span_cost()
+    return result
+
+
+def _client_span_cost(calls: int = 20000) -> float:
+    """Microseconds a Client adds to each Generate call for its span, its traceparent and its two
+    metrics, with the OpenTelemetry SDK installed (a batch span processor whose exporter drops spans)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    from nxserve import client as client_module
+
+    class Drop(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    default, client_module._tracer = client_module._tracer, provider.get_tracer("nxserve.client")  # this process's global stays as it was
+    client = Client("127.0.0.1:1")
+    request = client_module._build_request([1, 2, 3], max_new_tokens=8)
+    try:
+        start = time.perf_counter()
+        for _ in range(calls):
+            traced = client._start(request)
+            client._call_args(None, traced.ctx)
+            traced.end(None)
+        cost = (time.perf_counter() - start) / calls * 1e6
+    finally:
+        client_module._tracer = default
+        client.close()
+        provider.shutdown()
+    return cost
 
 
 def _arena(directory: Path, decode_target: str, max_tokens: int, engine: Engine) -> KVArena | None:

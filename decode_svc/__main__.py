@@ -9,10 +9,10 @@ import os
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_kv_shm_flag, add_server_flags
 from nxserve.rpc.server import DECODE_MAX_MESSAGE_BYTES, install_shutdown, run_service, set_health, start_server
-from nxserve.rpc.tracing import configure_tracing, shutdown_tracing
 from nxserve.v1 import decode_pb2
 
 log = logging.getLogger("decode_svc")
@@ -52,9 +52,8 @@ async def serve(args: argparse.Namespace) -> None:
     from nxserve.rpc.validate import Limits
 
     flags = EngineFlags.from_args(args, environ=os.environ)
-    configure_tracing("nxserve-decode", os.environ)
     kv = KVReceiver(args.kv_shm_dir)
-    servicer = DecodeServicer(kv=kv)
+    servicer = DecodeServicer(kv=kv, model_name=args.served_model_name or Path(args.model).name)
     server, health, port = await start_server(
         args, service=SERVICE, register=lambda s: add_decode_servicer(servicer, s), max_receive=DECODE_MAX_MESSAGE_BYTES
     )
@@ -67,9 +66,10 @@ async def serve(args: argparse.Namespace) -> None:
     proposer = await thread.run(partial(build_proposer, flags.speculation, engine, **flags.load_options()))
     tokenizer = load_tokenizer(args.model, required=False)
     await thread.run(_warm_up, engine)
-    loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer, thread=thread)
+    loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer, thread=thread, metrics=servicer.metrics)
     loop.start()
     servicer.attach(loop, limits=Limits.for_engine(engine))
+    servicer.metrics.observe(loop.load)
     kv.advertise()
     await set_health(health, SERVICE, serving=True)
     log.info(
@@ -91,7 +91,6 @@ async def serve(args: argparse.Namespace) -> None:
         kv.close()
 
     await install_shutdown(stop).wait()
-    shutdown_tracing()
     log.info("stopped")
 
 
@@ -116,7 +115,7 @@ def _warm_up(engine) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_service(serve, build_parser(), argv)
+    return run_service(serve, build_parser(), argv, service="nxserve-decode")
 
 
 if __name__ == "__main__":

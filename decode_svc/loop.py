@@ -28,6 +28,7 @@ from nxcore.speculation import DraftProposer, Proposer
 from nxcore.stopping import FinishReason
 from nxserve.kv import ReceivedKV
 from nxserve.rpc.errors import EngineFailure, NotReady, Overloaded, ServiceError
+from nxserve.rpc.metrics import DecodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class DecodeJob(Sequence):
     which the sender reuses once it has the ack)."""
     emit: Callable[[Event], None]
     enqueued_at: float = field(default_factory=time.monotonic)
+    transport: str = ""
+    """How its KV came (shm, chunks)."""
 
 
 class DecodeLoop:
@@ -100,8 +103,10 @@ class DecodeLoop:
         proposer: Proposer | None = None,
         thread: EngineThread,
         clock: Callable[[], float] = time.monotonic,
+        metrics: DecodeMetrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics or DecodeMetrics()
         self.proposer = proposer
         self.max_queue = max_queue
         self.scheduler: Scheduler[DecodeJob] = Scheduler(engine, proposer=proposer, tokenizer=tokenizer)
@@ -205,6 +210,7 @@ class DecodeLoop:
                 except Exception as exc:
                     failed[job] = exc
             batch = [job for job in batch if job not in failed]
+            started = time.perf_counter()
             try:
                 produced, failed_step = self.scheduler.step_isolated(batch)
                 failed.update(failed_step)
@@ -212,6 +218,8 @@ class DecodeLoop:
                 produced, failed = {}, {**failed, **dict.fromkeys(batch, exc)}
             if failed:
                 self._fail(failed)
+            self.metrics.step_time.record(time.perf_counter() - started)
+            self.metrics.step_rows.record(len(batch))
             self.steps += 1
             self._post_process(produced)
 
@@ -225,6 +233,7 @@ class DecodeLoop:
         imported, drafts, acks = [], [], []
         for job in jobs:
             queue_ms = (self.clock() - job.enqueued_at) * 1000  # waiting for a slot, not the import
+            self.metrics.queue_time.record(queue_ms / 1000)
             kv, job.kv = job.kv, None
             assert kv is not None and job.slot is not None
             try:

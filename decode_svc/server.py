@@ -6,6 +6,8 @@ status codes."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,15 +17,18 @@ from opentelemetry import trace
 from decode_svc.loop import Acked, DecodeJob, DecodeLoop, Event, Failed, Finished, Tokens
 from nxcore import Engine, RequestRng, SamplingParams, StoppingCriteria
 from nxserve.kv import DecodeRequests, KVReceiver, Layout, engine_layout
-from nxserve.kv.codec import DecodeMessage
+from nxserve.kv.codec import DecodeMessage, EmptyStream
 from nxserve.rpc import validate
 from nxserve.rpc.convert import FINISH_TO_PB
 from nxserve.rpc.errors import InvalidRequest, ModelMismatch, NotReady, Overloaded, ServiceError
-from nxserve.rpc.tracing import extract_context, span_in
+from nxserve.rpc.logs import access
+from nxserve.rpc.metrics import DecodeMetrics
+from nxserve.rpc.tracing import extract_context, record_error, span_in
 from nxserve.rpc.validate import Limits
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
 
 tracer = trace.get_tracer("nxserve.decode_svc")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,28 @@ def check_header(engine: Engine, header: decode_pb2.DecodeHeader, limits: Limits
     )
 
 
+@dataclass
+class _Stream:
+    """One Decode stream, for its metrics and access line."""
+
+    start: float
+    """time.perf_counter() when it opened."""
+    request_id: str = ""
+    """From its header (none until the header came)."""
+    job: DecodeJob | None = None
+    finished: bool = False
+    """Its final message was handed to gRPC: a cancel after it (prefill had all it needed) is no failure."""
+    code: str = "OK"
+    error_type: str = ""
+
+
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     """Registered before the server starts (so health answers while loading); `attach` makes it serve."""
 
-    def __init__(self, *, kv: KVReceiver) -> None:
+    def __init__(self, *, kv: KVReceiver, model_name: str = "") -> None:
         self.kv = kv
+        self.model_name = model_name
+        self.metrics = DecodeMetrics()
         self.loop: DecodeLoop | None = None
         self.draining = False
         """SIGTERM came: new streams and load reports are refused (UNAVAILABLE), so prefill stops routing here."""
@@ -136,27 +158,73 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         def emit(event: Event) -> None:
             aio_loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job: DecodeJob | None = None
-        with span_in(tracer, "decode", parent=parent, kind=trace.SpanKind.SERVER) as (span, ctx):
+        stream = _Stream(start=time.perf_counter())
+        with span_in(tracer, "decode", parent=parent, kind=trace.SpanKind.SERVER, attributes={"gen_ai.request.model": self.model_name}) as (
+            span,
+            ctx,
+        ):
             try:
                 try:
-                    job = await self._receive(loop, requests, span, ctx, emit)
-                    loop.submit(job)
+                    stream.job = await self._receive(loop, requests, span, ctx, emit, stream)
+                    loop.submit(stream.job)
+                except EmptyStream:  # opened ahead, closed unused: nothing to answer
+                    stream.code = ""
+                    span.set_attribute("nxserve.unused", True)
+                    return
                 except ServiceError:
                     await requests.drain()  # see DecodeRequests: the sender must see this status
                     raise
-                async for response in self._relay(events, span):
+                async for response in self._relay(events, span, stream):
                     yield response
+            except BaseException as exc:  # GeneratorExit too: the caller left the stream
+                if stream.finished and isinstance(exc, GeneratorExit | asyncio.CancelledError):
+                    raise
+                stream.code, stream.error_type = record_error(span, exc, context=context)
+                raise
             finally:
-                if job is not None:
-                    loop.cancel(job)
+                if stream.job is not None:
+                    loop.cancel(stream.job)
+                self._record(stream, span)
 
-    async def _receive(self, loop: DecodeLoop, requests: DecodeRequests, span: trace.Span, ctx, emit) -> DecodeJob:
+    def _record(self, stream: _Stream, span: trace.Span) -> None:
+        """The stream's metrics and access line. A stream prefill opened ahead and closed before
+        sending a header (its request ended at prefill) was no request: it is not counted."""
+        seconds = time.perf_counter() - stream.start
+        if not stream.request_id and stream.code in ("", "CANCELLED"):
+            log.debug("a stream opened ahead closed unused after %.1f ms", seconds * 1000)
+            return
+        m, job = self.metrics, stream.job
+        m.requests.add(1, {"rpc.grpc.status_code": stream.code})
+        if job is not None and job.proposed:
+            m.proposed.add(job.proposed)
+            m.accepted.add(job.accepted)
+        decoded = max(len(job.output_ids) - 1, 0) if job else 0
+        access(
+            "decode %s %s: %d tokens in %d steps, %.1f ms",
+            stream.request_id or "-",
+            stream.code,
+            decoded,
+            job.steps if job else 0,
+            seconds * 1000,
+            span=span,
+            request_id=stream.request_id,
+            status_code=stream.code,
+            error_type=stream.error_type,
+            decoded_tokens=decoded,
+            steps=job.steps if job else 0,
+            slot=job.slot if job else None,
+            kv_transport=job.transport if job else "",
+            duration_ms=round(seconds * 1000, 2),
+            model=self.model_name,
+        )
+
+    async def _receive(self, loop: DecodeLoop, requests: DecodeRequests, span: trace.Span, ctx, emit, stream: _Stream) -> DecodeJob:
         """The header (prefill opens the stream before it encodes the prompt: it comes first),
         checked before any KV is read; then the KV it announces."""
         raw = await requests.header()
         header = check_header(loop.engine, raw, self.limits, draft=loop.draft)
         span.set_attribute("nxserve.request_id", header.request_id)
+        stream.request_id = header.request_id
         if not loop.has_room():
             _, total, queued = loop.load()
             raise Overloaded(f"all {total} decode slots are busy and {queued} requests wait (max_queue={loop.max_queue})")
@@ -165,6 +233,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             kv = await self.kv.receive(raw, requests)
             kv_span.set_attribute("nxserve.kv_bytes", kv.nbytes)
         return DecodeJob(
+            transport=kv.transport,
             request_id=header.request_id,
             prompt_ids=header.prompt_ids,
             output_ids=[header.first_token],
@@ -177,7 +246,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             emit=emit,
         )
 
-    async def _relay(self, events: asyncio.Queue, span: trace.Span) -> AsyncIterator[decode_pb2.DecodeResponse]:
+    async def _relay(self, events: asyncio.Queue, span: trace.Span, stream: _Stream) -> AsyncIterator[decode_pb2.DecodeResponse]:
         """Ack, token batches, final; tokens that piled up since the last send go out as one batch."""
         while True:
             event = await events.get()
@@ -212,6 +281,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                             "nxserve.tokens_per_step": event.decoded_tokens / event.steps if event.steps else 0.0,
                         }
                     )
+                    stream.finished = True
                     yield decode_pb2.DecodeResponse(
                         final=decode_pb2.DecodeFinal(
                             finish_reason=FINISH_TO_PB[event.reason],

@@ -317,6 +317,12 @@ class Engine:
 
     # ---------------------------------------------------------------- slots and KV hand-off
 
+    def bucket_for(self, n_tokens: int) -> int:
+        """The context-encoding bucket a prompt of `n_tokens` runs in (EngineError past the largest)."""
+        if not 1 <= n_tokens <= self.config.max_prompt_len:
+            raise EngineError(f"prompt of {n_tokens} tokens: allowed 1..{self.config.max_prompt_len} (the largest context bucket)")
+        return _fit(n_tokens, self.config.buckets)
+
     def length(self, slot: int) -> int:
         """Tokens the slot's cache holds; EngineError when it holds no sequence."""
         length = self.slot_lengths[slot]

@@ -8,9 +8,13 @@
 Protobuf stays inside this module: callers get `GenerationChunk`, `GenerationResult`, dicts and
 lists. Errors are not translated: a failed call raises `grpc.RpcError` (`grpc.aio.AioRpcError` for
 `AsyncClient`), whose `code()` and `details()` say what went wrong; arguments protobuf cannot hold
-(a negative token id) raise `ValueError`/`TypeError` before anything is sent. When an OpenTelemetry
-span is active, its W3C trace context travels in the call metadata, so the server's spans join
-the caller's trace. Over TLS: `Client(target, tls_ca="ca.pem", api_key="...")`.
+(a negative token id) raise `ValueError`/`TypeError` before anything is sent.
+
+Each Generate call is a CLIENT span of its own (a child of the caller's active span, if any)
+whose W3C trace context the call carries, so one trace runs from the client through prefill to
+decode; with an OpenTelemetry SDK in the process the client also records
+gen_ai.client.operation.duration and gen_ai.client.token.usage. Over TLS:
+`Client(target, tls_ca="ca.pem", api_key="...")`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
 
 from nxserve.rpc.tracing import inject_metadata
 from nxserve.v1 import generation_pb2 as pb
@@ -206,6 +212,64 @@ class _ResultBuilder:
         )
 
 
+_tracer = trace.get_tracer("nxserve.client")
+_meter = metrics.get_meter("nxserve.client")
+_operation_duration = _meter.create_histogram(
+    "gen_ai.client.operation.duration",
+    unit="s",
+    description="Generate calls as the client saw them",
+    explicit_bucket_boundaries_advisory=[0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92],
+)
+_token_usage = _meter.create_histogram(
+    "gen_ai.client.token.usage",
+    unit="{token}",
+    description="Prompt and completion tokens of Generate calls",
+    explicit_bucket_boundaries_advisory=[1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864],
+)
+
+
+@dataclass
+class _Traced:
+    """One Generate call's CLIENT span, its clock and what came back (for its attributes and metrics).
+    Without an OpenTelemetry SDK in the process every part of it is a no-op."""
+
+    span: trace.Span
+    ctx: otel_context.Context
+    start: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.completion_tokens += len(chunk.token_ids)
+        if chunk.prompt_token_ids:
+            self.prompt_tokens = len(chunk.prompt_token_ids)
+        if chunk.request_id:
+            self.span.set_attribute("gen_ai.response.id", chunk.request_id)
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+
+    def end(self, error: BaseException | None) -> None:
+        attributes = {"gen_ai.operation.name": "text_completion", "gen_ai.provider.name": "nxserve"}
+        if isinstance(error, grpc.RpcError):
+            code = error.code()
+            self.span.set_attributes({"rpc.grpc.status_code": code.value[0], "error.type": code.name})
+            self.span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {error.details()}"))
+            attributes["error.type"] = code.name
+        elif error is not None and not isinstance(error, GeneratorExit):
+            self.span.record_exception(error)
+            self.span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
+            attributes["error.type"] = type(error).__name__
+        else:
+            self.span.set_attribute("rpc.grpc.status_code", 1 if isinstance(error, GeneratorExit) else 0)
+        self.span.set_attributes({"gen_ai.usage.input_tokens": self.prompt_tokens, "gen_ai.usage.output_tokens": self.completion_tokens})
+        if self.finish_reason:
+            self.span.set_attribute("gen_ai.response.finish_reasons", [self.finish_reason])
+        self.span.end()
+        _operation_duration.record(time.perf_counter() - self.start, attributes)
+        _token_usage.record(self.prompt_tokens, {**attributes, "gen_ai.token.type": "input"})
+        _token_usage.record(self.completion_tokens, {**attributes, "gen_ai.token.type": "output"})
+
+
 class _Base:
     """What both clients share: target, default deadline, credentials and per-call metadata.
 
@@ -220,9 +284,31 @@ class _Base:
             self._credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes() if tls_ca is not None else None)
         self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
-    def _call_args(self, timeout: float | None) -> dict[str, Any]:
-        """Deadline (the call's, else the client's), the API key and the active trace context."""
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._auth + inject_metadata()}
+    def _call_args(self, timeout: float | None, ctx: otel_context.Context | None = None) -> dict[str, Any]:
+        """Deadline (the call's, else the client's), the API key and the trace context (`ctx`'s, else the active one)."""
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._auth + inject_metadata(ctx)}
+
+    def _start(self, request: pb.GenerateRequest) -> _Traced:
+        """The CLIENT span of a Generate call (a child of the caller's active span, if any) and its clock."""
+        host, _, port = self.target.rpartition(":")
+        span = _tracer.start_span(
+            "generate",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": "text_completion",
+                "gen_ai.provider.name": "nxserve",
+                "rpc.system": "grpc",
+                "rpc.service": "nxserve.v1.Generation",
+                "rpc.method": "Generate",
+                "server.address": host,
+                "server.port": int(port) if port.isdigit() else 0,
+                "gen_ai.request.max_tokens": request.stopping.max_new_tokens,
+                "gen_ai.request.temperature": request.sampling.temperature,
+            },
+        )
+        if request.request_id:
+            span.set_attribute("nxserve.request_id", request.request_id)
+        return _Traced(span=span, ctx=trace.set_span_in_context(span), start=time.perf_counter())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
@@ -246,16 +332,25 @@ class Client(_Base):
 
         Leaving the iteration early cancels the request. Raises grpc.RpcError while iterating.
         """
-        call = self._stub.Generate(_build_request(prompt, **options), **self._call_args(timeout))
-        return self._chunks(call)
+        request = _build_request(prompt, **options)
+        traced = self._start(request)
+        call = self._stub.Generate(request, **self._call_args(timeout, traced.ctx))
+        return self._chunks(call, traced)
 
     @staticmethod
-    def _chunks(call: Any) -> Iterator[GenerationChunk]:
+    def _chunks(call: Any, traced: _Traced) -> Iterator[GenerationChunk]:
+        error: BaseException | None = None
         try:
             for message in call:
-                yield _chunk_from_pb(message)
+                chunk = _chunk_from_pb(message)
+                traced.add(chunk)
+                yield chunk
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             call.cancel()  # no-op once the stream has ended
+            traced.end(error)
 
     def generate_text(self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]) -> GenerationResult:
         """Generate and wait for the whole completion."""
@@ -303,16 +398,25 @@ class AsyncClient(_Base):
 
         Leaving the iteration early cancels the request. Raises grpc.aio.AioRpcError while iterating.
         """
-        call = self._stub.Generate(_build_request(prompt, **options), **self._call_args(timeout))
-        return self._chunks(call)
+        request = _build_request(prompt, **options)
+        traced = self._start(request)
+        call = self._stub.Generate(request, **self._call_args(timeout, traced.ctx))
+        return self._chunks(call, traced)
 
     @staticmethod
-    async def _chunks(call: Any) -> AsyncIterator[GenerationChunk]:
+    async def _chunks(call: Any, traced: _Traced) -> AsyncIterator[GenerationChunk]:
+        error: BaseException | None = None
         try:
             async for message in call:
-                yield _chunk_from_pb(message)
+                chunk = _chunk_from_pb(message)
+                traced.add(chunk)
+                yield chunk
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             call.cancel()
+            traced.end(error)
 
     async def generate_text(
         self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]

@@ -119,6 +119,7 @@ class LocalCluster:
         startup_timeout: float = 120.0,
         tls: ClusterTLS | None = None,
         api_key: str | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if decode_replicas < 1:
             raise ValueError(f"decode_replicas must be >= 1, got {decode_replicas}")
@@ -137,6 +138,8 @@ class LocalCluster:
         """TLS on every service and mTLS between prefill and decode (`ClusterTLS.create` makes throwaway certificates)."""
         self.api_key = api_key
         """The key this cluster's own checks send, when prefill_args name an --api-keys-file."""
+        self.metrics_port = metrics_port
+        """Prefill serves Prometheus metrics on this port, decode replica i on this + 1 + i (None: none)."""
         self._owns_log_dir = log_dir is None
         self.log_dir = Path(tempfile.mkdtemp(prefix="nxserve-cluster-") if log_dir is None else log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +215,15 @@ class LocalCluster:
 
     def _spawn(self, service: _Service, extra: list[str]) -> None:
         argv = [sys.executable, "-m", service.module, "--model", self.model_dir, "--port", str(service.port), *self.engine_args, *extra]
+        if self.metrics_port is not None:
+            argv += ["--metrics-port", str(self.metrics_ports()[service.name])]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Each service keeps a service.name of its own: OTEL_SERVICE_NAME, when set, becomes its
+        # prefix (name-prefill, name-decode), and the instance (decode-0, ...) goes into the resource.
+        role = service.module.removesuffix("_svc")
+        if env.get("OTEL_SERVICE_NAME"):
+            env["OTEL_SERVICE_NAME"] = f"{env['OTEL_SERVICE_NAME']}-{role}"
+        env["OTEL_RESOURCE_ATTRIBUTES"] = ",".join(filter(None, [env.get("OTEL_RESOURCE_ATTRIBUTES"), f"service.instance.id={service.name}"]))
         if share_cores(env, threads=self.openmp_threads()):  # see nxserve.omp_env
             log.debug("%s: GOMP_SPINCOUNT=%s, its engine shares the cores", service.name, env["GOMP_SPINCOUNT"])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
@@ -291,6 +302,12 @@ class LocalCluster:
             if s.name == name:
                 return s
         raise KeyError(f"no service {name!r}: the cluster has {', '.join(s.name for s in self.services)}")
+
+    def metrics_ports(self) -> dict[str, int]:
+        """Each service's Prometheus port (with `metrics_port`)."""
+        if self.metrics_port is None:
+            return {}
+        return {"prefill": self.metrics_port, **{s.name: self.metrics_port + 1 + i for i, s in enumerate(self._decodes)}}
 
     def restart(self, name: str, *, timeout: float | None = None) -> None:
         """Start a service that exited (killed, say) again, with the same flags and port, and wait

@@ -13,7 +13,6 @@ from pathlib import Path
 from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_kv_shm_flag, add_server_flags
 from nxserve.rpc.security import ApiKeys, ChannelTLS, ClientGate
 from nxserve.rpc.server import MAX_KV_CHUNK_BYTES, add_service, install_shutdown, run_service, set_health, start_server
-from nxserve.rpc.tracing import configure_tracing, shutdown_tracing
 from nxserve.rpc.validate import PROMPT_BYTES_PER_TOKEN
 from nxserve.v1 import generation_pb2
 
@@ -141,8 +140,9 @@ async def serve(args: argparse.Namespace) -> None:
         decode_tls = ChannelTLS(ca=args.decode_tls_ca, cert=args.decode_tls_cert, key=args.decode_tls_key, server_name=args.decode_tls_server_name)
     keys = ApiKeys(args.api_keys_file) if args.api_keys_file else None
     gate = ClientGate(services=[SERVICE], keys=keys, max_inflight=args.max_inflight_per_key)
-    configure_tracing("nxserve-prefill", os.environ)
-    servicer = GenerationServicer(model_name=str(args.model), max_migrations=args.max_migrations, stall_timeout_s=args.stall_timeout_s)
+    servicer = GenerationServicer(
+        model_name=args.served_model_name or Path(args.model).name, max_migrations=args.max_migrations, stall_timeout_s=args.stall_timeout_s
+    )
     max_prompt_bytes = args.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * (args.seq_len or SERVICE_DEFAULTS["prefill"]["seq_len"])
     server, health, port = await start_server(
         args,
@@ -171,7 +171,7 @@ async def serve(args: argparse.Namespace) -> None:
     kv = KVSender.open(
         args.kv_shm_dir, arena_bytes=args.kv_shm_bytes or _arena_default(engine, draft), chunk_bytes=args.kv_chunk_bytes, lease_s=args.kv_lease_s
     )
-    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=kv.arena)
+    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=kv.arena, metrics=servicer.metrics)
     worker.start()
     router = DecodeRouter(args.decode, fingerprint=engine.fingerprint, shares_memory=kv.shares_memory_with, tls=decode_tls)
     await router.start()
@@ -201,7 +201,6 @@ async def serve(args: argparse.Namespace) -> None:
         kv.close()
 
     await install_shutdown(stop).wait()
-    shutdown_tracing()
     log.info("stopped")
 
 
@@ -230,7 +229,7 @@ def _arena_default(engine, draft) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_service(serve, build_parser(), argv)
+    return run_service(serve, build_parser(), argv, service="nxserve-prefill")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ from nxserve.rpc.errors import (
     Unauthenticated,
     Unsupported,
 )
+from nxserve.rpc.logs import access
+from nxserve.rpc.metrics import OPERATION, PROVIDER, PrefillMetrics
 from nxserve.rpc.status import error_of_call
-from nxserve.rpc.tracing import extract_context, inject_metadata, span_in
+from nxserve.rpc.tracing import extract_context, inject_metadata, record_error, span_in
 from nxserve.rpc.validate import Limits
 from nxserve.v1 import decode_pb2, generation_pb2_grpc
 from nxserve.v1 import generation_pb2 as pb
@@ -79,9 +81,30 @@ class Request:
     """Random numbers the request's stream has drawn by its latest token (from decode's token batches)."""
     moved: bool = False
     """It moved to another decode replica at least once (`_migrate`)."""
+    replica: str = ""
+    """The decode replica holding it (the last one, after moves)."""
+    kv_transport: str = ""
+    migrations: int = 0
 
     def __post_init__(self) -> None:
         self.result = GenerationResult(prompt_ids=self.prompt_ids)
+
+
+@dataclass
+class Outcome:
+    """How a Generate call went, for its metrics and access line."""
+
+    start: float
+    """time.perf_counter() at arrival."""
+    first_token_at: float | None = None
+    code: str = "OK"
+    """The gRPC status code's name it ended with."""
+    error_type: str = ""
+    """The error kind (nxserve.rpc.errors), when it failed."""
+    request_id: str = ""
+    """The request's id, once it was read (the first field checked: a refused request has one too)."""
+    request: Request | None = None
+    """Its fields, once they were read."""
 
 
 @dataclass
@@ -116,12 +139,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.stall_timeout_s = stall_timeout_s
         """A replica that sends no token for this long has failed the request (--stall-timeout-s)."""
         self.migrations = 0
+        self.metrics = PrefillMetrics()
         self.draining = False
         """SIGTERM came: new requests are refused (UNAVAILABLE) while running ones finish."""
 
     def attach(self, *, engine: Engine, worker: PrefillWorker, router: DecodeRouter, tokenizer, kv: KVSender, limits: Limits) -> None:
         self.limits = limits
         self.worker = worker
+        self.metrics.observe(queue_depth=worker.queued, replicas_routable=lambda: len(router.usable()))
         self.router = router
         self.kv = kv
         self.tokenizer = tokenizer
@@ -168,45 +193,109 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     # ------------------------------------------------------------------ Generate
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        self._accepting()
+        """The call's telemetry around `_generate`: the span (its GenAI attributes, and the status
+        code it ends with), the metrics and the access line."""
+        call = Outcome(start=time.perf_counter())
         parent = extract_context(context.invocation_metadata())
-        with span_in(tracer, "generate", parent=parent, kind=trace.SpanKind.SERVER) as (span, ctx):
-            req = await self._prepare(request)
-            req.ctx, req.timeout = ctx, context.time_remaining()
-            span.set_attributes(
-                {
-                    "nxserve.request_id": req.id,
-                    "gen_ai.request.model": self.model_name,
-                    "gen_ai.request.max_tokens": req.stopping.max_new_tokens,
-                    "gen_ai.request.temperature": req.sampling.temperature,
-                    "gen_ai.usage.input_tokens": len(req.prompt_ids),
-                }
-            )
-            opened = self._open_decode(req)
-            prefill = None
+        attributes = {"gen_ai.operation.name": OPERATION, "gen_ai.provider.name": PROVIDER, "gen_ai.request.model": self.model_name}
+        with span_in(tracer, "generate", parent=parent, kind=trace.SpanKind.SERVER, attributes=attributes) as (span, ctx):
             try:
-                prefill = await self._prefill(req)
-                first = pb.GenerateResponse(request_id=req.id, prompt_token_ids=req.prompt_ids)
-                reason = self._add_tokens(req, first, [prefill.first_token])
-                if reason is not None:
-                    yield self._finalize(req, first, reason, span)
-                    return
-                yield first
-                replica, call = await self._hand_off(req, prefill, opened)
-                prefill.kv.release()  # decode holds the KV now: free prefill's copies
-                async for response in self._stream(req, replica, call, span):
+                async for response in self._generate(request, context, span, ctx, call):
+                    if call.first_token_at is None and response.token_ids:
+                        call.first_token_at = time.perf_counter()
                     yield response
+            except BaseException as exc:  # GeneratorExit too: the caller left the stream
+                call.code, call.error_type = record_error(span, exc, context=context)
+                raise
             finally:
-                if prefill is not None:
-                    prefill.kv.release()  # its arena region, unless the hand-off did
-                if opened is not None:
-                    opened.call.cancel()  # no-op once the call is over; frees it when no KV was sent
+                self._record(call, span)
 
-    async def _prepare(self, request: pb.GenerateRequest) -> Request:
-        """The request's fields, every one checked against `self.limits` before any work; a text
-        prompt is bounded in bytes first, then tokenized off the event loop."""
+    async def _generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span: trace.Span, ctx: otel_context.Context, call: Outcome
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Prepare, encode, hand off, relay (the module's docstring has the steps)."""
+        self._accepting()
+        call.request_id = validate.request_id(request.request_id, self.limits)
+        span.set_attributes({"nxserve.request_id": call.request_id, "gen_ai.response.id": call.request_id})
+        req = await self._prepare(request, call.request_id)
+        call.request = req
+        req.ctx, req.timeout = ctx, context.time_remaining()
+        sampling, stopping = req.sampling, req.stopping
+        span.set_attributes(
+            {
+                "gen_ai.request.max_tokens": stopping.max_new_tokens,
+                "gen_ai.request.temperature": sampling.temperature,
+                "gen_ai.request.top_p": sampling.top_p,
+                "gen_ai.request.top_k": sampling.top_k,
+                "gen_ai.request.seed": sampling.seed or 0,
+                "gen_ai.usage.input_tokens": len(req.prompt_ids),
+            }
+        )
+        opened = self._open_decode(req)
+        prefill = None
+        try:
+            prefill = await self._prefill(req)
+            first = pb.GenerateResponse(request_id=req.id, prompt_token_ids=req.prompt_ids)
+            reason = self._add_tokens(req, first, [prefill.first_token])
+            if reason is not None:
+                yield self._finalize(req, first, reason, span)
+                return
+            yield first
+            replica, decode_call = await self._hand_off(req, prefill, opened)
+            prefill.kv.release()  # decode holds the KV now: free prefill's copies
+            async for response in self._stream(req, replica, decode_call, span):
+                yield response
+        finally:
+            if prefill is not None:
+                prefill.kv.release()  # its arena region, unless the hand-off did
+            if opened is not None:
+                opened.call.cancel()  # no-op once the call is over; frees it when no KV was sent
+
+    def _record(self, call: Outcome, span: trace.Span) -> None:
+        """The request's metrics and access line, once it ended (well or not)."""
+        end = time.perf_counter()
+        duration = end - call.start
+        req = call.request
+        attributes: dict[str, str] = {"gen_ai.operation.name": OPERATION, "gen_ai.provider.name": PROVIDER, "gen_ai.request.model": self.model_name}
+        if call.error_type:
+            attributes["error.type"] = call.error_type
+        m = self.metrics
+        m.request_duration.record(duration, attributes)
+        m.requests.add(1, {"rpc.grpc.status_code": call.code})
+        prompt_tokens = len(req.prompt_ids) if req else 0
+        completion_tokens = len(req.result.output_ids) if req else 0
+        m.tokens.add(prompt_tokens, {**attributes, "gen_ai.token.type": "input"})
+        m.tokens.add(completion_tokens, {**attributes, "gen_ai.token.type": "output"})
+        ttft = call.first_token_at - call.start if call.first_token_at is not None else None
+        if call.code == "OK" and ttft is not None:
+            m.time_to_first_token.record(ttft, attributes)
+            if completion_tokens > 1 and call.first_token_at is not None:
+                m.time_per_output_token.record((end - call.first_token_at) / (completion_tokens - 1), attributes)
+        access(
+            "request %s %s: %d prompt + %d completion tokens in %.1f ms",
+            call.request_id or "-",
+            call.code,
+            prompt_tokens,
+            completion_tokens,
+            duration * 1000,
+            span=span,
+            request_id=call.request_id,
+            status_code=call.code,
+            error_type=call.error_type,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
+            duration_ms=round(duration * 1000, 2),
+            decode_replica=req.replica if req else "",
+            kv_transport=req.kv_transport if req else "",
+            migrations=req.migrations if req else 0,
+            model=self.model_name,
+        )
+
+    async def _prepare(self, request: pb.GenerateRequest, request_id: str) -> Request:
+        """The request's fields (its id, already checked), every one checked against `self.limits`
+        before any work; a text prompt is bounded in bytes first, then tokenized off the event loop."""
         limits = self.limits
-        request_id = validate.request_id(request.request_id, limits)
         sampling = validate.sampling(request.sampling, limits)
         stopping, stop_strings = validate.stopping(request.stopping, limits)
         kind = request.WhichOneof("prompt")
@@ -253,6 +342,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def _prefill(self, req: Request) -> PrefillResult:
         result = await self._encode(req.prompt_ids, req.sampling, req.rng)
         req.rng_offset = req.rng.offset
+        self.metrics.queue_time.record(result.started_at - result.enqueued_at)
         queue_span = tracer.start_span("queue", context=req.ctx, start_time=_ns(result.enqueued_at))
         queue_span.end(end_time=_ns(result.started_at))
         encode_span = tracer.start_span(
@@ -328,6 +418,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                             "nxserve.kv_gbps": sent.bytes_sent / max(sent.seconds, 1e-9) / 1e9,
                         }
                     )
+                transport = {"nxserve.kv.transport": sent.transport}
+                self.metrics.kv_bytes.add(sent.bytes_sent, transport)
+                self.metrics.kv_time.record(sent.seconds, transport)
+                req.replica, req.kv_transport = replica.target, sent.transport
                 return replica, call
             except SharedMemoryUnreadable as exc:
                 self.router.shm_failed(replica, str(exc))
@@ -427,6 +521,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 encoded.kv.release()
             span.set_attribute("nxserve.to_replica", replica.target)
         self.migrations += 1
+        req.migrations += 1
+        self.metrics.migrations.add(1)
         return replica, call
 
     def _add_tokens(self, req: Request, response: pb.GenerateResponse, tokens: list[int]) -> FinishReason | None:
@@ -452,5 +548,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         response.finish_reason = FINISH_TO_PB[reason]
         response.usage.prompt_tokens = len(req.prompt_ids)
         response.usage.completion_tokens = len(req.result.output_ids)
-        span.set_attributes({"gen_ai.usage.output_tokens": len(req.result.output_ids), "gen_ai.response.finish_reasons": [str(reason)]})
+        span.set_attributes(
+            {
+                "gen_ai.usage.output_tokens": len(req.result.output_ids),
+                "gen_ai.response.finish_reasons": [str(reason)],
+                "gen_ai.response.model": self.model_name,
+            }
+        )
         return response

@@ -26,6 +26,7 @@ from nxcore.engine_thread import EngineThread
 from nxserve.kv import OutboundKV, engine_layout
 from nxserve.kv.shm import KVArena
 from nxserve.rpc.errors import NotReady, Overloaded
+from nxserve.rpc.metrics import PrefillMetrics
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,23 @@ class PrefillWorker:
     """Encodes queued prompts in batches on the engine's thread and hands back each one's first
     token and exported KV (`PrefillResult`) through an asyncio future."""
 
-    def __init__(self, engine: Engine, *, max_queue: int, draft: Engine | None = None, thread: EngineThread, arena: KVArena | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_queue: int,
+        draft: Engine | None = None,
+        thread: EngineThread,
+        arena: KVArena | None = None,
+        metrics: PrefillMetrics | None = None,
+    ) -> None:
         self.engine = engine
         self.draft = draft
         """Draft model for speculative decoding: its prompt KV travels to decode with the target's."""
         self.arena = arena
         """Where KV is exported when a region is free (else into new tensors)."""
         self.max_queue = max_queue
+        self.metrics = metrics
         self._queue: queue.Queue[PrefillJob | None] = queue.Queue(maxsize=max_queue)
         self._thread = thread
         """Where the engines were loaded: the loop runs there."""
@@ -146,6 +157,9 @@ class PrefillWorker:
         for j, token, kv in zip(jobs, tokens, outputs):
             result = PrefillResult(first_token=token, kv=kv, enqueued_at=j.enqueued_at, started_at=start, finished_at=end, batch=len(jobs))
             j.loop.call_soon_threadsafe(_set_result, j.future, result)
+        if self.metrics is not None:  # after the results are on their way
+            bucket = self.engine.bucket_for(max(len(j.prompt_ids) for j in jobs))
+            self.metrics.encoding_time.record(end - start, {"nxserve.bucket": bucket, "nxserve.rows": len(jobs)})
 
     def _encode_draft(self, requests: list[SequenceRequest], outputs: list[OutboundKV]) -> None:
         """The draft model's prompt KV (its sampled token is not used, so greedy with a fixed seed)."""

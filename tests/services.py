@@ -4,13 +4,15 @@ decode replicas' load reports, the shared module-scoped cluster of `tests/*_svc/
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from nxcore import Engine, RuntimeConfig
 from nxserve.client import Client
@@ -64,6 +66,18 @@ def wait_all_free(cluster: LocalCluster, timeout: float = 10.0) -> list[decode_p
 def prompts(n: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(n)
     return [torch.randint(4, 512, (int(length),), generator=gen).tolist() for length in torch.randint(3, 60, (n,), generator=gen)]
+
+
+def scrape(port: int) -> dict[str, list[Any]]:
+    """The samples of a /metrics page, by family name, parsed with prometheus_client's parser."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def sample(families: dict[str, list[Any]], family: str, sample: str, **labels: str) -> float:
+    """The sum of `sample`'s values whose labels include `labels`."""
+    return sum(s.value for s in families.get(family, []) if s.name == sample and labels.items() <= s.labels.items())
 
 
 # ---------------------------------------------------------------- fixtures (imported by tests/conftest.py)

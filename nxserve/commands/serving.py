@@ -40,6 +40,14 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         "in the log directory (clients trust its CA: the path is printed)",
     )
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="Prometheus metrics: prefill on PORT, decode replica i on PORT+1+i, each at /metrics (default: none)",
+    )
+    p.add_argument("--log-format", default=None, choices=["text", "json"], help="the services' log lines (default: text)")
+    p.add_argument(
         "--api-keys-file",
         default=None,
         metavar="FILE",
@@ -92,6 +100,9 @@ def add_client(sub: argparse._SubParsersAction) -> None:
         help="generate through a running nxserve (the public gRPC API)",
         description="Send prompts to a running prefill service, concurrently, and stream the generated text "
         "(or print one JSON object per prompt, as `generate --json` does).",
+        epilog="Tracing: with OTEL_EXPORTER_OTLP_ENDPOINT set (and any other standard OTEL_* variable), each "
+        "request is a CLIENT span (service.name nxserve-client, or OTEL_SERVICE_NAME) whose trace continues "
+        "through prefill and decode.",
     )
     p.add_argument("--target", default="127.0.0.1:50051", metavar="HOST:PORT", help="public (prefill) address (default: 127.0.0.1:50051)")
     p.add_argument("--prompt", dest="prompts", action=AppendPrompt, metavar="TEXT", help="prompt text, tokenized by the server (repeatable)")
@@ -130,6 +141,17 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 async def _run_client(args: argparse.Namespace) -> None:
+    from nxserve.rpc.tracing import configure_tracing, shutdown_tracing
+
+    # With OTEL_* set, each request is a CLIENT span and the trace starts here.
+    configure_tracing("nxserve-client", os.environ)
+    try:
+        await _requests(args)
+    finally:
+        shutdown_tracing()
+
+
+async def _requests(args: argparse.Namespace) -> None:
     import asyncio
 
     from nxserve.client import AsyncClient
@@ -194,6 +216,8 @@ def _cluster_from_args(args: argparse.Namespace):
     engine_args = EngineFlags.set_in(argparse.Namespace(**{**vars(args), "tp": None}))
     if args.kv_shm_dir is not None:
         engine_args += ["--kv-shm-dir", args.kv_shm_dir]
+    if args.log_format is not None:
+        engine_args += ["--log-format", args.log_format]
     prefill_tp, decode_tp = args.prefill_tp or args.tp, args.decode_tp or args.tp
     prefill_args = ["--tp", str(prefill_tp)] if prefill_tp else []
     decode_args = ["--tp", str(decode_tp)] if decode_tp else []
@@ -211,6 +235,7 @@ def _cluster_from_args(args: argparse.Namespace):
         log_dir=args.log_dir,
         startup_timeout=args.startup_timeout,
         api_key=api_key,
+        metrics_port=args.metrics_port,
     )
     if args.tls:
         from nxserve.pki import ClusterTLS
@@ -251,6 +276,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             )
             if cluster.tls:
                 print(f"nxserve: TLS; clients trust {cluster.tls.ca} (nxserve client --tls-ca {cluster.tls.ca})", flush=True)
+            for name, port in cluster.metrics_ports().items():
+                print(f"nxserve: {name} metrics on http://127.0.0.1:{port}/metrics", flush=True)
             return _serve_until_signal(args.command, cluster)
     except ClusterError as exc:
         print(f"nxserve {args.command}: error: {exc}", file=sys.stderr)

@@ -351,6 +351,12 @@ def add_decode_servicer(servicer: decode_pb2_grpc.DecodeServicer, server: grpc.a
     add_service(server, servicer, decode_pb2.DESCRIPTOR.services_by_name["Decode"], deserializers={"Decode": parse_request})
 
 
+class EmptyStream(InvalidRequest):
+    """A Decode stream that ended without a message: prefill opens one ahead of each request
+    (`prefill_svc.server`) and closes it unused when the request ends at prefill. Not an error
+    of the replica's: it ends the stream at once, without counting a request."""
+
+
 class DecodeRequests:
     """The request side of one Decode stream, as the replica reads it: the header, then chunks up
     to the commit (none after a header naming a shared-memory region, which is the whole request).
@@ -373,7 +379,7 @@ class DecodeRequests:
         first = await anext(self._messages, None)
         if first is None:
             self.sender_done = True
-            raise InvalidRequest("a Decode stream must start with a header: it was empty")
+            raise EmptyStream("a Decode stream must start with a header: it was empty")
         if isinstance(first, Malformed):
             raise first.refusal()
         kind = message_kind(first)

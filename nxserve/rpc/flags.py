@@ -227,6 +227,25 @@ def add_server_flags(parser: argparse.ArgumentParser, *, port: int, max_queue: i
     parser.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to finish on SIGTERM (default: 10)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (default: INFO)")
     parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="stderr log lines: text, or JSON objects with request, trace and span ids (default: text)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: none; OTLP metrics follow OTEL_*)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model's name in ModelInfo, traces and metrics (default: the checkpoint folder's name)",
+    )
+    parser.add_argument(
         "--max-concurrent-streams",
         type=int,
         default=max_streams,

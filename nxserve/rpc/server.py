@@ -8,7 +8,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from nxserve.rpc.flags import tls_files
 from nxserve.rpc.security import ClientGate
@@ -67,12 +66,25 @@ def add_service(
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+"""The stable reflection service (grpcurl, buf curl and Postman ask for it first). grpcio-reflection
+only ships v1alpha; v1's messages are v1alpha's byte for byte (same fields, same numbers, only the
+package differs), so one servicer answers both."""
+
+
 def add_health_and_reflection(server: grpc.aio.Server, service_full_name: str) -> health.aio.HealthServicer:
-    """Standard health checking (NOT_SERVING until `set_health`) and server reflection."""
+    """Standard health checking (NOT_SERVING until `set_health`) and server reflection, v1 and v1alpha."""
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    names = (service_full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
+    names = (service_full_name, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflector = reflection.aio.ReflectionServicer(names)
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        handler = grpc.stream_stream_rpc_method_handler(
+            reflector.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),))
     return servicer
 
 
@@ -134,12 +146,27 @@ async def start_server(
     return server, servicer, port
 
 
-def run_service(serve: Callable[[argparse.Namespace], Coroutine[Any, Any, None]], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse flags, set up logging, run `serve` until it returns (after a signal)."""
+def run_service(
+    serve: Callable[[argparse.Namespace], Coroutine[Any, Any, None]], parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, service: str
+) -> int:
+    """Parse flags; set up logging, tracing and metrics for `service` (its default service.name)
+    from the flags and the environment, read here once; run `serve` until it returns (after a
+    signal); flush what telemetry is pending."""
     from nxcore import native
+    from nxserve.rpc.logs import configure_logging, shutdown_logging
+    from nxserve.rpc.metrics import configure_metrics, shutdown_metrics
+    from nxserve.rpc.tracing import configure_tracing, shutdown_tracing
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    native.configure_from(os.environ)  # the one place a service reads NXSERVE_NATIVE*
-    asyncio.run(serve(args))
+    environ = os.environ
+    configure_logging(level=args.log_level, fmt=args.log_format, service=environ.get("OTEL_SERVICE_NAME") or service, environ=environ)
+    native.configure_from(environ)  # the one place a service reads NXSERVE_NATIVE*
+    configure_tracing(service, environ)
+    configure_metrics(service, environ, prometheus_port=args.metrics_port, host=args.host)
+    try:
+        asyncio.run(serve(args))
+    finally:
+        shutdown_tracing()
+        shutdown_metrics()
+        shutdown_logging()
     return 0

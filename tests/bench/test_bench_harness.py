@@ -73,6 +73,14 @@ def test_speculation_and_moe_and_tp_benches_run(tiny: Path, tmp_path: Path) -> N
     assert set(json.loads((tmp_path / "m.json").read_text())["rows"]) == {"1", "2"}
 
 
+def test_metrics_bench_runs(tmp_path: Path) -> None:
+    from bench import metrics
+
+    assert metrics.main(["--points", "200", "--scrapes", "2", "--json", str(tmp_path / "m.json")]) == 0
+    figures = json.loads((tmp_path / "m.json").read_text())
+    assert all(figures[k] > 0 for k in ("otel_record_us", "prometheus_client_record_us", "otel_scrape_ms", "prometheus_client_scrape_ms"))
+
+
 def test_services_bench_runs(tiny: Path, tmp_path: Path) -> None:
     from bench import services
 
@@ -95,6 +103,7 @@ def test_services_bench_runs(tiny: Path, tmp_path: Path) -> None:
                 "16,100",
                 "--kv-shm-dir",
                 str(shm),
+                "--telemetry",
                 "--json",
                 str(tmp_path / "svc.json"),
             ]
@@ -107,6 +116,9 @@ def test_services_bench_runs(tiny: Path, tmp_path: Path) -> None:
         assert [row["tokens"] for row in data[transport]] == [16, 100]
         assert data[transport][1]["kv_bytes"] > data[transport][0]["kv_bytes"] > 0
     assert list(shm.iterdir()) == []
+    telemetry = data["telemetry"]
+    assert all(telemetry[m]["ttft_ms"] > 0 and telemetry[m]["decode_tok_s"] > 0 for m in ("off", "control", "on"))
+    assert telemetry["requests"] == 3 and telemetry["client_span_us"] > 0
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from nxcore import Engine, SamplingParams, StoppingCriteria, generate
 from nxserve.client import Client
-from nxserve.cluster import LocalCluster
+from nxserve.cluster import LocalCluster, _free_ports
 from nxserve.v1 import generation_pb2 as pb
 from nxserve.v1 import generation_pb2_grpc
-from tests.services import ENGINE_ARGS, SEQ_LEN, SLOTS, loads, prompts, wait_all_free, wait_until
+from tests.services import ENGINE_ARGS, SEQ_LEN, SLOTS, loads, prompts, sample, scrape, wait_all_free, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -182,13 +182,20 @@ def test_speculative_decoding_through_services_keeps_greedy_output(svc_model: Pa
     shared, decode_only = (ENGINE_ARGS, flags) if method == "draft-decode-only" else ([*ENGINE_ARGS, *flags], [])
     batch = [*prompts(4), [9, 10, 11, 12] * 5]
     local = generate(svc_engine, batch, stopping=StoppingCriteria(max_new_tokens=20, ignore_eos=True))
-    with LocalCluster(svc_model, decode_replicas=1, engine_args=shared, decode_args=decode_only) as cluster, Client(cluster.target) as client:
+    metrics_port = _free_ports(1)[0]
+    cluster = LocalCluster(svc_model, decode_replicas=1, engine_args=shared, decode_args=decode_only, metrics_port=metrics_port)
+    with cluster, Client(cluster.target) as client:
         with ThreadPoolExecutor(len(batch)) as pool:
             remote = list(pool.map(lambda p: client.generate_text(p, max_new_tokens=20, ignore_eos=True), batch))
         opted_out = client.generate_text(batch[0], max_new_tokens=20, ignore_eos=True, disable_speculation=True)
         state = wait_all_free(cluster)
+        decode = scrape(cluster.metrics_ports()["decode-0"])
+    proposed = sample(decode, "nxserve_speculation_proposed", "nxserve_speculation_proposed_total")
+    accepted = sample(decode, "nxserve_speculation_accepted", "nxserve_speculation_accepted_total")
+    assert proposed > 0 and 0 <= accepted <= proposed and proposed % 3 == 0  # rounds of --speculation-length 3
     assert [r.output_ids for r in remote] == [r.output_ids for r in local]
     assert opted_out.output_ids == local[0].output_ids
     assert all(s.free_slots == s.total_slots for s in state)
     if method != "ngram":  # every proposal accepted: 4 tokens per step instead of 1
         assert state[0].steps < sum(len(r.output_ids) for r in remote) / 2
+        assert accepted >= 0.8 * proposed  # all but what max_new_tokens cut off
