@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m decode_svc",
         description="nxserve decode service: receives KV caches from prefill_svc and runs token generation "
         "in a continuous batch over fixed slots, streaming tokens back.",
+        fromfile_prefix_chars="@",
+        epilog="Flags can also come from files: @FILE stands for the arguments in FILE, one per line (e.g. --seq-len=2048); "
+        "the Kubernetes manifests pass the engine's flags this way, from one ConfigMap both services read.",
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (the same as prefill's)")
     add_server_flags(
@@ -54,9 +57,7 @@ async def serve(args: argparse.Namespace) -> None:
     flags = EngineFlags.from_args(args, environ=os.environ)
     kv = KVReceiver(args.kv_shm_dir)
     servicer = DecodeServicer(kv=kv, model_name=args.served_model_name or Path(args.model).name)
-    server, health, port = await start_server(
-        args, service=SERVICE, register=lambda s: add_decode_servicer(servicer, s), max_receive=DECODE_MAX_MESSAGE_BYTES
-    )
+    started = await start_server(args, service=SERVICE, register=lambda s: add_decode_servicer(servicer, s), max_receive=DECODE_MAX_MESSAGE_BYTES)
 
     start = time.perf_counter()
     thread = EngineThread("decode-engine")  # every torch call from here on: see nxcore.engine_thread
@@ -71,21 +72,26 @@ async def serve(args: argparse.Namespace) -> None:
     servicer.attach(loop, limits=Limits.for_engine(engine))
     servicer.metrics.observe(loop.load)
     kv.advertise()
-    await set_health(health, SERVICE, serving=True)
+    await set_health(started.health, SERVICE, serving=True)
     log.info(
-        "SERVING %s on port %d after %.1fs: %d slots, seq_len %d", args.model, port, time.perf_counter() - start, config.batch_size, config.seq_len
+        "SERVING %s on port %d after %.1fs: %d slots, seq_len %d",
+        args.model,
+        started.port,
+        time.perf_counter() - start,
+        config.batch_size,
+        config.seq_len,
     )
 
     async def stop() -> None:
         # Drain: NOT_SERVING and no new work at once; running requests get the grace to finish, less
         # a second in which those still running are handed back (prefill moves them elsewhere).
         servicer.draining = True
-        await set_health(health, SERVICE, serving=False)
+        await set_health(started.health, SERVICE, serving=False)
         left = await asyncio.to_thread(loop.drain, max(args.grace - 1.0, 0.0))
         if left:
             log.info("handing %d request(s) back to prefill: the grace (%.0f s) ends", left, args.grace)
         loop.stop(timeout=5)
-        await server.stop(1.0)
+        await started.stop(1.0)
         thread.submit(engine.close)
         thread.close(timeout=10)
         kv.close()

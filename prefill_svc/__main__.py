@@ -25,9 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m prefill_svc",
         description="nxserve prefill service: the public Generation API. Runs context encoding, hands each "
         "request's KV cache to the least-loaded decode replica and relays its tokens.",
+        fromfile_prefix_chars="@",
+        epilog="Flags can also come from files: @FILE stands for the arguments in FILE, one per line (e.g. --seq-len=2048); "
+        "the Kubernetes manifests pass the engine's flags this way, from one ConfigMap both services read.",
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--decode", required=True, type=lambda s: [t for t in s.split(",") if t], help="decode replicas as HOST:PORT[,HOST:PORT...]")
+    p.add_argument(
+        "--decode",
+        required=True,
+        type=_decode_entries,
+        metavar="TARGETS",
+        help="decode replicas, comma-separated: HOST:PORT for one replica; dns:///NAME:PORT for every address NAME resolves "
+        "to (a Kubernetes headless Service), re-resolved every --decode-resolve-s and when a replica fails; "
+        "dns://SERVER[:PORT]/NAME:PORT asks that DNS server",
+    )
+    p.add_argument(
+        "--decode-resolve-s",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="how often dns: names in --decode are resolved again (default: 5)",
+    )
     add_server_flags(
         p,
         port=50051,
@@ -144,7 +162,7 @@ async def serve(args: argparse.Namespace) -> None:
         model_name=args.served_model_name or Path(args.model).name, max_migrations=args.max_migrations, stall_timeout_s=args.stall_timeout_s
     )
     max_prompt_bytes = args.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * (args.seq_len or SERVICE_DEFAULTS["prefill"]["seq_len"])
-    server, health, port = await start_server(
+    started = await start_server(
         args,
         service=SERVICE,
         register=lambda s: add_service(s, servicer, generation_pb2.DESCRIPTOR.services_by_name["Generation"]),
@@ -173,25 +191,33 @@ async def serve(args: argparse.Namespace) -> None:
     )
     worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=kv.arena, metrics=servicer.metrics)
     worker.start()
-    router = DecodeRouter(args.decode, fingerprint=engine.fingerprint, shares_memory=kv.shares_memory_with, tls=decode_tls)
+    targets, names = args.decode
+    router = DecodeRouter(
+        targets,
+        names=names,
+        resolve_interval_s=args.decode_resolve_s,
+        fingerprint=engine.fingerprint,
+        shares_memory=kv.shares_memory_with,
+        tls=decode_tls,
+    )
     await router.start()
     limits = Limits.for_engine(engine, max_prompt_bytes=args.max_prompt_bytes)
     servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer, kv=kv, limits=limits)
-    await set_health(health, SERVICE, serving=True)
+    await set_health(started.health, SERVICE, serving=True)
     log.info(
         "SERVING %s on port %d after %.1fs: buckets %s, %d decode replica(s), %d up",
         args.model,
-        port,
+        started.port,
         time.perf_counter() - start,
         list(config.buckets),
-        len(args.decode),
+        len(router.replicas),
         len(router.usable()),
     )
 
     async def stop() -> None:
         servicer.draining = True  # new requests: UNAVAILABLE at once; running ones get the grace
-        await set_health(health, SERVICE, serving=False)
-        await server.stop(args.grace)
+        await set_health(started.health, SERVICE, serving=False)
+        await started.stop(args.grace)
         await router.close()
         worker.stop()
         thread.submit(engine.close)
@@ -226,6 +252,15 @@ def _arena_default(engine, draft) -> int:
     tokens = 4 * engine.config.ctx_batch_size * engine.config.max_prompt_len
     want = sum(engine_layout(e, tokens).nbytes for e in (engine, draft) if e is not None)
     return min(max(want, 16 << 20), 1 << 30)
+
+
+def _decode_entries(value: str):
+    from nxserve.rpc.discovery import parse_decode
+
+    try:
+        return parse_decode(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

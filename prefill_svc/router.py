@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from nxserve.kv import DecodeStub
+from nxserve.rpc.discovery import DiscoveryError, DnsName, resolve
 from nxserve.rpc.errors import ModelMismatch, NoReplica
 from nxserve.rpc.security import ChannelTLS, secure_or_insecure_channel
 from nxserve.rpc.server import DECODE_MAX_MESSAGE_BYTES, channel_options
@@ -30,11 +31,18 @@ is seen by the next load report after its channel reconnects: within ~1 s of SER
 the closing note of issue 20). Trying a loopback or pod address twice a second costs nothing."""
 
 
+DRAIN_S = 600.0
+"""A replica whose address left DNS keeps its channel this long for the streams still on it (its
+pod is shutting down: it finishes them or hands them back within its own grace)."""
+
+
 @dataclass
 class Replica:
     target: str
     stub: DecodeStub
     channel: grpc.aio.Channel
+    source: str = ""
+    """The DNS name it was found under (empty: listed in --decode itself)."""
     up: bool = False
     free_slots: int = 0
     total_slots: int = 0
@@ -70,24 +78,40 @@ class DecodeRouter:
         targets: list[str],
         *,
         fingerprint: str,
+        names: Collection[DnsName] = (),
         interval_s: float = 0.5,
+        resolve_interval_s: float = 5.0,
         shares_memory: Callable[[str], bool] = lambda probe: False,
         tls: ChannelTLS | None = None,
     ) -> None:
-        if not targets:
-            raise ValueError("no decode replicas given: pass --decode HOST:PORT[,HOST:PORT...]")
+        if not targets and not names:
+            raise ValueError("no decode replicas given: pass --decode HOST:PORT[,HOST:PORT...] or dns:///NAME:PORT")
         self.fingerprint = fingerprint
         self.shares_memory = shares_memory
         self.interval_s = interval_s
+        self.names = list(names)
+        """DNS names whose addresses are replicas (`nxserve.rpc.discovery`), resolved every
+        `resolve_interval_s` and soon after a replica fails or none can take a request."""
+        self.resolve_interval_s = resolve_interval_s
+        self._next_resolve = 0.0
         self.tls = tls
         """How to dial the replicas (None: plaintext); new channels are made when its files change."""
         self._tls_stamp = tls.stamp() if tls else ()
         self.replicas: list[Replica] = []
-        for target in targets:
-            channel = self._channel(target)
-            self.replicas.append(Replica(target=target, stub=DecodeStub(channel), channel=channel))
+        for target in dict.fromkeys(targets):
+            self._add(target, source="")
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
+
+    def _add(self, target: str, *, source: str) -> None:
+        channel = self._channel(target)
+        self.replicas.append(Replica(target=target, stub=DecodeStub(channel), channel=channel, source=source))
+
+    def _close_later(self, channel: grpc.aio.Channel, grace: float) -> None:
+        """Close `channel` once its calls end (at most `grace` seconds), without waiting here."""
+        task = asyncio.create_task(channel.close(grace=grace))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         return secure_or_insecure_channel(
@@ -111,11 +135,10 @@ class DecodeRouter:
         for r in self.replicas:
             old, r.channel = r.channel, self._channel(r.target)
             r.stub = DecodeStub(r.channel)
-            task = asyncio.create_task(old.close(grace=600))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._close_later(old, grace=600)
 
     async def start(self) -> None:
+        await self.discover()
         await self.refresh()
         self._task = asyncio.create_task(self._poll())
 
@@ -124,12 +147,50 @@ class DecodeRouter:
             self._task.cancel()
         for r in self.replicas:
             await r.channel.close()
+        for task in list(self._closing):
+            task.cancel()
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             self._renew_channels()
+            if self.names and asyncio.get_running_loop().time() >= self._next_resolve:
+                await self.discover()
             await self.refresh()
+
+    def resolve_soon(self) -> None:
+        """Resolve the DNS names at the next poll (a replica failed, or none could take a request:
+        the Deployment may have rolled)."""
+        self._next_resolve = 0.0
+
+    async def discover(self) -> None:
+        """Resolve every DNS name: replicas at new addresses are added (routed to once their load
+        report says they serve this model), those whose address left every name are dropped from
+        routing and their channels closed once their streams end (`DRAIN_S`). A name whose resolver
+        fails keeps its replicas."""
+        if not self.names:
+            return
+        self._next_resolve = asyncio.get_running_loop().time() + self.resolve_interval_s
+        found: dict[str, str] = {}  # target -> name
+        failed: set[str] = set()
+        for name, result in zip(self.names, await asyncio.gather(*(resolve(n) for n in self.names), return_exceptions=True), strict=True):
+            if isinstance(result, DiscoveryError):
+                log.warning("decode replicas: %s; keeping the %d known under %s", result, sum(r.source == str(name) for r in self.replicas), name)
+                failed.add(str(name))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                found.update(dict.fromkeys(sorted(result), str(name)))
+        known = {r.target for r in self.replicas}
+        for target, source in found.items():
+            if target not in known:
+                self._add(target, source=source)
+                log.info("decode replicas: %s appeared under %s", target, source)
+        for r in [r for r in self.replicas if r.source and r.source not in failed and r.target not in found]:
+            self.replicas.remove(r)
+            r.up, r.last_error = False, f"its address left {r.source}"
+            log.info("decode replicas: %s left %s; its streams finish on the open channel", r.target, r.source)
+            self._close_later(r.channel, grace=DRAIN_S)
 
     async def refresh(self) -> None:
         await asyncio.gather(*(self._refresh_one(r) for r in self.replicas))
@@ -166,7 +227,8 @@ class DecodeRouter:
         candidates = [r for r in self.usable() if r.target not in exclude]
         if not candidates:
             states = "; ".join(f"{r.target}: {'tried' if r.target in exclude else r.last_error}" for r in self.replicas)
-            message = f"no decode replica can take the request ({states})"
+            message = f"no decode replica can take the request ({states or 'none found yet: ' + ', '.join(map(str, self.names))})"
+            self.resolve_soon()
             if any(r.up and r.fingerprint != self.fingerprint for r in self.replicas) and not self.usable():
                 raise ModelMismatch(message)
             raise NoReplica(message)
@@ -183,3 +245,4 @@ class DecodeRouter:
     def mark_down(self, replica: Replica, error: str) -> None:
         replica.up, replica.last_error = False, error
         log.warning("%s failed: %s", replica.name, error)
+        self.resolve_soon()

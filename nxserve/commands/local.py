@@ -72,8 +72,10 @@ def add_compile(sub: argparse._SubParsersAction) -> None:
             "Weights are not stored: services load them from the checkpoint and, started with the same flags "
             "and --backend compile, are ready without compiling. Graphs already cached are skipped. Unset "
             "engine flags take each service's own defaults, so a service started with its default flags finds "
-            "its graphs."
+            "its graphs. @FILE stands for the arguments in FILE, one per line (the services read their engine "
+            "flags the same way: compile with the same file)."
         ),
+        fromfile_prefix_chars="@",
     )
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument(

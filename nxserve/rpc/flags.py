@@ -223,6 +223,14 @@ def add_server_flags(parser: argparse.ArgumentParser, *, port: int, max_queue: i
     """--host --port --max-queue --grace --log-level, TLS and stream limits, shared by both services."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=port, help=f"port to listen on (default: {port})")
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also answer grpc.health.v1 alone, in plaintext, on this port: for Kubernetes' gRPC probes, which cannot speak "
+        "TLS, when the service port serves TLS (default: none; health is on --port)",
+    )
     parser.add_argument("--max-queue", type=int, default=max_queue, help=f"{queue_help}; past it RESOURCE_EXHAUSTED (default: {max_queue})")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds running requests get to finish on SIGTERM (default: 10)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level (default: INFO)")

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -121,6 +122,24 @@ def install_shutdown(stop: Callable[[], Awaitable[None]]) -> asyncio.Event:
     return done
 
 
+@dataclass
+class Started:
+    """A service's running gRPC server(s) (`start_server`)."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    """The port the server listens on (the one asked for, or the one picked for port 0)."""
+    health_server: grpc.aio.Server | None = None
+    """The plaintext health-only server of --health-port, if any."""
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking calls, let running ones finish within `grace`; health answers until then."""
+        await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+
+
 async def start_server(
     args: argparse.Namespace,
     *,
@@ -128,10 +147,12 @@ async def start_server(
     register: Callable[[grpc.aio.Server], None],
     max_receive: int,
     gate: ClientGate | None = None,
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+) -> Started:
     """A started server with health (NOT_SERVING for now), reflection, the error mapping, the
     `gate` (API keys, per-key limits) and the servicer `register` adds; TLS when the flags ask for
-    it; at most `max_receive` bytes per message and --max-concurrent-streams per connection."""
+    it; at most `max_receive` bytes per message and --max-concurrent-streams per connection. With
+    --health-port, a second, plaintext server answers grpc.health.v1 alone there, from the same
+    health state (Kubernetes' gRPC probes cannot speak TLS)."""
     tls = tls_files(args)
     options = [*channel_options(max_receive=max_receive), ("grpc.max_concurrent_streams", args.max_concurrent_streams)]
     server = grpc.aio.server(options=options, interceptors=[ErrorInterceptor(), *([gate] if gate else [])])
@@ -143,7 +164,14 @@ async def start_server(
     await server.start()
     security = "plaintext" if tls is None else ("mTLS" if tls.client_ca else "TLS")
     log.info("listening on %s:%d (%s; NOT_SERVING until the model is loaded)", args.host, port, security)
-    return server, servicer, port
+    health_server = None
+    if getattr(args, "health_port", None) is not None:
+        health_server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, health_server)
+        bound = health_server.add_insecure_port(f"{args.host}:{args.health_port}")
+        await health_server.start()
+        log.info("health checks (plaintext, grpc.health.v1 only) on %s:%d", args.host, bound)
+    return Started(server=server, health=servicer, port=port, health_server=health_server)
 
 
 def run_service(

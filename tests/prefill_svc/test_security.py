@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nxcore import Engine, StoppingCriteria, generate
 from nxserve.client import Client
-from nxserve.cluster import LocalCluster
+from nxserve.cluster import LocalCluster, _free_ports
 from nxserve.pki import CA, ClusterTLS
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
 from tests.services import ENGINE_ARGS, prompts
@@ -26,9 +26,16 @@ def secured(svc_model: Path, tmp_path_factory: pytest.TempPathFactory):
     keys = root / "keys"
     keys.write_text("key-one\nkey-two\n")
     tls = ClusterTLS.create(root / "pki")
+    health_port = _free_ports(1)[0]
     with LocalCluster(
-        svc_model, decode_replicas=1, engine_args=ENGINE_ARGS, tls=tls, api_key="key-one", prefill_args=["--api-keys-file", str(keys)]
+        svc_model,
+        decode_replicas=1,
+        engine_args=ENGINE_ARGS,
+        tls=tls,
+        api_key="key-one",
+        prefill_args=["--api-keys-file", str(keys), "--health-port", str(health_port)],
     ) as cluster:
+        cluster.health_port = health_port  # type: ignore[attr-defined]
         yield cluster, root
 
 
@@ -60,6 +67,18 @@ def test_callers_without_the_right_key_or_ca_are_refused(secured) -> None:
     with grpc.secure_channel(cluster.target, credentials) as channel:  # probes need no key
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="nxserve.v1.Generation"), timeout=5)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_plaintext_health_port_answers_health_alone(secured) -> None:
+    """--health-port: Kubernetes' gRPC probes (plaintext) see the TLS service's health, and nothing else."""
+    cluster, _ = secured
+    with grpc.insecure_channel(f"127.0.0.1:{cluster.health_port}") as channel:
+        for service in ("", "nxserve.v1.Generation"):
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+    with Client(f"127.0.0.1:{cluster.health_port}", api_key="key-one") as client, pytest.raises(grpc.RpcError) as err:
+        client.model_info(timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_only_a_client_certificate_from_the_cluster_ca_reaches_decode(secured) -> None:
