@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CACHE  := .cache
 DEFAULT_MODEL := $(CACHE)/models/tiny-llama
 
-.PHONY: setup test lint run model clean proto-lint
+.PHONY: setup test lint run model clean proto-lint image deploy-check
 
 setup: $(STAMP)
 
@@ -46,3 +46,18 @@ NODE_TOOLS := @bufbuild/buf@1.75.0 @grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1
 proto-lint:
 	test -x $(CACHE)/node/node_modules/.bin/buf || npm install --prefix $(CACHE)/node --no-audit --no-fund --no-save $(NODE_TOOLS) >/dev/null
 	$(CACHE)/node/node_modules/.bin/buf lint
+
+# The container image (deploy/Dockerfile). Not run by CI: prints the build commands, and runs the
+# CPU build when a docker daemon answers (IMAGE=... to tag it otherwise).
+IMAGE ?= ghcr.io/nxserve/nxserve:0.1.0
+image:
+	@echo "docker build -f deploy/Dockerfile -t $(IMAGE) ."
+	@echo "docker build -f deploy/Dockerfile --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 -t $(IMAGE)-cuda ."
+	@echo "docker build -f deploy/Dockerfile --build-arg BASE_IMAGE=<Neuron DLC, Python 3.11> --build-arg TORCH_INDEX_URL=https://pip.repos.neuron.amazonaws.com -t $(IMAGE)-neuron ."
+	@echo "docker build -f deploy/Dockerfile --target compiler -t $(IMAGE)-compiler ."
+	@if docker info >/dev/null 2>&1; then docker build -f deploy/Dockerfile -t $(IMAGE) . ; else echo "(no docker daemon here: run the commands above where there is one)"; fi
+
+# Renders every Kubernetes overlay with kubectl's kustomize and validates it against the 1.37
+# schemas and the manifests' policies (tests/deploy; part of `make test` too).
+deploy-check: $(STAMP)
+	$(PY) -m pytest -q tests/deploy/test_manifests.py

@@ -19,16 +19,16 @@ log = logging.getLogger("decode_svc")
 SERVICE = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m decode_svc") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m decode_svc",
+        prog=prog,
         description="nxserve decode service: receives KV caches from prefill_svc and runs token generation "
         "in a continuous batch over fixed slots, streaming tokens back.",
         fromfile_prefix_chars="@",
         epilog="Flags can also come from files: @FILE stands for the arguments in FILE, one per line (e.g. --seq-len=2048); "
         "the Kubernetes manifests pass the engine's flags this way, from one ConfigMap both services read.",
     )
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (the same as prefill's)")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or GGUF file (or a folder holding one) (the same as prefill's)")
     add_server_flags(
         p,
         port=50061,
@@ -120,8 +120,8 @@ def _warm_up(engine) -> None:
         engine.free(slot)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_service(serve, build_parser(), argv, service="nxserve-decode")
+def main(argv: list[str] | None = None, *, prog: str = "python -m decode_svc") -> int:
+    return run_service(serve, build_parser(prog), argv, service="nxserve-decode")
 
 
 if __name__ == "__main__":

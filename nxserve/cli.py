@@ -4,6 +4,7 @@
     nxserve generate --model DIR --prompt "Hello" [--json]       # in-process generation
     nxserve compile --model DIR [engine flags]                  # fill the compiled-graph cache
     nxserve up --model DIR [--decode-replicas N]                # prefill + decode services locally
+    nxserve prefill|decode --model DIR ...                       # one service (python -m prefill_svc|decode_svc)
     nxserve client --target HOST:PORT --prompt "Hello"           # generate through a running server
     nxserve demo                                                 # what `make run` shows
     nxserve bench engine|serve ...                               # benchmarks (bench/): in-process, or a server under load
@@ -39,10 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_client(sub)
     add_demo(sub)
     add_bench(sub)
+    for name, what in SERVICES.items():
+        sub.add_parser(name, add_help=False, help=f"run the {what} (`nxserve {name} --help` lists its flags)")
     return parser
 
 
+SERVICES = {"prefill": "prefill service (the public Generation API)", "decode": "decode service (one replica)"}
+"""Commands that run a service: their arguments go to the service's own parser (the container image's entrypoint is `nxserve`)."""
+
+
+def run_service_command(name: str, argv: Sequence[str]) -> int:
+    if name == "prefill":
+        from prefill_svc.__main__ import main as prefill_main
+
+        return prefill_main(list(argv), prog="nxserve prefill")
+    from decode_svc.__main__ import main as decode_main
+
+    return decode_main(list(argv), prog="nxserve decode")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SERVICES:
+        return run_service_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -20,16 +20,16 @@ log = logging.getLogger("prefill_svc")
 SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m prefill_svc") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m prefill_svc",
+        prog=prog,
         description="nxserve prefill service: the public Generation API. Runs context encoding, hands each "
         "request's KV cache to the least-loaded decode replica and relays its tokens.",
         fromfile_prefix_chars="@",
         epilog="Flags can also come from files: @FILE stands for the arguments in FILE, one per line (e.g. --seq-len=2048); "
         "the Kubernetes manifests pass the engine's flags this way, from one ConfigMap both services read.",
     )
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or GGUF file (or a folder holding one)")
     p.add_argument(
         "--decode",
         required=True,
@@ -263,8 +263,8 @@ def _decode_entries(value: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_service(serve, build_parser(), argv, service="nxserve-prefill")
+def main(argv: list[str] | None = None, *, prog: str = "python -m prefill_svc") -> int:
+    return run_service(serve, build_parser(prog), argv, service="nxserve-prefill")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,16 @@ def test_help_lists_every_command_and_flag() -> None:
         assert flag in out
     out = subprocess.run([sys.executable, "-m", "nxserve.cli", "--help"], capture_output=True, text=True, check=True).stdout
     assert "make-model" in out and "generate" in out
+
+
+@pytest.mark.parametrize(("service", "flags"), [("prefill", ("--decode", "--kv-shm-dir", "--grace")), ("decode", ("--kv-shm-dir", "--grace"))])
+def test_service_subcommands_are_the_services(service: str, flags: tuple[str, ...]) -> None:
+    """`nxserve prefill|decode` (the container image's entry point) run `python -m {service}_svc`, flags and all."""
+    out = subprocess.run([sys.executable, "-m", "nxserve.cli", service, "--help"], capture_output=True, text=True, check=True).stdout
+    direct = subprocess.run([sys.executable, "-m", f"{service}_svc", "--help"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith(f"usage: nxserve {service} ")
+    assert re.findall(r"--[\w-]+", out) == re.findall(r"--[\w-]+", direct)  # the same parser, the same flags
+    for flag in (*flags, "--model", "--port", "--metrics-port", "--health-port", "--dtype", "--tls-cert"):
+        assert flag in out, flag
+    out = subprocess.run([sys.executable, "-m", "nxserve.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "prefill" in out and "decode" in out

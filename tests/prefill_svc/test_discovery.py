@@ -10,15 +10,9 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import dns.flags
-import dns.message
-import dns.rcode
-import dns.rdatatype
-import dns.rrset
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,44 +21,10 @@ from nxserve.client import Client
 from nxserve.cluster import _free_ports
 from nxserve.rpc.discovery import DiscoveryError, DnsName, parse_decode, resolve
 from nxserve.v1 import decode_pb2, decode_pb2_grpc
+from tests.dns import DnsServer
 from tests.services import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class DnsServer:
-    """Answers A queries for `names` (name -> addresses, changed by the test) over UDP on
-    127.0.0.1; other names get NXDOMAIN, other types an empty answer. TTL 1 s."""
-
-    def __init__(self) -> None:
-        self.names: dict[str, list[str]] = {}
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.queries = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except OSError:  # closed
-                return
-            query = dns.message.from_wire(data)
-            response = dns.message.make_response(query)
-            response.flags |= dns.flags.AA
-            question = query.question[0]
-            name = question.name.to_text().rstrip(".")
-            self.queries += 1
-            if name not in self.names:
-                response.set_rcode(dns.rcode.NXDOMAIN)
-            elif question.rdtype == dns.rdatatype.A and self.names[name]:
-                response.answer.append(dns.rrset.from_text(question.name, 1, "IN", "A", *self.names[name]))
-            self.sock.sendto(response.to_wire(), peer)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
