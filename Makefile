@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 CACHE  := .cache
 DEFAULT_MODEL := $(CACHE)/models/tiny-llama
 
-.PHONY: setup test lint run model clean proto-lint image deploy-check
+.PHONY: setup test lint run model clean proto-lint image deploy-check xla-check
 
 setup: $(STAMP)
 
@@ -61,3 +61,24 @@ image:
 # schemas and the manifests' policies (tests/deploy; part of `make test` too).
 deploy-check: $(STAMP)
 	$(PY) -m pytest -q tests/deploy/test_manifests.py
+
+# The xla backend (nxcore/xla.py: the Neuron path, torch-xla) on torch-xla's CPU device: parity with
+# eager for every architecture, exactly one compilation per graph shape, no host fallbacks, and ms
+# per call against eager (bench/xla_check.py). Opt-in, never part of `make test` or CI: it builds its
+# own virtualenv (torch 2.9.0 + torch-xla 2.9.0: 3.9 GB to download, 7.1 GB installed), then runs
+# in 5-9 minutes here. XLA_CHECK_ARGS="--archs llama --json FILE" narrows it. The venv also gets
+# pyproject's other dependencies (not the project: it runs from this checkout through PYTHONPATH),
+# so `PYTHONPATH=. PJRT_DEVICE=CPU .cache/xla-venv/bin/python -m nxserve.cli generate --backend xla ...`
+# works there too.
+XLA_VENV  := $(CACHE)/xla-venv
+XLA_STAMP := $(XLA_VENV)/.installed
+XLA_TORCH := torch==2.9.0 torch-xla==2.9.0
+
+$(XLA_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/python -c 'import tomllib; print("\n".join(d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if not d.startswith("torch")))' > $(XLA_VENV)/requirements.txt
+	$(XLA_VENV)/bin/python -m pip install $(XLA_TORCH) -r $(XLA_VENV)/requirements.txt
+	touch $(XLA_STAMP)
+
+xla-check: $(XLA_STAMP)
+	PYTHONPATH=. PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m bench.xla_check $(XLA_CHECK_ARGS)

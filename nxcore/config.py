@@ -20,7 +20,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-BACKENDS = ("eager", "compile")
+BACKENDS = ("eager", "compile", "xla")
+"""eager: the PyTorch modules; compile: AOTInductor packages (nxcore.compiled); xla: XLA programs
+through torch-xla, the Neuron path (nxcore.xla; needs torch-xla, which the project venv lacks)."""
 MIN_BUCKET = 128
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nxcore import native
+from nxcore import native, xla
 from nxcore.compiled import GRAPH_SETS, ArtifactKey, ArtifactStore, check_graph_set, default_cache_root, graph_keys
 from nxcore.config import DTYPES, RuntimeConfig
 from nxcore.errors import EngineError
@@ -97,14 +97,19 @@ class Engine:
         config = resolve_config(model_config, config or RuntimeConfig())
         if saved_config is not None:
             config.check_matches(RuntimeConfig.load(saved_config), what=str(saved_config))
-        if config.backend == "compile" and config.tp_degree > 1:
-            raise EngineError(f"the compile backend runs tp_degree=1 only (asked: {config.tp_degree}); use --backend eager with TP")
+        if config.backend in ("compile", "xla") and config.tp_degree > 1:
+            raise EngineError(f"the {config.backend} backend runs tp_degree=1 only (asked: {config.tp_degree}); use --backend eager with TP")
+        if config.backend == "xla":
+            xla.require()  # before reading weights: says how to get torch-xla where it is missing
         if config.tp_degree == 1:
             model, fingerprint = load_rank(model_dir, model_config, config)
             store = None
             if config.backend == "compile":
                 store = ArtifactStore(compile_cache or default_cache_root(), ArtifactKey(fingerprint, config), compile_on_demand=compile_on_demand)
-            executor: Executor = LocalExecutor(model, config, store, graphs)
+            if config.backend == "xla":
+                executor: Executor = xla.XlaExecutor(model, config, graphs)
+            else:
+                executor = LocalExecutor(model, config, store, graphs)
         else:
             from nxcore.parallel.executor import TPExecutor
 

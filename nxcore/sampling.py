@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nxcore.modules.eager import runs_eagerly
+from nxcore.modules.eager import on_xla, runs_eagerly
 from nxcore.parallel.comm import TPComm
 
 
@@ -119,7 +119,12 @@ def sample(
     # The top-k over the vocabulary costs ~70 us per row on CPU (2.3 ms for 32 rows of 32000, 10% of
     # a batch-32 step here); a batch of greedy rows skips it. In a graph that is a data-dependent
     # branch (torch.cond); run eagerly, a Python one (an eager torch.cond costs ~0.4 ms of guards).
+    # On XLA, torch.cond evaluates its predicate on the host (an `aten::_local_scalar_dense`
+    # fallback and a program cut in two, seen with torch-xla 2.9): there every row takes the sampled
+    # path, which keeps greedy rows' tokens (`torch.where` on temperature), as NxD's sampler does.
     operands = (logits, temperature, top_k, top_p, rand, greedy_tokens)
+    if on_xla(logits):
+        return sampled_rows(*operands)
     if runs_eagerly(logits):
         return sampled_rows(*operands) if bool((temperature > 0).any()) else greedy_tokens
     return torch.cond((temperature > 0).any(), sampled_rows, greedy_rows, operands)

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from nxcore import native
-from nxcore.modules.eager import runs_eagerly
+from nxcore.modules.eager import on_xla, runs_eagerly
 
 _PACKED: dict[tuple[int, int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
 """(storage address, storage offset, shape, dtype) of a dense weight -> its oneDNN-packed copy."""
@@ -77,6 +77,8 @@ class Linear(nn.Linear):
     per decode step."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if on_xla(x):  # XLA lowers the matmul itself; the op's Python body reads a storage address it has not
+            return F.linear(x, self.weight, self.bias)
         if not native.available() and runs_eagerly(x):
             packed = _PACKED.get(_key(self.weight))
             if packed is not None:

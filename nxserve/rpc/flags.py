@@ -62,8 +62,9 @@ class EngineFlags:
     backend: str = _flag(
         "eager",
         "graph backend: eager runs the PyTorch modules; compile runs AOTInductor-compiled graphs "
-        "from the compiled-artifact cache (fill it with `nxserve compile`)",
-        choices=["eager", "compile"],
+        "from the compiled-artifact cache (fill it with `nxserve compile`); xla runs them as XLA programs through "
+        "torch-xla (the Neuron path: needs torch-xla, see `make xla-check`)",
+        choices=["eager", "compile", "xla"],
     )
     compile_cache: str | None = _flag(
         None, "compiled-artifact cache root for --backend compile", unset=f"${ENV_COMPILE_CACHE}, else ~/.cache/nxserve/compiled", metavar="DIR"
