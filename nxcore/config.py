@@ -75,6 +75,10 @@ class RuntimeConfig:
     """Tokens scored per speculation-graph call; 0 builds no speculation graph."""
     backend: str = "eager"
     """Graph backend: one of BACKENDS."""
+    batch_invariant: bool = False
+    """Every row computed as if alone: a request's bits do not depend on the batch, the buckets or
+    whether its KV came from context encoding or token generation (see nxcore/csrc/invariant.cpp
+    and the README). Off by default: it costs prefill speed (measured in bench.invariance)."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
@@ -111,6 +115,13 @@ class RuntimeConfig:
             f"0..{self.seq_len - 1}",
         )
         _require(self.backend in BACKENDS, "backend", self.backend, f"one of {list(BACKENDS)}")
+        _require(isinstance(self.batch_invariant, bool), "batch_invariant", self.batch_invariant, "True or False")
+        _require(
+            not (self.batch_invariant and self.moe_capacity_factor is not None),
+            "moe_capacity_factor",
+            self.moe_capacity_factor,
+            "None in batch-invariant mode (capacity drops a token or not by the other tokens of the call)",
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -50,13 +50,18 @@ def load_rank(model_dir: str | Path, model_config: ModelConfig, config: RuntimeC
     plan = make_plan(model_config, config.tp_degree, config.ep_degree)
     dtype = config.torch_dtype
     state = arch.convert_state_dict(load_tensors(model_dir, dtype=dtype), model_config)
-    fingerprint = fingerprint_of(model_config, state, config.dtype)
+    # Batch-invariant mode is part of the model's identity for pairing: a prefill and a decode in
+    # different modes would not continue each other's bits, so they refuse each other as they would
+    # another dtype.
+    fingerprint = fingerprint_of(model_config, state, config.dtype, batch_invariant=config.batch_invariant)
     state = shard_state_dict(state, model_config, plan, rank)
     comm = TPComm(plan=plan, rank=rank, group=group)
     with torch.device("meta"):
         model = CausalLM(
             model_config, slots=config.batch_size, seq_len=config.seq_len, dtype=dtype, comm=comm, capacity_factor=config.moe_capacity_factor
         )
+    if config.batch_invariant:
+        model.set_batch_invariant()
     model.to_empty(device="cpu")
     model.init_buffers()
     # assign: parameters take the converted tensors as they are (their dtype, no second copy).
@@ -67,9 +72,11 @@ def load_rank(model_dir: str | Path, model_config: ModelConfig, config: RuntimeC
     return model, fingerprint
 
 
-def fingerprint_of(model_config: ModelConfig, state: dict[str, torch.Tensor], dtype: str) -> str:
-    """A short hash of the architecture facts, the dtype and a sample of every (unsharded) weight."""
-    digest = hashlib.sha256(json.dumps({**model_config.fingerprint_fields(), "dtype": dtype}, sort_keys=True).encode())
+def fingerprint_of(model_config: ModelConfig, state: dict[str, torch.Tensor], dtype: str, *, batch_invariant: bool = False) -> str:
+    """A short hash of the architecture facts, the dtype (and batch-invariant mode, when on) and a
+    sample of every (unsharded) weight."""
+    fields = {**model_config.fingerprint_fields(), "dtype": dtype} | ({"batch_invariant": True} if batch_invariant else {})
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     for name in sorted(state):
         tensor = state[name].detach().reshape(-1)
         digest.update(name.encode())

@@ -91,33 +91,51 @@ struct Problem {
 
 // Tasks [begin, end) of (row, KV head): the query heads of the group at every new position attend
 // over the row's slot, read in place. The scratch buffers are the caller's (one set per thread).
+// Keys [0, n) a query reads: up to its last allowed key, rounded up to a multiple of `block` (at
+// most S); S when it may read none. The keys past it are masked, so skipping them only skips
+// exact zeros of the softmax and of the weighted sum: the same bits for any S (KV bucket) and any
+// number of queries, which batch-invariant mode relies on, and no work on stale or future keys.
+NXCORE_INLINE int64_t keys_used(const bool* mask_row, int64_t S, int64_t block) {
+  int64_t last = S - 1;
+  while (last >= 0 && !mask_row[last]) --last;
+  if (last < 0) return S;
+  return std::min(S, (last + block) / block * block);
+}
+
 template <typename T>
 NXCORE_INLINE void attend(const Problem<T>& p, int64_t begin, int64_t end, float* qf, float* row, float* scores,
-                          float* acc) {
+                          float* acc, int64_t* lim) {
   const float lowest = std::numeric_limits<float>::lowest();
   const int64_t D = p.D, S = p.S, Q = p.Q;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / p.KV, h = task % p.KV;
     const T* keys = p.keys(b, h);
     const T* values = p.values(b, h);
-    for (int64_t i = 0; i < Q; ++i) to_float(p.q + p.query_offset(b, h, i), qf + i * D, D);
-    for (int64_t s = 0; s < S; ++s) {
+    int64_t longest = 0;
+    for (int64_t i = 0; i < Q; ++i) {
+      to_float(p.q + p.query_offset(b, h, i), qf + i * D, D);
+      lim[i] = keys_used(p.mask_row(b, i), S, 1);
+      longest = std::max(longest, lim[i]);
+    }
+    for (int64_t s = 0; s < longest; ++s) {
       to_float(keys + s * p.ks2, row, D);
       for (int64_t i = 0; i < Q; ++i) {
-        scores[i * S + s] = p.mask_row(b, i)[s] ? dot(qf + i * D, row, D) * p.scale : lowest;
+        scores[i * S + s] = s < lim[i] && p.mask_row(b, i)[s] ? dot(qf + i * D, row, D) * p.scale : lowest;
       }
     }
     for (int64_t i = 0; i < Q; ++i) {
       float* sc = scores + i * S;
+      const int64_t L = lim[i];
       float peak = lowest;
-      for (int64_t s = 0; s < S; ++s) peak = std::max(peak, sc[s]);
+      for (int64_t s = 0; s < L; ++s) peak = std::max(peak, sc[s]);
       float total = 0.f;
-      for (int64_t s = 0; s < S; ++s) total += (sc[s] = std::exp(sc[s] - peak));
+      for (int64_t s = 0; s < L; ++s) total += (sc[s] = std::exp(sc[s] - peak));
       const float inv = 1.f / total;
-      for (int64_t s = 0; s < S; ++s) sc[s] *= inv;
+      for (int64_t s = 0; s < L; ++s) sc[s] *= inv;
+      std::fill(sc + L, sc + S, 0.f);
     }
     std::fill(acc, acc + Q * D, 0.f);
-    for (int64_t s = 0; s < S; ++s) {
+    for (int64_t s = 0; s < longest; ++s) {
       to_float(values + s * p.vs2, row, D);
       for (int64_t i = 0; i < Q; ++i) {
         const float w = scores[i * S + s];
@@ -132,14 +150,16 @@ NXCORE_INLINE void attend(const Problem<T>& p, int64_t begin, int64_t end, float
 #ifdef NXCORE_X86_GNU
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")))
-void attend_avx512(const Problem<T>& p, int64_t begin, int64_t end, float* qf, float* row, float* scores, float* acc) {
-  attend(p, begin, end, qf, row, scores, acc);
+void attend_avx512(const Problem<T>& p, int64_t begin, int64_t end, float* qf, float* row, float* scores, float* acc,
+                   int64_t* lim) {
+  attend(p, begin, end, qf, row, scores, acc, lim);
 }
 #endif
 
 template <typename T>
-void attend_baseline(const Problem<T>& p, int64_t begin, int64_t end, float* qf, float* row, float* scores, float* acc) {
-  attend(p, begin, end, qf, row, scores, acc);
+void attend_baseline(const Problem<T>& p, int64_t begin, int64_t end, float* qf, float* row, float* scores, float* acc,
+                     int64_t* lim) {
+  attend(p, begin, end, qf, row, scores, acc, lim);
 }
 
 #ifdef NXCORE_X86_GNU
@@ -189,13 +209,18 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
     const int64_t b = task / p.KV, h = task % p.KV;
     const at::BFloat16* keys = p.keys(b, h);
     const at::BFloat16* values = p.values(b, h);
+    int64_t longest = 0;  // keys any query of the task reads
     for (int64_t i = 0; i < Q; ++i) {
       const at::BFloat16* qi = p.q + p.query_offset(b, h, i);
       const bool* mi = p.mask_row(b, i);
       float* si = scores + i * S;
+      // Keys [0, E) are read: vector blocks up to V, the scalar tail up to E (see keys_used).
+      const int64_t used = keys_used(mi, S, 16);
+      const int64_t V = used >= S ? S16 : used, E = used >= S ? S : used;
+      longest = std::max(longest, E);
       __m512bh qv[8];
       for (int64_t c = 0; c < chunks; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qi + 32 * c);
-      for (int64_t s0 = 0; s0 < S16; s0 += 16) {
+      for (int64_t s0 = 0; s0 < V; s0 += 16) {
         __m512 part[16];
         for (int j = 0; j < 16; ++j) {
           const at::BFloat16* kr = keys + (s0 + j) * p.ks2;
@@ -207,34 +232,35 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
                                                      _mm_setzero_si128());
         _mm512_storeu_ps(si + s0, _mm512_mask_blend_ps(keep, _mm512_set1_ps(lowest), _mm512_mul_ps(hsum16(part), scale)));
       }
-      for (int64_t s = S16; s < S; ++s) {
+      for (int64_t s = V; s < E; ++s) {
         const at::BFloat16* kr = keys + s * p.ks2;
         __m512 a = _mm512_setzero_ps();
         for (int64_t c = 0; c < chunks; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kr + 32 * c), qv[c]);
         si[s] = mi[s] ? _mm512_reduce_add_ps(a) * p.scale : lowest;
       }
-      // softmax over the S scores
+      // softmax over the E scores read; the rest weigh exactly 0
       __m512 peak = _mm512_set1_ps(lowest);
-      for (int64_t s0 = 0; s0 < S16; s0 += 16) peak = _mm512_max_ps(peak, _mm512_loadu_ps(si + s0));
+      for (int64_t s0 = 0; s0 < V; s0 += 16) peak = _mm512_max_ps(peak, _mm512_loadu_ps(si + s0));
       float top = _mm512_reduce_max_ps(peak);
-      for (int64_t s = S16; s < S; ++s) top = std::max(top, si[s]);
+      for (int64_t s = V; s < E; ++s) top = std::max(top, si[s]);
       const __m512 topv = _mm512_set1_ps(top);
       __m512 sum = _mm512_setzero_ps();
-      for (int64_t s0 = 0; s0 < S16; s0 += 16) {
+      for (int64_t s0 = 0; s0 < V; s0 += 16) {
         const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(si + s0), topv));
         _mm512_storeu_ps(si + s0, e);
         sum = _mm512_add_ps(sum, e);
       }
       float total = _mm512_reduce_add_ps(sum);
-      for (int64_t s = S16; s < S; ++s) total += (si[s] = std::exp(si[s] - top));
+      for (int64_t s = V; s < E; ++s) total += (si[s] = std::exp(si[s] - top));
       const float inv = 1.f / total;
       const __m512 invv = _mm512_set1_ps(inv);
-      for (int64_t s0 = 0; s0 < S16; s0 += 16) _mm512_storeu_ps(si + s0, _mm512_mul_ps(_mm512_loadu_ps(si + s0), invv));
-      for (int64_t s = S16; s < S; ++s) si[s] *= inv;
+      for (int64_t s0 = 0; s0 < V; s0 += 16) _mm512_storeu_ps(si + s0, _mm512_mul_ps(_mm512_loadu_ps(si + s0), invv));
+      for (int64_t s = V; s < E; ++s) si[s] *= inv;
+      std::fill(si + E, si + S, 0.f);
     }
     // weighted sum of values: each value row widened once, for every query
     std::fill(acc, acc + Q * D, 0.f);
-    for (int64_t s = 0; s < S; ++s) {
+    for (int64_t s = 0; s < longest; ++s) {
       const at::BFloat16* vr = values + s * p.vs2;
       __m512 vf[16];
       for (int64_t c = 0; c < 2 * chunks; ++c)
@@ -283,10 +309,11 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_cache, con
     }
 #endif
     std::vector<float> qf(p.Q * p.D), row(p.D);  // the generic loops' widened query and key/value rows
+    std::vector<int64_t> lim(p.Q);                // and the keys each query reads
 #ifdef NXCORE_X86_GNU
-    if (avx512) return attend_avx512(p, begin, end, qf.data(), row.data(), scores.data(), acc.data());
+    if (avx512) return attend_avx512(p, begin, end, qf.data(), row.data(), scores.data(), acc.data(), lim.data());
 #endif
-    attend_baseline(p, begin, end, qf.data(), row.data(), scores.data(), acc.data());
+    attend_baseline(p, begin, end, qf.data(), row.data(), scores.data(), acc.data(), lim.data());
   });
 }
 

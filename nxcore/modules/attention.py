@@ -87,6 +87,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else None
 
+    invariant: bool = False
+    """Batch-invariant mode: context encoding attends through `nxcore::decode_attention` too (see forward)."""
+
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
@@ -106,6 +109,14 @@ class Attention(nn.Module):
             else:
                 keys, values = cache.gather(self.layer_idx, ctx.slot_ids, ctx.kv_len)
                 out = self._attend(q, keys, values, mask)
+        elif self.invariant:
+            # Batch-invariant mode: the prompt's keys go to the cache first and are attended there by
+            # the decode kernel, whose sums over keys run in one order for any number of queries and
+            # any KV length (masked keys add exact zeros), so re-encoding a sequence gives the bits
+            # token generation gave it. It skips no masked block: about twice SDPA's causal work.
+            cache.write_prefix(self.layer_idx, ctx.slot_ids, k, v)
+            k_buf, v_buf = cache.buffers_of(self.layer_idx)
+            out = torch.ops.nxcore.decode_attention(q, k_buf, v_buf, ctx.slot_ids, ctx.masks[self.sliding_window], self.scaling)
         else:
             cache.write_prefix(self.layer_idx, ctx.slot_ids, k, v)
             keys, values = k, v

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nxcore import native
+from nxcore.errors import EngineError
 from nxcore.kv_cache import KVCache
 from nxcore.model_config import ModelConfig
 from nxcore.modules.attention import Attention, AttentionContext, build_mask
 from nxcore.modules.linear import Linear
 from nxcore.modules.mlp import GatedMLP
-from nxcore.modules.moe import MoE
+from nxcore.modules.moe import MoE, Router
 from nxcore.modules.norm import RMSNorm
 from nxcore.modules.rotary import cos_sin_table, inv_frequencies
 from nxcore.parallel.comm import TPComm, single_rank
@@ -102,6 +104,24 @@ class CausalLM(nn.Module):
         self.windows = sorted(set(cfg.sliding_windows), key=lambda w: -1 if w is None else w)
         self.init_buffers()
 
+    invariant: bool = False
+    """Batch-invariant mode: see `set_batch_invariant`."""
+
+    def set_batch_invariant(self) -> None:
+        """Compute every row as if it were alone (`RuntimeConfig.batch_invariant`): the linears, the
+        MoE experts and router through `nxcore::linear_invariant`, context encoding's attention
+        through the decode kernel. Norms, rotary, activations and sampling are row-local already
+        (tests/nxcore/test_batch_invariance.py checks the whole model, both backends)."""
+        if not native.available():
+            raise EngineError(
+                f"batch-invariant mode needs nxcore's C++ ops, which are not in use here ({native.load()}): "
+                "install a C++ compiler (g++) and ninja, or run without --batch-invariant"
+            )
+        self.invariant = True
+        for module in self.modules():
+            if isinstance(module, Linear | Attention | MoE | Router):
+                module.invariant = True
+
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -130,8 +150,13 @@ class CausalLM(nn.Module):
                 key_positions = torch.arange(self.kv_cache.seq_len, device=positions.device)
             key_positions = key_positions[None, :]
 
-        # Prefill attention without a window is plain causal (see Attention.forward): no mask for it.
-        masks = {w: build_mask(q_pos=positions, k_pos=key_positions, window=w) for w in self.windows if not (prefill and w is None)}
+        # Prefill attention without a window is plain causal (see Attention.forward): no mask for it,
+        # except in batch-invariant mode, where it runs the decode kernel, which reads one.
+        masks = {
+            w: build_mask(q_pos=positions, k_pos=key_positions, window=w)
+            for w in self.windows
+            if not (prefill and w is None and not self.invariant)
+        }
         return AttentionContext(
             prefill=prefill,
             slot_ids=slot_ids,

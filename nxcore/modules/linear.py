@@ -53,10 +53,13 @@ def _python_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 @native.on_load
 def _define_op(loaded: bool) -> None:
-    """`nxcore::linear` is the C++ op once loaded; else it is defined here. Its shape function either way."""
+    """`nxcore::linear` is the C++ op once loaded; else it is defined here. Its shape function either way.
+    `nxcore::linear_invariant` (batch-invariant mode) exists only in C++: see `Linear.forward`."""
     if not loaded:
         torch.library.custom_op("nxcore::linear", _python_linear, mutates_args=())
     torch.library.register_fake("nxcore::linear")(_fake_linear)
+    if loaded:
+        torch.library.register_fake("nxcore::linear_invariant")(_fake_linear)
 
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
@@ -76,7 +79,14 @@ class Linear(nn.Linear):
     packed weight itself: the Python op's dispatch costs ~30-40 us a call (measured here), a few ms
     per decode step."""
 
+    invariant: bool = False
+    """Batch-invariant mode (`RuntimeConfig.batch_invariant`): `nxcore::linear_invariant`
+    (nxcore/csrc/invariant.cpp), whose every output element is summed in one order whatever the
+    number of rows, instead of the kernels chosen by row count below."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.invariant:
+            return torch.ops.nxcore.linear_invariant(x, self.weight, self.bias)
         if on_xla(x):  # XLA lowers the matmul itself; the op's Python body reads a storage address it has not
             return F.linear(x, self.weight, self.bias)
         if not native.available() and runs_eagerly(x):

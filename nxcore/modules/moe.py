@@ -36,9 +36,16 @@ class Router(nn.Module):
         self.top_k = top_k
         self.normalize = normalize
 
+    invariant: bool = False
+    """Batch-invariant mode: the router's logits through `nxcore::linear_invariant` (see MoE)."""
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] float32, expert ids [T, k])."""
-        probs = torch.softmax(nn.functional.linear(x, self.weight).to(torch.float32), dim=-1)
+        if self.invariant:
+            scores = torch.ops.nxcore.linear_invariant(x, self.weight, None)
+        else:
+            scores = nn.functional.linear(x, self.weight)
+        probs = torch.softmax(scores.to(torch.float32), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -79,10 +86,19 @@ class MoE(nn.Module):
         assert self.capacity_factor is not None, "capacity dispatch needs a capacity factor"
         return min(tokens, math.ceil(tokens * self.top_k * self.capacity_factor / self.num_experts))
 
+    invariant: bool = False
+    """Batch-invariant mode (`RuntimeConfig.batch_invariant`): every token runs the same arithmetic
+    whatever else is in the call. The gather and dense dispatches (chosen by token count) compute a
+    token differently, and capacity drops depend on the other tokens, so this mode runs every local
+    expert over every token through `nxcore::linear_invariant` and adds the routed experts' outputs
+    in expert order (`_invariant`): exact, at the dense dispatch's cost."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, experts = self.router(flat)
+        if self.invariant:
+            return self._invariant(flat, self._dense_weights(weights, experts)).reshape(shape)
         method = self.dispatch_for(flat.shape[0])
         if method == "gather":
             out = self._gather(flat, weights, experts)
@@ -95,6 +111,14 @@ class MoE(nn.Module):
     def _expert_mlp(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         gate, up = torch.matmul(x, gate_up).split(self.intermediate_size, dim=-1)
         return torch.matmul(self.act(gate) * up, down)
+
+    def _invariant(self, x: torch.Tensor, dense_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(len(self.local)):  # a fixed order of additions for every token
+            gate, up = torch.ops.nxcore.linear_invariant(x, self.gate_up[e].t(), None).split(self.intermediate_size, dim=-1)
+            y = torch.ops.nxcore.linear_invariant(self.act(gate) * up, self.down[e].t(), None)
+            out = out + dense_weights[:, e : e + 1].to(y.dtype) * y
+        return out
 
     def _dense_weights(self, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """[T, local experts] routing weight of each local expert for each token (0 if not chosen)."""

@@ -72,6 +72,13 @@ class EngineFlags:
     compile_on_demand: bool = _flag(
         False, "with --backend compile, compile graphs missing from the cache at load instead of failing", action="store_true"
     )
+    batch_invariant: bool = _flag(
+        False,
+        "compute every request as if it were alone: its tokens (seeded sampling included) are the same bits whatever "
+        "the batch, the buckets or the replica, and re-encoding a sequence continues it exactly; costs prefill speed "
+        "(README: Batch invariance)",
+        action="store_true",
+    )
     max_topk: int = _flag(256, "width of the in-graph top-k candidate set", type=int)
     tp: int = _flag(1, "tensor-parallel degree: rank processes for this engine", type=int)
     ep: int = _flag(1, "expert-parallel degree for MoE models, a divisor of --tp", type=int)
@@ -162,6 +169,7 @@ class EngineFlags:
             tp_degree=self.tp,
             ep_degree=self.ep,
             moe_capacity_factor=self.moe_capacity_factor,
+            batch_invariant=self.batch_invariant,
         )
 
     def service_config(self, service: str, *, max_positions: int) -> RuntimeConfig:

@@ -25,6 +25,7 @@ EVERY_FLAG = EngineFlags(
     backend="compile",
     compile_cache="/tmp/cc",
     compile_on_demand=True,
+    batch_invariant=True,
     max_topk=64,
     tp=2,
     ep=2,

@@ -1,0 +1,205 @@
+// nxcore::linear_invariant on CPU: y = x @ w.T (+ bias) where every output element is computed
+// the same way whatever the number of rows of x, their contents and order: the linear of
+// batch-invariant mode (`RuntimeConfig.batch_invariant`, see nxcore/modules/linear.py).
+//
+// Why its own kernel: oneDNN and BLAS choose their blocking over the inner dimension (and with it
+// the order of the float32 additions) from the shape, so a row's bits change with the number of
+// rows next to it: the bf16 GEMV of `nxcore::linear` serves 1-2 rows and oneDNN more, MKL picks
+// other kernels for other M. Here one micro-kernel shape computes every element:
+//
+//   acc = 0 (a vector of L float32 lanes); for k in 0, L', 2L', ... (L' = 32 bf16 or 16 float32
+//   elements): acc += w[n, k:k+L'] * x[m, k:k+L'] (the tail masked); y[m, n] = sum of acc's lanes
+//   (one fixed tree), + bias[n], rounded once to the output dtype.
+//
+// Tiles of up to 4 rows of x by 4 rows of w share loads, but each (m, n) keeps its own accumulator,
+// so its additions do not depend on the tile it lands in; threads split the weight rows, never K.
+// Without AVX-512 (other CPUs) a scalar loop in the same spirit (one float32 accumulator, k in
+// order) is used: invariant too, slower.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu_features.h"
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+
+#ifdef NXCORE_X86_GNU
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kRowBlock = 64;  // rows of x kept hot (L2) while a task's weight rows stream past them
+
+#ifdef NXCORE_X86_GNU
+#define NXCORE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define NXCORE_F32_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// out[m][n] = dot(x[m], w[n]) over K for MR rows of x (stride K) and NR rows of w (stride K).
+template <int MR, int NR>
+NXCORE_BF16_TARGET inline void tile_bf16(const at::BFloat16* x, const at::BFloat16* w, int64_t K, float out[4][4]) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = (__m512bh)_mm512_loadu_si512(w + n * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], wv[n], xv);
+    }
+  }
+  if (k < K) {
+    const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    __m512bh wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + n * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], wv[n], xv);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
+template <int MR, int NR>
+NXCORE_F32_TARGET inline void tile_f32(const float* x, const float* w, int64_t K, float out[4][4]) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = _mm512_loadu_ps(w + n * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_fmadd_ps(wv[n], xv, acc[m][n]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = _mm512_maskz_loadu_ps(tail, w + n * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * K + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_fmadd_ps(wv[n], xv, acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
+template <typename T, int NR>
+void tile_rows(const T* x, const T* w, int64_t K, int64_t mr, float out[4][4]) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    switch (mr) {
+      case 1: return tile_bf16<1, NR>(x, w, K, out);
+      case 2: return tile_bf16<2, NR>(x, w, K, out);
+      case 3: return tile_bf16<3, NR>(x, w, K, out);
+      default: return tile_bf16<4, NR>(x, w, K, out);
+    }
+  } else {
+    switch (mr) {
+      case 1: return tile_f32<1, NR>(x, w, K, out);
+      case 2: return tile_f32<2, NR>(x, w, K, out);
+      case 3: return tile_f32<3, NR>(x, w, K, out);
+      default: return tile_f32<4, NR>(x, w, K, out);
+    }
+  }
+}
+
+template <typename T>
+void tile(const T* x, const T* w, int64_t K, int64_t mr, int64_t nr, float out[4][4]) {
+  switch (nr) {
+    case 1: return tile_rows<T, 1>(x, w, K, mr, out);
+    case 2: return tile_rows<T, 2>(x, w, K, mr, out);
+    case 3: return tile_rows<T, 3>(x, w, K, mr, out);
+    default: return tile_rows<T, 4>(x, w, K, mr, out);
+  }
+}
+
+template <typename T>
+void linear_avx512(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  const int64_t blocks = (N + 3) / 4;
+  // At least ~64 KiB of weight per task, so small layers do not pay for waking threads.
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (4 * K * static_cast<int64_t>(sizeof(T))));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    float out[4][4];
+    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+      const int64_t m1 = std::min(M, m0 + kRowBlock);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n = b * 4, nr = std::min<int64_t>(4, N - n);
+        for (int64_t m = m0; m < m1; m += 4) {
+          const int64_t mr = std::min<int64_t>(4, m1 - m);
+          tile<T>(xp + m * K, wp + n * K, K, mr, nr, out);
+          for (int64_t i = 0; i < mr; ++i)
+            for (int64_t j = 0; j < nr; ++j) yp[(m + i) * N + n + j] = static_cast<T>(bias ? out[i][j] + bias[n + j] : out[i][j]);
+        }
+      }
+    }
+  });
+}
+#endif
+
+// Any CPU, any floating dtype: one float32 accumulator per element, k in order.
+template <typename T>
+void linear_scalar(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(wp[n * K + k]) * static_cast<float>(xp[m * K + k]);
+        yp[m * N + n] = static_cast<T>(bias ? acc + bias[n] : acc);
+      }
+  });
+}
+
+at::Tensor linear_invariant(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2, "nxcore::linear_invariant: weight must be 2-D, got ", weight.sizes());
+  const int64_t K = weight.size(1), N = weight.size(0);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "nxcore::linear_invariant: input's last dimension is ", x.size(-1),
+              ", the weight takes ", K);
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "nxcore::linear_invariant: input dtype ", x.scalar_type(),
+              " differs from the weight's ", weight.scalar_type());
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  const at::Tensor x2d = x.reshape({-1, K}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  std::optional<at::Tensor> bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  const float* bp = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({x2d.size(0), N}, x.options());
+  if (x2d.size(0) == 0) return y.view(out_shape);
+#ifdef NXCORE_X86_GNU
+  if (x.scalar_type() == at::kBFloat16 && nxcore::cpu_has_avx512_bf16()) {
+    linear_avx512<at::BFloat16>(x2d, w, bp, y);
+    return y.view(out_shape);
+  }
+  if (x.scalar_type() == at::kFloat && nxcore::cpu_has_avx512()) {
+    linear_avx512<float>(x2d, w, bp, y);
+    return y.view(out_shape);
+  }
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nxcore::linear_invariant",
+                                  [&] { linear_scalar<scalar_t>(x2d, w, bp, y); });
+  return y.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(nxcore, m) { m.def("linear_invariant(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(nxcore, CPU, m) { m.impl("linear_invariant", &linear_invariant); }
