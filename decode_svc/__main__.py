@@ -28,7 +28,7 @@ def build_parser(prog: str = "python -m decode_svc") -> argparse.ArgumentParser:
         epilog="Flags can also come from files: @FILE stands for the arguments in FILE, one per line (e.g. --seq-len=2048); "
         "the Kubernetes manifests pass the engine's flags this way, from one ConfigMap both services read.",
     )
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or GGUF file (or a folder holding one) (the same as prefill's)")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or GGUF file, or a folder holding one: the same as prefill's")
     add_server_flags(
         p,
         port=50061,

@@ -1,4 +1,5 @@
-"""Reading a Hugging Face checkpoint directory: config, tokenizer files and safetensors weights."""
+"""Reading a checkpoint: a Hugging Face directory (config, tokenizer files, safetensors weights) or a
+GGUF file (`nxcore.gguf`: a `.gguf` path, or a folder holding one and no config.json)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from nxcore import gguf
+
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
@@ -17,17 +20,21 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def read_hf_config(model_dir: str | Path) -> Any:
-    """The checkpoint's HF config (transformers.AutoConfig, local files only)."""
+    """The checkpoint's HF config (transformers.AutoConfig, local files only; a GGUF file's from its metadata)."""
     from transformers import AutoConfig
 
+    if file := gguf.find_gguf(model_dir):
+        return gguf.read_hf_config(file)
     path = Path(model_dir)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint: {path / 'config.json'} does not exist")
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint ({path / 'config.json'} does not exist) nor a GGUF file")
     return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
 def read_eos_token_ids(model_dir: str | Path) -> tuple[int, ...]:
-    """End-of-sequence ids from generation_config.json (it may list several), or ()."""
+    """End-of-sequence ids from generation_config.json (it may list several; a GGUF file's metadata), or ()."""
+    if file := gguf.find_gguf(model_dir):
+        return gguf.read_eos_token_ids(file)
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return ()
@@ -53,7 +60,9 @@ def weight_files(model_dir: str | Path) -> list[Path]:
 
 
 def load_tensors(model_dir: str | Path, *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint by its HF name, read once and cast to `dtype`."""
+    """Every tensor of the checkpoint by its HF name, read once (a GGUF file's dequantized) and cast to `dtype`."""
+    if file := gguf.find_gguf(model_dir):
+        return gguf.load_tensors(file, dtype=dtype)
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(model_dir):
         with safe_open(str(file), framework="pt") as f:

@@ -1,9 +1,12 @@
-"""The checkpoint's tokenizer (transformers AutoTokenizer, local files only) behind a small interface."""
+"""The checkpoint's tokenizer (transformers AutoTokenizer, local files only; a GGUF file's from its
+metadata) behind a small interface."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from nxcore import gguf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -18,6 +21,13 @@ class Tokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.hf.decode(token_ids, skip_special_tokens=True)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """`messages` ({"role", "content"} dicts) rendered by the checkpoint's chat template, ready
+        for the assistant's turn, as transformers' apply_chat_template renders them."""
+        if not self.hf.chat_template:
+            raise ValueError("the checkpoint has no chat template")
+        return str(self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
 class MissingTokenizer:
@@ -34,6 +44,8 @@ class MissingTokenizer:
 
 
 def load_tokenizer(model_dir: str | Path, *, required: bool = True) -> Tokenizer | MissingTokenizer:
+    if file := gguf.find_gguf(model_dir):
+        return Tokenizer(gguf.load_hf_tokenizer(file))
     path = Path(model_dir)
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         if required:

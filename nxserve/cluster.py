@@ -125,8 +125,10 @@ class LocalCluster:
             raise ValueError(f"decode_replicas must be >= 1, got {decode_replicas}")
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {port}")
-        if not (Path(model_dir) / "config.json").is_file():
-            raise FileNotFoundError(f"{Path(model_dir) / 'config.json'} does not exist: not a Hugging Face checkpoint directory")
+        model = Path(model_dir)
+        # The services read the model (nxcore.checkpoint); this only fails early, without importing torch.
+        if not ((model / "config.json").is_file() or (model.is_file() and model.suffix == ".gguf") or (model.is_dir() and any(model.glob("*.gguf")))):
+            raise FileNotFoundError(f"{model / 'config.json'} does not exist: not a Hugging Face checkpoint, nor a GGUF file (or a folder of one)")
         self.model_dir = str(model_dir)
         self.engine_args = list(engine_args)
         self.prefill_args = list(prefill_args)

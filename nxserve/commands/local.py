@@ -43,7 +43,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         help="generate text in-process from a checkpoint",
         description="Load a checkpoint into the nxcore engine and generate for one or more prompts (one batch).",
     )
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or GGUF file (or a folder holding one)")
     p.add_argument("--prompt", dest="prompts", action=AppendPrompt, metavar="TEXT", help="prompt text (repeatable)")
     p.add_argument("--prompt-ids", dest="prompts", action=AppendPrompt, type=token_ids, metavar="1,2,3", help="prompt as token ids (repeatable)")
     add_sampling_flags(p)
@@ -77,7 +77,7 @@ def add_compile(sub: argparse._SubParsersAction) -> None:
         ),
         fromfile_prefix_chars="@",
     )
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory or GGUF file (or a folder holding one)")
     p.add_argument(
         "--for",
         dest="targets",

