@@ -6,6 +6,7 @@
     nxserve up --model DIR [--decode-replicas N]                # prefill + decode services locally
     nxserve prefill|decode --model DIR ...                       # one service (python -m prefill_svc|decode_svc)
     nxserve client --target HOST:PORT --prompt "Hello"           # generate through a running server
+    nxserve openai --target HOST:PORT --port 8000                # OpenAI-compatible HTTP API over the gRPC one
     nxserve demo                                                 # what `make run` shows
     nxserve bench engine|serve ...                               # benchmarks (bench/): in-process, or a server under load
 
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 from nxserve.commands.bench import add_bench
 from nxserve.commands.local import add_compile, add_generate, add_make_model
-from nxserve.commands.serving import add_client, add_demo, add_up
+from nxserve.commands.serving import add_client, add_demo, add_openai, add_up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile(sub)
     add_up(sub)
     add_client(sub)
+    add_openai(sub)
     add_demo(sub)
     add_bench(sub)
     for name, what in SERVICES.items():

@@ -175,8 +175,15 @@ def _chunk_from_pb(message: pb.GenerateResponse) -> GenerationChunk:
     )
 
 
+def _field_value(message: Any, field: Any) -> Any:
+    value = getattr(message, field.name)
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return dict(value)
+    return list(value) if field.is_repeated else value
+
+
 def _message_to_dict(message: Any) -> dict[str, Any]:
-    return {f.name: list(getattr(message, f.name)) if f.is_repeated else getattr(message, f.name) for f in message.DESCRIPTOR.fields}
+    return {f.name: _field_value(message, f) for f in message.DESCRIPTOR.fields}
 
 
 class _ResultBuilder:
@@ -284,9 +291,11 @@ class _Base:
             self._credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes() if tls_ca is not None else None)
         self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
-    def _call_args(self, timeout: float | None, ctx: otel_context.Context | None = None) -> dict[str, Any]:
-        """Deadline (the call's, else the client's), the API key and the trace context (`ctx`'s, else the active one)."""
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self._auth + inject_metadata(ctx)}
+    def _call_args(self, timeout: float | None, ctx: otel_context.Context | None = None, api_key: str | None = None) -> dict[str, Any]:
+        """Deadline (the call's, else the client's), the API key (the call's, else the client's) and the
+        trace context (`ctx`'s, else the active one)."""
+        auth = (("authorization", f"Bearer {api_key}"),) if api_key else self._auth
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": auth + inject_metadata(ctx)}
 
     def _start(self, request: pb.GenerateRequest) -> _Traced:
         """The CLIENT span of a Generate call (a child of the caller's active span, if any) and its clock."""
@@ -379,7 +388,10 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """asyncio client (grpc.aio); create it inside the event loop that uses it."""
+    """asyncio client (grpc.aio); create it inside the event loop that uses it.
+
+    Each call also takes `api_key`, sent instead of the client's own for that call (a gateway
+    passing its callers' keys through)."""
 
     def __init__(
         self, target: str, *, timeout: float | None = None, tls_ca: str | Path | None = None, tls: bool = False, api_key: str | None = None
@@ -392,7 +404,7 @@ class AsyncClient(_Base):
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, api_key: str | None = None, **options: Unpack[GenerateOptions]
     ) -> AsyncIterator[GenerationChunk]:
         """Send the request now; `async for` yields its chunks as they arrive.
 
@@ -400,7 +412,7 @@ class AsyncClient(_Base):
         """
         request = _build_request(prompt, **options)
         traced = self._start(request)
-        call = self._stub.Generate(request, **self._call_args(timeout, traced.ctx))
+        call = self._stub.Generate(request, **self._call_args(timeout, traced.ctx, api_key))
         return self._chunks(call, traced)
 
     @staticmethod
@@ -419,19 +431,30 @@ class AsyncClient(_Base):
             traced.end(error)
 
     async def generate_text(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: Unpack[GenerateOptions]
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, api_key: str | None = None, **options: Unpack[GenerateOptions]
     ) -> GenerationResult:
         builder = _ResultBuilder()
-        async for chunk in self.generate(prompt, timeout=timeout, **options):
+        async for chunk in self.generate(prompt, timeout=timeout, api_key=api_key, **options):
             builder.add(chunk)
         return builder.result()
 
-    async def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
-        return _message_to_dict(await self._stub.ModelInfo(pb.ModelInfoRequest(), **self._call_args(timeout)))
+    async def model_info(self, *, timeout: float | None = None, api_key: str | None = None) -> dict[str, Any]:
+        return _message_to_dict(await self._stub.ModelInfo(pb.ModelInfoRequest(), **self._call_args(timeout, api_key=api_key)))
 
-    async def tokenize(self, text: str, add_special_tokens: bool = False, *, timeout: float | None = None) -> list[int]:
+    async def tokenize(self, text: str, add_special_tokens: bool = False, *, timeout: float | None = None, api_key: str | None = None) -> list[int]:
         request = pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
-        return list((await self._stub.Tokenize(request, **self._call_args(timeout))).token_ids)
+        return list((await self._stub.Tokenize(request, **self._call_args(timeout, api_key=api_key))).token_ids)
+
+    async def serving(self, *, timeout: float | None = None) -> bool:
+        """Whether the server's standard health check reports nxserve.v1.Generation SERVING (no API key needed)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        request = health_pb2.HealthCheckRequest(service="nxserve.v1.Generation")
+        try:
+            reply = await health_pb2_grpc.HealthStub(self._channel).Check(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
@@ -183,7 +184,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             migrations=self.migrations,
             fingerprint=engine.fingerprint,
             decode_replicas_up=len(self.router.usable()),
+            batch_invariant=cfg.batch_invariant,
+            **self._chat_template(),
         )
+
+    def _chat_template(self) -> dict[str, Any]:
+        """ModelInfo's chat_template and special_tokens (empty without tokenizer files or a template)."""
+        hf = getattr(self.tokenizer, "hf", None)
+        template = getattr(hf, "chat_template", None)
+        if isinstance(template, dict):  # named templates: transformers uses "default"
+            template = template.get("default")
+        if hf is None or not isinstance(template, str):
+            return {}
+        tokens = {name: value for name, value in hf.special_tokens_map.items() if isinstance(value, str)}
+        return {"chat_template": template, "special_tokens": tokens}
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         self._ready()

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BOTTOM = ("nxserve.rpc", "nxserve.kv", "nxserve.v1")
-TOP = ("nxserve.cli", "nxserve.commands", "nxserve.client", "nxserve.cluster", "nxserve.testing", "nxserve.omp_env", "nxserve.pki")
+TOP = ("nxserve.cli", "nxserve.commands", "nxserve.client", "nxserve.cluster", "nxserve.testing", "nxserve.omp_env", "nxserve.pki", "nxserve.openai")
 SERVICES = ("prefill_svc", "decode_svc")
 ENTRY_POINTS = ("prefill_svc.__main__", "decode_svc.__main__")
 

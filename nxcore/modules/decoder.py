@@ -153,9 +153,7 @@ class CausalLM(nn.Module):
         # Prefill attention without a window is plain causal (see Attention.forward): no mask for it,
         # except in batch-invariant mode, where it runs the decode kernel, which reads one.
         masks = {
-            w: build_mask(q_pos=positions, k_pos=key_positions, window=w)
-            for w in self.windows
-            if not (prefill and w is None and not self.invariant)
+            w: build_mask(q_pos=positions, k_pos=key_positions, window=w) for w in self.windows if not (prefill and w is None and not self.invariant)
         }
         return AttentionContext(
             prefill=prefill,

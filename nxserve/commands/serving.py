@@ -1,4 +1,4 @@
-"""Commands around the services: `nxserve up`, `nxserve demo` and `nxserve client`."""
+"""Commands around the services: `nxserve up`, `nxserve demo`, `nxserve client` and `nxserve openai`."""
 
 from __future__ import annotations
 
@@ -79,7 +79,27 @@ def add_up(sub: argparse._SubParsersAction) -> None:
     )
     _add_cluster_flags(p)
     p.add_argument("--port", type=int, default=50051, help="public (prefill) port; 0 picks a free one (default: 50051)")
+    p.add_argument(
+        "--openai-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the OpenAI-compatible HTTP API (`nxserve openai`) on 127.0.0.1:PORT, 0 for a free one (default: none)",
+    )
     p.set_defaults(func=_cmd_up)
+
+
+def add_openai(sub: argparse._SubParsersAction) -> None:
+    from nxserve.openai.__main__ import add_flags, run
+
+    p = sub.add_parser(
+        "openai",
+        help="serve an OpenAI-compatible HTTP API in front of a running nxserve",
+        description="Serve /v1/completions, /v1/chat/completions (streamed as server-sent events or not), /v1/models and "
+        "/health over the public gRPC API of --target; API keys (Authorization: Bearer) pass through to it.",
+    )
+    add_flags(p)
+    p.set_defaults(func=run)
 
 
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -283,7 +303,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 print(f"nxserve: TLS; clients trust {cluster.tls.ca} (nxserve client --tls-ca {cluster.tls.ca})", flush=True)
             for name, port in cluster.metrics_ports().items():
                 print(f"nxserve: {name} metrics on http://127.0.0.1:{port}/metrics", flush=True)
-            return _serve_until_signal(args.command, cluster)
+            if args.openai_port is None:
+                return _serve_until_signal(args.command, cluster)
+            from nxserve.openai.launch import GatewayProcess
+
+            extra = ["--target-tls-ca", str(cluster.tls.ca)] if cluster.tls else []
+            with GatewayProcess(cluster.target, port=args.openai_port, log_path=cluster.log_dir / "openai.log", extra=extra) as gateway:
+                print(f"nxserve: OpenAI-compatible API on {gateway.base_url}", flush=True)
+                return _serve_until_signal(args.command, cluster)
     except ClusterError as exc:
         print(f"nxserve {args.command}: error: {exc}", file=sys.stderr)
         return 2

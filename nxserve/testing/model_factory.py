@@ -3,7 +3,7 @@
 Tests and benchmarks need checkpoints that load with the stock ``transformers`` Auto classes but
 must not depend on the hub. :func:`make_model` writes one to a directory::
 
-    config.json  generation_config.json  model.safetensors  tokenizer.json  tokenizer_config.json
+    config.json  generation_config.json  model.safetensors  tokenizer.json  tokenizer_config.json (with a chat template)
 
 The weights are random (``torch.manual_seed(seed)`` then ``AutoModelForCausalLM.from_config``, fp32),
 so outputs are meaningless but deterministic: the same ``(arch, preset, seed, overrides)`` gives
@@ -89,6 +89,14 @@ SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN)
 BOS_ID, EOS_ID, PAD_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 RESERVED_TOKEN = "<|reserved_{}|>"
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # specials + the byte-level alphabet
+# A Zephyr-style chat template over the tokenizer's own specials, saved in tokenizer_config.json so
+# that chat requests (the OpenAI gateway, `apply_chat_template`) have one. It reads bos_token and
+# eos_token as transformers passes them, and takes content as a string.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 # The pre-tokenizer split regex of transformers' Qwen2Tokenizer. AutoTokenizer always loads a
 # model_type "qwen2" checkpoint with that class, which rebuilds normalizer and pre-tokenizer itself
@@ -827,6 +835,7 @@ def build_tokenizer(*, vocab_size: int, seed: int = 0) -> PreTrainedTokenizerFas
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -898,7 +907,7 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: P
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as staging, _no_progress_bars():
         model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        tokenizer.save_pretrained(staging, save_jinja_files=False)  # the chat template inside tokenizer_config.json
         # safetensors writes model.safetensors as 0600; give every file the umask-default mode
         # that plain open() gave config.json, so other users/containers can read the checkpoint.
         mode = stat.S_IMODE((Path(staging) / "config.json").stat().st_mode)

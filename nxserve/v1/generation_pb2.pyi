@@ -93,7 +93,14 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "architecture", "dtype", "buckets", "batch_size", "ctx_batch_size", "max_prompt_tokens", "max_total_tokens", "vocab_size", "decode_replicas", "fingerprint", "decode_replicas_up", "kv_regions_held", "migrations")
+    __slots__ = ("model", "architecture", "dtype", "buckets", "batch_size", "ctx_batch_size", "max_prompt_tokens", "max_total_tokens", "vocab_size", "decode_replicas", "fingerprint", "decode_replicas_up", "kv_regions_held", "migrations", "chat_template", "special_tokens", "batch_invariant")
+    class SpecialTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +115,9 @@ class ModelInfoResponse(_message.Message):
     DECODE_REPLICAS_UP_FIELD_NUMBER: _ClassVar[int]
     KV_REGIONS_HELD_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     dtype: str
@@ -122,7 +132,10 @@ class ModelInfoResponse(_message.Message):
     decode_replicas_up: int
     kv_regions_held: int
     migrations: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., ctx_batch_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., decode_replicas: _Optional[int] = ..., fingerprint: _Optional[str] = ..., decode_replicas_up: _Optional[int] = ..., kv_regions_held: _Optional[int] = ..., migrations: _Optional[int] = ...) -> None: ...
+    chat_template: str
+    special_tokens: _containers.ScalarMap[str, str]
+    batch_invariant: bool
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., batch_size: _Optional[int] = ..., ctx_batch_size: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., decode_replicas: _Optional[int] = ..., fingerprint: _Optional[str] = ..., decode_replicas_up: _Optional[int] = ..., kv_regions_held: _Optional[int] = ..., migrations: _Optional[int] = ..., chat_template: _Optional[str] = ..., special_tokens: _Optional[_Mapping[str, str]] = ..., batch_invariant: _Optional[bool] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special_tokens")

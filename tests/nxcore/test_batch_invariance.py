@@ -177,3 +177,24 @@ def test_the_mode_needs_the_cpp_ops(checkpoints: dict[str, Checkpoint], monkeypa
     monkeypatch.setattr(native, "available", lambda: False)
     with pytest.raises(EngineError, match=r"batch-invariant mode needs nxcore.s C\+\+ ops"):
         Engine.from_pretrained(checkpoints["llama"].path, BASE.replace(dtype="float32"))
+
+
+@pytest.mark.slow
+def test_compiled_graphs_are_invariant_too(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+    """The compile backend (AOTInductor graphs; Inductor generates the norms, rotary and sampling
+    code itself): a row alone and next to another, in two buckets, and re-encoded, gives the same bits."""
+    config = RuntimeConfig(batch_size=2, ctx_batch_size=2, seq_len=32, buckets=(16, 32), dtype="bfloat16", backend="compile", batch_invariant=True)
+    engine = Engine.from_pretrained(checkpoints["llama"].path, config, compile_cache=tmp_path, compile_on_demand=True)
+    prompt = random_prompt(9, seed=5)
+    alone_kv, alone_logits = encode_then_step(engine, [prompt], 0)
+    kv, logits = encode_then_step(engine, [random_prompt(20, seed=6), prompt], 1)  # bucket 32, 2 rows
+    assert torch.equal(kv, alone_kv) and torch.equal(logits, alone_logits)
+    [first] = engine.context_encode(_requests([0], [prompt]))
+    sequence = [*prompt, first]
+    for _ in range(4):
+        sequence.append(int(engine.token_generate_logits(_requests([0], [[sequence[-1]]]))[0].argmax()))
+    generated = engine.export_kv(0, len(sequence) - 1)
+    engine.context_encode(_requests([1], [sequence[:-1]]))
+    reencoded = engine.export_kv(1, len(sequence) - 1)
+    _reset(engine)
+    assert torch.equal(generated.keys, reencoded.keys) and torch.equal(generated.values, reencoded.values)
