@@ -34,7 +34,7 @@ def test_replace_keeps_default_buckets_in_step_with_seq_len() -> None:
         (dict(seq_len=128, buckets=(64, 256)), r"buckets=\(64, 256\) is invalid: allowed integers in 1..seq_len \(128\)"),
         (dict(buckets=(256, 128)), r"strictly ascending"),
         (dict(dtype="int8"), r"dtype='int8' is invalid"),
-        (dict(backend="tensorrt"), r"backend='tensorrt' is invalid: allowed one of \['eager', 'compile'\]"),
+        (dict(backend="tensorrt"), r"backend='tensorrt' is invalid: allowed one of \['eager', 'compile', 'xla'\]"),
         (dict(seq_len=64, speculation_length=64), r"speculation_length=64 is invalid: allowed 0..63"),
         (dict(max_topk=0), r"max_topk=0 is invalid"),
         (dict(tp_degree=0), r"tp_degree=0 is invalid"),
