@@ -76,7 +76,9 @@ def grounded(args: argparse.Namespace) -> int:
     new_tokens = workload["max_new_tokens"]
     rows = []
     for batch in args.batch:
-        config = RuntimeConfig(batch_size=batch, ctx_batch_size=batch, seq_len=512, dtype=args.dtype, speculation_length=args.k)
+        config = RuntimeConfig(
+            batch_size=batch, ctx_batch_size=batch, seq_len=512, dtype=args.dtype, speculation_length=args.k, batch_invariant=args.batch_invariant
+        )
         engine = Engine.from_pretrained(model, config)
         group = [prompts[i % len(prompts)] for i in range(max(batch, len(prompts)))]
         decode_run(engine, group[:batch], 4, None)  # warm both graphs
@@ -130,13 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4, help="tokens proposed per round (default: 4)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="engines in batch-invariant mode: speculation's scoring pass then computes each position's bits as token generation "
+        "does, so greedy output with speculation equals greedy output without it bit for bit (not only in distribution)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.workload is not None:
         return grounded(args)
     if args.model is None:
         p.error("--model is required without --workload")
-    config = RuntimeConfig(batch_size=1, seq_len=256, dtype=args.dtype, speculation_length=args.k)
+    config = RuntimeConfig(batch_size=1, seq_len=256, dtype=args.dtype, speculation_length=args.k, batch_invariant=args.batch_invariant)
     engine = Engine.from_pretrained(args.model, config)
     proposers = {"none": lambda: None, "ngram": lambda: NgramProposer(args.k)}
     if args.draft:
