@@ -121,6 +121,25 @@ def test_context_encoding_and_token_generation_give_the_same_bits(checkpoints: d
     assert token == sequence[-1]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_speculations_scoring_pass_gives_token_generations_bits(checkpoints: dict[str, Checkpoint], dtype: str) -> None:
+    """Speculation's verification scores k + 1 positions in one pass: each position's logits and the
+    KV it leaves are the bits token generation gives one token at a time (so greedy output with
+    speculation is the same text, and acceptance compares the same numbers)."""
+    k = 4
+    engine = engine_for(checkpoints["llama"].path, BASE.replace(dtype=dtype, speculation_length=k))
+    prompt, proposals = random_prompt(11, seed=8), random_prompt(k, seed=9)
+    _reset(engine)
+    [first] = engine.context_encode(_requests([0], [prompt]))
+    engine.context_encode(_requests([1], [prompt]))
+    scored = engine.speculate_logits(_requests([0], [[first, *proposals]]))[0]
+    one_by_one = torch.stack([engine.token_generate_logits(_requests([1], [[t]]))[0] for t in [first, *proposals]])
+    kv_scored, kv_stepped = engine.export_kv(0, len(prompt) + k + 1), engine.export_kv(1, len(prompt) + k + 1)
+    _reset(engine)
+    assert torch.equal(scored, one_by_one)
+    assert torch.equal(kv_scored.keys, kv_stepped.keys) and torch.equal(kv_scored.values, kv_stepped.values)
+
+
 def _stream(engine: Engine, prompt: list[int], others: Sequence[list[int]], *, sampling: SamplingParams, tokens: int) -> list[int]:
     stop = StoppingCriteria(max_new_tokens=tokens, ignore_eos=True)
     other_sampling = [SamplingParams(temperature=0.8, top_p=0.9, seed=i) for i in range(len(others))]
