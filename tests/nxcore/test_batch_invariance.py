@@ -78,6 +78,17 @@ def test_a_rows_kv_and_logits_are_the_same_bits_in_any_batch(
     assert torch.equal(logits, alone_logits)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral", "llama-mqa-tied-llama3"])
+def test_the_mode_stays_exact_against_transformers(checkpoints: dict[str, Checkpoint], name: str) -> None:
+    """fp32 greedy in batch-invariant mode (its own kernels: linear, context encoding through the
+    decode attention, MoE dense) is token for token transformers' greedy, prompts batched together."""
+    engine = engine_for(checkpoints[name].path, BASE.replace(dtype="float32"))
+    prompts = [random_prompt(n, seed=500 + n) for n in (5, 17, 40)]
+    results = generate(engine, prompts, stopping=StoppingCriteria(max_new_tokens=24, ignore_eos=True))
+    for prompt, result in zip(prompts, results):
+        assert result.output_ids == checkpoints[name].hf_greedy(prompt, 24)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_without_the_mode_the_batch_changes_a_seeded_stream(checkpoints: dict[str, Checkpoint], dtype: str) -> None:
     """The control: with the default kernels (chosen by row count and bucket) a seeded stream alone
@@ -180,8 +191,11 @@ def _resume(engine: Engine, sequence: list[int], sampling: SamplingParams, *, of
 
 def test_moe_is_invariant_and_capacity_is_refused(tmp_path_factory: pytest.TempPathFactory) -> None:
     cls, overrides = MOE_VARIANTS["mixtral"]
-    path = write_checkpoint(tmp_path_factory.mktemp("moe") / "mixtral", cls, overrides).path
+    checkpoint = write_checkpoint(tmp_path_factory.mktemp("moe") / "mixtral", cls, overrides)
+    path = checkpoint.path
     engine = engine_for(path, BASE.replace(dtype="float32"))
+    [result] = generate(engine, [random_prompt(13, seed=4)], stopping=StoppingCriteria(max_new_tokens=16, ignore_eos=True))
+    assert result.output_ids == checkpoint.hf_greedy(random_prompt(13, seed=4), 16)  # exact, as the default dispatch is
     prompt = random_prompt(21, seed=5)
     alone = encode_then_step(engine, [prompt], 0)
     batched = encode_then_step(engine, [random_prompt(40, seed=1), prompt, random_prompt(3, seed=2)], 1)
