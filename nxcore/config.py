@@ -78,7 +78,7 @@ class RuntimeConfig:
     batch_invariant: bool = False
     """Every row computed as if alone: a request's bits do not depend on the batch, the buckets or
     whether its KV came from context encoding or token generation (see nxcore/csrc/invariant.cpp
-    and the README). Off by default: it costs prefill speed (measured in bench.invariance)."""
+    and the README). Off by default: prefill and batched decode are slower (bench.invariance)."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
@@ -116,6 +116,12 @@ class RuntimeConfig:
         )
         _require(self.backend in BACKENDS, "backend", self.backend, f"one of {list(BACKENDS)}")
         _require(isinstance(self.batch_invariant, bool), "batch_invariant", self.batch_invariant, "True or False")
+        _require(
+            not (self.batch_invariant and self.backend == "xla"),
+            "backend",
+            self.backend,
+            "eager or compile in batch-invariant mode (its kernels are nxcore's C++ ops, which XLA does not run)",
+        )
         _require(
             not (self.batch_invariant and self.moe_capacity_factor is not None),
             "moe_capacity_factor",

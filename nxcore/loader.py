@@ -17,6 +17,7 @@ from nxcore.config import DTYPES, RuntimeConfig
 from nxcore.model_config import ModelConfig
 from nxcore.modules.decoder import CausalLM
 from nxcore.modules.linear import prepack
+from nxcore.modules.moe import MoE
 from nxcore.parallel.comm import TPComm
 from nxcore.parallel.plan import make_plan
 from nxcore.parallel.sharding import shard_state_dict
@@ -67,6 +68,10 @@ def load_rank(model_dir: str | Path, model_config: ModelConfig, config: RuntimeC
     # assign: parameters take the converted tensors as they are (their dtype, no second copy).
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
+    if config.batch_invariant:
+        for module in model.modules():
+            if isinstance(module, MoE):
+                module.lay_out_for_invariance()
     model.eval().requires_grad_(False)
     prepack(model)  # bf16 linear weights in oneDNN's layout, once (see nxcore/modules/linear.py)
     return model, fingerprint

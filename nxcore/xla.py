@@ -188,8 +188,6 @@ class XlaExecutor(LocalExecutor):
     def __init__(self, model: CausalLM, config: RuntimeConfig, graphs: str = "all", *, mode: str = "dynamo") -> None:
         if config.tp_degree != 1:
             raise EngineError(f"the xla backend runs tp_degree=1 only (asked: {config.tp_degree})")
-        if getattr(config, "batch_invariant", False):
-            raise EngineError("batch-invariant mode runs nxcore's C++ CPU kernels, which the xla backend never calls: run without it")
         to_device(model)
         self.runner = XlaGraphRunner(model, config, graphs, mode=mode)
         self.scratch_slot = model.kv_cache.scratch_slot

@@ -135,7 +135,7 @@ class DecodeRouter:
         for r in self.replicas:
             old, r.channel = r.channel, self._channel(r.target)
             r.stub = DecodeStub(r.channel)
-            self._close_later(old, grace=600)
+            self._close_later(old, grace=DRAIN_S)
 
     async def start(self) -> None:
         await self.discover()

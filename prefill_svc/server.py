@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
@@ -82,6 +81,9 @@ class Request:
     """Random numbers the request's stream has drawn by its latest token (from decode's token batches)."""
     moved: bool = False
     """It moved to another decode replica at least once (`_migrate`)."""
+    finished: FinishReason | None = None
+    """Why the tokens relayed so far already end it (the replica's final message may still come):
+    a replica lost after that has nothing left to generate, so the request ends, it does not move."""
     replica: str = ""
     """The decode replica holding it (the last one, after moves)."""
     kv_transport: str = ""
@@ -185,24 +187,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             fingerprint=engine.fingerprint,
             decode_replicas_up=len(self.router.usable()),
             batch_invariant=cfg.batch_invariant,
-            **self._chat_template(),
+            chat_template=self.tokenizer.chat_template or "",
+            special_tokens=self.tokenizer.special_tokens if self.tokenizer.chat_template else {},
         )
-
-    def _chat_template(self) -> dict[str, Any]:
-        """ModelInfo's chat_template and special_tokens (empty without tokenizer files or a template)."""
-        hf = getattr(self.tokenizer, "hf", None)
-        template = getattr(hf, "chat_template", None)
-        if isinstance(template, dict):  # named templates: transformers uses "default"
-            template = template.get("default")
-        if hf is None or not isinstance(template, str):
-            return {}
-        tokens = {name: value for name, value in hf.special_tokens_map.items() if isinstance(value, str)}
-        return {"chat_template": template, "special_tokens": tokens}
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         self._ready()
         ids = await self._tokenize(validate.text(request.text, self.limits, field="text"), add_special_tokens=request.add_special_tokens)
-        return pb.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.hf.convert_ids_to_tokens(ids))
+        return pb.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.tokens_of(ids))
 
     # ------------------------------------------------------------------ Generate
 
@@ -335,10 +327,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def _tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a (bounded) text, computed on a worker thread: tokenizing on the event loop
         stalled every other stream and the health checks for as long as it took."""
-        if getattr(self.tokenizer, "hf", None) is None:
+        if not self.tokenizer.has_text:
             raise Unsupported(f"{self.model_name} has no tokenizer files: send token ids instead of text")
-        hf = self.tokenizer.hf
-        return await asyncio.to_thread(lambda: list(hf(text, add_special_tokens=add_special_tokens)["input_ids"]))
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
     def _open_decode(self, req: Request, exclude: set[str] = frozenset(), busy: list[str] | None = None) -> Opened | None:  # type: ignore[assignment]
         """A Decode stream on the least-loaded replica not in `exclude`; None when there is none now,
@@ -455,6 +446,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     yield response
                 return
             except Lost as lost:
+                if req.finished is not None:  # the last tokens ended it: nothing to move
+                    yield self._finalize(req, pb.GenerateResponse(request_id=req.id), req.finished, span)
+                    return
                 if migrations >= self.max_migrations:
                     raise ReplicaFailed(
                         f"{lost.error}; the request was moved {migrations} time(s) already (--max-migrations={self.max_migrations})"
@@ -482,6 +476,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                         response = pb.GenerateResponse(request_id=req.id)
                         reason = self._add_tokens(req, response, list(message.tokens.token_ids))
                         req.rng_offset = message.tokens.rng_offset or req.rng_offset
+                        req.finished = reason
                         if reason == FinishReason.STOP and req.moved:  # a stop string across the move: only this side saw all the text
                             yield self._finalize(req, response, reason, span)
                             return

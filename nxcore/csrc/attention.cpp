@@ -91,15 +91,14 @@ struct Problem {
 
 // Tasks [begin, end) of (row, KV head): the query heads of the group at every new position attend
 // over the row's slot, read in place. The scratch buffers are the caller's (one set per thread).
-// Keys [0, n) a query reads: up to its last allowed key, rounded up to a multiple of `block` (at
-// most S); S when it may read none. The keys past it are masked, so skipping them only skips
-// exact zeros of the softmax and of the weighted sum: the same bits for any S (KV bucket) and any
-// number of queries, which batch-invariant mode relies on, and no work on stale or future keys.
-NXCORE_INLINE int64_t keys_used(const bool* mask_row, int64_t S, int64_t block) {
+// Keys [0, n) a query reads: up to its last allowed key; S when it may read none. The keys past it
+// are masked, so skipping them only skips exact zeros of the softmax and of the weighted sum. The
+// kernels' order of additions then depends on the mask alone, never on S (the KV bucket) or the
+// number of queries, which batch-invariant mode relies on; and no work goes to stale or future keys.
+NXCORE_INLINE int64_t keys_used(const bool* mask_row, int64_t S) {
   int64_t last = S - 1;
   while (last >= 0 && !mask_row[last]) --last;
-  if (last < 0) return S;
-  return std::min(S, (last + block) / block * block);
+  return last < 0 ? S : last + 1;
 }
 
 template <typename T>
@@ -114,7 +113,7 @@ NXCORE_INLINE void attend(const Problem<T>& p, int64_t begin, int64_t end, float
     int64_t longest = 0;
     for (int64_t i = 0; i < Q; ++i) {
       to_float(p.q + p.query_offset(b, h, i), qf + i * D, D);
-      lim[i] = keys_used(p.mask_row(b, i), S, 1);
+      lim[i] = keys_used(p.mask_row(b, i), S);
       longest = std::max(longest, lim[i]);
     }
     for (int64_t s = 0; s < longest; ++s) {
@@ -203,7 +202,7 @@ NXCORE_AVX512_BF16 NXCORE_INLINE __m512 exp16(__m512 x) {
 NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64_t begin, int64_t end, float* scores,
                                            float* acc) {
   const float lowest = std::numeric_limits<float>::lowest();
-  const int64_t D = p.D, S = p.S, Q = p.Q, chunks = D / 32, S16 = S / 16 * 16;
+  const int64_t D = p.D, S = p.S, Q = p.Q, chunks = D / 32;
   const __m512 scale = _mm512_set1_ps(p.scale);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / p.KV, h = task % p.KV;
@@ -214,9 +213,8 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
       const at::BFloat16* qi = p.q + p.query_offset(b, h, i);
       const bool* mi = p.mask_row(b, i);
       float* si = scores + i * S;
-      // Keys [0, E) are read: vector blocks up to V, the scalar tail up to E (see keys_used).
-      const int64_t used = keys_used(mi, S, 16);
-      const int64_t V = used >= S ? S16 : used, E = used >= S ? S : used;
+      // Keys [0, E) are read (see keys_used): whole blocks of 16 up to V, then one by one.
+      const int64_t E = keys_used(mi, S), V = E / 16 * 16;
       longest = std::max(longest, E);
       __m512bh qv[8];
       for (int64_t c = 0; c < chunks; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qi + 32 * c);

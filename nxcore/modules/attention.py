@@ -113,7 +113,8 @@ class Attention(nn.Module):
             # Batch-invariant mode: the prompt's keys go to the cache first and are attended there by
             # the decode kernel, whose sums over keys run in one order for any number of queries and
             # any KV length (masked keys add exact zeros), so re-encoding a sequence gives the bits
-            # token generation gave it. It skips no masked block: about twice SDPA's causal work.
+            # token generation gave it. Each query reads keys up to its last allowed one, but in
+            # one pass without SDPA's blocking: prefill costs more (bench.invariance measures it).
             cache.write_prefix(self.layer_idx, ctx.slot_ids, k, v)
             k_buf, v_buf = cache.buffers_of(self.layer_idx)
             out = torch.ops.nxcore.decode_attention(q, k_buf, v_buf, ctx.slot_ids, ctx.masks[self.sliding_window], self.scaling)

@@ -112,6 +112,14 @@ class MoE(nn.Module):
         gate, up = torch.matmul(x, gate_up).split(self.intermediate_size, dim=-1)
         return torch.matmul(self.act(gate) * up, down)
 
+    def lay_out_for_invariance(self) -> None:
+        """Store each expert's weights transposed in memory (same shapes): `_invariant` reads
+        `gate_up[e].t()` and `down[e].t()` as `[out, in]` rows, which are then contiguous views
+        instead of a copy of every expert per call."""
+        with torch.no_grad():
+            for p in (self.gate_up, self.down):
+                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+
     def _invariant(self, x: torch.Tensor, dense_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e in range(len(self.local)):  # a fixed order of additions for every token

@@ -373,6 +373,6 @@ async def _run_demo(target: str, options: dict, *, model: str) -> None:
         await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)))
         print(f"{len(prompts)} requests in {time.perf_counter() - start:.2f}s", flush=True)
         tokenizer = load_tokenizer(model, required=False)
-        if isinstance(tokenizer, Tokenizer) and tokenizer.hf.chat_template:
+        if isinstance(tokenizer, Tokenizer) and tokenizer.chat_template:
             r = await client.generate_text(tokenizer.chat_prompt([{"role": "user", "content": DEMO_CHAT}]), max_new_tokens=64)
             print(f"chat (the checkpoint's template)\n  user: {DEMO_CHAT}\n  assistant: {r.text.strip()}  [{r.finish_reason}]", flush=True)

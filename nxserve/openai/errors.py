@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 
+from nxserve.rpc.status import PUSHBACK_KEY
+
 # gRPC code -> (HTTP status, OpenAI error type). The types are those OpenAI's API returns for the
 # same status; the openai client picks its exception class from the status alone.
 _FROM_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -28,7 +30,6 @@ _FROM_CODE: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),  # no decode replica, loading, draining
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
 """Trailing metadata of RESOURCE_EXHAUSTED: the wait prefill asks for, sent on as Retry-After."""
 
 

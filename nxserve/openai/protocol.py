@@ -68,6 +68,10 @@ def _number(body: dict[str, Any], name: str, *, lo: float, hi: float, lo_open: b
     value = _get(body, name, (int, float))
     if value is None:
         return None
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past float's range
+        raise invalid(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got an integer of {len(str(value))} digits", param=name) from None
     if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
         raise invalid(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", param=name)
     return float(value)
@@ -172,7 +176,10 @@ def parse_chat(body: Any) -> Plan:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise invalid(f"messages[{i}] must be an object with a role", param="messages")
-        flat.append({**message, "content": _text(message.get("content"), f"messages[{i}].content")})
+        kept = {"role": message["role"], "content": _text(message.get("content"), f"messages[{i}].content")}  # what a template reads
+        if isinstance(message.get("name"), str):
+            kept["name"] = message["name"]
+        flat.append(kept)
     return Plan("chat", model, None, flat, options, max_tokens, stream, include_usage)
 
 

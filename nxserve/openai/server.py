@@ -18,6 +18,7 @@ package with no ASGI layer between the handler and the socket.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from nxserve.openai.chat import render
 from nxserve.openai.errors import ApiError, from_rpc, invalid
 from nxserve.openai.protocol import DEFAULT_COMPLETION_TOKENS, Answer, Plan, parse_chat, parse_completion
 from nxserve.rpc.logs import access
+from nxserve.rpc.validate import PROMPT_BYTES_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +138,17 @@ class Gateway:
         self._check_model(plan.model, info)
         prompt, max_tokens = plan.prompt, plan.max_tokens or DEFAULT_COMPLETION_TOKENS
         if plan.messages is not None:
-            text = render(info["chat_template"], info["special_tokens"], plan.messages)
+            _check_messages_size(plan.messages, info["max_prompt_tokens"])  # bounds the template's work, before any
+            text = await asyncio.to_thread(render, info["chat_template"], info["special_tokens"], plan.messages)
             prompt = await self.client.tokenize(text, add_special_tokens=False, api_key=api_key)  # the template wrote bos
             max_tokens = plan.max_tokens or max(1, info["max_total_tokens"] - len(prompt))
         assert prompt is not None
         answer = Answer(plan.kind, info["model"])
         options: GenerateOptions = {**plan.options, "max_new_tokens": max_tokens, "request_id": answer.id}
-        chunks = cast(AsyncGenerator[GenerationChunk, None], self.client.generate(prompt, api_key=api_key, **options))
+        try:
+            chunks = cast(AsyncGenerator[GenerationChunk, None], self.client.generate(prompt, api_key=api_key, **options))
+        except (ValueError, TypeError, OverflowError) as exc:  # a value the request message cannot hold (e.g. an id past 2^64)
+            raise invalid(str(exc)) from None
         start = time.perf_counter()
         async with aclosing(chunks):  # leaving early (an error, a client gone) cancels the gRPC call
             if plan.stream:
@@ -165,11 +171,24 @@ class Gateway:
         return response
 
 
+def _check_messages_size(messages: list[dict[str, str]], max_prompt_tokens: int) -> None:
+    """Refuse messages whose text alone exceeds what prefill takes by default (--max-prompt-bytes:
+    PROMPT_BYTES_PER_TOKEN per token of the largest bucket), before the template renders them."""
+    limit = PROMPT_BYTES_PER_TOKEN * max_prompt_tokens
+    size = sum(len(v.encode()) for m in messages for v in m.values())
+    if len(messages) > max_prompt_tokens or size > limit:
+        raise invalid(
+            f"messages of {size} bytes in {len(messages)} messages are too long: allowed up to {limit} bytes "
+            f"and {max_prompt_tokens} messages (the server's longest prompt is {max_prompt_tokens} tokens)",
+            param="messages",
+        )
+
+
 async def _json(request: web.Request) -> Any:
     try:
         return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid(f"the request body is not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep to parse
+        raise invalid(f"the request body is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 async def _whole(answer: Answer, chunks: AsyncIterator[GenerationChunk]) -> tuple[web.Response, Usage | None]:

@@ -75,7 +75,7 @@ class EngineFlags:
     batch_invariant: bool = _flag(
         False,
         "compute every request as if it were alone: its tokens (seeded sampling included) are the same bits whatever "
-        "the batch, the buckets or the replica, and re-encoding a sequence continues it exactly; costs prefill speed "
+        "the batch, the buckets or the replica, and re-encoding a sequence continues it exactly; slower prefill and batched decode "
         "(README: Batch invariance)",
         action="store_true",
     )

@@ -33,8 +33,6 @@ class Limits:
     """Token ids are 0..vocab_size-1."""
     max_prompt_tokens: int
     """The largest context-encoding bucket."""
-    max_total_tokens: int
-    """A slot's tokens, prompt plus output (seq_len)."""
     max_topk: int
     max_prompt_bytes: int
     """UTF-8 bytes of a text prompt or of a Tokenize text, checked before tokenizing."""
@@ -50,7 +48,6 @@ class Limits:
         return cls(
             vocab_size=engine.model_config.vocab_size,
             max_prompt_tokens=cfg.max_prompt_len,
-            max_total_tokens=cfg.seq_len,
             max_topk=cfg.max_topk,
             max_prompt_bytes=max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * cfg.max_prompt_len,
         )

@@ -60,7 +60,7 @@ def encode_then_step(engine: Engine, prompts: Sequence[Sequence[int]], target: i
 @given(
     data=st.data(),
     others=st.lists(st.integers(min_value=1, max_value=100), min_size=0, max_size=7),
-    buckets=st.sampled_from([(16, 32, 64, 128), (128,), (32, 128), (64, 128)]),
+    buckets=st.sampled_from([(16, 32, 64, 128), (128,), (32, 128), (64, 128), (24, 100, 128)]),  # 24, 100: KV lengths off the kernel's 16-key blocks
     ctx_batch=st.sampled_from([1, 2, 4]),
 )
 def test_a_rows_kv_and_logits_are_the_same_bits_in_any_batch(
@@ -87,6 +87,20 @@ def test_the_mode_stays_exact_against_transformers(checkpoints: dict[str, Checkp
     results = generate(engine, prompts, stopping=StoppingCriteria(max_new_tokens=24, ignore_eos=True))
     for prompt, result in zip(prompts, results):
         assert result.output_ids == checkpoints[name].hf_greedy(prompt, 24)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kv_lengths_off_the_attention_kernels_blocks_change_nothing(checkpoints: dict[str, Checkpoint], dtype: str) -> None:
+    """Buckets of 24 and 100 keys (not multiples of the decode kernel's 16-key blocks): the row's
+    token-generation step reads KV bucket 24 alone and 100 next to a longer prompt, same bits."""
+    path = checkpoints["llama"].path
+    prompt = random_prompt(21, seed=5)
+    engine = engine_for(path, BASE.replace(dtype=dtype, buckets=(24, 100, 128)))
+    alone_kv, alone_logits = encode_then_step(engine, [prompt], 0)
+    kv, logits = encode_then_step(engine, [prompt, random_prompt(90, seed=6)], 0)
+    assert torch.equal(kv, alone_kv) and torch.equal(logits, alone_logits)
+    _, blocks_of_16 = encode_then_step(engine_for(path, BASE.replace(dtype=dtype)), [prompt], 0)
+    assert torch.equal(logits, blocks_of_16)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -202,6 +216,18 @@ def test_moe_is_invariant_and_capacity_is_refused(tmp_path_factory: pytest.TempP
     assert torch.equal(alone[0], batched[0]) and torch.equal(alone[1], batched[1])
     with pytest.raises(ValueError, match=r"moe_capacity_factor.*batch-invariant"):
         BASE.replace(moe_capacity_factor=1.0)
+    with pytest.raises(ValueError, match=r"backend='xla' is invalid: allowed eager or compile in batch-invariant mode"):
+        BASE.replace(backend="xla")
+
+
+def test_the_mode_is_part_of_the_fingerprint(checkpoints: dict[str, Checkpoint]) -> None:
+    """A prefill and a decode in different modes must not pair (they would not continue each
+    other's bits): the mode changes the fingerprint they compare, as the dtype does."""
+    path = checkpoints["llama"].path
+    invariant = engine_for(path, BASE.replace(dtype="float32"))
+    default = engine_for(path, BASE.replace(dtype="float32", batch_invariant=False))
+    assert invariant.fingerprint != default.fingerprint
+    assert engine_for(path, BASE.replace(dtype="float32", batch_size=2, ctx_batch_size=1, buckets=(128,))).fingerprint == invariant.fingerprint
 
 
 def test_the_mode_needs_the_cpp_ops(checkpoints: dict[str, Checkpoint], monkeypatch: pytest.MonkeyPatch) -> None:

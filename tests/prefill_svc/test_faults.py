@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -109,3 +110,63 @@ def test_a_lost_replicas_streams_go_on_elsewhere_with_the_same_tokens(faulty: Lo
         wait_until(lambda: client.model_info()["decode_replicas_up"] == 2, timeout=5, what="prefill routing to the restarted replica")
     print(f"{how}: restarted replica SERVING after {serving:.1f} s, routed to {time.monotonic() - start - serving:.2f} s later")
     assert all(s.free_slots == s.total_slots for s in wait_all_free(faulty))
+
+
+def test_a_replica_lost_after_the_last_token_ends_the_request_instead_of_moving_it() -> None:
+    """The token batch that reached max_new_tokens (or eos, or a stop) arrived, then the replica
+    broke before its final message: the request ends with that reason; moving it would re-encode
+    it and generate past its end."""
+    import asyncio
+
+    from opentelemetry import trace
+
+    from nxcore import RequestRng
+    from nxcore.stopping import FinishReason
+    from nxserve.v1 import decode_pb2
+    from nxserve.v1 import generation_pb2 as pb
+    from prefill_svc.server import GenerationServicer, Request
+
+    servicer = GenerationServicer(model_name="m")
+    servicer._add_tokens = lambda req, response, tokens: FinishReason.LENGTH  # type: ignore[method-assign]
+
+    async def must_not_move(*args: object) -> None:
+        raise AssertionError("a finished request was moved to another replica")
+
+    servicer._migrate = must_not_move  # type: ignore[method-assign]
+
+    class Detok:
+        stopped = False
+
+        def flush(self) -> str:
+            return ""
+
+    class BrokenAfterLastBatch:
+        def __init__(self) -> None:
+            self.messages = [decode_pb2.DecodeResponse(tokens=decode_pb2.TokenBatch(token_ids=[7], rng_offset=3))]
+
+        async def read(self) -> object:
+            import grpc
+
+            return self.messages.pop(0) if self.messages else grpc.aio.EOF
+
+        def cancel(self) -> None:
+            pass
+
+    req = Request(
+        id="r",
+        prompt_ids=[1, 2],
+        sampling=SamplingParams(),
+        stopping=StoppingCriteria(max_new_tokens=1),
+        stop_strings=(),
+        disable_speculation=False,
+        rng=RequestRng(0),
+    )
+    req.detok = Detok()  # type: ignore[assignment]
+
+    async def run() -> list[pb.GenerateResponse]:
+        replica = SimpleNamespace(target="127.0.0.1:1", name="decode-0")
+        return [r async for r in servicer._stream(req, replica, BrokenAfterLastBatch(), trace.INVALID_SPAN)]  # type: ignore[arg-type]
+
+    responses = asyncio.run(run())
+    assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert servicer.migrations == 0

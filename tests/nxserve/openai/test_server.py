@@ -53,10 +53,11 @@ def api(gateway: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=gateway.base_url, api_key=KEY, max_retries=0)
 
 
-def http(url: str, body: dict | None = None) -> tuple[int, dict]:
-    """Status and JSON of a GET (or a POST of `body`) without an Authorization header."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+def http(url: str, body: dict | None = None, *, raw: bytes | None = None, key: str | None = None) -> tuple[int, dict]:
+    """Status and JSON of a GET (or a POST of `body`, or of `raw` bytes), with `key` as Bearer when given."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.load(response)
@@ -128,6 +129,24 @@ def test_errors_map_to_http_statuses(api: openai.OpenAI, gateway: GatewayProcess
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_hostile_bodies_are_400_before_any_work(api: openai.OpenAI, gateway: GatewayProcess, svc_model: Path) -> None:
+    """Values no request message can hold, numbers past float's range, JSON nested past the parser,
+    and messages longer than any prompt the server takes: each an OpenAI error with status 400
+    (never a 500), the chat template not rendered for the last."""
+    model = svc_model.name
+    with pytest.raises(openai.BadRequestError):
+        api.completions.create(model=model, prompt="a", max_tokens=2**70)
+    with pytest.raises(openai.BadRequestError):
+        api.completions.create(model=model, prompt=[2**70])
+    with pytest.raises(openai.BadRequestError, match="temperature must be in"):
+        api.completions.create(model=model, prompt="a", extra_body={"temperature": 10**400})
+    status, body = http(f"{gateway.base_url}/completions", None, raw=b"[" * 100_000, key=KEY)
+    assert status == 400 and "not JSON" in body["error"]["message"]
+    many = [{"role": "user", "content": "x"}] * 100_000
+    with pytest.raises(openai.BadRequestError, match=r"messages of .* bytes in 100000 messages are too long"):
+        api.chat.completions.create(model=model, messages=many)
 
 
 def test_unreachable_prefill_is_503() -> None:
