@@ -6,7 +6,7 @@ read bandwidth, in one run.
 For every linear a decode step of the engine runs (fused qkv, o, fused gate-up, down per layer,
 then the LM head: `nxcore.modules`), with random bf16 weights of the checkpoint's shapes (default: the TinyLlama shape), it
 times the whole chain at each row count (tokens in the step) through:
-- `nxcore::linear`, the op the engine calls (C++ GEMV up to `nxcore.native.GEMV_MAX_ROWS` rows,
+- `nxcore::linear`, the op the engine calls (C++ GEMV up to `torch.ops.nxcore._gemv_rows()` rows,
   oneDNN packed beyond; the Python op where the C++ ops are not built);
 - oneDNN on the weights packed once (`mkldnn::_linear_pointwise`);
 - `F.linear` on the dense weights.

@@ -22,6 +22,7 @@
 
 #include "cpu_features.h"
 
+#include <atomic>
 #include <mutex>
 #include <optional>
 #include <tuple>
@@ -92,6 +93,14 @@ int64_t packed_count() {
 #ifdef NXCORE_X86_GNU
 #define NXCORE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
+// Software prefetch distance of the GEMV's weight stream. Measured on an Intel Xeon with AMX (one
+// thread, bf16 weights in DRAM): without it a row-after-row stream read 6.8 GB/s on 512-wide rows
+// (the hardware prefetcher restarts at every short row) where a `torch.sum` read 10.6; 1-2 KiB
+// ahead it read 10.2-10.6 GB/s, and 11.8 on 2048-wide rows (10.1 without). The TinyLlama-shaped
+// chain of `python -m bench.linear --rows 1` on one thread went from 62% to 79-82% of a `torch.sum`
+// of the same bytes. Streaming 4 or 8 weight rows at once measured no better on that chain.
+constexpr int64_t kPrefetchBytes = 2048;
+
 // out[m] = dot(w[0:K], x[m, 0:K]) for the M rows of x, float32 accumulation: the weight row is
 // read once, front to back, each vector used for every row of x. Two accumulators per row of x
 // hide the latency of the dependent dot products.
@@ -103,6 +112,9 @@ NXCORE_TARGET inline void dot_row(const at::BFloat16* w, const at::BFloat16* x, 
     for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 * A <= K; k += 32 * A) {
+    // The two cache lines kPrefetchBytes ahead in the stream (past this row's end: the next row's).
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchBytes + 64, _MM_HINT_T0);
     for (int a = 0; a < A; ++a) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k + 32 * a);
       for (int m = 0; m < M; ++m)
@@ -129,11 +141,11 @@ NXCORE_TARGET inline void dot_row(const at::BFloat16* w, const at::BFloat16* x, 
 
 // y[m, :] = x[m, :] @ w.T (+ bias) for the M rows of x, weight rows split across threads in
 // contiguous ranges, each thread reading its range row after row: one sequential stream per
-// thread. Measured here on a TinyLlama-shaped chain of decode linears, one row of x: 90-94% of a
-// `torch.sum` of the same bytes in `bench/linear.py` (92-97% in a bare loop over the kernels),
-// where interleaving blocks of 4 or 8 rows (several streams per thread) read at 82-90%, and
-// software prefetches made both slower. From three rows of x on, oneDNN's packed GEMM measured
-// faster.
+// thread. Measured on an AMD EPYC (2 threads) on a TinyLlama-shaped chain of decode linears, one
+// row of x: 90-94% of a `torch.sum` of the same bytes in `bench/linear.py`, where interleaving
+// blocks of 4 or 8 rows (several streams per thread) read at 82-90%; on the Intel Xeon the
+// software prefetch above is what the stream needs (see kPrefetchBytes). From three rows of x on,
+// oneDNN's packed GEMM measured faster.
 template <int M>
 void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor& y) {
   const int64_t K = x.size(1), N = w.size(0);
@@ -163,9 +175,23 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at:
 }
 #endif
 
+// Rows up to which `linear` runs the GEMV, by measurement per CPU vendor (`python -m bench.linear`,
+// a TinyLlama-shaped chain of decode linears, 1 and 2 threads): on AMD EPYC the GEMV read 90-94% of
+// a `torch.sum` of the same bytes where oneDNN's packed GEMV read 66-74%; on an Intel Xeon with AMX
+// oneDNN's read 77-83% and the GEMV 70-77%, so there every row count goes to oneDNN.
+// `_set_gemv_rows` changes it (tests reach the GEMV on any AVX512-BF16 CPU with it).
+std::atomic<int64_t>& gemv_rows_setting() {
+#ifdef NXCORE_X86_GNU
+  static std::atomic<int64_t> rows{nxcore::cpu_has_avx512_bf16() && __builtin_cpu_is("amd") ? kGemvMaxRows : 0};
+#else
+  static std::atomic<int64_t> rows{0};
+#endif
+  return rows;
+}
+
 bool gemv_applies(const at::Tensor& x2d, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
 #ifdef NXCORE_X86_GNU
-  return x2d.size(0) <= kGemvMaxRows && x2d.scalar_type() == at::kBFloat16 &&
+  return x2d.size(0) <= gemv_rows_setting().load(std::memory_order_relaxed) && x2d.scalar_type() == at::kBFloat16 &&
          weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.layout() == at::kStrided &&
          (!bias.has_value() || bias->dim() == 1) && nxcore::cpu_has_avx512_bf16();
 #else
@@ -173,13 +199,18 @@ bool gemv_applies(const at::Tensor& x2d, const at::Tensor& weight, const std::op
 #endif
 }
 
-// Rows up to which `linear` runs the GEMV on this CPU (0: it never does).
-int64_t gemv_rows() {
+// Rows up to which `linear` runs the GEMV on this CPU now (0: it never does).
+int64_t gemv_rows() { return gemv_rows_setting().load(); }
+
+// Set them (0..kGemvMaxRows, and 0 where the CPU lacks AVX512-BF16); returns the previous value.
+int64_t set_gemv_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0 && rows <= kGemvMaxRows, "nxcore::_set_gemv_rows: rows must be in 0..", kGemvMaxRows, ", got ", rows);
 #ifdef NXCORE_X86_GNU
-  return nxcore::cpu_has_avx512_bf16() ? kGemvMaxRows : 0;
+  if (!nxcore::cpu_has_avx512_bf16()) rows = 0;
 #else
-  return 0;
+  rows = 0;
 #endif
+  return gemv_rows_setting().exchange(rows);
 }
 
 at::Tensor linear_pointwise(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
@@ -218,6 +249,7 @@ TORCH_LIBRARY_FRAGMENT(nxcore, m) {
   m.def("_unregister_packed(Tensor weight) -> ()", &unregister_packed);
   m.def("_packed_count() -> int", &packed_count);
   m.def("_gemv_rows() -> int", &gemv_rows);
+  m.def("_set_gemv_rows(int rows) -> int", &set_gemv_rows);
 }
 
 TORCH_LIBRARY_IMPL(nxcore, CPU, m) { m.impl("linear", &linear); }

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,8 +21,21 @@ from nxcore.modules.linear import Linear, can_pack, prepack
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16), reason="this CPU's oneDNN has no bfloat16 support")
 
-GEMV_ROWS = torch.ops.nxcore._gemv_rows() if native.available() else 0
-"""Rows up to which the op runs the C++ GEMV here (0 without the C++ ops or AVX512-BF16)."""
+
+@pytest.fixture
+def gemv() -> Iterator[None]:
+    """The C++ GEMV on for 1 and 2 rows (by default it is on only where it measured faster than
+    oneDNN, AMD CPUs: see nxcore/csrc/linear.cpp); skips where it cannot run."""
+    if not native.available():
+        pytest.skip("nxcore's C++ ops are not built here")
+    before = torch.ops.nxcore._set_gemv_rows(native.GEMV_MAX_ROWS)
+    try:
+        if torch.ops.nxcore._gemv_rows() == 0:
+            pytest.skip("no C++ GEMV on this machine (no AVX512-BF16)")
+        yield
+    finally:
+        torch.ops.nxcore._set_gemv_rows(before)
+
 
 BF16_ULP = 2.0**-7
 """bfloat16's relative spacing: summing in another order may round to the neighbouring value."""
@@ -57,11 +71,10 @@ def test_packed_linear_equals_f_linear(bias: bool, rows: int) -> None:
     assert torch.equal(model(x), _reference(model, x))
 
 
-@pytest.mark.skipif(GEMV_ROWS == 0, reason="no C++ GEMV on this machine (no AVX512-BF16 or no compiler)")
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("sizes", [(48, 96, 40), (2048, 1030, 13), (100, 37, 300)])
 @pytest.mark.parametrize("shape", [(1,), (1, 1), (2,), (1, 2)])
-def test_gemv_rows_match_float32_to_one_rounding(bias: bool, sizes: tuple[int, int, int], shape: tuple[int, ...]) -> None:
+def test_gemv_rows_match_float32_to_one_rounding(bias: bool, sizes: tuple[int, int, int], shape: tuple[int, ...], gemv: None) -> None:
     """Decode rows run the GEMV: float32 sums rounded once, so each output is the float32
     reference's bf16 rounding or its neighbour. The input widths reach every part of the kernel's
     loop (two vectors a step, one vector, the masked tail under 32 lanes); output counts split
@@ -190,3 +203,15 @@ for trial in range(20):
         [sys.executable, "-c", "import sys; from nxcore import native; sys.exit(native.main())"], env=env, capture_output=True, text=True, timeout=120
     )
     assert status.returncode == 0 and "not in use, disabled by NXSERVE_NATIVE=0" in status.stdout
+
+
+def test_gemv_rows_setting_is_bounded() -> None:
+    if not native.available():
+        pytest.skip("nxcore's C++ ops are not built here")
+    with pytest.raises(RuntimeError, match=r"rows must be in 0..2, got 3"):
+        torch.ops.nxcore._set_gemv_rows(3)
+    before = torch.ops.nxcore._set_gemv_rows(0)
+    try:
+        assert torch.ops.nxcore._gemv_rows() == 0
+    finally:
+        torch.ops.nxcore._set_gemv_rows(before)
