@@ -29,14 +29,16 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / name for name in ("linear.cpp", "invariant.cpp", "attention.cpp", "graph.cpp"))
+SOURCES = tuple(CSRC / name for name in ("linear.cpp", "invariant.cpp", "attention.cpp", "prefill_attention.cpp", "fused.cpp", "graph.cpp"))
 ENV_DISABLE = "NXSERVE_NATIVE"
 ENV_CACHE = "NXSERVE_NATIVE_CACHE"
 
 GEMV_MAX_ROWS = 2
-"""Rows up to which bf16 linears run the C++ GEMV rather than oneDNN's packed GEMM: measured
-with `python -m bench.linear` (TinyLlama shapes), the GEMV was 20-30% faster at 1 and 2 rows, and
-oneDNN 20-40% faster at 3 and 4 (its blocked GEMM reuses each weight load across more rows)."""
+"""Rows up to which bf16 linears may run the C++ GEMV rather than oneDNN's packed GEMM: measured
+with `python -m bench.linear` (TinyLlama shapes) on AMD EPYC, the GEMV was 20-30% faster at 1 and
+2 rows, and oneDNN 20-40% faster at 3 and 4 (its blocked GEMM reuses each weight load across more
+rows). On Intel Xeon oneDNN was faster at 1 and 2 rows too: the GEMV runs on AMD CPUs only
+(`torch.ops.nxcore._gemv_rows()` says what runs here; see nxcore/csrc/linear.cpp)."""
 
 CFLAGS = ("-O3", "-fopenmp", f"-DNXCORE_GEMV_MAX_ROWS={GEMV_MAX_ROWS}")
 """-fopenmp makes `at::parallel_for` use torch's own OpenMP pool (torch's bundled libgomp is the
@@ -163,7 +165,8 @@ def main() -> int:
     configure_from(os.environ)
     reason = load()
     if reason is None:
-        print(f"nxcore C++ ops: loaded from {build_dir()} (bf16 GEMV up to {GEMV_MAX_ROWS} rows)")
+        rows = torch.ops.nxcore._gemv_rows()
+        print(f"nxcore C++ ops: loaded from {build_dir()} (bf16 GEMV {f'up to {rows} rows' if rows else 'off: oneDNN measured faster on this CPU'})")
         return 0
     print(f"nxcore C++ ops: not in use, {reason}; running the Python ops")
     return 0

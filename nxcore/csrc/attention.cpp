@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include "cpu_features.h"
+#include "vec_exp.h"
 
 #ifdef NXCORE_X86_GNU
 #include <immintrin.h>
@@ -180,23 +181,6 @@ NXCORE_AVX512_BF16 NXCORE_INLINE __m512 hsum16(const __m512* v) {
   return _mm512_permutexvar_ps(order, d);
 }
 
-// exp(x) to ~1 ulp: 2^n * e^f with |f| <= ln2/2 (degree-6 Taylor), 0 below -104.
-NXCORE_AVX512_BF16 NXCORE_INLINE __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), f);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // The bf16 loops for head_dim a multiple of 32: q.k with bf16 dot-product instructions, 16 keys'
 // scores reduced together, a vector exp, and values widened to float32 once per key.
 NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64_t begin, int64_t end, float* scores,
@@ -244,7 +228,7 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
       const __m512 topv = _mm512_set1_ps(top);
       __m512 sum = _mm512_setzero_ps();
       for (int64_t s0 = 0; s0 < V; s0 += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(si + s0), topv));
+        const __m512 e = nxcore::exp16(_mm512_sub_ps(_mm512_loadu_ps(si + s0), topv));
         _mm512_storeu_ps(si + s0, e);
         sum = _mm512_add_ps(sum, e);
       }

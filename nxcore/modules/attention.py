@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from nxcore import native
 from nxcore.kv_cache import KVCache
+from nxcore.modules import fused
 from nxcore.modules.linear import Linear
 from nxcore.modules.norm import RMSNorm
 from nxcore.modules.rotary import apply_rotary
@@ -126,7 +127,11 @@ class Attention(nn.Module):
             # SDPA is the slower one). Prefill positions are the bucket's indices 0..T-1 (padding
             # after the prompt), so without a sliding window the mask is plain causal: `is_causal`
             # lets the kernel skip the blocks above the diagonal instead of reading a [T, T] mask.
-            if self.sliding_window is None:
+            if self.sliding_window is None and fused.attention_applies(q):
+                # nxcore/csrc/prefill_attention.cpp: the same causal attention on AMX, faster than
+                # SDPA's CPU kernel at every measured length (eager bf16 context encoding only).
+                out = torch.ops.nxcore.prefill_attention(q, keys, values, self.scaling)
+            elif self.sliding_window is None:
                 out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scaling, enable_gqa=True)
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[self.sliding_window], scale=self.scaling, enable_gqa=True)

@@ -64,8 +64,8 @@ class DecoderLayer(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
-        x = x + self.comm.all_reduce(self.attn(self.input_norm(x), ctx, cache))
-        return x + self.comm.all_reduce(self.mlp(self.post_attn_norm(x)))
+        x, h = self.post_attn_norm.add_forward(x, self.comm.all_reduce(self.attn(self.input_norm(x), ctx, cache)))
+        return x + self.comm.all_reduce(self.mlp(h))
 
 
 class CausalLM(nn.Module):

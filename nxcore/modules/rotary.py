@@ -11,6 +11,7 @@ import math
 import torch
 
 from nxcore.model_config import RopeConfig
+from nxcore.modules import fused
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -55,6 +56,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, heads, T, D] by cos/sin [B, T, D] (already in x's dtype)."""
+    if fused.applies(x) and cos.dtype == sin.dtype == x.dtype:
+        return torch.ops.nxcore.rotary(x, cos, sin)
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin

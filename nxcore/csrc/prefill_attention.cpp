@@ -1,0 +1,173 @@
+// nxcore::prefill_attention on CPU: causal attention of a context-encoding call (bf16), on AMX.
+//
+// Why: context encoding's attention ran `F.scaled_dot_product_attention` (is_causal, GQA), whose
+// CPU flash kernel measured 106-237 GFLOP/s here (Intel Xeon with AMX, one thread, 8 heads of 64,
+// 128-2048 tokens): most of its time went to exp over the score blocks, not to the products. This
+// kernel is the same algorithm (blocks of queries against blocks of keys at or below the diagonal,
+// an online softmax in float32, probabilities rounded to bf16 for the product with V) with both
+// products on ATen's brgemm (oneDNN's AMX micro-kernels) and nxcore's vectorized exp.
+//
+// Layout: q [B, H, T, D], k and v [B, KV, T, D] (KV divides H: query head h reads KV head
+// h / (H / KV)); out [B, H, T, D]. Query i attends keys 0..i. D must be even (bf16 pairs).
+// Each (batch row, KV head) packs its K^T and V blocks once into brgemm's VNNI layout; then
+// (batch row, query head, query block) tasks run in parallel. Every sum is in float32.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include "cpu_features.h"
+#include "vec_exp.h"
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kQBlock = 64;   // query rows per task
+constexpr int64_t kKBlock = 128;  // keys per block (even: VNNI packs pairs of keys for P.V)
+
+bool prefill_attention_supported() {
+#ifdef NXCORE_X86_GNU
+  return nxcore::cpu_has_avx512_bf16() && at::native::cpublas::could_pack(at::kBFloat16);
+#else
+  return false;
+#endif
+}
+
+#ifdef NXCORE_X86_GNU
+#define NXCORE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// One query block of one head: out[rows, D] = softmax(q k^T * scale, causal) v.
+// kt: K^T blocks packed for brgemm ([nblk][D/2][kKBlock][2]); vp: V blocks packed ([nblk][kKBlock/2][D][2]).
+NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t i0, int64_t rows, int64_t T, int64_t D,
+                               const at::BFloat16* kt, const at::BFloat16* vp, float scale, at::BFloat16* out, int64_t out_stride,
+                               float* s, at::BFloat16* p, float* acc, float* m, float* l) {
+  using at::native::cpublas::brgemm;
+  std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + rows, 0.f);
+  std::fill(acc, acc + rows * D, 0.f);
+  const int64_t last_key = i0 + rows - 1;
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0, blk = 0; j0 <= last_key; j0 += kKBlock, ++blk) {
+    const int64_t keys = std::min(kKBlock, T - j0);
+    // s[rows, kKBlock] = q[rows, D] . K^T[D, keys]
+    brgemm(rows, kKBlock, D, q_stride, kKBlock, kKBlock, false, q + i0 * q_stride, kt + blk * D * kKBlock, s);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = s + r * kKBlock;
+      const int64_t allowed = std::min(keys, i0 + r - j0 + 1);  // keys j0 .. j0 + allowed - 1 are at or before the query
+      // scale, mask, running max
+      __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t c = 0; c < kKBlock; c += 16) {
+        const int64_t valid = std::clamp<int64_t>(allowed - c, 0, 16);
+        const __mmask16 mk = static_cast<__mmask16>((1u << valid) - 1);
+        const __m512 v = _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), mk, _mm512_loadu_ps(sr + c), scale_v);
+        _mm512_storeu_ps(sr + c, v);
+        top = _mm512_max_ps(top, v);
+      }
+      const float m_new = std::max(m[r], _mm512_reduce_max_ps(top));
+      const float correction = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m[r] - m_new);
+      m[r] = m_new;
+      const __m512 mv = _mm512_set1_ps(m_new);
+      __m512 total = _mm512_setzero_ps();
+      at::BFloat16* pr = p + r * kKBlock;
+      for (int64_t c = 0; c < kKBlock; c += 16) {
+        // masked keys get an exact 0 (exp16 would give a denormal for -inf, and denormals are slow)
+        const int64_t valid = std::clamp<int64_t>(allowed - c, 0, 16);
+        const __m512 e = _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << valid) - 1), nxcore::exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + c), mv)));
+        const __m256i eb = (__m256i)_mm512_cvtneps_pbh(e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), eb);
+        // sum what the product with V will see: the bf16-rounded probabilities
+        total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16)));
+      }
+      l[r] = l[r] * correction + _mm512_reduce_add_ps(total);
+      if (correction != 1.f) {
+        const __m512 cv = _mm512_set1_ps(correction);
+        float* ar = acc + r * D;
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16) _mm512_storeu_ps(ar + d, _mm512_mul_ps(_mm512_loadu_ps(ar + d), cv));
+        for (; d < D; ++d) ar[d] *= correction;
+      }
+    }
+    // acc[rows, D] += p[rows, kKBlock] . V[kKBlock, D]
+    brgemm(rows, D, kKBlock, kKBlock, D, D, true, p, vp + blk * kKBlock * D, acc);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / l[r];
+    for (int64_t d = 0; d < D; ++d) out[(i0 + r) * out_stride + d] = at::BFloat16(acc[r * D + d] * inv);
+  }
+}
+#endif
+
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(prefill_attention_supported(), "nxcore::prefill_attention: this CPU lacks AMX bf16 brgemm (check torch.ops.nxcore._prefill_attention_supported())");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "nxcore::prefill_attention: q, k and v must be bfloat16, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "nxcore::prefill_attention: tensors must be on the CPU");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "nxcore::prefill_attention: q, k, v must be [B, heads, T, D]");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(2) == T && k.size(3) == D, "nxcore::prefill_attention: k ", k.sizes(),
+              " and v ", v.sizes(), " must be [B, KV, T, D] for q ", q.sizes());
+  TORCH_CHECK(KV >= 1 && H % KV == 0, "nxcore::prefill_attention: KV heads (", KV, ") must divide query heads (", H, ")");
+  TORCH_CHECK(D % 2 == 0, "nxcore::prefill_attention: head_dim must be even, got ", D);
+  at::Tensor out = at::empty({B, H, T, D}, q.options());
+#ifdef NXCORE_X86_GNU
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const int64_t nblk = (T + kKBlock - 1) / kKBlock;
+  // K^T and V blocks of every (row, KV head) in brgemm's packed layout, zero past T.
+  at::Tensor kt = at::empty({B, KV, nblk, D * kKBlock}, q.options());
+  at::Tensor vp = at::empty({B, KV, nblk, kKBlock * D}, q.options());
+  const auto* kp = kc.const_data_ptr<at::BFloat16>();
+  const auto* vsrc = vc.const_data_ptr<at::BFloat16>();
+  auto* ktp = kt.mutable_data_ptr<at::BFloat16>();
+  auto* vpp = vp.mutable_data_ptr<at::BFloat16>();
+  // VNNI layout of a [K, N] bf16 matrix: pairs of rows interleaved, element (k, n) at
+  // ((k / 2) * N + n) * 2 + k % 2, i.e. one 32-bit word per (row pair, column).
+  at::parallel_for(0, B * KV * nblk, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bk = t / nblk, blk = t % nblk, j0 = blk * kKBlock, keys = std::min(kKBlock, T - j0);
+      // K^T block: [D, kKBlock], (d, j) = k[j0 + j, d]: word (d / 2, j) is k's word (j, d / 2).
+      const auto* kw = reinterpret_cast<const uint32_t*>(kp + (bk * T + j0) * D);
+      auto* kt_out = reinterpret_cast<uint32_t*>(ktp + t * D * kKBlock);
+      for (int64_t dp = 0; dp < D / 2; ++dp) {
+        for (int64_t j = 0; j < keys; ++j) kt_out[dp * kKBlock + j] = kw[j * (D / 2) + dp];
+        for (int64_t j = keys; j < kKBlock; ++j) kt_out[dp * kKBlock + j] = 0;
+      }
+      // V block: [kKBlock, D], (j, d) = v[j0 + j, d]: word (j / 2, d) holds rows j and j + 1.
+      const auto* vw = reinterpret_cast<const uint16_t*>(vsrc + (bk * T + j0) * D);
+      auto* v_out = reinterpret_cast<uint16_t*>(vpp + t * kKBlock * D);
+      for (int64_t j = 0; j < kKBlock; ++j)
+        for (int64_t d = 0; d < D; ++d) v_out[((j / 2) * D + d) * 2 + j % 2] = j < keys ? vw[j * D + d] : 0;
+    }
+  });
+  const int64_t qblocks = (T + kQBlock - 1) / kQBlock, group = H / KV;
+  const auto* qp = qc.const_data_ptr<at::BFloat16>();
+  auto* op = out.mutable_data_ptr<at::BFloat16>();
+  // Tasks from the longest query blocks (the last ones, reading the most keys) down, so the
+  // threads finish together.
+  at::parallel_for(0, B * H * qblocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(kQBlock * kKBlock), acc(kQBlock * D), m(kQBlock), l(kQBlock);
+    std::vector<at::BFloat16> p(kQBlock * kKBlock);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / qblocks, qb = qblocks - 1 - t % qblocks;
+      const int64_t b = bh / H, h = bh % H, bk = b * KV + h / group;
+      const int64_t i0 = qb * kQBlock, rows = std::min(kQBlock, T - i0);
+      query_block(qp + bh * T * D, D, i0, rows, T, D, ktp + bk * nblk * D * kKBlock, vpp + bk * nblk * kKBlock * D, static_cast<float>(scale),
+                  op + bh * T * D, D, s.data(), p.data(), acc.data(), m.data(), l.data());
+    }
+    at::native::cpublas::brgemm_release();
+  });
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(nxcore, m) {
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("_prefill_attention_supported() -> bool", &prefill_attention_supported);
+}
+
+TORCH_LIBRARY_IMPL(nxcore, CPU, m) { m.impl("prefill_attention", &prefill_attention); }

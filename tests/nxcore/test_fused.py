@@ -1,0 +1,146 @@
+"""nxcore's fused bf16 elementwise ops (nxcore/csrc/fused.cpp) against the ATen chains they replace
+in eager code: RMSNorm, residual add + RMSNorm, SiLU-and-multiply, rotary embedding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from nxcore import Engine, RuntimeConfig
+from nxcore.modules import fused
+from nxcore.modules.mlp import GatedMLP
+from nxcore.modules.norm import RMSNorm
+from nxcore.modules.rotary import apply_rotary
+from tests.conftest import Checkpoint
+
+pytestmark = pytest.mark.skipif(not fused.supported(), reason="nxcore's C++ ops are not built or this CPU lacks AVX512-BF16")
+
+
+@pytest.fixture
+def chains() -> Iterator[None]:
+    """Inside: the ATen chains (fused ops off)."""
+    fused.enabled = False
+    try:
+        yield
+    finally:
+        fused.enabled = True
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Elements whose bf16 bits differ."""
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16
+    return int((a.view(torch.int16) != b.view(torch.int16)).sum())
+
+
+@pytest.mark.parametrize("dim", [64, 100, 768, 2048])
+def test_rms_norm_and_add_norm_equal_the_chain(dim: int) -> None:
+    torch.manual_seed(dim)
+    norm = RMSNorm(dim, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = torch.randn(dim, dtype=torch.bfloat16)
+    x = (torch.randn(3, 37, dim) * 4).to(torch.bfloat16)
+    residual = torch.randn(3, 37, dim, dtype=torch.bfloat16)
+    assert fused.applies(x)
+    out, (total, normed) = norm(x), norm.add_forward(x, residual)
+    fused.enabled = False
+    try:
+        ref, (ref_total, ref_normed) = norm(x), norm.add_forward(x, residual)
+    finally:
+        fused.enabled = True
+    assert _bits_equal(total, ref_total) == 0  # the residual add rounds exactly as torch's bf16 add
+    # the sum of squares runs in another order: at most a last-place difference, in few elements
+    assert _bits_equal(out, ref) <= out.numel() // 100
+    assert _bits_equal(normed, ref_normed) <= out.numel() // 100
+    torch.testing.assert_close(out, ref, rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("size", [16, 100, 2048])
+def test_silu_mul_equals_the_chain(size: int) -> None:
+    torch.manual_seed(size)
+    mlp = GatedMLP(hidden_size=8, intermediate_size=size, bias=False, act="silu").to(torch.bfloat16)
+    gate_up = (torch.randn(5, 9, 2 * size) * 6).to(torch.bfloat16)
+    gate, up = gate_up.split(size, dim=-1)
+    ref = F.silu(gate) * up
+    out = torch.ops.nxcore.silu_mul(gate_up)
+    assert out.shape == ref.shape
+    assert _bits_equal(out, ref) <= max(1, out.numel() // 1000)
+    assert mlp.silu and fused.applies(gate_up)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_rotary_equals_the_chain_on_transposed_views(head_dim: int, chains: None) -> None:
+    torch.manual_seed(head_dim)
+    x = torch.randn(2, 11, 6, head_dim, dtype=torch.bfloat16).transpose(1, 2)  # [B, H, T, D], as attention hands it
+    cos, sin = torch.randn(2, 2, 11, head_dim, dtype=torch.bfloat16).unbind(0)
+    ref = apply_rotary(x, cos, sin)  # the chain (fused off in this test's fixture)
+    fused.enabled = True
+    out = apply_rotary(x, cos, sin)
+    assert out.is_contiguous() and _bits_equal(out, ref) == 0
+
+
+@pytest.mark.skipif(not fused.attention_supported(), reason="no AMX bf16 brgemm on this CPU")
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "length", "head_dim"),
+    [(1, 8, 4, 128, 64), (2, 4, 2, 37, 64), (1, 8, 4, 300, 64), (1, 6, 2, 257, 80), (1, 4, 4, 1, 64), (1, 2, 1, 700, 128)],
+)
+def test_prefill_attention_is_as_close_to_float32_as_sdpa(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) -> None:
+    """Causal GQA attention against a float32 reference: its error is that of SDPA's bf16 kernel
+    (both round the probabilities to bf16 before the product with V), over lengths that end inside
+    a block and query/key blocks of every position relative to the diagonal."""
+    torch.manual_seed(length)
+    q = torch.randn(batch, length, heads, head_dim, dtype=torch.bfloat16).transpose(1, 2)  # a view, as attention hands it
+    k, v = (torch.randn(batch, kv_heads, length, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    scale = head_dim**-0.5
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scale, enable_gqa=True)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    out = torch.ops.nxcore.prefill_attention(q, k, v, scale)
+    assert out.shape == exact.shape and out.dtype == torch.bfloat16
+    sdpa_error = (sdpa.float() - exact).abs().max().item()
+    assert (out.float() - exact).abs().max().item() <= 1.5 * sdpa_error + 1e-3
+    torch.testing.assert_close(out.float(), exact, rtol=0.02, atol=0.02)
+
+
+def test_ops_refuse_what_they_do_not_compute() -> None:
+    with pytest.raises(RuntimeError, match="x must be bfloat16"):
+        torch.ops.nxcore.rms_norm(torch.ones(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(RuntimeError, match="does not end in the weight's size"):
+        torch.ops.nxcore.rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(RuntimeError, match="must be even"):
+        torch.ops.nxcore.silu_mul(torch.ones(2, 7, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"must be \[B, T, D\]"):
+        torch.ops.nxcore.rotary(
+            torch.ones(1, 2, 3, 8, dtype=torch.bfloat16), torch.ones(1, 4, 8, dtype=torch.bfloat16), torch.ones(1, 4, 8, dtype=torch.bfloat16)
+        )
+    if fused.attention_supported():
+        with pytest.raises(RuntimeError, match=r"KV heads \(3\) must divide query heads \(4\)"):
+            torch.ops.nxcore.prefill_attention(*(torch.ones(1, h, 5, 8, dtype=torch.bfloat16) for h in (4, 3, 3)), 1.0)
+    assert not fused.applies(torch.ones(2, 8))  # float32 keeps the chains
+    with torch.device("meta"):
+        assert not fused.applies(torch.ones(2, 8, dtype=torch.bfloat16))
+
+
+def test_a_bf16_engine_computes_the_same_logits_fused_or_not(checkpoint: Checkpoint) -> None:
+    """The whole model, eager bf16, every position of several prompts: the logits with the fused ops
+    and nxcore's prefill attention agree with those of the ATen chains and SDPA to bf16 noise (the
+    elementwise ops round where the chains round; the attention sums its blocks in another order
+    than SDPA), and so do the greedy tokens wherever the chains' best two logits are further apart
+    than that noise (random tiny models have near ties: one bf16 step flips those)."""
+    engine = Engine.from_pretrained(checkpoint.path, RuntimeConfig(batch_size=2, seq_len=160, dtype="bfloat16", on_device_sampling=False))
+    prompts = [[5, 9, 33, 2, 77, 100, 4, 8, 21], [7] * 30, [(i * 37) % 250 + 3 for i in range(150)]]
+    try:
+        ours = [engine.prompt_logits(p) for p in prompts]
+        fused.enabled = False
+        chains = [engine.prompt_logits(p) for p in prompts]
+    finally:
+        fused.enabled = True
+        engine.close()
+    decided = 0
+    for got, ref in zip(ours, chains):
+        torch.testing.assert_close(got, ref, rtol=0.02, atol=0.05)
+        top2 = ref.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.05
+        assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+        decided += int(clear.sum())
+    assert decided > 100  # the check above compared most positions
