@@ -23,7 +23,16 @@ DTYPES: dict[str, torch.dtype] = {
 BACKENDS = ("eager", "compile", "xla")
 """eager: the PyTorch modules; compile: AOTInductor packages (nxcore.compiled); xla: XLA programs
 through torch-xla, the Neuron path (nxcore.xla; needs torch-xla, which the project venv lacks)."""
-MIN_BUCKET = 128
+BUCKET_STEPS: dict[str, tuple[int, int]] = {"eager": (32, 4), "compile": (64, 2), "xla": (64, 2)}
+"""Default context-encoding buckets per backend: (smallest, buckets per octave). A prompt runs in
+the smallest bucket that holds it, so the padding it computes is at most one step of its octave.
+Chosen by cost: an eager bucket costs nothing until used, so eager takes four per octave (uniform
+32..512-token prompts then compute 7.5% padding, against 25.8% with powers of two); a compiled one
+costs a graph to build, load and keep (AOTInductor: bench.buckets measures it), so the compiled
+backends take two per octave (14.3%). `python -m bench.buckets` reports both on a workload."""
+
+KV_START = 128
+"""Smallest default KV-length bucket of the compiled backends (see `RuntimeConfig.kv_buckets`)."""
 
 
 def power_of_two_buckets(limit: int, *, start: int = 1) -> tuple[int, ...]:
@@ -37,9 +46,25 @@ def power_of_two_buckets(limit: int, *, start: int = 1) -> tuple[int, ...]:
     return tuple(buckets)
 
 
-def default_buckets(seq_len: int) -> tuple[int, ...]:
-    """Context-encoding lengths: powers of two from 128 up to seq_len, plus seq_len itself."""
-    return power_of_two_buckets(seq_len, start=min(MIN_BUCKET, seq_len))
+def octave_buckets(limit: int, *, start: int, per_octave: int) -> tuple[int, ...]:
+    """`per_octave` evenly spaced lengths in each octave [start * 2^k, start * 2^(k+1)), up to
+    `limit`, plus `limit` itself: e.g. start 32, 4 per octave: 32, 40, 48, 56, 64, 80, ..."""
+    buckets: list[int] = []
+    base = start
+    while True:
+        for i in range(per_octave):
+            size = base + base * i // per_octave
+            if size >= limit:
+                buckets.append(limit)
+                return tuple(dict.fromkeys(buckets))
+            buckets.append(size)
+        base *= 2
+
+
+def default_buckets(seq_len: int, backend: str = "eager") -> tuple[int, ...]:
+    """Context-encoding lengths for `backend` up to seq_len (see BUCKET_STEPS)."""
+    start, per_octave = BUCKET_STEPS.get(backend, BUCKET_STEPS["compile"])
+    return octave_buckets(seq_len, start=min(start, seq_len), per_octave=per_octave)
 
 
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -58,7 +83,7 @@ class RuntimeConfig:
     seq_len: int = 512
     """Longest sequence (prompt + generated tokens) a slot holds."""
     buckets: tuple[int, ...] = ()
-    """Context-encoding lengths, ascending; empty means `default_buckets(seq_len)`."""
+    """Context-encoding lengths, ascending; empty means `default_buckets(seq_len, backend)`."""
     tp_degree: int = 1
     """Tensor-parallel degree the graphs are built for."""
     ep_degree: int = 1
@@ -89,7 +114,7 @@ class RuntimeConfig:
             f"1..batch_size ({self.batch_size})",
         )
         _require(isinstance(self.seq_len, int) and self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
-        buckets = tuple(self.buckets) if self.buckets else default_buckets(self.seq_len)
+        buckets = tuple(self.buckets) if self.buckets else default_buckets(self.seq_len, self.backend)
         _require(
             all(isinstance(b, int) and 1 <= b <= self.seq_len for b in buckets),
             "buckets",
@@ -149,7 +174,12 @@ class RuntimeConfig:
     @property
     def kv_buckets(self) -> tuple[int, ...]:
         """Cache lengths token generation and speculation attend over: a call reads only the
-        smallest that holds every row's positions (NxDI's token-generation buckets)."""
+        smallest that holds every row's positions (NxDI's token-generation buckets). They are the
+        context buckets, except under a compiled backend with the default buckets: there each KV
+        length is one graph per batch bucket and kind, so they stay powers of two from KV_START (the
+        decode graphs then read at most twice the cache they need, as before the finer context buckets)."""
+        if self.backend != "eager" and self.buckets == default_buckets(self.seq_len, self.backend):
+            return power_of_two_buckets(self.seq_len, start=min(KV_START, self.seq_len))
         return tuple(sorted(set(self.buckets) | {self.seq_len}))
 
     @property
@@ -188,6 +218,10 @@ class RuntimeConfig:
 
     def replace(self, **changes: Any) -> RuntimeConfig:
         """A copy with `changes`; default buckets follow a new seq_len unless buckets are given."""
-        if "seq_len" in changes and "buckets" not in changes and self.buckets == default_buckets(self.seq_len):
+        if (
+            ("seq_len" in changes or "backend" in changes)
+            and "buckets" not in changes
+            and self.buckets == default_buckets(self.seq_len, self.backend)
+        ):
             changes["buckets"] = ()
         return dataclasses.replace(self, **changes)

@@ -8,11 +8,32 @@ from nxcore import RuntimeConfig
 from nxcore.config import default_buckets
 
 
-def test_default_buckets_are_powers_of_two_plus_seq_len() -> None:
-    assert default_buckets(1000) == (128, 256, 512, 1000)
-    assert default_buckets(512) == (128, 256, 512)
-    assert default_buckets(64) == (64,)
-    assert RuntimeConfig(seq_len=300).buckets == (128, 256, 300)
+def test_default_buckets_follow_each_backends_steps_per_octave() -> None:
+    assert default_buckets(1000) == (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1000)
+    assert default_buckets(1000, "compile") == (64, 96, 128, 192, 256, 384, 512, 768, 1000)
+    assert default_buckets(512, "xla") == (64, 96, 128, 192, 256, 384, 512)
+    assert default_buckets(20) == (20,)
+    assert default_buckets(48, "compile") == (48,)
+    assert RuntimeConfig(seq_len=300, backend="compile").buckets == (64, 96, 128, 192, 256, 300)
+
+
+def test_padding_of_uniform_prompts_stays_within_a_step() -> None:
+    """Prompts of every length 32..512 padded to their bucket: the fraction of computed tokens that
+    are padding (the issue's bound: 15%)."""
+
+    def padding(buckets: tuple[int, ...]) -> float:
+        computed = sum(next(b for b in buckets if b >= n) for n in range(32, 513))
+        return 1 - sum(range(32, 513)) / computed
+
+    assert padding(default_buckets(512)) < 0.08
+    assert padding(default_buckets(512, "compile")) < 0.15
+    assert padding((128, 256, 512)) > 0.25  # powers of two, the previous default
+
+
+def test_compiled_backends_keep_power_of_two_kv_buckets_unless_buckets_are_given() -> None:
+    assert RuntimeConfig(seq_len=1000, backend="compile").kv_buckets == (128, 256, 512, 1000)
+    assert RuntimeConfig(seq_len=300).kv_buckets == RuntimeConfig(seq_len=300).buckets
+    assert RuntimeConfig(seq_len=128, buckets=(24, 100, 128), backend="compile").kv_buckets == (24, 100, 128)
 
 
 def test_json_round_trip(tmp_path) -> None:
@@ -22,7 +43,8 @@ def test_json_round_trip(tmp_path) -> None:
 
 
 def test_replace_keeps_default_buckets_in_step_with_seq_len() -> None:
-    assert RuntimeConfig(seq_len=256).replace(seq_len=1024).buckets == (128, 256, 512, 1024)
+    assert RuntimeConfig(seq_len=256).replace(seq_len=1024).buckets == default_buckets(1024)
+    assert RuntimeConfig(seq_len=256).replace(backend="compile").buckets == default_buckets(256, "compile")
     assert RuntimeConfig(seq_len=256, buckets=(64, 256)).replace(seq_len=1024).buckets == (64, 256)
 
 
