@@ -8,6 +8,9 @@ memory-bandwidth roofline, in one run.
 - prefill (context encoding incl. the first token) at each --prefill-lens;
 - transformers on the same checkpoint and dtype: generate() for decode (cache on, eos ignored;
   its per-token time excludes the prompt's forward) and a forward pass for prefill;
+- context encoding's achieved GFLOP/s at each --prefill-lens (`prefill_flops`: the linears' and
+  causal attention's multiply-adds) next to this CPU's matmul peak in the same dtype and thread count
+  (`matmul_peak`: oneDNN on a packed weight and torch's own `F.linear`, large square shapes);
 - this machine's memory bandwidth (a read of a buffer the size of the weights, taken after each
   timed batch-1 decode step, so both see the same machine) and batch-1 decode as a fraction of the
   roofline (weight bytes one step reads, i.e. all but an untied input embedding, over that
@@ -30,6 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench.common import GREEDY, decode_steps, free_all, random_prompts
 from nxcore import Engine, RequestRng, RuntimeConfig, SequenceRequest, native
+from nxcore.model_config import ModelConfig
+from nxcore.modules import linear as linear_module
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -87,6 +92,36 @@ def bytes_read_per_token(model: torch.nn.Module) -> int:
     return round(total)
 
 
+def prefill_flops(cfg: ModelConfig, length: int) -> float:
+    """Floating-point operations of one context encoding of `length` tokens: every linear's
+    2 x rows x in x out (the MoE layers' routed experts only), causal attention's two products
+    (2 x 2 x heads x head_dim per query-key pair, the pairs at or below the diagonal), and the LM
+    head on the last token. Norms, rotary and activations are left out (a few per cent)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    attn_proj = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size
+    dense_mlp = 3 * cfg.hidden_size * cfg.intermediate_size
+    moe_mlp = cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size + cfg.hidden_size * cfg.num_experts
+    moe = cfg.moe_layers or (False,) * cfg.num_layers
+    weights = sum(attn_proj + (moe_mlp if is_moe else dense_mlp) for is_moe in moe)
+    pairs = length * (length + 1) // 2
+    attention = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * pairs
+    return 2.0 * length * weights + attention + 2.0 * cfg.hidden_size * cfg.vocab_size
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """This CPU's matmul GFLOP/s in `dtype` at torch's current thread count, [size, size] x
+    [size, size]: oneDNN on a weight packed once (`mkldnn._linear_pointwise`, what nxcore's bf16
+    linears run) where oneDNN takes the dtype, and torch's `F.linear`. Median of `repeats`."""
+    x = torch.randn(size, size).to(dtype)
+    w = torch.randn(size, size).to(dtype)
+    flops = 2.0 * size**3
+    out = {"F.linear": flops / _median_time(lambda: torch.nn.functional.linear(x, w), repeats) / 1e9}
+    if dtype == torch.bfloat16 and linear_module.can_pack(dtype):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        out["oneDNN packed"] = flops / _median_time(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeats) / 1e9
+    return out
+
+
 def decode_ms_per_step(engine: Engine, batch: int, prompt_len: int, steps: int, between: Callable[[], object] | None = None) -> float:
     prompts = random_prompts(batch, prompt_len, engine.model_config.vocab_size)
     ms, requests = decode_steps(engine, prompts, steps, between)
@@ -139,9 +174,11 @@ def bench_backend(args: argparse.Namespace, backend: str, max_len: int, bandwidt
         if i == 0:
             out["bandwidth_gb_s"] = bandwidth.gb_s()
             out["roofline_ms"] = bandwidth.n_bytes / out["bandwidth_gb_s"] / 1e6
+    out["prefill_gflop_s"] = {}
     for length in args.prefill_lens:
         print(f"[{backend}] prefill {length} tokens ...", file=sys.stderr)
         out["prefill_ms"][length] = prefill_ms(engine, length, args.repeats)
+        out["prefill_gflop_s"][length] = prefill_flops(engine.model_config, length) / out["prefill_ms"][length] / 1e6
     engine.close()
     return out
 
@@ -183,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = Bandwidth(weight_bytes)
     results = {backend: bench_backend(args, backend, max_len, bandwidth) for backend in args.backends}
     del bandwidth
+    print("matmul peak ...", file=sys.stderr)
+    peak = matmul_peak(dtype)
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
     hf_res = {"decode_ms": {}, "throughput_tok_s": {}, "prefill_ms": {}}
     if not args.no_hf:
@@ -218,6 +257,11 @@ def run(args: argparse.Namespace) -> int:
         row(f"throughput b{batch} (tok/s)", "throughput_tok_s", batch, higher_is_better=True)
     for length in args.prefill_lens:
         row(f"prefill {length} (ms)", "prefill_ms", length)
+    best_peak = max(peak.values())
+    print(f"matmul peak ({args.dtype}, {torch.get_num_threads()} threads, 2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peak.items()))
+    for b in args.backends:
+        cells = ", ".join(f"{n}: {g:.0f} GFLOP/s ({g / best_peak:.0%})" for n, g in results[b]["prefill_gflop_s"].items())
+        print(f"{b}: context encoding achieves {cells} of the matmul peak")
     for b in args.backends:
         r = results[b]
         ratio = f", {hf_res['decode_ms'][b1] / r['decode_ms'][b1]:.2f}x transformers" if not args.no_hf else ""
@@ -242,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
                     "prefill_ms": r["prefill_ms"],
                     "hf_prefill_ms": hf_res["prefill_ms"],
                     "bandwidth_gb_s": r["bandwidth_gb_s"],
+                    "prefill_gflop_s": r["prefill_gflop_s"],
+                    "matmul_peak_gflop_s": peak,
                     "backends": results,
                 },
                 indent=2,

@@ -54,9 +54,12 @@ def test_engine_bench_writes_the_documented_keys(tiny: Path, tmp_path: Path) -> 
         "model",
         "dtype",
         "backend",
+        "prefill_gflop_s",
+        "matmul_peak_gflop_s",
     ):
         assert key in data
     assert data["decode_b1_ms"] > 0 and set(data["prefill_ms"]) == {"32", "128"}
+    assert set(data["prefill_gflop_s"]) == {"32", "128"} and data["matmul_peak_gflop_s"]["F.linear"] > 0
 
 
 def test_speculation_and_moe_and_tp_benches_run(tiny: Path, tmp_path: Path) -> None:
@@ -153,3 +156,32 @@ def test_roofline_counts_only_the_routed_experts_of_a_mixture_of_experts(tmp_pat
     rest = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if ".experts." not in name and p is not embedding)
     assert expert_bytes > 0 and cfg.num_experts_per_tok < cfg.num_local_experts
     assert bytes_read_per_token(model) == round(rest + expert_bytes * cfg.num_experts_per_tok / cfg.num_local_experts)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_prefill_flops_count_every_linear_the_tokens_pass_and_causal_attention(tmp_path: Path, arch: str) -> None:
+    """Against the checkpoint's own modules: 2 x in x out per token for each decoder linear (a
+    mixture's routed experts only, plus its router), the LM head once, and causal attention's two
+    products over the pairs at or below the diagonal."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.engine import prefill_flops
+    from nxcore.arch import get_architecture
+
+    path = make_model(arch=arch, preset="tiny", out=tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    cfg = model.config
+    length = 40
+    per_token = 0
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            share = cfg.num_experts_per_tok / cfg.num_local_experts if ".experts." in f".{name}." else 1
+            per_token += 2 * module.in_features * module.out_features * share
+    experts = getattr(model.model.layers[0].mlp, "experts", None)
+    if experts is not None and not isinstance(experts, torch.nn.ModuleList):  # fused expert tensors
+        per_token += cfg.num_hidden_layers * 2 * sum(p[0].numel() for n, p in experts.named_parameters() if "bias" not in n) * cfg.num_experts_per_tok
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention = cfg.num_hidden_layers * 4 * cfg.num_attention_heads * head_dim * length * (length + 1) // 2
+    expected = per_token * length + attention + 2 * cfg.hidden_size * cfg.vocab_size
+    ours = get_architecture(cfg.model_type).read_config(cfg)
+    assert prefill_flops(ours, length) == pytest.approx(expected, rel=1e-9)
