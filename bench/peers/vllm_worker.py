@@ -2,7 +2,8 @@
 
     VENV/bin/python -m bench.peers.vllm_worker SPEC.json RESULT.json     (from the repository root)
 
-SPEC: {"model", "dtype", "prompts" (token ids), "new_tokens", "repeats", "llm_kwargs"}. RESULT: the
+SPEC: {"model", "dtype", "prompts" (token ids), "new_tokens", "repeats", "ttft_prompts" (per prompt
+length, repeats + 1 prompts of token ids; see bench.peers.method.measure), "llm_kwargs"}. RESULT: the
 bench.peers.method figures plus vLLM's version and load time. Prompts go in as token ids, greedy,
 ignore_eos, no detokenization (nxserve's engine does not detokenize either).
 """
@@ -21,8 +22,10 @@ def vllm_figures(spec: dict) -> dict:
     import vllm
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    prompts, new_tokens = spec["prompts"], spec["new_tokens"]
-    longest = max(len(p) for p in prompts) + new_tokens
+    prompts, new_tokens, ttft_prompts = spec["prompts"], spec["new_tokens"], spec.get("ttft_prompts", [])
+    workload_len = max(len(p) for p in prompts) + new_tokens
+    # the longest sequence: a workload prompt and its new tokens, or the longest TTFT prompt and its one token
+    longest = max([workload_len] + [len(group[0]) + 1 for group in ttft_prompts])
     start = time.perf_counter()
     llm = LLM(
         model=spec["model"],
@@ -30,7 +33,7 @@ def vllm_figures(spec: dict) -> dict:
         seed=0,
         max_model_len=longest,
         max_num_seqs=len(prompts),
-        max_num_batched_tokens=max(2048, longest * len(prompts)),
+        max_num_batched_tokens=max(2048, workload_len * len(prompts), longest),
         **spec.get("llm_kwargs", {}),
     )
     load_s = time.perf_counter() - start
@@ -42,7 +45,7 @@ def vllm_figures(spec: dict) -> dict:
         outputs = llm.generate(inputs, params, use_tqdm=False)
         return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outputs)
 
-    figures = measure(run, prompts, new_tokens, repeats=spec["repeats"])
+    figures = measure(run, prompts, new_tokens, repeats=spec["repeats"], ttft_prompts=ttft_prompts)
     return {"version": vllm.__version__, "load_s": load_s, **figures.to_dict()}
 
 
