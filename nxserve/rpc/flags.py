@@ -57,7 +57,10 @@ class EngineFlags:
     ctx_batch_size: int | None = _flag(None, "prompts per context-encoding call", unset="the batch size", type=int)
     seq_len: int | None = _flag(None, "tokens per slot, prompt + output; capped at the model's max_position_embeddings", type=int)
     buckets: tuple[int, ...] | None = _flag(
-        None, "context-encoding bucket lengths, e.g. 128,512,2048", unset="powers of two from 128 to seq-len, plus seq-len", type=int_list
+        None,
+        "context-encoding bucket lengths, e.g. 128,512,2048",
+        unset="four per octave from 32 (eager) or two per octave from 64 (compile, xla) up to seq-len, plus seq-len",
+        type=int_list,
     )
     backend: str = _flag(
         "eager",
