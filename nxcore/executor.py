@@ -15,6 +15,7 @@ from nxcore.compiled import GRAPH_SETS, ArtifactStore, graph_keys
 from nxcore.config import RuntimeConfig
 from nxcore.graphs import ContextEncodingGraph, DecodeGraph, GraphInputs, GraphKey, GraphKind, example_inputs
 from nxcore.kv_cache import KVSnapshot
+from nxcore.modules import fused
 from nxcore.modules.decoder import CausalLM
 
 __all__ = ["Executor", "GraphKey", "GraphRunner", "LocalExecutor"]
@@ -73,11 +74,22 @@ class GraphRunner:
     def _module(self, kind: GraphKind) -> torch.nn.Module:
         return self._modules[kind]
 
+    def runs_eagerly(self, key: GraphKey) -> bool:
+        """Whether `key` runs as the eager module on the compile backend too: bf16 context encoding
+        where nxcore's fused elementwise ops and AMX prefill attention run (eager-only kernels,
+        `nxcore.modules.fused`). Measured on the small llama (Intel Xeon with AMX, one thread):
+        eager 23-25 ms at 128 tokens and 65-75 at 512, against the AOTInductor graph's 33 and 107
+        (Inductor's own fused loops and SDPA); the compiled graph is still built and required, so
+        an artifact cache serves any machine. `bench.engine --backends eager compile` compares them."""
+        return (
+            self.store is not None and key.kind is GraphKind.CONTEXT and self.model.rope_cos.dtype == torch.bfloat16 and fused.attention_supported()
+        )
+
     def _graph(self, key: GraphKey) -> Callable[..., tuple[torch.Tensor, ...]]:
         graph = self._graphs.get(key)
         if graph is None:
             module = self._module(key.kind)
-            if self.store is None:
+            if self.store is None or self.runs_eagerly(key):
                 graph = module
             else:
                 graph = self.store.load(key, module, example_inputs(key, self.model.kv_cache.scratch_slot))
