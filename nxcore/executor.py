@@ -80,9 +80,15 @@ class GraphRunner:
         `nxcore.modules.fused`). Measured on the small llama (Intel Xeon with AMX, one thread):
         eager 23-25 ms at 128 tokens and 65-75 at 512, against the AOTInductor graph's 33 and 107
         (Inductor's own fused loops and SDPA); the compiled graph is still built and required, so
-        an artifact cache serves any machine. `bench.engine --backends eager compile` compares them."""
+        an artifact cache serves any machine. `bench.engine --backends eager compile` compares them.
+        Not in batch-invariant mode, where context encoding must give the compiled token
+        generation's bits (Inductor's norms and rotary, not nxcore's fused ones)."""
         return (
-            self.store is not None and key.kind is GraphKind.CONTEXT and self.model.rope_cos.dtype == torch.bfloat16 and fused.attention_supported()
+            self.store is not None
+            and key.kind is GraphKind.CONTEXT
+            and not self.config.batch_invariant
+            and self.model.rope_cos.dtype == torch.bfloat16
+            and fused.attention_supported()
         )
 
     def _graph(self, key: GraphKey) -> Callable[..., tuple[torch.Tensor, ...]]:

@@ -177,6 +177,9 @@ def test_prefill_flops_count_every_linear_the_tokens_pass_and_causal_attention(t
         if isinstance(module, torch.nn.Linear):
             share = cfg.num_experts_per_tok / cfg.num_local_experts if ".experts." in f".{name}." else 1
             per_token += 2 * module.in_features * module.out_features * share
+    router = getattr(model.model.layers[0].mlp, "gate", None)
+    if router is not None and not isinstance(router, torch.nn.Linear):  # transformers' router module: hidden x experts
+        per_token += cfg.num_hidden_layers * 2 * cfg.hidden_size * cfg.num_local_experts
     experts = getattr(model.model.layers[0].mlp, "experts", None)
     if experts is not None and not isinstance(experts, torch.nn.ModuleList):  # fused expert tensors
         per_token += cfg.num_hidden_layers * 2 * sum(p[0].numel() for n, p in experts.named_parameters() if "bias" not in n) * cfg.num_experts_per_tok

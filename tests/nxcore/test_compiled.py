@@ -286,10 +286,11 @@ def test_bfloat16_compiled_logits_stay_close_to_eager(checkpoints: dict[str, Che
         assert torch.allclose(actual, expected, atol=5e-2, rtol=2e-2), (actual - expected).abs().max()
         token = [int(expected.argmax())]
     runner = compiled.executor.runner
-    context, generation = (next(k for k in runner._graphs if k.kind is kind) for kind in (GraphKind.CONTEXT, GraphKind.TOKEN_GENERATION))
+    context = next(k for k in runner._graphs if k.kind is GraphKind.CONTEXT)
+    generation = next(k for k in runner._graphs if k.kind is not GraphKind.CONTEXT)  # the logits-returning token generation
     assert runner.runs_eagerly(context) == fused.attention_supported()
     assert isinstance(runner._graphs[context], PackagedGraph) != fused.attention_supported()
     assert isinstance(runner._graphs[generation], PackagedGraph) and not runner.runs_eagerly(generation)
-    assert not compiled.missing_graphs()
+    assert context in graph_keys(config)  # still built by `nxserve compile` and required at load without compile_on_demand
     fp32 = Engine.from_pretrained(checkpoints["llama"].path, CONFIG, compile_cache=cache)
     assert not any(fp32.executor.runner.runs_eagerly(key) for key in graph_keys(CONFIG))
