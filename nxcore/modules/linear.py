@@ -15,8 +15,8 @@ compiled graph, so the packing is done here instead, once per weight at load:
   back to `F.linear` when there is none (float32, an unpacked model, no oneDNN).
 
 `nxcore::linear` is defined in C++ (`nxcore/csrc/linear.cpp`, built by `nxcore.native`): it runs
-an AVX512-BF16 GEMV on the dense weight for one or two rows (decode), oneDNN on the packed
-copy for larger ones, and `at::linear` otherwise, and compiled graphs call it without entering
+oneDNN on the packed copy, on AMD CPUs an AVX512-BF16 GEMV on the dense weight for one or two rows
+(decode; measured faster there, slower than oneDNN on Intel), and `at::linear` otherwise, and compiled graphs call it without entering
 Python. Where the C++ ops cannot be built, the op is defined here in Python with the oneDNN and
 `F.linear` paths only.
 """
