@@ -28,6 +28,7 @@ from pathlib import Path
 from bench.common import GREEDY
 from bench.workload import Workload
 from nxcore import Engine, RequestRng, RuntimeConfig, SequenceRequest
+from nxcore.checkpoint import read_hf_config
 from nxcore.compiled import graph_keys
 from nxcore.config import default_buckets, power_of_two_buckets
 from nxcore.graphs import GraphKey, GraphKind
@@ -55,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     workload = Workload.from_dict(json.loads(args.workload.read_text()))
     if workload.prompt != "ids":
         p.error(f"{args.workload}: bench.buckets needs prompt 'ids' (token ids), got {workload.prompt!r}")
-    config = RuntimeConfig(batch_size=1, seq_len=2, dtype=args.dtype)  # replaced below, once the vocab is known
-    engine = Engine.from_pretrained(args.model, config.replace(seq_len=64, buckets=(64,)))
-    vocab = engine.model_config.vocab_size
-    engine.close()
+    vocab = read_hf_config(args.model).vocab_size
     prompts = [r.prompt for r in workload.make_requests(vocab) if isinstance(r.prompt, list)]
     lengths = [len(prompt) for prompt in prompts]
     seq_len = max(lengths)
