@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -93,3 +94,45 @@ def test_grpc_codes_map_to_http_statuses(code: grpc.StatusCode, status: int) -> 
     error = from_rpc(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details="why"))
     assert (error.status, error.message) == (status, "why")
     assert error.headers == ({"Retry-After": "2"} if status == 429 else {})
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_a_token_whose_text_is_held_still_gets_its_event(kind: str) -> None:
+    """A streamed token that ends inside a multi-byte character has no text yet: its event goes out
+    with "" (as vLLM's server sends it), so a client timing the first token sees it when it was
+    generated; the text follows once the character is whole."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from nxcore.stopping import FinishReason
+    from nxserve.client import GenerationChunk
+    from nxserve.openai.server import _stream
+
+    chunks = [
+        GenerationChunk(request_id="r", token_ids=[7], text="", finish_reason=None),  # first byte of a character
+        GenerationChunk(request_id="r", token_ids=[8], text="é", finish_reason=None),
+        GenerationChunk(request_id="r", token_ids=[], text="", finish_reason=FinishReason.LENGTH, usage=Usage(prompt_tokens=3, completion_tokens=2)),
+    ]
+
+    async def source():
+        for c in chunks:
+            yield c
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response, _ = await _stream(request, Answer(kind, "m"), source(), include_usage=True)
+        return response
+
+    async def run() -> list[dict]:
+        app = web.Application()
+        app.router.add_get("/", handler)
+        async with TestClient(TestServer(app)) as client:
+            body = await (await client.get("/")).text()
+        events = [line.removeprefix("data: ") for line in body.split("\n\n") if line]
+        assert events[-1] == "[DONE]"
+        return [json.loads(e) for e in events[:-1]]
+
+    events = asyncio.run(run())
+    texts = [c.get("text", c.get("delta", {}).get("content")) for e in events for c in e["choices"] if c["finish_reason"] is None]
+    role = [""] if kind == "chat" else []  # a chat stream opens with the role, content ""
+    assert texts == [*role, "", "é"]
+    assert events[-1]["usage"]["completion_tokens"] == 2
