@@ -11,7 +11,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_kv_shm_flag, add_server_flags
+from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_core_turns_flag, add_kv_shm_flag, add_server_flags
 from nxserve.rpc.server import DECODE_MAX_MESSAGE_BYTES, install_shutdown, run_service, set_health, start_server
 from nxserve.v1 import decode_pb2
 
@@ -39,6 +39,7 @@ def build_parser(prog: str = "python -m decode_svc") -> argparse.ArgumentParser:
         "can call this replica (default: none asked for)",
     )
     add_kv_shm_flag(p, role="prefill services keep their KV arenas there and this replica reads requests' KV out of them")
+    add_core_turns_flag(p, role="a decode step waits for a context encoding already waiting")
     EngineFlags.add_to(p, defaults=SERVICE_DEFAULTS["decode"])
     return p
 
@@ -52,6 +53,7 @@ async def serve(args: argparse.Namespace) -> None:
     from nxcore.speculation import build_proposer
     from nxcore.tokenizer import load_tokenizer
     from nxserve.kv import KVReceiver, add_decode_servicer
+    from nxserve.rpc.turns import CoreTurns
     from nxserve.rpc.validate import Limits
 
     flags = EngineFlags.from_args(args, environ=os.environ)
@@ -67,7 +69,8 @@ async def serve(args: argparse.Namespace) -> None:
     proposer = await thread.run(partial(build_proposer, flags.speculation, engine, **flags.load_options()))
     tokenizer = load_tokenizer(args.model, required=False)
     await thread.run(_warm_up, engine)
-    loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer, thread=thread, metrics=servicer.metrics)
+    turns = CoreTurns(args.core_turns)
+    loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer, thread=thread, metrics=servicer.metrics, turns=turns)
     loop.start()
     servicer.attach(loop, limits=Limits.for_engine(engine))
     servicer.metrics.observe(loop.load)
@@ -95,6 +98,7 @@ async def serve(args: argparse.Namespace) -> None:
         thread.submit(engine.close)
         thread.close(timeout=10)
         kv.close()
+        turns.close()
 
     await install_shutdown(stop).wait()
     log.info("stopped")

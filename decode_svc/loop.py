@@ -29,6 +29,7 @@ from nxcore.stopping import FinishReason
 from nxserve.kv import ReceivedKV
 from nxserve.rpc.errors import EngineFailure, NotReady, Overloaded, ServiceError
 from nxserve.rpc.metrics import DecodeMetrics
+from nxserve.rpc.turns import CoreTurns
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,11 @@ class DecodeLoop:
         thread: EngineThread,
         clock: Callable[[], float] = time.monotonic,
         metrics: DecodeMetrics | None = None,
+        turns: CoreTurns | None = None,
     ) -> None:
         self.engine = engine
+        self.turns = turns or CoreTurns(None)
+        """Each step (with the draft's prompt encodings before it) is one turn on shared cores."""
         self.metrics = metrics or DecodeMetrics()
         self.proposer = proposer
         self.max_queue = max_queue
@@ -203,19 +207,20 @@ class DecodeLoop:
             # the gRPC side takes it (load, room, submit, cancel), on its event loop. Cancelled
             # ones too: they are in `batch`, and a step speculates for every slot in it.
             failed: dict[DecodeJob, Exception] = {}
-            for job in drafts:
-                assert self.proposer is not None and job.slot is not None
+            with self.turns.turn():
+                for job in drafts:
+                    assert self.proposer is not None and job.slot is not None
+                    try:
+                        self.proposer.prefill(job.slot, job.prompt_ids, job.sampling, job.rng)
+                    except Exception as exc:
+                        failed[job] = exc
+                batch = [job for job in batch if job not in failed]
+                started = time.perf_counter()
                 try:
-                    self.proposer.prefill(job.slot, job.prompt_ids, job.sampling, job.rng)
-                except Exception as exc:
-                    failed[job] = exc
-            batch = [job for job in batch if job not in failed]
-            started = time.perf_counter()
-            try:
-                produced, failed_step = self.scheduler.step_isolated(batch)
-                failed.update(failed_step)
-            except Exception as exc:  # the step failed again without the requests that failed alone
-                produced, failed = {}, {**failed, **dict.fromkeys(batch, exc)}
+                    produced, failed_step = self.scheduler.step_isolated(batch)
+                    failed.update(failed_step)
+                except Exception as exc:  # the step failed again without the requests that failed alone
+                    produced, failed = {}, {**failed, **dict.fromkeys(batch, exc)}
             if failed:
                 self._fail(failed)
             self.metrics.step_time.record(time.perf_counter() - started)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from nxserve.omp_env import share_cores
+from nxserve.omp_env import oversubscribed, share_cores
 
 if TYPE_CHECKING:
     import grpc
@@ -208,12 +208,12 @@ class LocalCluster:
     def openmp_threads(self) -> int:
         """OpenMP threads of every engine process this cluster starts: each service's --threads (torch's
         default: one per core) times its --tp rank processes."""
-        cores = os.cpu_count() or 1
-        total = 0
-        for extra, count in ((self.prefill_args, 1), (self.decode_args, len(self._decodes))):
-            args = [*self.engine_args, *extra]
-            total += count * int(_flag(args, "--threads") or cores) * int(_flag(args, "--tp") or 1)
-        return total
+        return self._engine_threads(self.prefill_args) + len(self._decodes) * self._engine_threads(self.decode_args)
+
+    def _engine_threads(self, extra: list[str]) -> int:
+        """OpenMP threads of one service's engine: its --threads times its --tp rank processes."""
+        args = [*self.engine_args, *extra]
+        return int(_flag(args, "--threads") or os.cpu_count() or 1) * int(_flag(args, "--tp") or 1)
 
     def _spawn(self, service: _Service, extra: list[str]) -> None:
         argv = [sys.executable, "-m", service.module, "--model", self.model_dir, "--port", str(service.port), *self.engine_args, *extra]
@@ -226,8 +226,13 @@ class LocalCluster:
         if env.get("OTEL_SERVICE_NAME"):
             env["OTEL_SERVICE_NAME"] = f"{env['OTEL_SERVICE_NAME']}-{role}"
         env["OTEL_RESOURCE_ATTRIBUTES"] = ",".join(filter(None, [env.get("OTEL_RESOURCE_ATTRIBUTES"), f"service.instance.id={service.name}"]))
-        if share_cores(env, threads=self.openmp_threads()):  # see nxserve.omp_env
-            log.debug("%s: GOMP_SPINCOUNT=%s, its engine shares the cores", service.name, env["GOMP_SPINCOUNT"])
+        # Engines whose threads together outnumber the cores take turns computing (nxserve.rpc.turns),
+        # so each computes alone and keeps libgomp's spinning; one whose own threads (its ranks')
+        # outnumber them spins less (nxserve.omp_env).
+        if oversubscribed(self.openmp_threads()) and "--core-turns" not in argv:
+            argv += ["--core-turns", str(self.log_dir / "core-turns")]
+        if share_cores(env, threads=self._engine_threads(extra)):
+            log.debug("%s: GOMP_SPINCOUNT=%s, its engine's threads outnumber the cores", service.name, env["GOMP_SPINCOUNT"])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PROJECT_ROOT), env.get("PYTHONPATH")]))
         service.extra = extra
         if service.log_file:

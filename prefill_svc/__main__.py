@@ -10,7 +10,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_kv_shm_flag, add_server_flags
+from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_core_turns_flag, add_kv_shm_flag, add_server_flags
 from nxserve.rpc.security import ApiKeys, ChannelTLS, ClientGate
 from nxserve.rpc.server import MAX_KV_CHUNK_BYTES, add_service, install_shutdown, run_service, set_health, start_server
 from nxserve.rpc.validate import PROMPT_BYTES_PER_TOKEN
@@ -120,6 +120,7 @@ def build_parser(prog: str = "python -m prefill_svc") -> argparse.ArgumentParser
         help=f"KV bytes per chunk sent to decode, up to {MAX_KV_CHUNK_BYTES >> 20}M (default: 1M)",
     )
     add_kv_shm_flag(p, role="this service keeps its KV arena there, a file of --kv-shm-bytes, for decode replicas that see it too")
+    add_core_turns_flag(p, role="a context encoding goes before the next decode step")
     p.add_argument(
         "--kv-shm-bytes",
         type=_size,
@@ -145,6 +146,7 @@ async def serve(args: argparse.Namespace) -> None:
     from nxcore.speculation import DraftProposer, build_proposer
     from nxcore.tokenizer import load_tokenizer
     from nxserve.kv import KVSender
+    from nxserve.rpc.turns import CoreTurns
     from nxserve.rpc.validate import Limits
     from prefill_svc.router import DecodeRouter
     from prefill_svc.server import GenerationServicer
@@ -189,7 +191,8 @@ async def serve(args: argparse.Namespace) -> None:
     kv = KVSender.open(
         args.kv_shm_dir, arena_bytes=args.kv_shm_bytes or _arena_default(engine, draft), chunk_bytes=args.kv_chunk_bytes, lease_s=args.kv_lease_s
     )
-    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=kv.arena, metrics=servicer.metrics)
+    turns = CoreTurns(args.core_turns)
+    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=kv.arena, metrics=servicer.metrics, turns=turns)
     worker.start()
     targets, names = args.decode
     router = DecodeRouter(
@@ -225,6 +228,7 @@ async def serve(args: argparse.Namespace) -> None:
             thread.submit(draft.close)
         thread.close(timeout=10)
         kv.close()
+        turns.close()
 
     await install_shutdown(stop).wait()
     log.info("stopped")

@@ -27,6 +27,7 @@ from nxserve.kv import OutboundKV, engine_layout
 from nxserve.kv.shm import KVArena
 from nxserve.rpc.errors import NotReady, Overloaded
 from nxserve.rpc.metrics import PrefillMetrics
+from nxserve.rpc.turns import CoreTurns
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ class PrefillWorker:
         thread: EngineThread,
         arena: KVArena | None = None,
         metrics: PrefillMetrics | None = None,
+        turns: CoreTurns | None = None,
     ) -> None:
         self.engine = engine
+        self.turns = turns or CoreTurns(None)
+        """Each call (encoding and KV export) is a priority turn on shared cores: it goes before the next decode step."""
         self.draft = draft
         """Draft model for speculative decoding: its prompt KV travels to decode with the target's."""
         self.arena = arena
@@ -128,6 +132,10 @@ class PrefillWorker:
                 self._encode(jobs)
 
     def _encode(self, jobs: list[PrefillJob]) -> None:
+        with self.turns.priority():
+            self._encode_turn(jobs)
+
+    def _encode_turn(self, jobs: list[PrefillJob]) -> None:
         start = time.monotonic()
         requests = [SequenceRequest(slot=i, token_ids=j.prompt_ids, sampling=j.sampling, rng=j.rng) for i, j in enumerate(jobs)]
         engines = [e for e in (self.engine, self.draft) if e is not None]

@@ -231,6 +231,19 @@ def add_kv_shm_flag(parser: argparse.ArgumentParser, *, role: str) -> None:
     )
 
 
+def add_core_turns_flag(parser: argparse.ArgumentParser, *, role: str) -> None:
+    parser.add_argument(
+        "--core-turns",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"take turns computing with the other engine processes given the same FILE ({role}), for "
+        "services that share their host's cores: each then computes alone on all of them instead of "
+        "its OpenMP threads contending with the others' (see nxserve.rpc.turns). `nxserve up` sets it "
+        "when its services' threads outnumber the cores. Default: none, for a service with cores of its own",
+    )
+
+
 def add_server_flags(parser: argparse.ArgumentParser, *, port: int, max_queue: int, queue_help: str, max_streams: int, client_ca_help: str) -> None:
     """--host --port --max-queue --grace --log-level, TLS and stream limits, shared by both services."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 in containers)")

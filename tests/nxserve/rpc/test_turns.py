@@ -1,0 +1,121 @@
+"""Turns on shared cores (nxserve.rpc.turns): one holder at a time across processes, a priority
+turn goes before steps that arrive while it waits, a killed holder frees the cores, and a service
+without a turns file never waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from nxserve.rpc.turns import CoreTurns
+
+WAIT_S = 10.0
+
+
+def test_without_a_file_turns_never_wait() -> None:
+    turns = CoreTurns(None)
+    assert not turns.enabled
+    with turns.priority(), turns.turn(), turns.priority():  # not even on itself
+        pass
+
+
+def test_one_holder_at_a_time_in_the_order_priority_then_steps(tmp_path: Path) -> None:
+    """While a decode step holds the cores, a prompt waits for it; a step asked for after the prompt
+    began waiting goes after the prompt. Each CoreTurns is its own open file, as separate processes' are."""
+    path = tmp_path / "turns"
+    holder, prefill, decode = CoreTurns(path), CoreTurns(path), CoreTurns(path)
+    order: list[str] = []
+    inside = threading.Semaphore(0)
+    active = []  # who is inside a turn now; never two
+
+    def run(turns_cm, name: str, hold_s: float) -> None:
+        with turns_cm():
+            active.append(name)
+            assert len(active) == 1, active
+            order.append(name)
+            inside.release()
+            time.sleep(hold_s)
+            active.remove(name)
+
+    first = threading.Thread(target=run, args=(holder.turn, "step 1", 0.5))
+    first.start()
+    assert inside.acquire(timeout=WAIT_S)
+    prompt = threading.Thread(target=run, args=(prefill.priority, "prompt", 0.1))
+    prompt.start()
+    time.sleep(0.2)  # the prompt now holds the gate and waits for the step in progress
+    second = threading.Thread(target=run, args=(decode.turn, "step 2", 0.0))
+    second.start()
+    for t in (first, prompt, second):
+        t.join(WAIT_S)
+        assert not t.is_alive()
+    assert order == ["step 1", "prompt", "step 2"]
+    for t in (holder, prefill, decode):
+        t.close()
+
+
+def test_back_to_back_prompts_and_steps_alternate(tmp_path: Path) -> None:
+    """Neither side starves: a step waiting for the cores runs between two prompts that keep coming."""
+    path = tmp_path / "turns"
+    prefill, decode = CoreTurns(path), CoreTurns(path)
+    log: list[str] = []
+    stop = threading.Event()
+
+    def prompts() -> None:
+        while not stop.is_set():
+            with prefill.priority():
+                log.append("p")
+                time.sleep(0.01)
+
+    def steps() -> None:
+        for _ in range(10):
+            with decode.turn():
+                log.append("d")
+                time.sleep(0.01)
+
+    p = threading.Thread(target=prompts)
+    p.start()
+    time.sleep(0.05)
+    d = threading.Thread(target=steps)
+    d.start()
+    d.join(WAIT_S)
+    stop.set()
+    p.join(WAIT_S)
+    assert not d.is_alive() and not p.is_alive()
+    assert log.count("d") == 10
+
+
+def test_a_killed_holder_frees_the_cores(tmp_path: Path) -> None:
+    path = tmp_path / "turns"
+    code = (
+        "import sys, time\n"
+        "from nxserve.rpc.turns import CoreTurns\n"
+        f"t = CoreTurns({str(path)!r})\n"
+        "with t.priority():\n"
+        "    print('holding', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[3]), os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"holding"
+        turns = CoreTurns(path)
+        got = threading.Event()
+
+        def take() -> None:
+            with turns.turn():
+                got.set()
+
+        waiter = threading.Thread(target=take, daemon=True)
+        waiter.start()
+        assert not got.wait(0.3), "a turn was given while another process held it"
+        child.send_signal(signal.SIGKILL)
+        assert got.wait(WAIT_S), "the killed process's turn was not released"
+        turns.close()
+    finally:
+        child.kill()
+        child.wait()
