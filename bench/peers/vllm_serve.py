@@ -67,7 +67,7 @@ def _bench(args: argparse.Namespace, *, server: str, base_url: str, model_name: 
         "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
         "--num-prompts", str(args.num_prompts), "--request-rate", rate, "--ignore-eos", "--temperature", "0", "--seed", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-        "--save-result", "--result-dir", str(args.out_dir), "--result-filename", name,
+        "--save-result", "--save-detailed", "--result-dir", str(args.out_dir), "--result-filename", name,
     ]  # fmt: skip
     log = args.out_dir / f"{server}-rate-{rate}.log"
     print(f"[{server}] vllm bench serve --request-rate {rate} ({log})", file=sys.stderr, flush=True)
