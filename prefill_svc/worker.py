@@ -73,7 +73,8 @@ class PrefillWorker:
     ) -> None:
         self.engine = engine
         self.turns = turns or CoreTurns(None)
-        """Each call (encoding and KV export) is a priority turn on shared cores: it goes before the next decode step."""
+        """Each call (encoding and KV export) is a priority turn on shared cores: it goes before the next
+        decode step, and takes the prompts queued by the time the turn came."""
         self.draft = draft
         """Draft model for speculative decoding: its prompt KV travels to decode with the target's."""
         self.arena = arena
@@ -110,32 +111,29 @@ class PrefillWorker:
             raise Overloaded(f"{self.max_queue} prompts already wait for context encoding (max_queue): retry later") from None
         return job.future
 
-    def _take_batch(self) -> list[PrefillJob] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
+    def _run(self) -> None:
+        while (first := self._queue.get()) is not None:
+            # The turn first, then the batch: prompts that arrive while a decode step finishes share the call.
+            with self.turns.priority():
+                jobs = self._batch_with(first)
+                if jobs:
+                    self._encode(jobs)
+
+    def _batch_with(self, first: PrefillJob) -> list[PrefillJob]:
+        """`first` and the prompts queued behind it, up to ctx_batch_size, less the cancelled ones."""
         jobs = [first]
         while len(jobs) < self.engine.config.ctx_batch_size:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is None:
+            if job is None:  # stop after this call
                 self._queue.put(None)
                 break
             jobs.append(job)
         return [j for j in jobs if not j.future.cancelled()]
 
-    def _run(self) -> None:
-        while (jobs := self._take_batch()) is not None:
-            if jobs:
-                self._encode(jobs)
-
     def _encode(self, jobs: list[PrefillJob]) -> None:
-        with self.turns.priority():
-            self._encode_turn(jobs)
-
-    def _encode_turn(self, jobs: list[PrefillJob]) -> None:
         start = time.monotonic()
         requests = [SequenceRequest(slot=i, token_ids=j.prompt_ids, sampling=j.sampling, rng=j.rng) for i, j in enumerate(jobs)]
         engines = [e for e in (self.engine, self.draft) if e is not None]

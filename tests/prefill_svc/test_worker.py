@@ -93,3 +93,39 @@ def test_kv_is_exported_into_the_arena_and_every_request_releases_its_region(che
     worker.stop()
     thread.close(timeout=10)
     arena.close()
+
+
+def test_prompts_wait_for_the_cores_turn_and_those_queued_by_then_share_the_call(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+    """With turns on shared cores (nxserve.rpc.turns), no prompt is encoded while another process
+    (a decode step) holds the cores; the prompts queued when the turn comes are encoded in one call."""
+    from nxserve.rpc.turns import CoreTurns
+
+    path = checkpoints["llama"].path
+    config = RuntimeConfig(batch_size=4, ctx_batch_size=4, seq_len=64, dtype="float32")
+    thread = EngineThread("prefill-engine")
+    engine = thread.submit(Engine.from_pretrained, path, config, graphs="context").result(timeout=120)
+    decode, turns = CoreTurns(tmp_path / "turns"), CoreTurns(tmp_path / "turns")
+    worker = PrefillWorker(engine, max_queue=8, thread=thread, turns=turns)
+    worker.start()
+    prompts = [random_prompt(n, seed=n) for n in (7, 8, 9)]
+    step = decode.turn()
+    step.__enter__()  # a decode step in progress
+
+    async def scenario() -> None:
+        futures = [worker.submit(p, SamplingParams(), RequestRng(0)) for p in prompts]
+        await asyncio.sleep(0.3)
+        assert not any(f.done() for f in futures)  # none encoded while the step holds the cores
+        step.__exit__(None, None, None)
+        results = await asyncio.gather(*futures)
+        assert [r.batch for r in results] == [3, 3, 3]  # the prompts queued by then, in one call
+        for result, prompt in zip(results, prompts):
+            assert result.first_token == _reference(path, prompt)[0]
+            result.kv.release()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker.stop()
+        thread.close(timeout=10)
+        turns.close()
+        decode.close()
