@@ -85,7 +85,9 @@ def _run_nxserve(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str
     engine_args = ["--dtype", "bfloat16", "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), *args.nxserve_args.split()]
     log_dir = args.out_dir / "nxserve-logs"
     with (
-        LocalCluster(args.model, decode_replicas=args.decode_replicas, engine_args=engine_args, log_dir=log_dir) as cluster,
+        LocalCluster(
+            args.model, decode_replicas=args.decode_replicas, engine_args=engine_args, decode_args=args.nxserve_decode_args.split(), log_dir=log_dir
+        ) as cluster,
         GatewayProcess(cluster.target, log_path=log_dir / "openai.log", extra=["--log-level", "WARNING"]) as gateway,
     ):
         base = gateway.base_url.removesuffix("/v1")
@@ -192,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=512, help="nxserve --seq-len and vLLM --max-model-len (default: 512)")
     p.add_argument("--decode-replicas", type=int, default=1)
     p.add_argument("--nxserve-args", default="", help="more engine flags for every nxserve service")
+    p.add_argument(
+        "--nxserve-decode-args",
+        default="",
+        help='more flags for nxserve\'s decode replicas only, e.g. "--backend compile" (compile their graphs first: '
+        "`nxserve compile --for decode` with the same engine flags)",
+    )
     p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     p.add_argument("--out-dir", type=Path, default=Path("peers-serve"))
     p.add_argument("--bench-timeout", type=float, default=900.0, help="seconds per `vllm bench serve` run")
