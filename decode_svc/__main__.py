@@ -69,7 +69,7 @@ async def serve(args: argparse.Namespace) -> None:
     proposer = await thread.run(partial(build_proposer, flags.speculation, engine, **flags.load_options()))
     tokenizer = load_tokenizer(args.model, required=False)
     await thread.run(_warm_up, engine)
-    turns = CoreTurns(args.core_turns)
+    turns = CoreTurns(args.core_turns, wait_s=args.core_turns_wait_s)
     loop = DecodeLoop(engine, tokenizer=tokenizer, max_queue=args.max_queue, proposer=proposer, thread=thread, metrics=servicer.metrics, turns=turns)
     loop.start()
     servicer.attach(loop, limits=Limits.for_engine(engine))

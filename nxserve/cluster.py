@@ -229,7 +229,7 @@ class LocalCluster:
         # Engines whose threads together outnumber the cores take turns computing (nxserve.rpc.turns),
         # so each computes alone and keeps libgomp's spinning; one whose own threads (its ranks')
         # outnumber them spins less (nxserve.omp_env).
-        if oversubscribed(self.openmp_threads()) and "--core-turns" not in argv:
+        if oversubscribed(self.openmp_threads()) and _flag(argv, "--core-turns") is None:
             argv += ["--core-turns", str(self.log_dir / "core-turns")]
         if share_cores(env, threads=self._engine_threads(extra)):
             log.debug("%s: GOMP_SPINCOUNT=%s, its engine's threads outnumber the cores", service.name, env["GOMP_SPINCOUNT"])

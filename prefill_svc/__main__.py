@@ -191,7 +191,7 @@ async def serve(args: argparse.Namespace) -> None:
     kv = KVSender.open(
         args.kv_shm_dir, arena_bytes=args.kv_shm_bytes or _arena_default(engine, draft), chunk_bytes=args.kv_chunk_bytes, lease_s=args.kv_lease_s
     )
-    turns = CoreTurns(args.core_turns)
+    turns = CoreTurns(args.core_turns, wait_s=args.core_turns_wait_s)
     worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=kv.arena, metrics=servicer.metrics, turns=turns)
     worker.start()
     targets, names = args.decode

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nxserve.rpc.security import TLSFiles
+from nxserve.rpc.turns import DEFAULT_WAIT_S
 
 if TYPE_CHECKING:
     from nxcore import RuntimeConfig
@@ -241,6 +242,15 @@ def add_core_turns_flag(parser: argparse.ArgumentParser, *, role: str) -> None:
         "services that share their host's cores: each then computes alone on all of them instead of "
         "its OpenMP threads contending with the others' (see nxserve.rpc.turns). `nxserve up` sets it "
         "when its services' threads outnumber the cores. Default: none, for a service with cores of its own",
+    )
+    parser.add_argument(
+        "--core-turns-wait-s",
+        type=float,
+        default=DEFAULT_WAIT_S,
+        metavar="S",
+        help="with --core-turns: seconds a turn is waited for before computing without it, so a process "
+        f"that stopped while holding the cores (SIGSTOP, a debugger) or one very long context encoding "
+        f"cannot stall this one (default: {DEFAULT_WAIT_S:g})",
     )
 
 

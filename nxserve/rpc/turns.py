@@ -16,32 +16,60 @@ FILE: `work`, held while computing, and `gate`, which orders who gets `work` nex
   turn it holds the gate, so the next step waits behind it; a step that was already waiting for
   work may go first, so prompts arriving back to back alternate with steps and neither starves.
 
-The kernel releases a dead process's locks, so a killed service never blocks the others. Without
-FILE (`CoreTurns(None)`) both are no-ops: a service with cores of its own never waits.
+The kernel releases a dead process's locks, so a killed service never blocks the others. A holder
+that stops without dying (SIGSTOP, a debugger, a frozen cgroup) would; so a turn waits at most
+`wait_s`, then computes without it (the other replicas' streams must not stall for as long as
+prefill's --stall-timeout-s, or prefill would take them for lost too), and until
+that late turn comes (and is handed straight back) the process computes without turns. The locks
+are taken on a thread of their own, so waiting costs nothing while the kernel hands them over.
+Without FILE (`CoreTurns(None)`) both are no-ops: a service with cores of its own never waits.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+DEFAULT_WAIT_S = 0.5
+"""How long a turn is waited for before computing without it (`--core-turns-wait-s`): a decode step
+waits at most this long behind a context-encoding call (one of 32 128-token prompts of the 125M
+llama takes ~0.6 s on 2 cores; past the wait the two overlap, as without turns)."""
+
+log = logging.getLogger(__name__)
+
+
+class _Request:
+    def __init__(self, priority: bool) -> None:
+        self.priority = priority
+        self.granted = threading.Event()
+        self.abandoned = False
+
 
 class CoreTurns:
     """Turns on the cores shared by the processes given the same `path` (None: no turns). One
     engine thread per process takes them; `priority` and `turn` are not reentrant."""
 
-    def __init__(self, path: Path | str | None) -> None:
+    def __init__(self, path: Path | str | None, *, wait_s: float = DEFAULT_WAIT_S) -> None:
+        if wait_s <= 0:
+            raise ValueError(f"wait_s={wait_s} is invalid: a turn is waited for a positive number of seconds")
         self.path = Path(path) if path is not None else None
+        self.wait_s = wait_s
+        self.skipped = 0
+        """Turns computed without the cores' lock: waited for in vain, or while one late turn was pending."""
         self._gate = self._work = -1
-        self._local = threading.Lock()  # flock is per open file: threads of one process would share it
+        self._cond = threading.Condition()
+        self._pending: _Request | None = None
+        self._closed = False
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._gate = os.open(f"{self.path}.gate", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._work = os.open(f"{self.path}.work", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            threading.Thread(target=self._locker, name="core-turns", daemon=True).start()
 
     @property
     def enabled(self) -> bool:
@@ -50,38 +78,88 @@ class CoreTurns:
     @contextmanager
     def priority(self) -> Iterator[None]:
         """Compute next: wait only for the turn in progress, and hold off the ones that arrive meanwhile."""
-        if self.path is None:
+        with self._turn(priority=True):
             yield
-            return
-        with self._local:
-            fcntl.flock(self._gate, fcntl.LOCK_EX)
-            try:
-                fcntl.flock(self._work, fcntl.LOCK_EX)
-            finally:
-                fcntl.flock(self._gate, fcntl.LOCK_UN)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._work, fcntl.LOCK_UN)
 
     @contextmanager
     def turn(self) -> Iterator[None]:
         """Compute after any `priority` turn already waiting."""
-        if self.path is None:
+        with self._turn(priority=False):
             yield
-            return
-        with self._local:
-            fcntl.flock(self._gate, fcntl.LOCK_EX)
-            fcntl.flock(self._gate, fcntl.LOCK_UN)
-            fcntl.flock(self._work, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
+
+    @contextmanager
+    def _turn(self, *, priority: bool) -> Iterator[None]:
+        held = self._acquire(priority)
+        try:
+            yield
+        finally:
+            if held and self._work >= 0:  # (closed meanwhile: the locks went with the file)
                 fcntl.flock(self._work, fcntl.LOCK_UN)
 
+    def _acquire(self, priority: bool) -> bool:
+        """Whether this process now holds the cores (their work lock)."""
+        if self.path is None:
+            return False
+        request = _Request(priority)
+        with self._cond:
+            if self._closed:
+                return False
+            if self._pending is not None:  # a late turn is still on its way: do not wait again
+                self.skipped += 1
+                return False
+            self._pending = request
+            self._cond.notify()
+        if request.granted.wait(self.wait_s):
+            return True
+        with self._cond:
+            if request.granted.is_set():  # granted just now
+                return True
+            request.abandoned = True
+        self.skipped += 1
+        log.warning(
+            "no turn on the shared cores within %.1f s (%s): computing without it until it comes; another process holds it and is stopped or slow",
+            self.wait_s,
+            self.path,
+        )
+        return False
+
+    def _locker(self) -> None:
+        """Takes the locks for each request, blocking in the kernel; hands back those no one waits for any more."""
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                request = self._pending
+            assert request is not None
+            try:
+                fcntl.flock(self._gate, fcntl.LOCK_EX)
+                if request.priority:  # hold the gate while waiting for work: the next steps wait behind
+                    try:
+                        fcntl.flock(self._work, fcntl.LOCK_EX)
+                    finally:
+                        fcntl.flock(self._gate, fcntl.LOCK_UN)
+                else:
+                    fcntl.flock(self._gate, fcntl.LOCK_UN)
+                    fcntl.flock(self._work, fcntl.LOCK_EX)
+            except OSError:  # closed under it
+                return
+            with self._cond:
+                self._pending = None
+                if request.abandoned:
+                    fcntl.flock(self._work, fcntl.LOCK_UN)
+                    log.info("the shared cores' turn came back (%s): taking turns again", self.path)
+                else:
+                    request.granted.set()
+
     def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            if self._pending is not None:  # the locker is blocked on them: they close with the process
+                return
         for fd in (self._gate, self._work):
             if fd >= 0:
                 os.close(fd)
         self._gate = self._work = -1
-        self.path = None

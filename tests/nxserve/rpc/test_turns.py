@@ -1,6 +1,6 @@
 """Turns on shared cores (nxserve.rpc.turns): one holder at a time across processes, a priority
-turn goes before steps that arrive while it waits, a killed holder frees the cores, and a service
-without a turns file never waits."""
+turn goes before steps that arrive while it waits, a killed holder frees the cores, a stopped one
+stalls the others for at most the wait, and a service without a turns file never waits."""
 
 from __future__ import annotations
 
@@ -89,21 +89,28 @@ def test_back_to_back_prompts_and_steps_alternate(tmp_path: Path) -> None:
     assert log.count("d") == 10
 
 
-def test_a_killed_holder_frees_the_cores(tmp_path: Path) -> None:
-    path = tmp_path / "turns"
+def _holder(path: Path, *, hold_s: float) -> subprocess.Popen[bytes]:
+    """Another process that takes a priority turn, says so, and holds it `hold_s` seconds."""
     code = (
-        "import sys, time\n"
+        "import time\n"
         "from nxserve.rpc.turns import CoreTurns\n"
         f"t = CoreTurns({str(path)!r})\n"
         "with t.priority():\n"
         "    print('holding', flush=True)\n"
-        "    time.sleep(600)\n"
+        f"    time.sleep({hold_s})\n"
+        "print('released', flush=True)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[3]), os.environ.get("PYTHONPATH", "")]))
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    assert child.stdout is not None and child.stdout.readline().strip() == b"holding"
+    return child
+
+
+def test_a_killed_holder_frees_the_cores(tmp_path: Path) -> None:
+    path = tmp_path / "turns"
+    child = _holder(path, hold_s=600)
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == b"holding"
-        turns = CoreTurns(path)
+        turns = CoreTurns(path, wait_s=60)
         got = threading.Event()
 
         def take() -> None:
@@ -115,7 +122,52 @@ def test_a_killed_holder_frees_the_cores(tmp_path: Path) -> None:
         assert not got.wait(0.3), "a turn was given while another process held it"
         child.send_signal(signal.SIGKILL)
         assert got.wait(WAIT_S), "the killed process's turn was not released"
+        assert turns.skipped == 0
         turns.close()
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_stopped_holder_stalls_the_others_for_at_most_the_wait(tmp_path: Path) -> None:
+    """SIGSTOP keeps the locks: one turn waits `wait_s` and computes without it; the next ones do
+    not wait while that late turn is pending; once the holder goes on and lets go, turns resume."""
+    path = tmp_path / "turns"
+    child = _holder(path, hold_s=0.5)
+    child.send_signal(signal.SIGSTOP)
+    turns = CoreTurns(path, wait_s=0.3)
+    try:
+        start = time.monotonic()
+        with turns.turn():
+            pass
+        assert 0.3 <= time.monotonic() - start < 0.3 + WAIT_S / 2 and turns.skipped == 1
+        start = time.monotonic()
+        for _ in range(3):
+            with turns.priority():  # the late turn is still pending: no wait at all
+                pass
+        assert time.monotonic() - start < 0.25 and turns.skipped == 4
+        child.send_signal(signal.SIGCONT)
+        assert child.stdout is not None and child.stdout.readline().strip() == b"released"
+        deadline = time.monotonic() + WAIT_S
+        while turns._pending is not None and time.monotonic() < deadline:  # the late turn comes and is handed back
+            time.sleep(0.01)
+        other = CoreTurns(path, wait_s=60)
+        got = threading.Event()
+
+        def take() -> None:
+            with other.turn():
+                got.set()
+
+        with turns.turn():  # taken again, and it excludes the others
+            waiter = threading.Thread(target=take, daemon=True)
+            waiter.start()
+            assert not got.wait(0.3)
+        assert got.wait(WAIT_S)
+        waiter.join(WAIT_S)
+        assert turns.skipped == 4 and other.skipped == 0
+        other.close()
+    finally:
+        child.send_signal(signal.SIGCONT)
+        child.kill()
+        child.wait()
+        turns.close()
