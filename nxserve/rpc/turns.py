@@ -17,9 +17,11 @@ FILE: `work`, held while computing, and `gate`, which orders who gets `work` nex
   work may go first, so prompts arriving back to back alternate with steps and neither starves.
 
 The kernel releases a dead process's locks, so a killed service never blocks the others. A holder
-that stops without dying (SIGSTOP, a debugger, a frozen cgroup) would; so a turn waits at most
-`wait_s`, then computes without it (the other replicas' streams must not stall for as long as
-prefill's --stall-timeout-s, or prefill would take them for lost too), and until
+that stops without dying (SIGSTOP, a debugger) would: each holder writes its PID into the lock's
+file, and a waiter that finds the holder stopped (state T or t in /proc) stops waiting within
+POLL_S; any other holder is waited for at most `wait_s` (a frozen cgroup, another PID namespace).
+The other replicas' streams must not stall for as long as prefill's --stall-timeout-s, or prefill
+would take them for lost too. A turn not had computes without it, and until
 that late turn comes (and is handed straight back) the process computes without turns. The locks
 are taken on a thread of their own, so waiting costs nothing while the kernel hands them over.
 Without FILE (`CoreTurns(None)`) both are no-ops: a service with cores of its own never waits.
@@ -30,15 +32,21 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-DEFAULT_WAIT_S = 0.5
-"""How long a turn is waited for before computing without it (`--core-turns-wait-s`): a decode step
-waits at most this long behind a context-encoding call (one of 32 128-token prompts of the 125M
-llama takes ~0.6 s on 2 cores; past the wait the two overlap, as without turns)."""
+DEFAULT_WAIT_S = 10.0
+"""How long a turn held by a running process is waited for before computing without it
+(`--core-turns-wait-s`): longer than a context-encoding call (one of 32 128-token prompts of the
+125M llama takes ~0.7 s on 2 cores: a 0.5 s wait measured 473 instead of 618 tokens/s all at once),
+shorter than prefill's default --stall-timeout-s (15 s)."""
+
+POLL_S = 0.2
+"""How often a waiter looks whether the holder is stopped."""
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +102,7 @@ class CoreTurns:
             yield
         finally:
             if held and self._work >= 0:  # (closed meanwhile: the locks went with the file)
+                _mark(self._work, 0)
                 fcntl.flock(self._work, fcntl.LOCK_UN)
 
     def _acquire(self, priority: bool) -> bool:
@@ -109,7 +118,11 @@ class CoreTurns:
                 return False
             self._pending = request
             self._cond.notify()
-        if request.granted.wait(self.wait_s):
+        deadline = time.monotonic() + self.wait_s
+        while not request.granted.wait(min(POLL_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or any(_stopped(_holder(fd)) for fd in (self._gate, self._work)):
+                break
+        else:
             return True
         with self._cond:
             if request.granted.is_set():  # granted just now
@@ -117,9 +130,10 @@ class CoreTurns:
             request.abandoned = True
         self.skipped += 1
         log.warning(
-            "no turn on the shared cores within %.1f s (%s): computing without it until it comes; another process holds it and is stopped or slow",
-            self.wait_s,
+            "no turn on the shared cores (%s): the process holding them is stopped, or has held them over %.1f s; "
+            "computing without it until it comes",
             self.path,
+            self.wait_s,
         )
         return False
 
@@ -136,18 +150,22 @@ class CoreTurns:
             try:
                 fcntl.flock(self._gate, fcntl.LOCK_EX)
                 if request.priority:  # hold the gate while waiting for work: the next steps wait behind
+                    _mark(self._gate, os.getpid())
                     try:
                         fcntl.flock(self._work, fcntl.LOCK_EX)
                     finally:
+                        _mark(self._gate, 0)
                         fcntl.flock(self._gate, fcntl.LOCK_UN)
                 else:
                     fcntl.flock(self._gate, fcntl.LOCK_UN)
                     fcntl.flock(self._work, fcntl.LOCK_EX)
+                _mark(self._work, os.getpid())
             except OSError:  # closed under it
                 return
             with self._cond:
                 self._pending = None
                 if request.abandoned:
+                    _mark(self._work, 0)
                     fcntl.flock(self._work, fcntl.LOCK_UN)
                     log.info("the shared cores' turn came back (%s): taking turns again", self.path)
                 else:
@@ -163,3 +181,27 @@ class CoreTurns:
             if fd >= 0:
                 os.close(fd)
         self._gate = self._work = -1
+
+
+def _mark(fd: int, pid: int) -> None:
+    """Write the holder's PID (0: none) into a lock's file, for waiters to look at."""
+    os.pwrite(fd, struct.pack("<q", pid), 0)
+
+
+def _holder(fd: int) -> int:
+    if fd < 0:
+        return 0
+    data = os.pread(fd, 8, 0)
+    return struct.unpack("<q", data)[0] if len(data) == 8 else 0
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` (of this PID namespace) is stopped: SIGSTOP, or a debugger's stop."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"T", b"t")

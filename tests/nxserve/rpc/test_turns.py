@@ -122,6 +122,7 @@ def test_a_killed_holder_frees_the_cores(tmp_path: Path) -> None:
         assert not got.wait(0.3), "a turn was given while another process held it"
         child.send_signal(signal.SIGKILL)
         assert got.wait(WAIT_S), "the killed process's turn was not released"
+        waiter.join(WAIT_S)
         assert turns.skipped == 0
         turns.close()
     finally:
@@ -129,18 +130,34 @@ def test_a_killed_holder_frees_the_cores(tmp_path: Path) -> None:
         child.wait()
 
 
-def test_a_stopped_holder_stalls_the_others_for_at_most_the_wait(tmp_path: Path) -> None:
-    """SIGSTOP keeps the locks: one turn waits `wait_s` and computes without it; the next ones do
-    not wait while that late turn is pending; once the holder goes on and lets go, turns resume."""
+def test_a_running_holder_is_waited_for_at_most_the_wait(tmp_path: Path) -> None:
     path = tmp_path / "turns"
-    child = _holder(path, hold_s=0.5)
-    child.send_signal(signal.SIGSTOP)
-    turns = CoreTurns(path, wait_s=0.3)
+    child = _holder(path, hold_s=600)
+    turns = CoreTurns(path, wait_s=0.6)
     try:
         start = time.monotonic()
         with turns.turn():
             pass
-        assert 0.3 <= time.monotonic() - start < 0.3 + WAIT_S / 2 and turns.skipped == 1
+        assert 0.6 <= time.monotonic() - start < 0.6 + WAIT_S / 2 and turns.skipped == 1
+    finally:
+        child.kill()
+        child.wait()
+        turns.close()
+
+
+def test_a_stopped_holder_stalls_the_others_only_until_it_is_seen_stopped(tmp_path: Path) -> None:
+    """SIGSTOP keeps the locks: a waiter sees the holder stopped (its PID in the lock's file) and
+    computes without the turn; the next turns do not wait while that late turn is pending; once the
+    holder goes on and lets go, turns resume."""
+    path = tmp_path / "turns"
+    child = _holder(path, hold_s=0.5)
+    child.send_signal(signal.SIGSTOP)
+    turns = CoreTurns(path, wait_s=60)
+    try:
+        start = time.monotonic()
+        with turns.turn():
+            pass
+        assert time.monotonic() - start < WAIT_S / 2 and turns.skipped == 1
         start = time.monotonic()
         for _ in range(3):
             with turns.priority():  # the late turn is still pending: no wait at all
