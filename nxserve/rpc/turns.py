@@ -20,10 +20,11 @@ The kernel releases a dead process's locks, so a killed service never blocks the
 that stops without dying (SIGSTOP, a debugger) would: each holder writes its PID into the lock's
 file, and a waiter that finds the holder stopped (state T or t in /proc) stops waiting within
 POLL_S; any other holder is waited for at most `wait_s` (a frozen cgroup, another PID namespace).
-The other replicas' streams must not stall for as long as prefill's --stall-timeout-s, or prefill
-would take them for lost too. A turn not had computes without it, and until
-that late turn comes (and is handed straight back) the process computes without turns. The locks
-are taken on a thread of their own, so waiting costs nothing while the kernel hands them over.
+(The other replicas' streams must not stall for as long as prefill's --stall-timeout-s, or prefill
+would take them for lost too.) A turn given up on computes without the cores' lock, and so does
+the process until that late turn comes and is handed straight back. The locks are taken on a
+thread of their own, so waiting costs nothing while the kernel hands them over. A holder in another
+PID namespace (containers that share the file but not /proc) is only waited for up to `wait_s`.
 Without FILE (`CoreTurns(None)`) both are no-ops: a service with cores of its own never waits.
 """
 
