@@ -232,6 +232,16 @@ def add_kv_shm_flag(parser: argparse.ArgumentParser, *, role: str) -> None:
     )
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds such as 0.5, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is invalid: allowed a positive number of seconds")
+    return value
+
+
 def add_core_turns_flag(parser: argparse.ArgumentParser, *, role: str) -> None:
     parser.add_argument(
         "--core-turns",
@@ -245,7 +255,7 @@ def add_core_turns_flag(parser: argparse.ArgumentParser, *, role: str) -> None:
     )
     parser.add_argument(
         "--core-turns-wait-s",
-        type=float,
+        type=positive_seconds,
         default=DEFAULT_WAIT_S,
         metavar="S",
         help="with --core-turns: seconds a turn is waited for before computing without it, so a process "

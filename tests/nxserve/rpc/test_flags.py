@@ -92,3 +92,14 @@ def test_kv_shm_dir_none_turns_shared_memory_off() -> None:
     assert shm_dir_arg("none") is None and shm_dir_arg("None") is None and shm_dir_arg("/x") == Path("/x")
     args = prefill_parser().parse_args(["--model", "m", "--decode", "h:1", "--kv-shm-dir", "none", "--kv-shm-bytes", "64M"])
     assert args.kv_shm_dir is None and args.kv_shm_bytes == 64 << 20
+
+
+def test_core_turns_wait_is_checked_when_the_flags_are_parsed(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad --core-turns-wait-s stops the service before it loads a model, naming the value."""
+    parser = decode_parser()
+    args = parser.parse_args(["--model", "m", "--core-turns", "/tmp/t", "--core-turns-wait-s", "2.5"])
+    assert args.core_turns_wait_s == 2.5
+    for bad in ("0", "-1", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--model", "m", "--core-turns-wait-s", bad])
+        assert "--core-turns-wait-s" in capsys.readouterr().err
