@@ -13,6 +13,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from nxcore.engine import Engine, SequenceRequest
+from nxcore.prefill_plan import plan_context_calls
 from nxcore.sampling import RequestRng, SamplingParams
 from nxcore.scheduler import Scheduler, Sequence
 from nxcore.speculation import Proposer
@@ -71,10 +72,16 @@ def generate(
 
 
 def _encode(engine: Engine, proposer: Proposer | None, admitted: list[Sequence]) -> dict[Sequence, list[int]]:
-    """Encode the admitted prompts in one call (and into the proposer); each one's first token."""
-    requests = [SequenceRequest(slot=s.slot, token_ids=s.prompt_ids, sampling=s.sampling, rng=s.rng) for s in admitted]  # type: ignore[arg-type]
-    tokens = engine.context_encode(requests)
-    if proposer is not None:
-        for r in requests:
-            proposer.prefill(r.slot, r.token_ids, r.sampling, r.rng)
-    return {seq: [token] for seq, token in zip(admitted, tokens)}
+    """Encode the admitted prompts (and into the proposer), in the calls that pad the least
+    (`nxcore.prefill_plan`); each one's first token."""
+    cfg = engine.config
+    produced: dict[Sequence, list[int]] = {}
+    for call in plan_context_calls([len(s.prompt_ids) for s in admitted], buckets=cfg.buckets, row_buckets=cfg.ctx_batch_buckets):
+        seqs = [admitted[i] for i in call]
+        requests = [SequenceRequest(slot=s.slot, token_ids=s.prompt_ids, sampling=s.sampling, rng=s.rng) for s in seqs]  # type: ignore[arg-type]
+        tokens = engine.context_encode(requests)
+        if proposer is not None:
+            for r in requests:
+                proposer.prefill(r.slot, r.token_ids, r.sampling, r.rng)
+        produced.update({seq: [token] for seq, token in zip(seqs, tokens)})
+    return {seq: produced[seq] for seq in admitted}

@@ -188,3 +188,18 @@ def test_prefill_flops_count_every_linear_the_tokens_pass_and_causal_attention(t
     expected = per_token * length + attention + 2 * cfg.hidden_size * cfg.vocab_size
     ours = get_architecture(cfg.model_type).read_config(cfg)
     assert prefill_flops(ours, length) == pytest.approx(expected, rel=1e-9)
+
+
+def test_prefill_plan_bench_runs(tiny: Path, tmp_path: Path) -> None:
+    from bench import prefill_plan
+
+    workload = tmp_path / "w.json"
+    workload.write_text(json.dumps({"requests": 12, "prompt_len": "8..200", "output_len": 1, "prompt": "ids"}))
+    out = tmp_path / "p.json"
+    args = ["--model", str(tiny), "--dtype", "float32", "--batch", "8", "--rounds", "1", "--workload", str(workload), "--json", str(out)]
+    assert prefill_plan.main(args) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["case"] for c in cases][:3] == ["8 x 128", "7 x 128 + 1 x 130", "3 x 128"]
+    by_name = {c["case"]: c for c in cases}
+    assert by_name["7 x 128 + 1 x 130"]["padding"]["plan"] < by_name["7 x 128 + 1 x 130"]["padding"]["one"]
+    assert all(c["ms"]["one"] > 0 and c["ms"]["plan"] > 0 for c in cases)
