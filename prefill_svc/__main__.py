@@ -10,7 +10,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_core_turns_flag, add_kv_shm_flag, add_server_flags
+from nxcore.prefill_plan import DEFAULT_MAX_TOKENS
+from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_core_turns_flag, add_kv_shm_flag, add_server_flags, positive_int
 from nxserve.rpc.security import ApiKeys, ChannelTLS, ClientGate
 from nxserve.rpc.server import MAX_KV_CHUNK_BYTES, add_service, install_shutdown, run_service, set_health, start_server
 from nxserve.rpc.validate import PROMPT_BYTES_PER_TOKEN
@@ -119,6 +120,15 @@ def build_parser(prog: str = "python -m prefill_svc") -> argparse.ArgumentParser
         metavar="BYTES",
         help=f"KV bytes per chunk sent to decode, up to {MAX_KV_CHUNK_BYTES >> 20}M (default: 1M)",
     )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=positive_int,
+        default=DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help="padded prompt tokens per context-encoding call at most; prompts waiting together are split into the "
+        "calls that pad the least within it, and a longer prompt gets a call of its own "
+        f"(like vLLM's --max-num-batched-tokens; default: {DEFAULT_MAX_TOKENS})",
+    )
     add_kv_shm_flag(p, role="this service keeps its KV arena there, a file of --kv-shm-bytes, for decode replicas that see it too")
     add_core_turns_flag(p, role="a context encoding goes before the next decode step")
     p.add_argument(
@@ -192,7 +202,16 @@ async def serve(args: argparse.Namespace) -> None:
         args.kv_shm_dir, arena_bytes=args.kv_shm_bytes or _arena_default(engine, draft), chunk_bytes=args.kv_chunk_bytes, lease_s=args.kv_lease_s
     )
     turns = CoreTurns(args.core_turns, wait_s=args.core_turns_wait_s)
-    worker = PrefillWorker(engine, max_queue=args.max_queue, draft=draft, thread=thread, arena=kv.arena, metrics=servicer.metrics, turns=turns)
+    worker = PrefillWorker(
+        engine,
+        max_queue=args.max_queue,
+        max_tokens=args.max_prefill_tokens,
+        draft=draft,
+        thread=thread,
+        arena=kv.arena,
+        metrics=servicer.metrics,
+        turns=turns,
+    )
     worker.start()
     targets, names = args.decode
     router = DecodeRouter(

@@ -2,9 +2,11 @@
 
 The worker's loop runs on the service's `EngineThread`, the thread that also loaded and warmed up
 the engine (see nxcore.engine_thread for why it must be one thread). Prompts wait in a bounded
-queue; each call encodes up to ctx_batch_size of them at once (the first token is sampled in the
-graph), exports each prompt's KV and frees the slot at once, so the engine's slots only live for
-one call. Results go back through asyncio futures.
+queue; the worker takes up to ctx_batch_size of them, splits them into context-encoding calls
+that pad the least (`nxcore.prefill_plan`, at most --max-prefill-tokens each), and each call
+encodes its prompts at once (the first token is sampled in the graph), exports each prompt's KV
+and frees the slot at once, so the engine's slots only live for one call. Results go back through
+asyncio futures.
 
 Each prompt's KV (the draft model's after the target's) is exported into an `OutboundKV`: a region
 of the shared-memory arena when one is free, sealed there while the bytes are still in this core's
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 from nxcore import Engine, RequestRng, SamplingParams, SequenceRequest
 from nxcore.engine_thread import EngineThread
+from nxcore.prefill_plan import DEFAULT_MAX_TOKENS, plan_context_calls
 from nxserve.kv import OutboundKV, engine_layout
 from nxserve.kv.shm import KVArena
 from nxserve.rpc.errors import NotReady, Overloaded
@@ -65,6 +68,7 @@ class PrefillWorker:
         engine: Engine,
         *,
         max_queue: int,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         draft: Engine | None = None,
         thread: EngineThread,
         arena: KVArena | None = None,
@@ -73,13 +77,15 @@ class PrefillWorker:
     ) -> None:
         self.engine = engine
         self.turns = turns or CoreTurns(None)
-        """Each call (encoding and KV export) is a priority turn on shared cores: it goes before the next
-        decode step, and takes the prompts queued by the time the turn came."""
+        """Each batch (its calls' encoding and KV export) is a priority turn on shared cores: it goes
+        before the next decode step, and takes the prompts queued by the time the turn came."""
         self.draft = draft
         """Draft model for speculative decoding: its prompt KV travels to decode with the target's."""
         self.arena = arena
         """Where KV is exported when a region is free (else into new tensors)."""
         self.max_queue = max_queue
+        self.max_tokens = max_tokens
+        """Padded prompt tokens per context-encoding call at most (a longer prompt gets a call of its own)."""
         self.metrics = metrics
         self._queue: queue.Queue[PrefillJob | None] = queue.Queue(maxsize=max_queue)
         self._thread = thread
@@ -113,11 +119,12 @@ class PrefillWorker:
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
-            # The turn first, then the batch: prompts that arrive while a decode step finishes share the call.
+            # The turn first, then the batch: prompts that arrive while a decode step finishes share the turn.
             with self.turns.priority():
                 jobs = self._batch_with(first)
-                if jobs:
-                    self._encode(jobs)
+                for call in self._calls(jobs):
+                    if call := [j for j in call if not j.future.cancelled()]:
+                        self._encode(call)
 
     def _batch_with(self, first: PrefillJob) -> list[PrefillJob]:
         """`first` and the prompts queued behind it, up to ctx_batch_size, less the cancelled ones."""
@@ -132,6 +139,14 @@ class PrefillWorker:
                 break
             jobs.append(job)
         return [j for j in jobs if not j.future.cancelled()]
+
+    def _calls(self, jobs: list[PrefillJob]) -> list[list[PrefillJob]]:
+        """The batch split into context-encoding calls (`nxcore.prefill_plan`), cheapest first."""
+        cfg = self.engine.config
+        plan = plan_context_calls(
+            [len(j.prompt_ids) for j in jobs], buckets=cfg.buckets, row_buckets=cfg.ctx_batch_buckets, max_tokens=self.max_tokens
+        )
+        return [[jobs[i] for i in call] for call in plan]
 
     def _encode(self, jobs: list[PrefillJob]) -> None:
         start = time.monotonic()

@@ -232,6 +232,16 @@ def add_kv_shm_flag(parser: argparse.ArgumentParser, *, role: str) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number such as 2048, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is invalid: allowed a positive whole number")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     try:
         value = float(text)

@@ -129,3 +129,53 @@ def test_prompts_wait_for_the_cores_turn_and_those_queued_by_then_share_the_call
         thread.close(timeout=10)
         turns.close()
         decode.close()
+
+
+def test_a_batch_is_split_into_the_calls_that_pad_the_least(checkpoints: dict[str, Checkpoint], tmp_path: Path) -> None:
+    """One long prompt among short ones gets a call of its own instead of padding them all to its
+    bucket; --max-prefill-tokens caps each call's padded tokens; every prompt still gets the first
+    token and KV it gets alone (up to float32 rounding: the calls' shapes differ)."""
+    from nxserve.rpc.turns import CoreTurns
+
+    path = checkpoints["llama"].path
+    config = RuntimeConfig(batch_size=8, ctx_batch_size=8, seq_len=64, buckets=(32, 64), dtype="float32")
+    thread = EngineThread("prefill-engine")
+    engine = thread.submit(Engine.from_pretrained, path, config, graphs="context").result(timeout=120)
+    calls: list[list[int]] = []
+    encode = engine.context_encode
+
+    def recorded(requests):
+        calls.append([len(r.token_ids) for r in requests])
+        return encode(requests)
+
+    engine.context_encode = recorded
+    decode, turns = CoreTurns(tmp_path / "turns"), CoreTurns(tmp_path / "turns")
+    prompts = [random_prompt(n, seed=n) for n in (9, 10, 11, 12, 13, 14, 15, 50)]
+
+    async def batch(worker: PrefillWorker) -> None:
+        calls.clear()
+        step = decode.turn()
+        step.__enter__()  # hold the cores so that every prompt is queued before the worker's turn
+        futures = [worker.submit(p, SamplingParams(), RequestRng(0)) for p in prompts]
+        await asyncio.sleep(0.2)
+        step.__exit__(None, None, None)
+        results = await asyncio.gather(*futures)
+        for result, prompt in zip(results, prompts):
+            token, kv = _reference(path, prompt)
+            assert result.first_token == token
+            [got] = result.kv.snapshots  # other shapes than alone: the same up to float32 rounding
+            torch.testing.assert_close(got.keys, kv.keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got.values, kv.values, rtol=1e-4, atol=1e-5)
+            result.kv.release()
+
+    for max_tokens, expected in ((4096, [[50], [9, 10, 11, 12, 13, 14, 15]]), (64, [[50], [9, 10], [11, 12], [13, 14], [15]])):
+        worker = PrefillWorker(engine, max_queue=8, max_tokens=max_tokens, thread=thread, turns=turns)
+        worker.start()
+        try:
+            asyncio.run(batch(worker))
+        finally:
+            worker.stop()
+        assert sorted(calls) == sorted(expected), max_tokens
+    thread.close(timeout=10)
+    turns.close()
+    decode.close()
