@@ -24,6 +24,43 @@ def test_without_a_file_turns_never_wait() -> None:
         pass
 
 
+def test_free_cores_are_taken_on_the_callers_thread(tmp_path: Path, monkeypatch) -> None:
+    """With no one holding or waiting, a turn takes the locks at once on the calling thread (no
+    hand-off to the locker thread, which would need the GIL); a held turn still goes through the
+    locker, and the other process's turn waits for it either way."""
+    import fcntl
+
+    from nxserve.rpc import turns as turns_module
+
+    path = tmp_path / "turns"
+    mine, other = CoreTurns(path), CoreTurns(path)
+    callers: list[str] = []
+    flock = fcntl.flock
+
+    def recorded(fd: int, op: int) -> None:
+        callers.append(threading.current_thread().name)
+        flock(fd, op)
+
+    monkeypatch.setattr(turns_module.fcntl, "flock", recorded)
+    for take in (mine.turn, mine.priority):
+        callers.clear()
+        with take():
+            assert mine._pending is None
+            assert turns_module._holder(mine._work) == os.getpid()
+        assert set(callers) == {threading.current_thread().name}, callers
+    with other.turn():  # held: this process's turn is handed to its locker thread and waits
+        waiter = threading.Thread(target=lambda: mine.turn().__enter__())
+        callers.clear()
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive() and mine._pending is not None
+        assert "core-turns" in callers
+    waiter.join(WAIT_S)
+    assert not waiter.is_alive()
+    for t in (mine, other):
+        t.close()
+
+
 def test_one_holder_at_a_time_in_the_order_priority_then_steps(tmp_path: Path) -> None:
     """While a decode step holds the cores, a prompt waits for it; a step asked for after the prompt
     began waiting goes after the prompt. Each CoreTurns is its own open file, as separate processes' are."""
