@@ -463,8 +463,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         try:
             with span_in(tracer, "decoding", parent=req.ctx, attributes={"nxserve.decode_replica": replica.target}):
                 while True:
-                    try:  # call.read, not iteration: the ack was read with it
-                        message = await asyncio.wait_for(call.read(), self.stall_timeout_s)
+                    try:  # call.read, not iteration: the ack was read with it; asyncio.timeout, not wait_for,
+                        # which wrapped every token's read in a task of its own (a pass of the event loop more)
+                        async with asyncio.timeout(self.stall_timeout_s):
+                            message = await call.read()
                     except TimeoutError:
                         raise Lost(
                             replica, ReplicaFailed(f"{replica.name} sent no token for {self.stall_timeout_s:g} s (--stall-timeout-s)")
