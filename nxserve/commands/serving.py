@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from nxserve.commands.common import AppendPrompt, add_sampling_flags, rpc_failed, token_ids
-from nxserve.rpc.flags import EngineFlags
+from nxserve.rpc.flags import EngineFlags, positive_int
 from nxserve.rpc.security import ApiKeys
 
 log = logging.getLogger("nxserve")
@@ -56,6 +56,22 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prefill-tp", type=int, default=None, help="tensor-parallel degree of the prefill service (default: --tp)")
     p.add_argument("--decode-tp", type=int, default=None, help="tensor-parallel degree of each decode replica (default: --tp)")
+    backends = ["eager", "compile", "xla"]
+    p.add_argument("--prefill-backend", default=None, choices=backends, help="graph backend of the prefill service (default: --backend)")
+    p.add_argument(
+        "--decode-backend",
+        default=None,
+        choices=backends,
+        help="graph backend of each decode replica (default: --backend); e.g. compile decode's graphs only "
+        "(`nxserve compile --for decode` with the same engine flags) and keep prefill eager",
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="padded prompt tokens per context-encoding call at most (prefill's flag; default: the service's, 2048)",
+    )
     EngineFlags.add_to(
         p,
         unset=True,
@@ -235,10 +251,11 @@ def _default_model() -> str:
 
 def _cluster_from_args(args: argparse.Namespace):
     """The LocalCluster `up` or `demo` starts: every engine flag given goes to every service, but
-    --prefill-tp and --decode-tp (each defaulting to --tp) to one side."""
+    --prefill-tp/--decode-tp and --prefill-backend/--decode-backend (defaulting to --tp and --backend)
+    to one side, and --max-prefill-tokens to prefill."""
     from nxserve.cluster import LocalCluster
 
-    engine_args = EngineFlags.set_in(argparse.Namespace(**{**vars(args), "tp": None}))
+    engine_args = EngineFlags.set_in(argparse.Namespace(**{**vars(args), "tp": None, "backend": None}))
     if args.kv_shm_dir is not None:
         engine_args += ["--kv-shm-dir", args.kv_shm_dir]
     if args.log_format is not None:
@@ -246,6 +263,12 @@ def _cluster_from_args(args: argparse.Namespace):
     prefill_tp, decode_tp = args.prefill_tp or args.tp, args.decode_tp or args.tp
     prefill_args = ["--tp", str(prefill_tp)] if prefill_tp else []
     decode_args = ["--tp", str(decode_tp)] if decode_tp else []
+    if prefill_backend := args.prefill_backend or args.backend:
+        prefill_args += ["--backend", prefill_backend]
+    if decode_backend := args.decode_backend or args.backend:
+        decode_args += ["--backend", decode_backend]
+    if args.max_prefill_tokens is not None:
+        prefill_args += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
     api_key = None
     if args.api_keys_file:
         prefill_args += ["--api-keys-file", args.api_keys_file]

@@ -66,6 +66,15 @@ def test_up_forwards_every_engine_flag_to_every_service(tmp_path: Path) -> None:
     args = cli_parser().parse_args(["up", "--model", str(tmp_path), "--prefill-tp", "2", "--decode-tp", "1"])
     cluster = _cluster_from_args(args)
     assert cluster.engine_args == [] and cluster.prefill_args == ["--tp", "2"] and cluster.decode_args == ["--tp", "1"]
+    one_side = ["--backend", "compile", "--prefill-backend", "eager", "--max-prefill-tokens", "512"]
+    args = cli_parser().parse_args(["up", "--model", str(tmp_path), *one_side])
+    cluster = _cluster_from_args(args)
+    decode = decode_parser().parse_args(["--model", "m", *cluster.engine_args, *cluster.decode_args])
+    prefill = prefill_parser().parse_args(["--model", "m", "--decode", "h:1", *cluster.engine_args, *cluster.prefill_args])
+    assert (decode.backend, prefill.backend, prefill.max_prefill_tokens) == ("compile", "eager", 512)
+    args = cli_parser().parse_args(["up", "--model", str(tmp_path), "--decode-backend", "compile"])
+    cluster = _cluster_from_args(args)
+    assert cluster.engine_args == [] and cluster.prefill_args == [] and cluster.decode_args == ["--backend", "compile"]
 
 
 def test_unset_flags_take_each_services_defaults_and_the_environment_gives_the_cache() -> None:
