@@ -41,14 +41,13 @@ def plan_context_calls(
 ) -> list[list[int]]:
     """Split prompts of these lengths into calls; returns each call's prompt indices, calls
     cheapest first. `buckets` and `row_buckets` are the engine's sorted context-encoding lengths and
-    row counts (every length must fit a bucket). A prompt whose bucket alone exceeds `max_tokens`
-    gets a call of its own."""
-    if not lengths:
-        return []
+    row counts. A prompt whose bucket alone exceeds `max_tokens` gets a call of its own; so does one
+    longer than the largest bucket, first, for the engine to refuse with its own error."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens} is invalid: a call holds at least one token")
+    too_long = [[i] for i, n in enumerate(lengths) if n > buckets[-1]]
     largest_rows = row_buckets[-1]
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    order = sorted((i for i, n in enumerate(lengths) if n <= buckets[-1]), key=lambda i: lengths[i])
     width = [_fit(lengths[i], buckets, "prompt length") for i in order]
     n = len(order)
     # best[j]: the cheapest split of the j shortest prompts; prompts of one call are contiguous in
@@ -72,7 +71,7 @@ def plan_context_calls(
         calls.append([order[k] for k in range(cut[j], j)])
         j = cut[j]
     calls.sort(key=lambda call: (padded_tokens(lengths, [call], buckets=buckets, row_buckets=row_buckets), min(call)))
-    return calls
+    return too_long + calls
 
 
 def padded_tokens(lengths: Sequence[int], calls: Sequence[Sequence[int]], *, buckets: Sequence[int], row_buckets: Sequence[int]) -> int:

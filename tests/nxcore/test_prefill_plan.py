@@ -57,8 +57,8 @@ def test_nothing_to_plan_and_bad_limits():
     assert plan([]) == []
     with pytest.raises(ValueError, match="max_tokens=0"):
         plan([10], max_tokens=0)
-    with pytest.raises(ValueError, match="prompt length 513"):
-        plan([513])
+    # longer than the largest bucket: a call of its own, first, which the engine refuses naming the limit
+    assert plan([20, 513, 30, 600]) == [[1], [3], [0, 2]]
 
 
 @settings(max_examples=150, deadline=None)
