@@ -11,9 +11,10 @@ each call's fixed cost as `call_overhead` tokens, with at most `max_tokens` padd
 (vLLM's max_num_batched_tokens, TGI's --max-batch-prefill-tokens): past a few thousand rows of
 activations a call runs slower per token, and a long call delays every decode step behind it.
 Measured with the 125M llama (bf16, eager, 2 threads on an Intel Xeon with AMX; `python -m
-bench.prefill_plan`): 32 prompts of 128 tokens in one call took 694 ms, in two calls of 16 485 ms.
+bench.prefill_plan`): 32 prompts of 128 tokens in one call took 787 ms, in two calls of 16 569 ms
+(a cap of 1024 tokens: 755 ms, 4096: 731).
 
-The calls go shortest first, so the prompts that are cheapest to encode get their first token
+The calls go cheapest first, so the prompts that are cheapest to encode get their first token
 soonest (shortest processing time first: the least total waiting).
 """
 
