@@ -111,7 +111,6 @@ class CoreTurns:
         """Whether this process now holds the cores (their work lock)."""
         if self.path is None:
             return False
-        request = _Request(priority)
         with self._cond:
             if self._closed:
                 return False
@@ -120,7 +119,7 @@ class CoreTurns:
                 return False
             if self._try_now():
                 return True
-            self._pending = request
+            self._pending = request = _Request(priority)
             self._cond.notify()
         deadline = time.monotonic() + self.wait_s
         while not request.granted.wait(min(POLL_S, max(0.0, deadline - time.monotonic()))):
