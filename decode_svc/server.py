@@ -43,6 +43,7 @@ class Header:
     stop_strings: tuple[str, ...]
     rng_offset: int
     speculate: bool
+    stream_interval: int = 1
 
 
 def check_header(engine: Engine, header: decode_pb2.DecodeHeader, limits: Limits, *, draft: Engine | None = None) -> Header:
@@ -89,6 +90,7 @@ def check_header(engine: Engine, header: decode_pb2.DecodeHeader, limits: Limits
         stop_strings=stop_strings,
         rng_offset=header.rng_offset,
         speculate=not header.disable_speculation,
+        stream_interval=max(1, validate.stream_interval(header.stream_interval, limits)),
     )
 
 
@@ -243,6 +245,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             rng=RequestRng(header.sampling.seed, offset=header.rng_offset),
             stopping=header.stopping,
             stop_strings=header.stop_strings,
+            stream_interval=header.stream_interval,
             emit=emit,
         )
 

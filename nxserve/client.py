@@ -125,6 +125,7 @@ class GenerateOptions(TypedDict, total=False):
     ignore_eos: bool  # keep generating past end-of-sequence tokens (False)
     request_id: str  # echoed in responses, logs and traces; "" lets the server pick one ("")
     disable_speculation: bool  # opt out of speculative decoding on the server (False)
+    stream_interval: int  # generated tokens per streamed chunk at least; 0 = the server's --stream-interval (0)
 
 
 def _build_request(
@@ -140,11 +141,13 @@ def _build_request(
     ignore_eos: bool = False,
     request_id: str = "",
     disable_speculation: bool = False,
+    stream_interval: int = 0,
 ) -> pb.GenerateRequest:
     """The GenerateRequest for a prompt given as text (tokenized by the server) or token ids.
 
     temperature 0 is greedy; top_k 0 means the server's candidate width; seed None lets the
-    server pick one; request_id "" lets the server pick one.
+    server pick one; request_id "" lets the server pick one; stream_interval 0 is the server's
+    (a smaller value than the server's is raised to it).
     """
     sampling = pb.SamplingParameters(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     stopping = pb.StoppingParameters(
@@ -153,7 +156,9 @@ def _build_request(
         stop_strings=list(stop_strings),
         ignore_eos=ignore_eos,
     )
-    request = pb.GenerateRequest(request_id=request_id, sampling=sampling, stopping=stopping, disable_speculation=disable_speculation)
+    request = pb.GenerateRequest(
+        request_id=request_id, sampling=sampling, stopping=stopping, disable_speculation=disable_speculation, stream_interval=stream_interval
+    )
     if isinstance(prompt, str):
         request.text = prompt
     else:

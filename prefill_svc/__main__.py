@@ -11,7 +11,16 @@ from functools import partial
 from pathlib import Path
 
 from nxcore.prefill_plan import DEFAULT_MAX_TOKENS
-from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_core_turns_flag, add_kv_shm_flag, add_server_flags, positive_int
+from nxserve.rpc.flags import (
+    SERVICE_DEFAULTS,
+    SERVICE_GRAPHS,
+    EngineFlags,
+    add_core_turns_flag,
+    add_kv_shm_flag,
+    add_server_flags,
+    positive_int,
+    stream_interval,
+)
 from nxserve.rpc.security import ApiKeys, ChannelTLS, ClientGate
 from nxserve.rpc.server import MAX_KV_CHUNK_BYTES, add_service, install_shutdown, run_service, set_health, start_server
 from nxserve.rpc.validate import PROMPT_BYTES_PER_TOKEN
@@ -129,6 +138,16 @@ def build_parser(prog: str = "python -m prefill_svc") -> argparse.ArgumentParser
         "calls that pad the least within it, and a longer prompt gets a call of its own "
         f"(like vLLM's --max-num-batched-tokens; default: {DEFAULT_MAX_TOKENS})",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=stream_interval,
+        default=1,
+        metavar="N",
+        help="generated tokens per streamed message at least: decode sends a request's tokens once N wait (the first "
+        "token and the end at once, and whatever waits at least once a second); fewer messages per token through "
+        "this service and its callers, so more throughput under load, for burstier streams. A request's "
+        "stream_interval may raise it (like vLLM's --stream-interval; default: 1, every token at once)",
+    )
     add_kv_shm_flag(p, role="this service keeps its KV arena there, a file of --kv-shm-bytes, for decode replicas that see it too")
     add_core_turns_flag(p, role="a context encoding goes before the next decode step")
     p.add_argument(
@@ -171,7 +190,10 @@ async def serve(args: argparse.Namespace) -> None:
     keys = ApiKeys(args.api_keys_file) if args.api_keys_file else None
     gate = ClientGate(services=[SERVICE], keys=keys, max_inflight=args.max_inflight_per_key)
     servicer = GenerationServicer(
-        model_name=args.served_model_name or Path(args.model).name, max_migrations=args.max_migrations, stall_timeout_s=args.stall_timeout_s
+        model_name=args.served_model_name or Path(args.model).name,
+        max_migrations=args.max_migrations,
+        stall_timeout_s=args.stall_timeout_s,
+        stream_interval=args.stream_interval,
     )
     max_prompt_bytes = args.max_prompt_bytes or PROMPT_BYTES_PER_TOKEN * (args.seq_len or SERVICE_DEFAULTS["prefill"]["seq_len"])
     started = await start_server(

@@ -71,6 +71,8 @@ class Request:
     stop_strings: tuple[str, ...]
     disable_speculation: bool
     rng: RequestRng
+    stream_interval: int = 1
+    """Tokens per message from decode at least: the request's stream_interval or the service's, the larger."""
     ctx: otel_context.Context = field(default_factory=otel_context.Context)
     """The trace context of its `generate` span: child spans go under it."""
     timeout: float | None = None
@@ -134,8 +136,10 @@ class Lost(Exception):
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     """Registered before the server starts (so health answers while loading); `attach` makes it serve."""
 
-    def __init__(self, *, model_name: str, max_migrations: int = 2, stall_timeout_s: float = 15.0) -> None:
+    def __init__(self, *, model_name: str, max_migrations: int = 2, stall_timeout_s: float = 15.0, stream_interval: int = 1) -> None:
         self.model_name = model_name
+        self.stream_interval = stream_interval
+        """Generated tokens per message at least, for every request (--stream-interval; a request may ask for more)."""
         self.engine: Engine | None = None
         self.max_migrations = max_migrations
         """How often one request may move to another decode replica (--max-migrations)."""
@@ -312,6 +316,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         else:
             raise InvalidRequest("no prompt: set text or token_ids")
         prompt_ids = validate.prompt_ids(prompt_ids, limits)
+        stream_interval = max(validate.stream_interval(request.stream_interval, limits), self.stream_interval)
         rng = RequestRng(sampling.seed)
         return Request(
             id=request_id,
@@ -320,6 +325,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             stopping=stopping,
             stop_strings=stop_strings,
             disable_speculation=request.disable_speculation,
+            stream_interval=stream_interval,
             rng=rng,
             detok=IncrementalDetokenizer(self.tokenizer, stop_strings=stop_strings),
         )
@@ -389,6 +395,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             rng_offset=req.rng_offset,
             fingerprint=fingerprint_pb(digest=engine.fingerprint, architecture=engine.model_config.model_type, dtype=engine.config.dtype),
             disable_speculation=req.disable_speculation,
+            stream_interval=req.stream_interval,
         )
 
     async def _hand_off(

@@ -10,7 +10,8 @@ bf16, in its own virtualenv). Against each, vLLM's `vllm bench serve` (run throu
 `vllm` distribution's metadata) sends `--num-prompts` random-token prompts (`--input-len`, `--output-len`, eos ignored,
 greedy) to /v1/completions at each Poisson `--rates` (`inf`: all at once, full concurrency) and
 writes its result JSON. Printed: TTFT, inter-token latency and end-to-end latency at p50/p99 and
-output throughput per server and rate, with nxserve/vLLM ratios; `--out-dir` gets the JSON of every
+output throughput per server and rate, with nxserve/vLLM ratios (`--stream-interval N` gives both servers
+theirs: tokens per streamed chunk at least); `--out-dir` gets the JSON of every
 run, `table.md` and PNG plots. Not part of CI: it needs the vLLM venv (~3.5 GB) and minutes per server.
 """
 
@@ -86,7 +87,12 @@ def _run_nxserve(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str
     log_dir = args.out_dir / "nxserve-logs"
     with (
         LocalCluster(
-            args.model, decode_replicas=args.decode_replicas, engine_args=engine_args, decode_args=args.nxserve_decode_args.split(), log_dir=log_dir
+            args.model,
+            decode_replicas=args.decode_replicas,
+            engine_args=engine_args,
+            prefill_args=["--stream-interval", str(args.stream_interval)],
+            decode_args=args.nxserve_decode_args.split(),
+            log_dir=log_dir,
         ) as cluster,
         GatewayProcess(cluster.target, log_path=log_dir / "openai.log", extra=["--log-level", "WARNING"]) as gateway,
     ):
@@ -101,7 +107,8 @@ def _run_vllm(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, A
     cmd = [
         str(vllm_env.venv_python(args.venv)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
         "--served-model-name", Path(args.model).name, "--dtype", "bfloat16", "--max-model-len", str(args.seq_len),
-        "--max-num-seqs", str(args.batch_size), "--host", "127.0.0.1", "--port", str(port),
+        "--max-num-seqs", str(args.batch_size), "--stream-interval", str(args.stream_interval),
+        "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     log = args.out_dir / "vllm-server.log"
     print(f"[vllm] starting its OpenAI server ({log}) ...", file=sys.stderr, flush=True)
@@ -193,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="nxserve decode slots and vLLM --max-num-seqs (default: 32)")
     p.add_argument("--seq-len", type=int, default=512, help="nxserve --seq-len and vLLM --max-model-len (default: 512)")
     p.add_argument("--decode-replicas", type=int, default=1)
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="generated tokens per streamed chunk at least, both servers' --stream-interval (default: 1, each token at once)",
+    )
     p.add_argument("--nxserve-args", default="", help="more engine flags for every nxserve service")
     p.add_argument(
         "--nxserve-decode-args",

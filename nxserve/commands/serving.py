@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from nxserve.commands.common import AppendPrompt, add_sampling_flags, rpc_failed, token_ids
-from nxserve.rpc.flags import EngineFlags, positive_int
+from nxserve.rpc.flags import EngineFlags, positive_int, stream_interval
 from nxserve.rpc.security import ApiKeys
 
 log = logging.getLogger("nxserve")
@@ -71,6 +71,14 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="padded prompt tokens per context-encoding call at most (prefill's flag; default: the service's, 2048)",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=stream_interval,
+        default=None,
+        metavar="N",
+        help="generated tokens per streamed message at least (prefill's flag: fewer messages per token, more "
+        "throughput under load, burstier streams; like vLLM's; default: the service's, 1)",
     )
     EngineFlags.add_to(
         p,
@@ -252,7 +260,7 @@ def _default_model() -> str:
 def _cluster_from_args(args: argparse.Namespace):
     """The LocalCluster `up` or `demo` starts: every engine flag given goes to every service, but
     --prefill-tp/--decode-tp and --prefill-backend/--decode-backend (defaulting to --tp and --backend)
-    to one side, and --max-prefill-tokens to prefill."""
+    to one side, and --max-prefill-tokens and --stream-interval to prefill."""
     from nxserve.cluster import LocalCluster
 
     engine_args = EngineFlags.set_in(argparse.Namespace(**{**vars(args), "tp": None, "backend": None}))
@@ -269,6 +277,8 @@ def _cluster_from_args(args: argparse.Namespace):
         decode_args += ["--backend", decode_backend]
     if args.max_prefill_tokens is not None:
         prefill_args += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
+    if args.stream_interval is not None:
+        prefill_args += ["--stream-interval", str(args.stream_interval)]
     api_key = None
     if args.api_keys_file:
         prefill_args += ["--api-keys-file", args.api_keys_file]

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from nxserve.client import FinishReason, GenerateOptions, Usage
 from nxserve.openai.errors import invalid
+from nxserve.rpc.validate import MAX_STREAM_INTERVAL
 
 Kind = Literal["completion", "chat"]
 
@@ -128,6 +129,11 @@ def _options(body: dict[str, Any], kind: Kind) -> tuple[GenerateOptions, int | N
     if stop_ids:
         options["stop_token_ids"] = _token_ids(stop_ids, "stop_token_ids")
     options["ignore_eos"] = bool(_get(body, "ignore_eos", bool, False))  # vLLM's extension
+    stream_interval = _get(body, "stream_interval", int)  # vLLM's extension: tokens per streamed chunk at least
+    if stream_interval is not None:
+        if not 1 <= stream_interval <= MAX_STREAM_INTERVAL:
+            raise invalid(f"stream_interval must be in 1..{MAX_STREAM_INTERVAL}, got {stream_interval}", param="stream_interval")
+        options["stream_interval"] = stream_interval
     names = ("max_completion_tokens", "max_tokens") if kind == "chat" else ("max_tokens",)
     max_tokens = next((v for v in (_get(body, name, int) for name in names) if v is not None), None)
     if max_tokens is not None and max_tokens < 1:

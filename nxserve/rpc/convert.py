@@ -49,6 +49,7 @@ def decode_header(
     rng_offset: int,
     fingerprint: decode_pb2.ModelFingerprint,
     disable_speculation: bool = False,
+    stream_interval: int = 1,
 ) -> decode_pb2.DecodeHeader:
     """The header of a Decode stream; the KV's layouts (and region) are filled in by `KVSender.send`."""
     return decode_pb2.DecodeHeader(
@@ -60,4 +61,5 @@ def decode_header(
         rng_offset=rng_offset,
         fingerprint=fingerprint,
         disable_speculation=disable_speculation,
+        stream_interval=stream_interval,
     )

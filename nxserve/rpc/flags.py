@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from nxserve.rpc.security import TLSFiles
 from nxserve.rpc.turns import DEFAULT_WAIT_S
+from nxserve.rpc.validate import MAX_STREAM_INTERVAL
 
 if TYPE_CHECKING:
     from nxcore import RuntimeConfig
@@ -239,6 +240,14 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number such as 2048, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is invalid: allowed a positive whole number")
+    return value
+
+
+def stream_interval(text: str) -> int:
+    """--stream-interval: 1..MAX_STREAM_INTERVAL."""
+    value = positive_int(text)
+    if value > MAX_STREAM_INTERVAL:
+        raise argparse.ArgumentTypeError(f"{text} is invalid: allowed 1..{MAX_STREAM_INTERVAL}")
     return value
 
 

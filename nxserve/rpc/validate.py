@@ -25,6 +25,10 @@ whitespace or punctuation makes one token of 16-ish), so refusing it costs no re
 bounds what is tokenized at all (32 KiB for a 1024-token bucket)."""
 
 
+MAX_STREAM_INTERVAL = 65536
+"""The largest stream interval (generated tokens per streamed message) a flag or a request may ask for."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Limits:
     """What one request may carry."""
@@ -40,6 +44,7 @@ class Limits:
     max_stop_strings: int = 16
     max_stop_string_bytes: int = 256
     max_stop_token_ids: int = 64
+    max_stream_interval: int = MAX_STREAM_INTERVAL
 
     @classmethod
     def for_engine(cls, engine: Any, *, max_prompt_bytes: int | None = None) -> Limits:
@@ -119,6 +124,13 @@ def sampling(pb: gen_pb2.SamplingParameters, limits: Limits) -> SamplingParams:
 
 
 DEFAULT_MAX_NEW_TOKENS = 16
+
+
+def stream_interval(value: int, limits: Limits, *, field: str = "stream_interval") -> int:
+    """Tokens per streamed message at least: 0 (the server's setting) up to max_stream_interval."""
+    if value > limits.max_stream_interval:
+        raise InvalidRequest(f"{field}={value} is invalid: allowed 0..{limits.max_stream_interval} (0: the server's --stream-interval)")
+    return value
 
 
 def stopping(pb: gen_pb2.StoppingParameters, limits: Limits) -> tuple[StoppingCriteria, tuple[str, ...]]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from nxserve.v1 import generation_pb2 as nxserve_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nxserve/v1/decode.proto\x12\nnxserve.v1\x1a\x1bnxserve/v1/generation.proto\"G\n\x10ModelFingerprint\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\"g\n\x08KvLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x10\n\x08n_tokens\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x94\x03\n\x0c\x44\x65\x63odeHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.nxserve.v1.SamplingParameters\x12\x30\n\x08stopping\x18\x03 \x01(\x0b\x32\x1e.nxserve.v1.StoppingParameters\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\x05 \x01(\r\x12\x12\n\nrng_offset\x18\x06 \x01(\r\x12\x31\n\x0b\x66ingerprint\x18\x07 \x01(\x0b\x32\x1c.nxserve.v1.ModelFingerprint\x12$\n\x06layout\x18\x08 \x01(\x0b\x32\x14.nxserve.v1.KvLayout\x12\x1b\n\x13\x64isable_speculation\x18\t \x01(\x08\x12*\n\x0c\x64raft_layout\x18\n \x01(\x0b\x32\x14.nxserve.v1.KvLayout\x12\'\n\tshared_kv\x18\x0b \x01(\x0b\x32\x14.nxserve.v1.SharedKv\"f\n\x08SharedKv\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12\x1d\n\x15lease_expires_unix_ms\x18\x05 \x01(\x04\"\x86\x01\n\x07KvChunk\x12\x13\n\x0blayer_start\x18\x01 \x01(\r\x12\x11\n\tlayer_end\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x11\n\ttoken_end\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\x12\x0e\n\x06kv_set\x18\x07 \x01(\r\"\x08\n\x06\x43ommit\"\x8f\x01\n\rDecodeRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.nxserve.v1.DecodeHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.nxserve.v1.KvChunkH\x00\x12$\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x12.nxserve.v1.CommitH\x00\x42\x06\n\x04kind\"%\n\x03\x41\x63k\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x02\"3\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x12\n\nrng_offset\x18\x02 \x01(\r\"\x97\x01\n\x0b\x44\x65\x63odeFinal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.nxserve.v1.FinishReason\x12\x16\n\x0e\x64\x65\x63oded_tokens\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x17\n\x0fproposed_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\"\x8c\x01\n\x0e\x44\x65\x63odeResponse\x12\x1e\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x0f.nxserve.v1.AckH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.nxserve.v1.TokenBatchH\x00\x12(\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x17.nxserve.v1.DecodeFinalH\x00\x42\x06\n\x04kind\"\x10\n\x0eGetLoadRequest\"\xf2\x01\n\x0fGetLoadResponse\x12\x12\n\nfree_slots\x18\x01 \x01(\r\x12\x13\n\x0btotal_slots\x18\x02 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x1a\n\x12\x63ompleted_requests\x18\x06 \x01(\x04\x12\r\n\x05steps\x18\x07 \x01(\x04\x12\x11\n\tshm_probe\x18\x08 \x01(\t\x12\x1a\n\x12shared_kv_requests\x18\t \x01(\x04\x12\x1b\n\x13\x63hunked_kv_requests\x18\n \x01(\x04\x32\x91\x01\n\x06\x44\x65\x63ode\x12\x43\n\x06\x44\x65\x63ode\x12\x19.nxserve.v1.DecodeRequest\x1a\x1a.nxserve.v1.DecodeResponse(\x01\x30\x01\x12\x42\n\x07GetLoad\x12\x1a.nxserve.v1.GetLoadRequest\x1a\x1b.nxserve.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17nxserve/v1/decode.proto\x12\nnxserve.v1\x1a\x1bnxserve/v1/generation.proto\"G\n\x10ModelFingerprint\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\"g\n\x08KvLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x10\n\x08n_tokens\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\xad\x03\n\x0c\x44\x65\x63odeHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08sampling\x18\x02 \x01(\x0b\x32\x1e.nxserve.v1.SamplingParameters\x12\x30\n\x08stopping\x18\x03 \x01(\x0b\x32\x1e.nxserve.v1.StoppingParameters\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\x05 \x01(\r\x12\x12\n\nrng_offset\x18\x06 \x01(\r\x12\x31\n\x0b\x66ingerprint\x18\x07 \x01(\x0b\x32\x1c.nxserve.v1.ModelFingerprint\x12$\n\x06layout\x18\x08 \x01(\x0b\x32\x14.nxserve.v1.KvLayout\x12\x1b\n\x13\x64isable_speculation\x18\t \x01(\x08\x12*\n\x0c\x64raft_layout\x18\n \x01(\x0b\x32\x14.nxserve.v1.KvLayout\x12\'\n\tshared_kv\x18\x0b \x01(\x0b\x32\x14.nxserve.v1.SharedKv\x12\x17\n\x0fstream_interval\x18\x0c \x01(\r\"f\n\x08SharedKv\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\x12\x1d\n\x15lease_expires_unix_ms\x18\x05 \x01(\x04\"\x86\x01\n\x07KvChunk\x12\x13\n\x0blayer_start\x18\x01 \x01(\r\x12\x11\n\tlayer_end\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x11\n\ttoken_end\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\x12\x0e\n\x06kv_set\x18\x07 \x01(\r\"\x08\n\x06\x43ommit\"\x8f\x01\n\rDecodeRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.nxserve.v1.DecodeHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.nxserve.v1.KvChunkH\x00\x12$\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x12.nxserve.v1.CommitH\x00\x42\x06\n\x04kind\"%\n\x03\x41\x63k\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x02\"3\n\nTokenBatch\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x12\n\nrng_offset\x18\x02 \x01(\r\"\x97\x01\n\x0b\x44\x65\x63odeFinal\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.nxserve.v1.FinishReason\x12\x16\n\x0e\x64\x65\x63oded_tokens\x18\x02 \x01(\r\x12\r\n\x05steps\x18\x03 \x01(\r\x12\x17\n\x0fproposed_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\"\x8c\x01\n\x0e\x44\x65\x63odeResponse\x12\x1e\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x0f.nxserve.v1.AckH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.nxserve.v1.TokenBatchH\x00\x12(\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x17.nxserve.v1.DecodeFinalH\x00\x42\x06\n\x04kind\"\x10\n\x0eGetLoadRequest\"\xf2\x01\n\x0fGetLoadResponse\x12\x12\n\nfree_slots\x18\x01 \x01(\r\x12\x13\n\x0btotal_slots\x18\x02 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x1a\n\x12\x63ompleted_requests\x18\x06 \x01(\x04\x12\r\n\x05steps\x18\x07 \x01(\x04\x12\x11\n\tshm_probe\x18\x08 \x01(\t\x12\x1a\n\x12shared_kv_requests\x18\t \x01(\x04\x12\x1b\n\x13\x63hunked_kv_requests\x18\n \x01(\x04\x32\x91\x01\n\x06\x44\x65\x63ode\x12\x43\n\x06\x44\x65\x63ode\x12\x19.nxserve.v1.DecodeRequest\x1a\x1a.nxserve.v1.DecodeResponse(\x01\x30\x01\x12\x42\n\x07GetLoad\x12\x1a.nxserve.v1.GetLoadRequest\x1a\x1b.nxserve.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,27 +37,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLAYOUT']._serialized_start=141
   _globals['_KVLAYOUT']._serialized_end=244
   _globals['_DECODEHEADER']._serialized_start=247
-  _globals['_DECODEHEADER']._serialized_end=651
-  _globals['_SHAREDKV']._serialized_start=653
-  _globals['_SHAREDKV']._serialized_end=755
-  _globals['_KVCHUNK']._serialized_start=758
-  _globals['_KVCHUNK']._serialized_end=892
-  _globals['_COMMIT']._serialized_start=894
-  _globals['_COMMIT']._serialized_end=902
-  _globals['_DECODEREQUEST']._serialized_start=905
-  _globals['_DECODEREQUEST']._serialized_end=1048
-  _globals['_ACK']._serialized_start=1050
-  _globals['_ACK']._serialized_end=1087
-  _globals['_TOKENBATCH']._serialized_start=1089
-  _globals['_TOKENBATCH']._serialized_end=1140
-  _globals['_DECODEFINAL']._serialized_start=1143
-  _globals['_DECODEFINAL']._serialized_end=1294
-  _globals['_DECODERESPONSE']._serialized_start=1297
-  _globals['_DECODERESPONSE']._serialized_end=1437
-  _globals['_GETLOADREQUEST']._serialized_start=1439
-  _globals['_GETLOADREQUEST']._serialized_end=1455
-  _globals['_GETLOADRESPONSE']._serialized_start=1458
-  _globals['_GETLOADRESPONSE']._serialized_end=1700
-  _globals['_DECODE']._serialized_start=1703
-  _globals['_DECODE']._serialized_end=1848
+  _globals['_DECODEHEADER']._serialized_end=676
+  _globals['_SHAREDKV']._serialized_start=678
+  _globals['_SHAREDKV']._serialized_end=780
+  _globals['_KVCHUNK']._serialized_start=783
+  _globals['_KVCHUNK']._serialized_end=917
+  _globals['_COMMIT']._serialized_start=919
+  _globals['_COMMIT']._serialized_end=927
+  _globals['_DECODEREQUEST']._serialized_start=930
+  _globals['_DECODEREQUEST']._serialized_end=1073
+  _globals['_ACK']._serialized_start=1075
+  _globals['_ACK']._serialized_end=1112
+  _globals['_TOKENBATCH']._serialized_start=1114
+  _globals['_TOKENBATCH']._serialized_end=1165
+  _globals['_DECODEFINAL']._serialized_start=1168
+  _globals['_DECODEFINAL']._serialized_end=1319
+  _globals['_DECODERESPONSE']._serialized_start=1322
+  _globals['_DECODERESPONSE']._serialized_end=1462
+  _globals['_GETLOADREQUEST']._serialized_start=1464
+  _globals['_GETLOADREQUEST']._serialized_end=1480
+  _globals['_GETLOADRESPONSE']._serialized_start=1483
+  _globals['_GETLOADRESPONSE']._serialized_end=1725
+  _globals['_DECODE']._serialized_start=1728
+  _globals['_DECODE']._serialized_end=1873
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,7 @@ class KvLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., n_tokens: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class DecodeHeader(_message.Message):
-    __slots__ = ("request_id", "sampling", "stopping", "prompt_token_ids", "first_token", "rng_offset", "fingerprint", "layout", "disable_speculation", "draft_layout", "shared_kv")
+    __slots__ = ("request_id", "sampling", "stopping", "prompt_token_ids", "first_token", "rng_offset", "fingerprint", "layout", "disable_speculation", "draft_layout", "shared_kv", "stream_interval")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class DecodeHeader(_message.Message):
     DISABLE_SPECULATION_FIELD_NUMBER: _ClassVar[int]
     DRAFT_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     SHARED_KV_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sampling: _generation_pb2.SamplingParameters
     stopping: _generation_pb2.StoppingParameters
@@ -55,7 +56,8 @@ class DecodeHeader(_message.Message):
     disable_speculation: bool
     draft_layout: KvLayout
     shared_kv: SharedKv
-    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generation_pb2.StoppingParameters, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., rng_offset: _Optional[int] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., disable_speculation: _Optional[bool] = ..., draft_layout: _Optional[_Union[KvLayout, _Mapping]] = ..., shared_kv: _Optional[_Union[SharedKv, _Mapping]] = ...) -> None: ...
+    stream_interval: int
+    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[_generation_pb2.StoppingParameters, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., rng_offset: _Optional[int] = ..., fingerprint: _Optional[_Union[ModelFingerprint, _Mapping]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., disable_speculation: _Optional[bool] = ..., draft_layout: _Optional[_Union[KvLayout, _Mapping]] = ..., shared_kv: _Optional[_Union[SharedKv, _Mapping]] = ..., stream_interval: _Optional[int] = ...) -> None: ...
 
 class SharedKv(_message.Message):
     __slots__ = ("name", "offset", "nbytes", "crc32", "lease_expires_unix_ms")

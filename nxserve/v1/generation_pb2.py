@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnxserve/v1/generation.proto\x12\nnxserve.v1\"c\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"n\n\x12StoppingParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0cstop_strings\x18\x03 \x03(\t\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xeb\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.nxserve.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.nxserve.v1.SamplingParameters\x12\x30\n\x08stopping\x18\x05 \x01(\x0b\x32\x1e.nxserve.v1.StoppingParameters\x12\x1b\n\x13\x64isable_speculation\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xb4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.nxserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.nxserve.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\r\"\x12\n\x10ModelInfoRequest\"\xf4\x03\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x04 \x03(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x16\n\x0e\x63tx_batch_size\x18\x06 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x07 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x17\n\x0f\x64\x65\x63ode_replicas\x18\n \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t\x12\x1a\n\x12\x64\x65\x63ode_replicas_up\x18\x0c \x01(\r\x12\x17\n\x0fkv_regions_held\x18\r \x01(\r\x12\x12\n\nmigrations\x18\x0e \x01(\x04\x12\x15\n\rchat_template\x18\x0f \x01(\t\x12H\n\x0especial_tokens\x18\x10 \x03(\x0b\x32\x30.nxserve.v1.ModelInfoResponse.SpecialTokensEntry\x12\x17\n\x0f\x62\x61tch_invariant\x18\x11 \x01(\x08\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xe6\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.nxserve.v1.GenerateRequest\x1a\x1c.nxserve.v1.GenerateResponse0\x01\x12H\n\tModelInfo\x12\x1c.nxserve.v1.ModelInfoRequest\x1a\x1d.nxserve.v1.ModelInfoResponse\x12\x45\n\x08Tokenize\x12\x1b.nxserve.v1.TokenizeRequest\x1a\x1c.nxserve.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bnxserve/v1/generation.proto\x12\nnxserve.v1\"c\n\x12SamplingParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"n\n\x12StoppingParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0cstop_strings\x18\x03 \x03(\t\x12\x12\n\nignore_eos\x18\x04 \x01(\x08\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x84\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.nxserve.v1.TokenIdsH\x00\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.nxserve.v1.SamplingParameters\x12\x30\n\x08stopping\x18\x05 \x01(\x0b\x32\x1e.nxserve.v1.StoppingParameters\x12\x1b\n\x13\x64isable_speculation\x18\x06 \x01(\x08\x12\x17\n\x0fstream_interval\x18\x07 \x01(\rB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xb4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.nxserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.nxserve.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\r\"\x12\n\x10ModelInfoRequest\"\xf4\x03\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0f\n\x07\x62uckets\x18\x04 \x03(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x16\n\x0e\x63tx_batch_size\x18\x06 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x07 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x17\n\x0f\x64\x65\x63ode_replicas\x18\n \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t\x12\x1a\n\x12\x64\x65\x63ode_replicas_up\x18\x0c \x01(\r\x12\x17\n\x0fkv_regions_held\x18\r \x01(\r\x12\x12\n\nmigrations\x18\x0e \x01(\x04\x12\x15\n\rchat_template\x18\x0f \x01(\t\x12H\n\x0especial_tokens\x18\x10 \x03(\x0b\x32\x30.nxserve.v1.ModelInfoResponse.SpecialTokensEntry\x12\x17\n\x0f\x62\x61tch_invariant\x18\x11 \x01(\x08\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xe6\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.nxserve.v1.GenerateRequest\x1a\x1c.nxserve.v1.GenerateResponse0\x01\x12H\n\tModelInfo\x12\x1c.nxserve.v1.ModelInfoRequest\x1a\x1d.nxserve.v1.ModelInfoResponse\x12\x45\n\x08Tokenize\x12\x1b.nxserve.v1.TokenizeRequest\x1a\x1c.nxserve.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFORESPONSE_SPECIALTOKENSENTRY']._loaded_options = None
   _globals['_MODELINFORESPONSE_SPECIALTOKENSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1400
-  _globals['_FINISHREASON']._serialized_end=1518
+  _globals['_FINISHREASON']._serialized_start=1425
+  _globals['_FINISHREASON']._serialized_end=1543
   _globals['_SAMPLINGPARAMETERS']._serialized_start=43
   _globals['_SAMPLINGPARAMETERS']._serialized_end=142
   _globals['_STOPPINGPARAMETERS']._serialized_start=144
@@ -42,21 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=256
   _globals['_TOKENIDS']._serialized_end=279
   _globals['_GENERATEREQUEST']._serialized_start=282
-  _globals['_GENERATEREQUEST']._serialized_end=517
-  _globals['_USAGE']._serialized_start=519
-  _globals['_USAGE']._serialized_end=576
-  _globals['_GENERATERESPONSE']._serialized_start=579
-  _globals['_GENERATERESPONSE']._serialized_end=759
-  _globals['_MODELINFOREQUEST']._serialized_start=761
-  _globals['_MODELINFOREQUEST']._serialized_end=779
-  _globals['_MODELINFORESPONSE']._serialized_start=782
-  _globals['_MODELINFORESPONSE']._serialized_end=1282
-  _globals['_MODELINFORESPONSE_SPECIALTOKENSENTRY']._serialized_start=1230
-  _globals['_MODELINFORESPONSE_SPECIALTOKENSENTRY']._serialized_end=1282
-  _globals['_TOKENIZEREQUEST']._serialized_start=1284
-  _globals['_TOKENIZEREQUEST']._serialized_end=1343
-  _globals['_TOKENIZERESPONSE']._serialized_start=1345
-  _globals['_TOKENIZERESPONSE']._serialized_end=1398
-  _globals['_GENERATION']._serialized_start=1521
-  _globals['_GENERATION']._serialized_end=1751
+  _globals['_GENERATEREQUEST']._serialized_end=542
+  _globals['_USAGE']._serialized_start=544
+  _globals['_USAGE']._serialized_end=601
+  _globals['_GENERATERESPONSE']._serialized_start=604
+  _globals['_GENERATERESPONSE']._serialized_end=784
+  _globals['_MODELINFOREQUEST']._serialized_start=786
+  _globals['_MODELINFOREQUEST']._serialized_end=804
+  _globals['_MODELINFORESPONSE']._serialized_start=807
+  _globals['_MODELINFORESPONSE']._serialized_end=1307
+  _globals['_MODELINFORESPONSE_SPECIALTOKENSENTRY']._serialized_start=1255
+  _globals['_MODELINFORESPONSE_SPECIALTOKENSENTRY']._serialized_end=1307
+  _globals['_TOKENIZEREQUEST']._serialized_start=1309
+  _globals['_TOKENIZEREQUEST']._serialized_end=1368
+  _globals['_TOKENIZERESPONSE']._serialized_start=1370
+  _globals['_TOKENIZERESPONSE']._serialized_end=1423
+  _globals['_GENERATION']._serialized_start=1546
+  _globals['_GENERATION']._serialized_end=1776
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,7 @@ def _cases(engine: Engine) -> list[tuple[str, decode_pb2.DecodeRequest, grpc.Sta
         ("temperature nan", _forged(engine, **{"sampling.temperature": math.nan}), INVALID, "sampling.temperature=nan"),
         ("top_k above max_topk", _forged(engine, **{"sampling.top_k": 100000}), INVALID, "sampling.top_k"),
         ("rng_offset 2^32-1", _forged(engine, rng_offset=2**32 - 1), INVALID, "rng_offset"),
+        ("stream_interval 2^32-1", _forged(engine, stream_interval=2**32 - 1), INVALID, "stream_interval=4294967295"),
         ("a 1 MB request_id", _forged(engine, request_id="r" * (1 << 20)), INVALID, "request_id"),
         ("prompt ids outside the vocabulary", _forged(engine, prompt_token_ids=[5, 6, 100000]), INVALID, "prompt_token_ids"),
         ("an empty prompt", _forged(engine, prompt_token_ids=[]), INVALID, "prompt of 0 tokens"),
@@ -101,6 +102,7 @@ fields = st.fixed_dictionaries(
     {
         "first_token": st.integers(0, 2**32 - 1),
         "rng_offset": st.integers(0, 2**32 - 1),
+        "stream_interval": st.integers(0, 2**32 - 1),
         "request_id": st.text(max_size=50),
         "prompt_token_ids": st.lists(st.integers(0, 600), max_size=12),
         "sampling.temperature": st.floats(width=32),

@@ -187,3 +187,53 @@ def test_a_request_that_fails_a_step_fails_alone_and_the_others_keep_their_token
     finally:
         loop.stop(timeout=10)
         thread.close(timeout=10)
+
+
+def _run_alone(ckpt: Checkpoint, *, stream_interval: int, clock=None, max_new_tokens: int = 9) -> tuple[list, GenerationResult]:
+    """One request through a decode loop with its stream_interval; its events and what one engine generates."""
+    prompt, first, kv, _, prefill = _prefilled(ckpt, seed=5)
+    [expected] = generate(prefill, [prompt], stopping=StoppingCriteria(max_new_tokens=max_new_tokens, ignore_eos=True))
+    thread = EngineThread("decode-engine")
+    engine = thread.submit(Engine.from_pretrained, ckpt.path, CONFIG, graphs="decode").result(timeout=120)
+    loop = DecodeLoop(engine, tokenizer=None, max_queue=4, thread=thread, **({"clock": clock} if clock else {}))
+    events: list = []
+    done = threading.Event()
+    job = _job(prompt, first, ReceivedKV(snapshots=[kv], transport=CHUNKS, nbytes=kv.nbytes), events, done)
+    job.stopping = StoppingCriteria(max_new_tokens=max_new_tokens, ignore_eos=True)
+    job.stream_interval = stream_interval
+    loop.start()
+    try:
+        loop.submit(job)
+        assert done.wait(timeout=60)
+    finally:
+        loop.stop(timeout=10)
+        thread.close(timeout=10)
+    return events, expected
+
+
+def test_tokens_go_out_in_batches_of_the_stream_interval_with_the_rest_at_the_end(checkpoints: dict[str, Checkpoint]) -> None:
+    """8 decoded tokens at stream_interval 3: batches of 3, 3, then the last 2 when the request
+    finishes; each batch carries the random-stream position after its last token, the one a
+    request streamed token by token has there."""
+    ckpt = checkpoints["llama"]
+    one, expected = _run_alone(ckpt, stream_interval=1)
+    three, _ = _run_alone(ckpt, stream_interval=3)
+    singles = [e for e in one if isinstance(e, Tokens)]
+    batches = [e for e in three if isinstance(e, Tokens)]
+    assert [len(e.token_ids) for e in singles] == [1] * 8
+    assert [len(e.token_ids) for e in batches] == [3, 3, 2]
+    assert [t for e in batches for t in e.token_ids] == [t for e in singles for t in e.token_ids] == expected.output_ids[1:]
+    assert [e.rng_offset for e in batches] == [singles[2].rng_offset, singles[5].rng_offset, singles[7].rng_offset]
+    assert isinstance(three[-1], Finished) and three[-1].decoded_tokens == 8
+
+
+def test_held_back_tokens_go_out_after_a_second_however_few(checkpoints: dict[str, Checkpoint]) -> None:
+    """A stream_interval larger than the whole generation still sends what waits once the oldest
+    token has waited MAX_UNSENT_S (here on a clock that moves 0.4 s per reading), so prefill's
+    stall timeout never takes a batching replica for a stuck one."""
+    ticks = iter(range(10**6))
+    events, expected = _run_alone(checkpoints["llama"], stream_interval=1000, clock=lambda: 0.4 * next(ticks), max_new_tokens=12)
+    batches = [e.token_ids for e in events if isinstance(e, Tokens)]
+    # one reading per step: the tokens of 4 steps, the oldest read 1.2 s before the newest
+    assert [len(b) for b in batches] == [4, 4, 3]
+    assert [t for b in batches for t in b] == expected.output_ids[1:]

@@ -62,6 +62,7 @@ GENERATE_CASES: list[tuple[str, pb.GenerateRequest | bytes, grpc.StatusCode, str
     ("a 257-byte stop string", _request(**{"stopping.stop_strings": ["x" * 257]}), INVALID, "stop_strings[0] of 257 bytes"),
     ("a stop token outside the vocabulary", _request(**{"stopping.stop_token_ids": [VOCAB + 3]}), INVALID, "stop_token_ids"),
     ("65 stop tokens", _request(**{"stopping.stop_token_ids": [3] * 65}), INVALID, "stop_token_ids has 65"),
+    ("stream_interval 65537", _request(stream_interval=65537), INVALID, "stream_interval=65537 is invalid: allowed 0..65536"),
     ("invalid UTF-8 in the text", _raw(2, b"\xff\xfe bad"), INVALID, "malformed nxserve.v1.GenerateRequest"),
     ("not protobuf at all", b"\xff\xff\xff\xff\xff", INVALID, "malformed nxserve.v1.GenerateRequest"),
 ]
@@ -136,6 +137,7 @@ requests = st.builds(
         ignore_eos=st.booleans(),
     ),
     disable_speculation=st.booleans(),
+    stream_interval=st.one_of(st.integers(0, 8), uint32),
 ).flatmap(
     lambda r: st.one_of(
         st.builds(lambda text: _with(r, text=text), st.text(max_size=300)),

@@ -90,6 +90,18 @@ def test_text_stream_and_stop_strings(client: Client, svc_engine: Engine) -> Non
         assert stopped.text == full.text[: full.text.index(stop)]
 
 
+def test_stream_interval_batches_the_streamed_tokens(client: Client, svc_engine: Engine) -> None:
+    """A request's stream_interval: the first token at once, then at least 4 tokens a message but the
+    last, the same tokens as one by one."""
+    prompt = prompts(1)[0]
+    [local] = generate(svc_engine, [prompt], stopping=StoppingCriteria(max_new_tokens=18, ignore_eos=True))
+    chunks = list(client.generate(prompt, max_new_tokens=18, ignore_eos=True, stream_interval=4))
+    assert [t for c in chunks for t in c.token_ids] == local.output_ids
+    sizes = [len(c.token_ids) for c in chunks]
+    body = [n for n in sizes[1:] if n]
+    assert sizes[0] == 1 and all(n >= 4 for n in body[:-1]) and len(body) <= 5, sizes  # 17 decoded: 4, 4, 4, 4, 1 at most
+
+
 def test_request_joins_running_batch_without_waiting(client: Client, cluster: LocalCluster) -> None:
     long_prompt, short_prompt = prompts(2)
     streams = [client.generate(long_prompt, max_new_tokens=SEQ_LEN - len(long_prompt), ignore_eos=True) for _ in range(2)]

@@ -85,6 +85,21 @@ def test_completion_equals_nxserve_generate(api: openai.OpenAI, svc_model: Path,
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage == whole.usage
 
 
+def test_stream_interval_sends_fewer_larger_chunks(api: openai.OpenAI, svc_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM's stream_interval extension: 12 tokens at 5 a message from decode come in at most 6
+    chunks (the first token's, 5, 5, 1, the finish reason, one spare), against about one per token
+    without it; the same text either way; values outside 1..65536 are 400."""
+    expected = generate_cli(capsys, svc_model, "--prompt", PROMPT, "--max-new-tokens", "12", "--ignore-eos")
+    kwargs = {"model": svc_model.name, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.0, "stream": True}
+    chunks = list(api.completions.create(**kwargs, extra_body={"ignore_eos": True, "stream_interval": 5}))
+    singles = list(api.completions.create(**kwargs, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == "".join(c.choices[0].text for c in singles) == expected["text"]
+    assert len(chunks) <= 6 < len(singles) and chunks[-1].choices[0].finish_reason == "length"
+    for bad in (0, 65537, "4"):
+        with pytest.raises(openai.BadRequestError, match="stream_interval"):
+            api.completions.create(**kwargs, extra_body={"stream_interval": bad})
+
+
 def test_chat_uses_the_chat_template(api: openai.OpenAI, svc_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     ids = AutoTokenizer.from_pretrained(svc_model).apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)

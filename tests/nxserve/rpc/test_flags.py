@@ -66,12 +66,12 @@ def test_up_forwards_every_engine_flag_to_every_service(tmp_path: Path) -> None:
     args = cli_parser().parse_args(["up", "--model", str(tmp_path), "--prefill-tp", "2", "--decode-tp", "1"])
     cluster = _cluster_from_args(args)
     assert cluster.engine_args == [] and cluster.prefill_args == ["--tp", "2"] and cluster.decode_args == ["--tp", "1"]
-    one_side = ["--backend", "compile", "--prefill-backend", "eager", "--max-prefill-tokens", "512"]
+    one_side = ["--backend", "compile", "--prefill-backend", "eager", "--max-prefill-tokens", "512", "--stream-interval", "4"]
     args = cli_parser().parse_args(["up", "--model", str(tmp_path), *one_side])
     cluster = _cluster_from_args(args)
     decode = decode_parser().parse_args(["--model", "m", *cluster.engine_args, *cluster.decode_args])
     prefill = prefill_parser().parse_args(["--model", "m", "--decode", "h:1", *cluster.engine_args, *cluster.prefill_args])
-    assert (decode.backend, prefill.backend, prefill.max_prefill_tokens) == ("compile", "eager", 512)
+    assert (decode.backend, prefill.backend, prefill.max_prefill_tokens, prefill.stream_interval) == ("compile", "eager", 512, 4)
     args = cli_parser().parse_args(["up", "--model", str(tmp_path), "--decode-backend", "compile"])
     cluster = _cluster_from_args(args)
     assert cluster.engine_args == [] and cluster.prefill_args == [] and cluster.decode_args == ["--backend", "compile"]
@@ -112,3 +112,14 @@ def test_core_turns_wait_is_checked_when_the_flags_are_parsed(capsys: pytest.Cap
         with pytest.raises(SystemExit):
             parser.parse_args(["--model", "m", "--core-turns-wait-s", bad])
         assert "--core-turns-wait-s" in capsys.readouterr().err
+
+
+def test_stream_interval_is_checked_when_the_flags_are_parsed(capsys: pytest.CaptureFixture[str]) -> None:
+    """--stream-interval takes 1..65536 (what a request's stream_interval and decode's header allow)."""
+    parser = prefill_parser()
+    assert parser.parse_args(["--model", "m", "--decode", "h:1"]).stream_interval == 1
+    assert parser.parse_args(["--model", "m", "--decode", "h:1", "--stream-interval", "65536"]).stream_interval == 65536
+    for bad in ("0", "-2", "65537", "four"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--model", "m", "--decode", "h:1", "--stream-interval", bad])
+        assert "--stream-interval" in capsys.readouterr().err
