@@ -34,7 +34,7 @@ from nxserve.openai.chat import render
 from nxserve.openai.errors import ApiError, from_rpc, invalid
 from nxserve.openai.protocol import DEFAULT_COMPLETION_TOKENS, Answer, Plan, parse_chat, parse_completion
 from nxserve.rpc.logs import access
-from nxserve.rpc.validate import PROMPT_BYTES_PER_TOKEN
+from nxserve.rpc.validate import MAX_STREAM_INTERVAL, PROMPT_BYTES_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Gateway:
             max_tokens = plan.max_tokens or max(1, info["max_total_tokens"] - len(prompt))
         assert prompt is not None
         answer = Answer(plan.kind, info["model"])
-        options: GenerateOptions = {**plan.options, "max_new_tokens": max_tokens, "request_id": answer.id}
+        options = generate_options(plan, max_tokens, answer.id)
         try:
             chunks = cast(AsyncGenerator[GenerationChunk, None], self.client.generate(prompt, api_key=api_key, **options))
         except (ValueError, TypeError, OverflowError) as exc:  # a value the request message cannot hold (e.g. an id past 2^64)
@@ -169,6 +169,17 @@ class Gateway:
             duration_s=round(time.perf_counter() - start, 6),
         )
         return response
+
+
+def generate_options(plan: Plan, max_tokens: int, request_id: str) -> GenerateOptions:
+    """The gRPC call's options. A request that is not streamed asks for its tokens in as few messages
+    as decode sends (the largest stream_interval: at the end, and once a second while it runs), as
+    vLLM sends such a request only its final output: per-token messages through prefill and this
+    gateway would be work for nothing."""
+    options: GenerateOptions = {**plan.options, "max_new_tokens": max_tokens, "request_id": request_id}
+    if not plan.stream:
+        options["stream_interval"] = MAX_STREAM_INTERVAL
+    return options
 
 
 def _check_messages_size(messages: list[dict[str, str]], max_prompt_tokens: int) -> None:

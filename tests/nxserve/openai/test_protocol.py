@@ -11,6 +11,8 @@ import pytest
 from nxserve.client import Usage
 from nxserve.openai.errors import ApiError, from_rpc
 from nxserve.openai.protocol import Answer, parse_chat, parse_completion
+from nxserve.openai.server import generate_options
+from nxserve.rpc.validate import MAX_STREAM_INTERVAL
 
 
 def test_completion_fields_map_to_options() -> None:
@@ -25,6 +27,22 @@ def test_completion_fields_map_to_options() -> None:
     chat = parse_chat({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "max_tokens": 3,
                        "max_completion_tokens": 5})  # fmt: skip
     assert chat.messages == [{"role": "user", "content": "a\nb"}] and chat.max_tokens == 5
+
+
+def test_stream_interval_passes_when_streamed_and_is_the_largest_when_not() -> None:
+    """vLLM's stream_interval extension goes to the gRPC call for a streamed request; one that is
+    not streamed asks for the fewest messages (its text is only sent at the end anyway)."""
+    streamed = parse_completion({"prompt": "a", "stream": True, "stream_interval": 6})
+    assert generate_options(streamed, 9, "r") == {
+        "temperature": 1.0,
+        "ignore_eos": False,
+        "stream_interval": 6,
+        "max_new_tokens": 9,
+        "request_id": "r",
+    }
+    assert "stream_interval" not in generate_options(parse_chat({"messages": [{"role": "user", "content": "a"}], "stream": True}), 9, "r")
+    for body in ({"prompt": "a"}, {"prompt": "a", "stream_interval": 6}):
+        assert generate_options(parse_completion(body), 9, "r")["stream_interval"] == MAX_STREAM_INTERVAL
 
 
 @pytest.mark.parametrize(
@@ -43,6 +61,9 @@ def test_completion_fields_map_to_options() -> None:
         ({"prompt": None}, "prompt"),
         ({"prompt": "a", "stop": [1]}, "stop"),
         ({"prompt": "a", "stream": "yes"}, "stream"),
+        ({"prompt": "a", "stream_interval": 0}, "stream_interval"),
+        ({"prompt": "a", "stream_interval": 65537}, "stream_interval"),
+        ({"prompt": "a", "stream_interval": 2.5}, "stream_interval"),
     ],
 )
 def test_refused_completion_fields_name_the_field(body: dict, param: str) -> None:
