@@ -9,7 +9,9 @@ times the whole chain at each row count (tokens in the step) through:
 - `nxcore::linear`, the op the engine calls (C++ GEMV up to `torch.ops.nxcore._gemv_rows()` rows,
   oneDNN packed beyond; the Python op where the C++ ops are not built);
 - oneDNN on the weights packed once (`mkldnn::_linear_pointwise`);
-- `F.linear` on the dense weights.
+- `F.linear` on the dense weights;
+- the C++ GEMV forced on (for row counts it takes, 1 and 2), streaming one weight row at a time
+  and eight (`torch.ops.nxcore._set_gemv_streams`), whichever the vendor's default is.
 Rounds interleave the kernels, so a noisy machine slows them alike; each figure is the median.
 Bandwidth is a `torch.sum` of a buffer the size of the chain's weights, timed in the same rounds.
 """
@@ -63,9 +65,25 @@ def main(argv: list[str] | None = None) -> int:
     op_name = "nxcore::linear (C++)" if status is None else "nxcore::linear (Python)"
     print(f"{len(shapes)} linears, {n_bytes / 1e6:.0f} MB of weights; {op_name}" + ("" if status is None else f": {status}"))
 
-    def chain(kernel, rows: int):
+    def chain(kernel, rows: int, gemv_streams: int | None = None):
+        """The chain through `kernel`; with `gemv_streams`, nxcore::linear with the C++ GEMV on at
+        that many streams for the chain's duration."""
         inputs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in {k for _, k in shapes}}
-        return lambda: [kernel(inputs[w.shape[1]], i) for i, w in enumerate(weights)]
+
+        def run() -> None:
+            if gemv_streams is None:
+                for i, w in enumerate(weights):
+                    kernel(inputs[w.shape[1]], i)
+                return
+            before = (torch.ops.nxcore._set_gemv_rows(native.GEMV_MAX_ROWS), torch.ops.nxcore._set_gemv_streams(gemv_streams))
+            try:
+                for i, w in enumerate(weights):
+                    kernel(inputs[w.shape[1]], i)
+            finally:
+                torch.ops.nxcore._set_gemv_rows(before[0])
+                torch.ops.nxcore._set_gemv_streams(before[1])
+
+        return run
 
     kernels = {
         op_name: lambda x, i: torch.ops.nxcore.linear(x, weights[i], None),
@@ -81,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'rows':>4} {'kernel':<26} {'ms/step':>8} {'GB/s':>7} {'of bw':>6}")
     for rows in args.rows:
         fns = {name: chain(kernel, rows) for name, kernel in kernels.items()}
+        if status is None and rows <= native.GEMV_MAX_ROWS and torch.ops.nxcore._gemv_supported():
+            for streams in (1, 8):
+                fns[f"C++ GEMV, {streams} stream{'s' if streams > 1 else ''}"] = chain(kernels[op_name], rows, gemv_streams=streams)
         times: dict[str, list[float]] = {name: [] for name in ["bandwidth", *fns]}
         for _ in range(args.rounds):
             for name, fn in [("bandwidth", buf.sum), *fns.items()]:

@@ -5,11 +5,13 @@
 // 11.6 ms decode step on the small model (measured here). Registered from C++, the call stays in
 // the dispatcher.
 //
-// What it runs, by measurement on this project's machine (AMD EPYC, avx512_bf16, 2 cores):
-// - bf16, one or two rows (`kGemvMaxRows`; decode): `gemv_bf16` below, which streams the dense
-//   row-major weight once, row after row, with AVX512-BF16 dot products. A TinyLlama-shaped chain
-//   of decode linears ran at 90-94% of a `torch.sum` read of the same bytes, where oneDNN's packed
-//   GEMV ran at 66-74% and `F.linear` at about 50% (`python -m bench.linear --rows 1`).
+// What it runs, by measurement on this project's machines (AMD EPYC and Intel Xeon with AMX,
+// avx512_bf16, 2 cores):
+// - bf16, one or two rows on AMD, one on Intel (`gemv_rows_setting`; decode): `gemv_bf16` below,
+//   which streams the dense row-major weight once with AVX512-BF16 dot products, one row at a time
+//   on AMD and eight at once on Intel. A TinyLlama-shaped chain of decode linears ran at 90-94% of a
+//   `torch.sum` read of the same bytes on AMD, where oneDNN's packed GEMV ran at 66-74% and
+//   `F.linear` at about 50%; at 83-90% on Intel against oneDNN's 76-86% (`python -m bench.linear`).
 // - bf16, more rows (prefill, batched decode): oneDNN on the weight packed once at load
 //   (`mkldnn::_linear_pointwise`, packing registered by `nxcore::_register_packed`).
 // - anything else (float32, an unregistered weight, no AVX512-BF16): `at::linear`.
@@ -22,6 +24,7 @@
 
 #include "cpu_features.h"
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <optional>
@@ -139,6 +142,54 @@ NXCORE_TARGET inline void dot_row(const at::BFloat16* w, const at::BFloat16* x, 
   }
 }
 
+// The same dot products for kStreams consecutive weight rows at once: out[i * M + m] =
+// dot(w[i * K : (i + 1) * K], x[m]). Each row is its own stream, read front to back with one
+// accumulator per (row, row of x) and a short software prefetch ahead in every stream. Measured on
+// an Intel Xeon with AMX (one thread, a TinyLlama-shaped chain of decode linears, one row of x,
+// /tmp harness timing only the kernels): 8 streams 256 B ahead read 93-95% of a `torch.sum` of the
+// same bytes, oneDNN's packed GEMV 89-90%, one stream 2 KiB ahead (dot_row) 69-72%; 4 streams
+// 87-92%, 8 streams without prefetch 90%, with 2 KiB ahead 80%.
+constexpr int kStreams = 8;
+constexpr int64_t kStreamPrefetchBytes = 256;
+
+template <int M>
+NXCORE_TARGET inline void dot_rows(const at::BFloat16* w, const at::BFloat16* x, int64_t K, float* out) {
+  __m512 acc[kStreams][M];
+  for (int i = 0; i < kStreams; ++i)
+    for (int m = 0; m < M; ++m) acc[i][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+    for (int i = 0; i < kStreams; ++i) {
+      const at::BFloat16* wr = w + i * K + k;
+      _mm_prefetch(reinterpret_cast<const char*>(wr) + kStreamPrefetchBytes, _MM_HINT_T0);
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr);
+      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, xv[m]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    __m512bh xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k);
+    for (int i = 0; i < kStreams; ++i) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + i * K + k);
+      for (int m = 0; m < M; ++m) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], wv, xv[m]);
+    }
+  }
+  for (int i = 0; i < kStreams; ++i)
+    for (int m = 0; m < M; ++m) out[i * M + m] = _mm512_reduce_add_ps(acc[i][m]);
+}
+
+// How many weight rows the GEMV streams at once, by measurement per CPU vendor: 1 (dot_row) on
+// AMD EPYC, where it read 90-94% of a `torch.sum` and interleaving 4 or 8 rows 82-90% (a 2 KiB
+// prefetch then); kStreams (dot_rows) elsewhere (the Intel figures above). `_set_gemv_streams`
+// changes it, so tests reach both kernels on any AVX512-BF16 CPU.
+std::atomic<int64_t>& gemv_streams_setting() {
+  static std::atomic<int64_t> streams{__builtin_cpu_is("amd") ? 1 : kStreams};
+  return streams;
+}
+
 // y[m, :] = x[m, :] @ w.T (+ bias) for the M rows of x, weight rows split across threads in
 // contiguous ranges, each thread reading its range row after row: one sequential stream per
 // thread. Measured on an AMD EPYC (2 threads) on a TinyLlama-shaped chain of decode linears, one
@@ -152,13 +203,28 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const float* bias, at::
   const auto* xp = x.const_data_ptr<at::BFloat16>();
   const auto* wp = w.const_data_ptr<at::BFloat16>();
   auto* yp = y.mutable_data_ptr<at::BFloat16>();
-  // At least ~64 KiB of weight per task, so small layers do not pay for waking threads.
+  const int64_t streams = gemv_streams_setting().load(std::memory_order_relaxed);
+  // At least ~64 KiB of weight per task, so small layers do not pay for waking threads; tasks
+  // split at multiples of `streams` rows, so only the last one has rows left over.
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (K * 2));
-  at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    float acc[M];
-    for (int64_t r = r0; r < r1; ++r) {
-      dot_row<M>(wp + r * K, xp, K, acc);
+  const int64_t groups = (N + streams - 1) / streams;
+  at::parallel_for(0, groups, std::max<int64_t>(1, grain / streams), [&](int64_t g0, int64_t g1) {
+    const int64_t r0 = g0 * streams, r1 = std::min(N, g1 * streams);
+    auto store = [&](int64_t r, const float* acc) {
       for (int64_t m = 0; m < M; ++m) yp[m * N + r] = at::BFloat16(bias ? acc[m] + bias[r] : acc[m]);
+    };
+    int64_t r = r0;
+    if (streams == kStreams) {
+      float acc[kStreams * M];
+      for (; r + kStreams <= r1; r += kStreams) {
+        dot_rows<M>(wp + r * K, xp, K, acc);
+        for (int i = 0; i < kStreams; ++i) store(r + i, acc + i * M);
+      }
+    }
+    float acc[M];
+    for (; r < r1; ++r) {
+      dot_row<M>(wp + r * K, xp, K, acc);
+      store(r, acc);
     }
   });
 }
@@ -176,13 +242,15 @@ void gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::optional<at:
 #endif
 
 // Rows up to which `linear` runs the GEMV, by measurement per CPU vendor (`python -m bench.linear`,
-// a TinyLlama-shaped chain of decode linears, 1 and 2 threads): on AMD EPYC the GEMV read 90-94% of
-// a `torch.sum` of the same bytes where oneDNN's packed GEMV read 66-74%; on an Intel Xeon with AMX
-// oneDNN's read 77-83% and the GEMV 70-77%, so there every row count goes to oneDNN.
+// a TinyLlama-shaped chain of decode linears, 1 and 2 threads): on AMD EPYC the GEMV (one stream)
+// read 90-94% of a `torch.sum` of the same bytes where oneDNN's packed GEMV read 66-74%. On an
+// Intel Xeon with AMX, one row: the GEMV with eight streams 90% on one thread and 83% on two,
+// oneDNN 86% and 76-78%, the one-stream GEMV 79% and 74%; two rows: eight streams 84% and 79%,
+// oneDNN 86% and 78-80%, so there one row goes to the GEMV and two to oneDNN.
 // `_set_gemv_rows` changes it (tests reach the GEMV on any AVX512-BF16 CPU with it).
 std::atomic<int64_t>& gemv_rows_setting() {
 #ifdef NXCORE_X86_GNU
-  static std::atomic<int64_t> rows{nxcore::cpu_has_avx512_bf16() && __builtin_cpu_is("amd") ? kGemvMaxRows : 0};
+  static std::atomic<int64_t> rows{!nxcore::cpu_has_avx512_bf16() ? 0 : __builtin_cpu_is("amd") ? kGemvMaxRows : std::min<int64_t>(1, kGemvMaxRows)};
 #else
   static std::atomic<int64_t> rows{0};
 #endif
@@ -201,6 +269,32 @@ bool gemv_applies(const at::Tensor& x2d, const at::Tensor& weight, const std::op
 
 // Rows up to which `linear` runs the GEMV on this CPU now (0: it never does).
 int64_t gemv_rows() { return gemv_rows_setting().load(); }
+
+bool gemv_supported() {
+#ifdef NXCORE_X86_GNU
+  return nxcore::cpu_has_avx512_bf16();
+#else
+  return false;
+#endif
+}
+
+int64_t gemv_streams() {
+#ifdef NXCORE_X86_GNU
+  return gemv_streams_setting().load();
+#else
+  return 1;
+#endif
+}
+
+int64_t set_gemv_streams(int64_t streams) {
+#ifdef NXCORE_X86_GNU
+  TORCH_CHECK(streams == 1 || streams == kStreams, "nxcore::_set_gemv_streams: streams must be 1 or ", kStreams, ", got ", streams);
+  return gemv_streams_setting().exchange(streams);
+#else
+  TORCH_CHECK(streams == 1, "nxcore::_set_gemv_streams: this build has one GEMV (1 stream), got ", streams);
+  return 1;
+#endif
+}
 
 // Set them (0..kGemvMaxRows, and 0 where the CPU lacks AVX512-BF16); returns the previous value.
 int64_t set_gemv_rows(int64_t rows) {
@@ -250,6 +344,9 @@ TORCH_LIBRARY_FRAGMENT(nxcore, m) {
   m.def("_packed_count() -> int", &packed_count);
   m.def("_gemv_rows() -> int", &gemv_rows);
   m.def("_set_gemv_rows(int rows) -> int", &set_gemv_rows);
+  m.def("_gemv_supported() -> bool", &gemv_supported);
+  m.def("_gemv_streams() -> int", &gemv_streams);
+  m.def("_set_gemv_streams(int streams) -> int", &set_gemv_streams);
 }
 
 TORCH_LIBRARY_IMPL(nxcore, CPU, m) { m.impl("linear", &linear); }

@@ -22,17 +22,21 @@ from nxcore.modules.linear import Linear, can_pack, prepack
 pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16), reason="this CPU's oneDNN has no bfloat16 support")
 
 
-@pytest.fixture
-def gemv() -> Iterator[None]:
-    """The C++ GEMV on for 1 and 2 rows (by default it is on only where it measured faster than
-    oneDNN, AMD CPUs: see nxcore/csrc/linear.cpp); skips where it cannot run."""
+@pytest.fixture(params=[1, 8], ids=["one-stream", "eight-streams"])
+def gemv(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The C++ GEMV on for 1 and 2 rows, streaming one weight row at a time or eight (each the
+    default on some CPUs: see nxcore/csrc/linear.cpp); skips where it cannot run."""
     if not native.available():
         pytest.skip("nxcore's C++ ops are not built here")
     before = torch.ops.nxcore._set_gemv_rows(native.GEMV_MAX_ROWS)
     try:
         if torch.ops.nxcore._gemv_rows() == 0:
             pytest.skip("no C++ GEMV on this machine (no AVX512-BF16)")
-        yield
+        streams = torch.ops.nxcore._set_gemv_streams(request.param)
+        try:
+            yield
+        finally:
+            torch.ops.nxcore._set_gemv_streams(streams)
     finally:
         torch.ops.nxcore._set_gemv_rows(before)
 
@@ -72,13 +76,13 @@ def test_packed_linear_equals_f_linear(bias: bool, rows: int) -> None:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("sizes", [(48, 96, 40), (2048, 1030, 13), (100, 37, 300)])
+@pytest.mark.parametrize("sizes", [(48, 96, 40), (2048, 1030, 13), (100, 37, 300), (64, 16, 8)])
 @pytest.mark.parametrize("shape", [(1,), (1, 1), (2,), (1, 2)])
 def test_gemv_rows_match_float32_to_one_rounding(bias: bool, sizes: tuple[int, int, int], shape: tuple[int, ...], gemv: None) -> None:
     """Decode rows run the GEMV: float32 sums rounded once, so each output is the float32
     reference's bf16 rounding or its neighbour. The input widths reach every part of the kernel's
     loop (two vectors a step, one vector, the masked tail under 32 lanes); output counts split
-    unevenly across threads."""
+    unevenly across threads, in whole groups of eight streamed rows and with rows left over."""
     model = _model(bias, sizes)
     prepack(model)
     x = torch.randn(*shape, sizes[0], dtype=torch.bfloat16)
@@ -215,3 +219,8 @@ def test_gemv_rows_setting_is_bounded() -> None:
         assert torch.ops.nxcore._gemv_rows() == 0
     finally:
         torch.ops.nxcore._set_gemv_rows(before)
+    with pytest.raises(RuntimeError, match=r"streams must be 1 or 8, got 4|this build has one GEMV"):
+        torch.ops.nxcore._set_gemv_streams(4)
+    assert torch.ops.nxcore._gemv_streams() in (1, 8)
+    # by default every CPU that can run the GEMV runs it for one row at least (AMD two, Intel one)
+    assert (torch.ops.nxcore._gemv_rows() > 0) == torch.ops.nxcore._gemv_supported()
