@@ -26,6 +26,7 @@ given on the command line win (a --rate or --concurrency flag replaces both keys
     seed          prompts, lengths, arrival times, sampling seeds (default 0)
     warmup        requests sent one by one before the runs, not measured (default 1)
     timeout       deadline per request in seconds (default null: none)
+    stream_interval   generated tokens per streamed message at least (default 0: the server's)
 
 JSON output: {"target", "model" (ModelInfo fields or null), "workload" (the values used),
 "runs": [{"load": {"rate": R} | {"concurrency": N}, "label", "requests", "completed", "errors",
@@ -102,6 +103,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="prompts, lengths, arrivals and sampling seeds (default: 0)")
     g.add_argument("--warmup", type=int, help=f"unmeasured requests sent first, one by one (default: {DEFAULTS.warmup})")
     g.add_argument("--timeout", type=float, help="deadline per request in seconds (default: none)")
+    g.add_argument(
+        "--stream-interval",
+        type=int,
+        metavar="N",
+        help="generated tokens per streamed message at least; TTFT is still the first token's (default: 0, the server's)",
+    )
 
 
 def workload_from_args(args: argparse.Namespace) -> Workload:
@@ -123,6 +130,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
         "seed",
         "warmup",
         "timeout",
+        "stream_interval",
     )
     flags = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if "rate" in flags or "concurrency" in flags:
@@ -142,6 +150,7 @@ async def _send(client: AsyncClient, request: Request, w: Workload) -> Outcome:
             top_p=w.top_p,
             seed=request.seed,
             ignore_eos=w.ignore_eos,
+            stream_interval=w.stream_interval,
         )
     except grpc.RpcError as exc:
         return Outcome(prompt_tokens=0, output_tokens=0, ttft_s=None, e2e_s=time.perf_counter() - start, error=exc.code().name)

@@ -159,6 +159,7 @@ class Workload:
     seed: int = 0  # prompts, lengths, arrival times and per-request sampling seeds
     warmup: int = 1  # requests sent one by one before the runs, not measured
     timeout: float | None = None  # deadline per request in seconds (None: none)
+    stream_interval: int = 0  # generated tokens per streamed message at least (0: the server's --stream-interval)
 
     def __post_init__(self) -> None:
         for name, ok, allowed in (
@@ -171,6 +172,7 @@ class Workload:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("warmup", self.warmup >= 0, ">= 0"),
             ("timeout", self.timeout is None or self.timeout > 0, "> 0 or null"),
+            ("stream_interval", self.stream_interval >= 0, ">= 0 (the server refuses more than it allows)"),
         ):
             if not ok:
                 raise ValueError(f"workload {name}={getattr(self, name)!r}: must be {allowed}")

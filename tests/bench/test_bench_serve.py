@@ -76,6 +76,8 @@ def test_poisson_sweep_from_a_workload_file_with_flag_overrides(cluster: LocalCl
         "6+-2",
         "--rate",
         "20,40,inf",
+        "--stream-interval",
+        "3",
         "--plot-dir",
         str(tmp_path / "plots"),
     )
@@ -83,7 +85,7 @@ def test_poisson_sweep_from_a_workload_file_with_flag_overrides(cluster: LocalCl
     assert set(report) == {"target", "model", "workload", "runs"}
     assert report["model"]["vocab_size"] > 0
     w = report["workload"]
-    assert (w["requests"], w["prompt_len"], w["output_len"], w["rate"]) == (5, "4..40", "6+-2", [20.0, 40.0, "inf"])
+    assert (w["requests"], w["prompt_len"], w["output_len"], w["rate"], w["stream_interval"]) == (5, "4..40", "6+-2", [20.0, 40.0, "inf"], 3)
     assert w["description"].startswith("Poisson")  # from the file
     assert [r["load"] for r in report["runs"]] == [{"rate": 20.0}, {"rate": 40.0}, {"rate": "inf"}]
     for run in report["runs"]:

@@ -41,6 +41,7 @@ def test_bad_lengths_are_refused(spec: str) -> None:
         ({"rate": 1, "concurrency": 2}, "not both"),
         ({"prompt": "tokens"}, "prompt"),
         ({"reqests": 3}, "unknown"),
+        ({"stream_interval": -1}, "stream_interval"),
     ],
 )
 def test_bad_workloads_are_refused(values: dict, message: str) -> None:
