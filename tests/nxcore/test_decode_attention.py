@@ -34,6 +34,8 @@ def _layer(heads: int, kv_heads: int, head_dim: int) -> Attention:
         (8, 4, 1, 64, None),  # token generation, GQA 2
         (6, 2, 5, 32, None),  # speculation: 5 new positions, GQA 3
         (4, 4, 1, 128, None),  # MHA, wide heads
+        (8, 2, 1, 128, None),  # GQA 4 on wide heads: bf16 sums values in two groups of 2 queries
+        (6, 2, 1, 96, None),  # a width the register-accumulator path does not take
         (4, 1, 3, 16, 6),  # MQA with a sliding window
     ],
 )
