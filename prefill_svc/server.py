@@ -308,6 +308,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         limits = self.limits
         sampling = validate.sampling(request.sampling, limits)
         stopping, stop_strings = validate.stopping(request.stopping, limits)
+        stream_interval = max(validate.stream_interval(request.stream_interval, limits), self.stream_interval)
         kind = request.WhichOneof("prompt")
         if kind == "text":
             prompt_ids = await self._tokenize(validate.text(request.text, limits, field="text"))
@@ -316,7 +317,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         else:
             raise InvalidRequest("no prompt: set text or token_ids")
         prompt_ids = validate.prompt_ids(prompt_ids, limits)
-        stream_interval = max(validate.stream_interval(request.stream_interval, limits), self.stream_interval)
         rng = RequestRng(sampling.seed)
         return Request(
             id=request_id,

@@ -229,9 +229,9 @@ NXCORE_AVX512_BF16 void weighted_values(const at::BFloat16* values, int64_t vs2,
 }
 
 // The weighted sum of values for all Q queries with register accumulators, in groups of up to
-// 16 / CH queries (at most 4): false where D is not 32, 64 or 128 (the caller's loop runs then).
+// 16 / CH queries (at most 4).
 template <int CH>
-NXCORE_AVX512_BF16 bool weighted_values_by_group(const at::BFloat16* values, int64_t vs2, int64_t longest, const float* scores,
+NXCORE_AVX512_BF16 void weighted_values_by_group(const at::BFloat16* values, int64_t vs2, int64_t longest, const float* scores,
                                                  int64_t S, float* acc, int64_t Q) {
   constexpr int G = std::min(4, 16 / CH);
   for (int64_t i0 = 0; i0 < Q; i0 += G) {
@@ -245,15 +245,16 @@ NXCORE_AVX512_BF16 bool weighted_values_by_group(const at::BFloat16* values, int
       default: if constexpr (G >= 4) weighted_values<CH, 4>(values, vs2, longest, sc, S, ac, first); break;
     }
   }
-  return true;
 }
 
+// Whether the weighted sum ran with register accumulators: false where D is not 32, 64 or 128
+// (the caller's loop over memory runs then).
 NXCORE_AVX512_BF16 bool weighted_values_in_registers(const at::BFloat16* values, int64_t vs2, int64_t longest, const float* scores,
                                                      int64_t S, float* acc, int64_t Q, int64_t D) {
   switch (D) {
-    case 32: return weighted_values_by_group<2>(values, vs2, longest, scores, S, acc, Q);
-    case 64: return weighted_values_by_group<4>(values, vs2, longest, scores, S, acc, Q);
-    case 128: return weighted_values_by_group<8>(values, vs2, longest, scores, S, acc, Q);
+    case 32: weighted_values_by_group<2>(values, vs2, longest, scores, S, acc, Q); return true;
+    case 64: weighted_values_by_group<4>(values, vs2, longest, scores, S, acc, Q); return true;
+    case 128: weighted_values_by_group<8>(values, vs2, longest, scores, S, acc, Q); return true;
     default: return false;
   }
 }
