@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -66,7 +66,8 @@ class _Service:
     module: str  # run as `python -m module`
     health_name: str  # the gRPC service whose health is checked
     port: int
-    log_path: Path
+    log_dir: Callable[[], Path]
+    """The cluster's log folder (made on first use)."""
     process: subprocess.Popen | None = None
     log_file: IO[bytes] | None = None
     extra: list[str] | None = None
@@ -75,6 +76,10 @@ class _Service:
     @property
     def target(self) -> str:
         return f"{HOST}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir() / f"{self.name}.log"
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -143,13 +148,22 @@ class LocalCluster:
         self.metrics_port = metrics_port
         """Prefill serves Prometheus metrics on this port, decode replica i on this + 1 + i (None: none)."""
         self._owns_log_dir = log_dir is None
-        self.log_dir = Path(tempfile.mkdtemp(prefix="nxserve-cluster-") if log_dir is None else log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_dir = None if log_dir is None else Path(log_dir)
         *decode_ports, free_port = _free_ports(decode_replicas + 1)
-        self._decodes = [
-            _Service(f"decode-{i}", "decode_svc", "nxserve.v1.Decode", p, self.log_dir / f"decode-{i}.log") for i, p in enumerate(decode_ports)
-        ]
-        self._prefill = _Service("prefill", "prefill_svc", "nxserve.v1.Generation", port or free_port, self.log_dir / "prefill.log")
+        self._decodes = [_Service(f"decode-{i}", "decode_svc", "nxserve.v1.Decode", p, self._log_folder) for i, p in enumerate(decode_ports)]
+        self._prefill = _Service("prefill", "prefill_svc", "nxserve.v1.Generation", port or free_port, self._log_folder)
+
+    @property
+    def log_dir(self) -> Path:
+        """Where the services log: the `log_dir` given, or a temporary folder, made when first asked
+        for (a cluster that never starts leaves nothing behind)."""
+        return self._log_folder()
+
+    def _log_folder(self) -> Path:
+        if self._log_dir is None:
+            self._log_dir = Path(tempfile.mkdtemp(prefix="nxserve-cluster-"))
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        return self._log_dir
 
     def client(self, **kwargs: Any) -> Client:
         """A client of the public API with this cluster's CA and API key."""
@@ -343,10 +357,13 @@ class LocalCluster:
         self._kill()
         atexit.unregister(self._kill)
         clean = all(s.process is None or s.process.returncode == 0 for s in self.services)
+        if self._log_dir is None:
+            return
         if self._owns_log_dir and clean:
-            shutil.rmtree(self.log_dir, ignore_errors=True)
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            self._log_dir = None
         elif not clean:
-            log.info("service logs kept in %s", self.log_dir)
+            log.info("service logs kept in %s", self._log_dir)
 
     def _kill(self) -> None:
         for s in self.services:

@@ -24,7 +24,7 @@ SETTINGS = [SamplingParams(), SamplingParams(), SamplingParams(), *(SamplingPara
 
 
 @pytest.fixture(scope="module")
-def faulty(svc_model: Path) -> Iterator[LocalCluster]:
+def faulty(svc_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Two decode replicas of 4 slots (the 6 streams spread over both and all run at once, so the
     victim holds some when the fault comes); prefill moves a request after 2 s without a token;
     decode's grace is 0.5 s (it hands its requests back at once)."""
@@ -34,6 +34,7 @@ def faulty(svc_model: Path) -> Iterator[LocalCluster]:
         engine_args=[*ENGINE_ARGS[:2], "--threads", "1", "--dtype", "float32"],
         decode_args=["--batch-size", "4", "--grace", "0.5"],
         prefill_args=["--stall-timeout-s", "2"],
+        log_dir=tmp_path_factory.mktemp("faulty-logs"),  # killed replicas keep their logs; pytest rotates them
     ) as c:
         yield c
 

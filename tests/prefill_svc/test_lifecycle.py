@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -31,7 +32,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_full_decode_queue_is_resource_exhausted_and_cluster_stops_cleanly(model_dir: Path) -> None:
-    cluster = LocalCluster(model_dir, decode_replicas=1, engine_args=[*ENGINE_ARGS, "--max-queue", "0"]).start()
+    cluster = LocalCluster(model_dir, decode_replicas=1, engine_args=[*ENGINE_ARGS, "--max-queue", "0"])
+    before = set(Path(tempfile.gettempdir()).glob("nxserve-cluster-*"))
+    cluster.openmp_threads()
+    assert set(Path(tempfile.gettempdir()).glob("nxserve-cluster-*")) == before  # a cluster never started leaves no folder
+    cluster.start()
+    log_dir = cluster.log_dir
+    assert (log_dir / "prefill.log").is_file() and (log_dir / "decode-0.log").is_file()
     try:
         with Client(cluster.target) as client:
             stream = client.generate([5, 6, 7], max_new_tokens=240, ignore_eos=True)
@@ -44,6 +51,7 @@ def test_full_decode_queue_is_resource_exhausted_and_cluster_stops_cleanly(model
     finally:
         cluster.stop(grace=10)
     assert [s.process.returncode for s in cluster.services] == [0, 0]
+    assert not log_dir.exists()  # a clean stop removes the temporary logs
 
 
 def test_sigterm_lets_running_requests_finish(model_dir: Path) -> None:
@@ -106,8 +114,11 @@ def test_cluster_start_fails_while_prefill_cannot_route_to_its_replicas(model_di
     assert all(code is not None for _, code in cluster.exited()) and len(cluster.exited()) == 2
 
 
-def test_lost_decode_replica_is_skipped(model_dir: Path) -> None:
-    with LocalCluster(model_dir, decode_replicas=2, engine_args=ENGINE_ARGS) as cluster, Client(cluster.target) as client:
+def test_lost_decode_replica_is_skipped(model_dir: Path, tmp_path: Path) -> None:
+    with (
+        LocalCluster(model_dir, decode_replicas=2, engine_args=ENGINE_ARGS, log_dir=tmp_path) as cluster,
+        Client(cluster.target) as client,
+    ):
         assert client.model_info()["decode_replicas_up"] == 2  # the cluster is up once prefill routes to both
         cluster.services[0].process.kill()
         cluster.services[0].process.wait()
@@ -115,6 +126,7 @@ def test_lost_decode_replica_is_skipped(model_dir: Path) -> None:
         for _ in range(4):
             result = client.generate_text([5, 6, 7], max_new_tokens=8, ignore_eos=True)
             assert len(result.output_ids) == 8
+    assert (tmp_path / "decode-0.log").stat().st_size > 0 and (tmp_path / "prefill.log").stat().st_size > 0  # a given log_dir stays
 
 
 class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):

@@ -30,7 +30,11 @@ def test_500_requests_with_cancels_deadlines_and_a_replica_killed_and_restarted(
     shm = tmp_path / "shm"
     shm.mkdir()
     with LocalCluster(
-        svc_model, decode_replicas=2, engine_args=[*ENGINE_ARGS, "--kv-shm-dir", str(shm)], prefill_args=["--kv-shm-bytes", "4M"]
+        svc_model,
+        decode_replicas=2,
+        engine_args=[*ENGINE_ARGS, "--kv-shm-dir", str(shm)],
+        prefill_args=["--kv-shm-bytes", "4M"],
+        log_dir=tmp_path / "logs",  # a killed replica keeps its logs; pytest's tmp_path rotates them
     ) as cluster:
         rng = random.Random(7)
         plans = [
