@@ -36,6 +36,7 @@ from nxserve.rpc.errors import (
     Cancelled,
     DeadlineExceeded,
     EngineFailure,
+    Internal,
     InvalidRequest,
     NoReplica,
     NotReady,
@@ -440,7 +441,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 tried.discard(replica.target)  # again, with chunks
             except Overloaded as exc:
                 busy.append(str(exc))
-            except (ReplicaFailed, NotReady, EngineFailure) as exc:
+            except (ReplicaFailed, NotReady, EngineFailure, Internal) as exc:
+                # Internal: the replica's own fault, or its process died mid-stream and the transport
+                # ended the call with INTERNAL (an RST_STREAM, no status of ours): as `_relay`, the
+                # request goes to another replica.
                 self.router.mark_down(replica, str(exc))
 
     async def _stream(self, req: Request, replica: Replica, call: grpc.aio.StreamStreamCall, span: trace.Span) -> AsyncIterator[pb.GenerateResponse]:
