@@ -50,23 +50,6 @@ bool prefill_attention_supported() {
 
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
 
-// 2^x for x <= 0 (the exponent of a softmax less its max), to ~2e-7: 2^n * 2^f with
-// n = round(x), |f| <= 1/2, 2^f by its degree-6 Taylor polynomial in f * ln 2. Below -126 it
-// stays 2^-126 or so, never a denormal (slow); the probabilities are rounded to bf16 anyway.
-NXCORE_TARGET inline __m512 exp2_16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.693147180559945309f));
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // One query block of one head: out[rows, D] = softmax(q k^T * scale, causal) v.
 // kt: K^T blocks packed for brgemm ([nblk][D/2][kKBlock][2]); vp: V blocks packed ([nblk][kKBlock/2][D][2]).
 NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t i0, int64_t rows, int64_t T, int64_t D,
@@ -102,7 +85,7 @@ NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t 
       at::BFloat16* pr = p + r * kKBlock;
       for (int64_t c = 0; c < kKBlock; c += 16) {
         // exp(s * scale - max) = 2^(s * scale * log2(e) - max * log2(e)); masked keys get an exact 0
-        __m512 e = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + c), log2_scale_v, mv));
+        __m512 e = nxcore::exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + c), log2_scale_v, mv));
         if (c + 16 > allowed) e = _mm512_maskz_mov_ps(c < allowed ? tail_mask(allowed - c) : 0, e);
         const __m256i eb = (__m256i)_mm512_cvtneps_pbh(e);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), eb);

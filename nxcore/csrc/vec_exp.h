@@ -1,4 +1,4 @@
-// A vectorized float32 exp shared by nxcore's attention kernels.
+// Vectorized float32 exp and exp2 shared by nxcore's attention and fused kernels.
 #pragma once
 
 #include "cpu_features.h"
@@ -8,21 +8,33 @@
 
 namespace nxcore {
 
-// exp(x) to ~1 ulp: 2^n * e^f with |f| <= ln2/2 (degree-6 Taylor), 0 below -104.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), f);
+// e^f for |f| <= ln2/2: its degree-6 Taylor polynomial (~2e-7 relative).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 exp_reduced16(__m512 f) {
   __m512 p = _mm512_set1_ps(1.f / 720);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+}
+
+// exp(x) to ~1 ulp: 2^n * e^f with |f| <= ln2/2, 0 below -104.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), f);
+  return _mm512_scalef_ps(exp_reduced16(f), n);
+}
+
+// 2^x for x <= 0 (a softmax's exponent less its max, in base 2), to ~2e-7 relative: 2^n * e^(f ln 2)
+// with n = round(x), |f| <= 1/2. Clamped at -126, so never a denormal (slow).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 exp2_16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp_reduced16(_mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(0.693147180559945309f))), n);
 }
 
 }  // namespace nxcore
