@@ -33,7 +33,6 @@ from nxcore.arch import qwen2 as qwen2_arch
 from nxcore.arch import qwen3 as qwen3_arch
 from nxcore.kv_cache import KVCache
 from nxcore.model_config import ModelConfig, RopeConfig
-from nxcore.modules import mlp as mlp_module
 from nxcore.modules.attention import Attention, AttentionContext, build_mask
 from nxcore.modules.decoder import DecoderLayer
 from nxcore.modules.mlp import GatedMLP
@@ -476,35 +475,6 @@ def test_gated_mlp_matches_llama_mlp(act: str, bias: bool) -> None:
             ours.down_proj.bias.copy_(ref.down_proj.bias)
         x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(4))
         close(ours(x), ref(x))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gated_mlp_in_row_chunks_equals_it_whole(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Long context encodings run the MLP a chunk of rows at a time (MLP_CHUNK_BYTES): the same
-    output as at once (bf16 on the fused path too), for a row count that is no multiple of the
-    chunk, and the graph still exports (static split sizes)."""
-    hf_config = llama_config(hidden_act="silu")
-    ref = LlamaMLP(hf_config).eval()
-    randomize(ref, seed=5)
-    ours = GatedMLP(hidden_size=64, intermediate_size=hf_config.intermediate_size, bias=False, act="silu")
-    with torch.no_grad():
-        ours.gate_up_proj.weight.copy_(torch.cat([ref.gate_proj.weight, ref.up_proj.weight], dim=0))
-        ours.down_proj.weight.copy_(ref.down_proj.weight)
-    ours, ref = ours.to(dtype), ref.to(dtype)
-    x = torch.randn(3, 100, 64, generator=torch.Generator().manual_seed(6)).to(dtype)
-    with torch.no_grad():
-        whole = ours(x)
-        monkeypatch.setattr(mlp_module, "MLP_CHUNK_BYTES", 128 * 2 * hf_config.intermediate_size * x.element_size())
-        assert ours.chunk_rows(x) == 128 < 300
-        chunked = ours(x)
-        exported = torch.export.export(ours, (x,)).module()(x)
-    assert chunked.shape == whole.shape == x.shape
-    if dtype == torch.float32:
-        close(chunked, ref(x))
-        close(chunked, whole)
-    else:  # oneDNN may block rows differently for another row count: bf16 within a rounding or two
-        torch.testing.assert_close(chunked, whole, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(exported, chunked, atol=0, rtol=0)
 
 
 # --------------------------------------------------------------------------------------- Decoder layer
