@@ -14,6 +14,7 @@ import torch
 from nxcore.arch import get_architecture
 from nxcore.checkpoint import load_tensors, read_eos_token_ids, read_hf_config
 from nxcore.config import DTYPES, RuntimeConfig
+from nxcore.malloc import retain_freed_memory
 from nxcore.model_config import ModelConfig
 from nxcore.modules.decoder import CausalLM
 from nxcore.modules.linear import prepack
@@ -74,6 +75,7 @@ def load_rank(model_dir: str | Path, model_config: ModelConfig, config: RuntimeC
                 module.lay_out_for_invariance()
     model.eval().requires_grad_(False)
     prepack(model)  # bf16 linear weights in oneDNN's layout, once (see nxcore/modules/linear.py)
+    retain_freed_memory()  # large activations reuse freed memory instead of faulting in fresh pages (nxcore/malloc.py)
     return model, fingerprint
 
 
