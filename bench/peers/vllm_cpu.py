@@ -276,7 +276,7 @@ def vllm_worker_env(args: argparse.Namespace) -> dict[str, str]:
         if not sep or not key:
             raise UsageError(f"--vllm-env {item!r}: expected KEY=VALUE")
         env[key] = value
-    return env
+    return vllm_env.with_allocator(env, args.venv)
 
 
 def run_vllm(args: argparse.Namespace, prompts: list[list[int]], new_tokens: int, ttft_prompts: list[list[list[int]]], *, cpus: int) -> dict:

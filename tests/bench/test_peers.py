@@ -352,3 +352,22 @@ def test_vllm_worker_sizes_the_model_for_the_ttft_prompts(monkeypatch: pytest.Mo
     result = json.loads(json.dumps(vllm_worker.vllm_figures(spec)))
     assert (made["max_model_len"], made["max_num_seqs"], made["max_num_batched_tokens"]) == (301, 4, 2048)
     assert result["version"] == "0.0-test" and set(Figures.from_dict(result).ttft_ms) == {16, 300}
+
+
+def test_vllm_gets_tcmalloc_where_its_wheel_bundles_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.peers import vllm_env
+
+    libs = tmp_path / "sys"
+    libs.mkdir()
+    (libs / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    real_is_file = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda p: real_is_file(libs / p.name) if p.name.startswith("libtcmalloc") else real_is_file(p))
+    venv = tmp_path / "venv"
+    site = venv / "lib" / "python3.11" / "site-packages"
+    (site / "vllm").mkdir(parents=True)
+    env = vllm_env.with_allocator({"LD_PRELOAD": "/x/libgomp.so"}, venv)
+    assert env["LD_PRELOAD"].startswith("/x/libgomp.so:") and env["LD_PRELOAD"].endswith("libtcmalloc_minimal.so.4")
+    assert vllm_env.with_allocator({"LD_PRELOAD": "/y/libtcmalloc.so.4"}, venv) == {"LD_PRELOAD": "/y/libtcmalloc.so.4"}  # already preloaded
+    (site / "vllm" / "libs").mkdir()
+    (site / "vllm" / "libs" / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert vllm_env.with_allocator({}, venv) == {}  # vLLM preloads its own copy
