@@ -6,10 +6,12 @@ serves every allocation of 32 MiB or more (its largest mmap threshold) with a fr
 unmaps it on free, and returns freed memory at the top of its heap to the system past a trim
 threshold, so such buffers are page-faulted in again at every layer of every call. Measured on the
 Intel Xeon of bench/peers (one core, llama 512x8, bf16, 32 prompts of 128 tokens encoded at once,
-eager): 606-647 ms a call with glibc's defaults, 441-445 ms with every allocation from the heap and
-nothing trimmed, the same tokens; the MLP alone at 4096 rows 52.1 -> 30.5 ms on one thread and
-27.9 -> 15.4 on two. Prompts encoded alone (128-2048 tokens) and decode steps measured the same
-either way: their buffers stay under the threshold.
+eager, `NXSERVE_MALLOC=system` and the default alternated): 636-660 ms a call with glibc's defaults,
+454 ms set up, the same tokens; the MLP alone at 4096 rows (the same settings given through
+GLIBC_TUNABLES) 52.1 -> 30.5 ms on one thread and 27.9 -> 15.4 on two. Prompts encoded alone
+(128-2048 tokens) and decode steps measured the same either way: their buffers stay under the
+threshold. tests/nxcore/test_malloc.py checks the behaviour (no mmap, nothing returned on free, no
+page faults in the next calls).
 
 `retain_freed_memory` sets that (`mallopt`: M_MMAP_MAX 0, M_TRIM_THRESHOLD at its largest), once the
 weights are loaded and the loading's temporaries returned (`malloc_trim`): from then on memory a call
