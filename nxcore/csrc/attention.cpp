@@ -261,7 +261,6 @@ NXCORE_AVX512_BF16 bool weighted_values_in_registers(const at::BFloat16* values,
 
 // The bf16 loops for head_dim a multiple of 32: q.k with bf16 dot-product instructions, 16 keys'
 // scores reduced together, a vector exp, and values widened to float32 once per key.
-
 NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64_t begin, int64_t end, float* scores,
                                            float* acc) {
   const float lowest = std::numeric_limits<float>::lowest();

@@ -36,9 +36,7 @@ namespace {
 #ifdef NXCORE_X86_GNU
 #define NXCORE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
-NXCORE_TARGET inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-}
+using nxcore::tail_mask;
 
 // 16 (or fewer, masked) bf16 -> fp32: exact. Full vectors load unmasked (masked loads and stores
 // measured slower on the Intel Xeon).

@@ -11,9 +11,11 @@
 // ~7 ms in the two brgemms and the packing, the rest in the softmax between them. That pass reads
 // each score block twice, once for its max (of the raw scores: scale > 0, so the scaled max is
 // max * scale) and once for the exp, in base 2 with the scale folded into one FMA, masking only
-// where a block crosses the diagonal or the end: 5-9% faster than scaling, masking and storing
-// the scores in a pass of their own (15.0-15.2 against 16.3-16.6 ms a layer at 2048 tokens, 1.17-1.25
-// against 1.24-1.35 at 512). Key blocks of 256 and query blocks of 128 measured no faster.
+// where a block crosses the diagonal or the end. Against scaling, masking and storing the scores
+// in a pass of their own, three alternations of the two builds: 16.75 / 15.22 / 15.02 against
+// 16.61 / 16.61 / 16.31 ms a layer at 2048 tokens, 1.31 / 1.25 / 1.17 against 1.35 / 1.34 / 1.24 at
+// 512 (level in the first, 5-9% faster in the others). Key blocks of 256 and query blocks of 128
+// measured no faster.
 //
 // Layout: q [B, H, T, D], k and v [B, KV, T, D] (KV divides H: query head h reads KV head
 // h / (H / KV)); out [B, H, T, D]. Query i attends keys 0..i. D must be even (bf16 pairs).
@@ -48,8 +50,6 @@ bool prefill_attention_supported() {
 #ifdef NXCORE_X86_GNU
 #define NXCORE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
-
 // One query block of one head: out[rows, D] = softmax(q k^T * scale, causal) v.
 // kt: K^T blocks packed for brgemm ([nblk][D/2][kKBlock][2]); vp: V blocks packed ([nblk][kKBlock/2][D][2]).
 NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t i0, int64_t rows, int64_t T, int64_t D,
@@ -75,7 +75,7 @@ NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t 
       if (allowed == kKBlock) {
         for (int64_t c = 0; c < kKBlock; c += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(sr + c));
       } else {
-        for (int64_t c = 0; c < allowed; c += 16) top = _mm512_mask_max_ps(top, tail_mask(allowed - c), top, _mm512_loadu_ps(sr + c));
+        for (int64_t c = 0; c < allowed; c += 16) top = _mm512_mask_max_ps(top, nxcore::tail_mask(allowed - c), top, _mm512_loadu_ps(sr + c));
       }
       const float m_new = std::max(m[r], _mm512_reduce_max_ps(top) * log2_scale);  // in base 2
       const float correction = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp2(m[r] - m_new);
@@ -86,7 +86,7 @@ NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t 
       for (int64_t c = 0; c < kKBlock; c += 16) {
         // exp(s * scale - max) = 2^(s * scale * log2(e) - max * log2(e)); masked keys get an exact 0
         __m512 e = nxcore::exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + c), log2_scale_v, mv));
-        if (c + 16 > allowed) e = _mm512_maskz_mov_ps(c < allowed ? tail_mask(allowed - c) : 0, e);
+        if (c + 16 > allowed) e = _mm512_maskz_mov_ps(nxcore::tail_mask(allowed - c), e);
         const __m256i eb = (__m256i)_mm512_cvtneps_pbh(e);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), eb);
         // sum what the product with V will see: the bf16-rounded probabilities

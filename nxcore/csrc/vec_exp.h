@@ -1,4 +1,4 @@
-// Vectorized float32 exp and exp2 shared by nxcore's attention and fused kernels.
+// Vectorized float32 helpers shared by nxcore's attention and fused kernels: exp, exp2, tail masks.
 #pragma once
 
 #include "cpu_features.h"
@@ -7,6 +7,11 @@
 #include <immintrin.h>
 
 namespace nxcore {
+
+// The first min(n, 16) lanes (none for n <= 0): the tail of a row of floats.
+__attribute__((target("avx512f"))) inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1);
+}
 
 // e^f for |f| <= ln2/2: its degree-6 Taylor polynomial (~2e-7 relative).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 exp_reduced16(__m512 f) {
