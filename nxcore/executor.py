@@ -76,10 +76,12 @@ class GraphRunner:
 
     def runs_eagerly(self, key: GraphKey) -> bool:
         """Whether `key` runs as the eager module on the compile backend too: bf16 context encoding
-        where nxcore's fused elementwise ops and AMX prefill attention run (eager-only kernels,
+        where nxcore's fused elementwise ops and prefill attention run (eager-only kernels,
         `nxcore.modules.fused`). Measured on the small llama (Intel Xeon with AMX, one thread):
         eager 23-25 ms at 128 tokens and 65-75 at 512, against the AOTInductor graph's 33 and 107
-        (Inductor's own fused loops and SDPA); the compiled graph is still built and required, so
+        (Inductor's own fused loops and SDPA); on AMD EPYC (the llama 512x8 of bench/peers, one
+        thread, two alternations) eager 42.4 / 160-161 / 760-776 ms at 128 / 512 / 2048 tokens
+        against 42.3-45.2 / 195-196 / 1046. The compiled graph is still built and required, so
         an artifact cache serves any machine. `bench.engine --backends eager compile` compares them.
         Not in batch-invariant mode, where context encoding must give the compiled token
         generation's bits (Inductor's norms and rotary, not nxcore's fused ones)."""

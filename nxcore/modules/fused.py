@@ -33,7 +33,7 @@ def applies(x: torch.Tensor) -> bool:
 
 @functools.cache
 def attention_supported() -> bool:
-    """nxcore's prefill attention runs here (AMX bf16 micro-kernels through ATen's brgemm)."""
+    """nxcore's prefill attention runs here (AVX512-BF16; AMX through ATen's brgemm where the CPU has it)."""
     return supported() and bool(torch.ops.nxcore._prefill_attention_supported())
 
 

@@ -80,10 +80,20 @@ def test_rotary_equals_the_chain_on_transposed_views(head_dim: int, chains: None
     assert out.is_contiguous() and _bits_equal(out, ref) == 0
 
 
-@pytest.mark.skipif(not fused.attention_supported(), reason="no AMX bf16 brgemm on this CPU")
+@pytest.mark.skipif(not fused.attention_supported(), reason="needs an x86 CPU with AVX512-BF16 (nxcore's C++ ops built)")
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "length", "head_dim"),
-    [(1, 8, 4, 128, 64), (2, 4, 2, 37, 64), (1, 8, 4, 300, 64), (1, 6, 2, 257, 80), (1, 4, 4, 1, 64), (1, 2, 1, 700, 128)],
+    # head_dim 48, 80, 96, 128: one to four vectors of 16 columns in the last tile of each product
+    [
+        (1, 8, 4, 128, 64),
+        (2, 4, 2, 37, 64),
+        (1, 8, 4, 300, 64),
+        (1, 6, 2, 257, 80),
+        (1, 4, 4, 1, 64),
+        (1, 2, 1, 700, 128),
+        (1, 4, 2, 131, 48),
+        (2, 2, 2, 69, 96),
+    ],
 )
 def test_prefill_attention_is_as_close_to_float32_as_sdpa(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) -> None:
     """Causal GQA attention against a float32 reference: its error is that of SDPA's bf16 kernel
