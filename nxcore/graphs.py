@@ -117,9 +117,8 @@ class ContextEncodingGraph(nn.Module):
 
     def forward(self, inputs: GraphInputs) -> tuple[torch.Tensor, ...]:
         ctx = self.model.context(prefill=True, slot_ids=inputs.slot_ids, positions=inputs.position_ids)
-        hidden = self.model.hidden_states(inputs.input_ids, ctx)
-        index = inputs.last_index[:, None, None].expand(-1, 1, hidden.shape[-1])
-        logits = self.model.logits(hidden.gather(1, index).squeeze(1))
+        hidden = self.model.hidden_states(inputs.input_ids, ctx, keep=inputs.last_index)  # [B, 1, hidden]
+        logits = self.model.logits(hidden.squeeze(1))
         tokens = sample(
             logits,
             temperature=inputs.temperature,

@@ -91,7 +91,10 @@ class Attention(nn.Module):
     invariant: bool = False
     """Batch-invariant mode: context encoding attends through `nxcore::decode_attention` too (see forward)."""
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, hidden] -> [B, T, hidden]; with `keep` (prefill only: [B] query indices), every
+        key and value still goes to the cache but only query `keep[b]` of each row attends and is
+        projected: [B, 1, hidden] (see `CausalLM.hidden_states`)."""
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim)
@@ -101,6 +104,10 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), ctx.cos, ctx.sin)
         k = apply_rotary(k.transpose(1, 2), ctx.cos, ctx.sin)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if keep is not None:
+            if not ctx.prefill:
+                raise ValueError("Attention: `keep` selects queries of a context encoding only")
+            return self._attend_kept(q, k, v, ctx, cache, keep)
         if not ctx.prefill:
             cache.scatter(self.layer_idx, ctx.slot_ids, ctx.positions, k, v)
             mask = ctx.masks[self.sliding_window]
@@ -137,6 +144,27 @@ class Attention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[self.sliding_window], scale=self.scaling, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _attend_kept(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, cache: KVCache, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Prefill where one query per row is needed: all keys written, query keep[b] attends."""
+        batch, _, length, dim = q.shape
+        cache.write_prefix(self.layer_idx, ctx.slot_ids, k, v)
+        q = q.gather(2, keep[:, None, None, None].expand(-1, self.num_heads, 1, dim))  # [B, H, 1, D]
+        mask = ctx.masks.get(self.sliding_window)
+        if mask is None:  # unwindowed prefill is causal by index: query keep[b] sees keys 0..keep[b]
+            mask = (torch.arange(length, device=q.device)[None, :] <= keep[:, None])[:, None, None, :]
+        else:
+            mask = mask.gather(2, keep[:, None, None, None].expand(-1, 1, 1, mask.shape[-1]))
+        if native.available() and q.device.type == "cpu":
+            # one query per row is what the decode kernel is for (and in batch-invariant mode the
+            # kernel every query of a context encoding runs: the kept query gets the same bits)
+            k_buf, v_buf = cache.buffers_of(self.layer_idx)
+            out = torch.ops.nxcore.decode_attention(q, k_buf, v_buf, ctx.slot_ids, mask, self.scaling)
+        else:
+            out = self._attend(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, H, T, D], k/v [B, KV, S, D], mask [B, 1, T, S] -> [B, H, T, D]."""

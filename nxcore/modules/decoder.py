@@ -63,8 +63,12 @@ class DecoderLayer(nn.Module):
                 act=cfg.hidden_act,
             )
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache) -> torch.Tensor:
-        x, h = self.post_attn_norm.add_forward(x, self.comm.all_reduce(self.attn(self.input_norm(x), ctx, cache)))
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, cache: KVCache, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, hidden] -> [B, T, hidden], or [B, 1, hidden] with `keep` (see `CausalLM.hidden_states`)."""
+        attn = self.comm.all_reduce(self.attn(self.input_norm(x), ctx, cache, keep))
+        if keep is not None:
+            x = x.gather(1, keep[:, None, None].expand(-1, 1, x.shape[-1]))
+        x, h = self.post_attn_norm.add_forward(x, attn)
         return x + self.comm.all_reduce(self.mlp(h))
 
 
@@ -173,10 +177,19 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(torch.where(inside, local, torch.zeros_like(local)))
         return self.comm.all_reduce(x * inside.unsqueeze(-1).to(x.dtype))
 
-    def hidden_states(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, ctx: AttentionContext, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm's output [B, T, hidden]; with `keep` ([B] indices, prefill), only that
+        position of each row: [B, 1, hidden].
+
+        A context encoding needs every layer's keys and values but the last layer's output at one
+        position per row (the one whose logits give the first token), so the last layer computes
+        its keys and values for all positions and its attention, output projection and MLP for
+        that position alone: about 90% of the last layer's work skipped, e.g. 11% of the linears'
+        FLOPs in 8 layers (llama.cpp skips the last layer's MLP the same way)."""
         x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x, ctx, self.kv_cache)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ctx, self.kv_cache, keep if i == last else None)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
