@@ -43,54 +43,74 @@ constexpr int64_t kRowBlock = 64;  // rows of x kept hot (L2) while a task's wei
 template <int MR, int NR>
 NXCORE_BF16_TARGET inline void tile_bf16(const at::BFloat16* x, const at::BFloat16* w, int64_t K, float out[4][4]) {
   __m512 acc[MR][NR];
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[NR];
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) wv[n] = (__m512bh)_mm512_loadu_si512(w + n * K + k);
+#pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+#pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], wv[n], xv);
     }
   }
   if (k < K) {
     const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k)) - 1);
     __m512bh wv[NR];
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) wv[n] = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + n * K + k);
+#pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + m * K + k);
+#pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], wv[n], xv);
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
 }
 
 template <int MR, int NR>
 NXCORE_F32_TARGET inline void tile_f32(const float* x, const float* w, int64_t K, float out[4][4]) {
   __m512 acc[MR][NR];
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 wv[NR];
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) wv[n] = _mm512_loadu_ps(w + n * K + k);
+#pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+#pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_fmadd_ps(wv[n], xv, acc[m][n]);
     }
   }
   if (k < K) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1);
     __m512 wv[NR];
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) wv[n] = _mm512_maskz_loadu_ps(tail, w + n * K + k);
+#pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * K + k);
+#pragma GCC unroll 8
       for (int n = 0; n < NR; ++n) acc[m][n] = _mm512_fmadd_ps(wv[n], xv, acc[m][n]);
     }
   }
+#pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
     for (int n = 0; n < NR; ++n) out[m][n] = _mm512_reduce_add_ps(acc[m][n]);
 }
 
