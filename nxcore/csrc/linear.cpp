@@ -7,6 +7,9 @@
 //
 // What it runs, by measurement on this project's machines (AMD EPYC and Intel Xeon with AMX,
 // avx512_bf16, 2 cores):
+// - bf16 where `prepack` gave the weight a VNNI copy (by default on CPUs with AVX512-BF16 and no
+//   AMX, NXSERVE_BF16_LINEAR in nxcore/modules/linear.py): `nxcore::vnni_linear`
+//   (nxcore/csrc/invariant.cpp), at every row count, batch-invariant. Else:
 // - bf16, one or two rows on AMD, one on Intel (`gemv_rows_setting`; decode): `gemv_bf16` below,
 //   which streams the dense row-major weight once with AVX512-BF16 dot products, one row at a time
 //   on AMD and eight at once on Intel. A TinyLlama-shaped chain of decode linears ran at 90-94% of a
@@ -23,6 +26,7 @@
 #include <torch/library.h>
 
 #include "cpu_features.h"
+#include "vnni_linear.h"
 
 #include <algorithm>
 #include <atomic>
@@ -324,6 +328,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = N;
   const at::Tensor x2d = x.reshape({-1, K}).contiguous();
+  if (auto y = nxcore::vnni_linear(x2d, weight, bias)) return y->view(out_shape);
 #ifdef NXCORE_X86_GNU
   if (gemv_applies(x2d, weight, bias)) {
     at::Tensor y = at::empty({x2d.size(0), N}, x.options());

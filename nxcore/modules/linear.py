@@ -14,8 +14,12 @@ compiled graph, so the packing is done here instead, once per weight at load:
   weight-free and shape-static; the op finds the packed copy by the weight's storage and falls
   back to `F.linear` when there is none (float32, an unpacked model, no oneDNN).
 
+On CPUs with AVX512-BF16 and no AMX (AMD EPYC), `prepack` makes nxcore's own VNNI copy instead
+(`nxcore/csrc/invariant.cpp`; `vnni_preferred`, NXSERVE_BF16_LINEAR), and `nxcore::linear` runs
+on it at every row count: faster than oneDNN there, and batch-invariant.
+
 `nxcore::linear` is defined in C++ (`nxcore/csrc/linear.cpp`, built by `nxcore.native`): it runs
-oneDNN on the packed copy, on AMD CPUs an AVX512-BF16 GEMV on the dense weight for one or two rows
+the VNNI copy where there is one, oneDNN on the packed copy, on AMD CPUs an AVX512-BF16 GEMV on the dense weight for one or two rows
 (decode; measured faster there, slower than oneDNN on Intel), and `at::linear` otherwise, and compiled graphs call it without entering
 Python. Where the C++ ops cannot be built, the op is defined here in Python with the oneDNN and
 `F.linear` paths only.
@@ -23,6 +27,7 @@ Python. Where the C++ ops cannot be built, the op is defined here in Python with
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -96,6 +101,24 @@ class Linear(nn.Linear):
         return torch.ops.nxcore.linear(x, self.weight, self.bias)
 
 
+KERNEL_ENV = "NXSERVE_BF16_LINEAR"
+"""Which kernel bf16 linears run (read by `prepack`): `auto` (default), `vnni` or `onednn`."""
+
+
+def vnni_preferred() -> bool:
+    """Whether `prepack` gives bf16 linears nxcore's own VNNI-packed weights rather than oneDNN's.
+    `auto`: on CPUs with AVX512-BF16 and no AMX, where they measured faster at every row count
+    (AMD EPYC, one thread: 1.0-1.9x oneDNN's packed GEMM from 1 to 512 rows, the most at few rows;
+    1.1-1.4x the C++ GEMV at one row); oneDNN's AMX kernels elsewhere. `vnni` wherever AVX512-BF16
+    runs, `onednn` never (NXSERVE_BF16_LINEAR)."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "vnni", "onednn"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: use auto, vnni or onednn")
+    if choice == "onednn" or not native.available():
+        return False
+    return choice == "vnni" or bool(torch.ops.nxcore._linear_vnni_preferred())
+
+
 def can_pack(dtype: torch.dtype) -> bool:
     if dtype not in PACKABLE or not torch.backends.mkldnn.is_available():
         return False
@@ -107,7 +130,15 @@ def prepack(model: nn.Module) -> int:
     The packed copies are dropped when `model` is garbage-collected."""
     _drop_deferred()
     weights = []
+    vnni = vnni_preferred()
     for module in model.modules():
+        if isinstance(module, Linear) and (module.invariant or vnni) and module.weight.device.type == "cpu" and native.available():
+            # nxcore::linear and nxcore::linear_invariant run on the VNNI copy where there is one
+            # (bf16, AVX512-BF16; nxcore/csrc/invariant.cpp) and never read oneDNN's
+            weight = module.weight.detach()
+            if torch.ops.nxcore._pack_invariant(weight):
+                weights.append(weight)
+                continue
         if isinstance(module, Linear) and module.weight.device.type == "cpu" and can_pack(module.weight.dtype):
             weight = module.weight.detach()
             key = _key(weight)
@@ -142,3 +173,4 @@ def _drop_deferred() -> None:
             _PACKED.pop(_key(weight), None)
             if native.available():
                 torch.ops.nxcore._unregister_packed(weight)
+                torch.ops.nxcore._unpack_invariant(weight)

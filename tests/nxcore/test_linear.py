@@ -22,6 +22,13 @@ from nxcore.modules.linear import Linear, can_pack, prepack
 pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16), reason="this CPU's oneDNN has no bfloat16 support")
 
 
+@pytest.fixture(autouse=True)
+def onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests reach oneDNN's packed GEMM and the C++ GEMV, which CPUs without AMX skip for the
+    VNNI copies (`vnni_preferred`); the VNNI tests below set their own choice."""
+    monkeypatch.setenv(packed_linear.KERNEL_ENV, "onednn")
+
+
 @pytest.fixture(params=[1, 8], ids=["one-stream", "eight-streams"])
 def gemv(request: pytest.FixtureRequest) -> Iterator[None]:
     """The C++ GEMV on for 1 and 2 rows, streaming one weight row at a time or eight (each the
@@ -224,3 +231,69 @@ def test_gemv_rows_setting_is_bounded() -> None:
     assert torch.ops.nxcore._gemv_streams() in (1, 8)
     # by default every CPU that can run the GEMV runs it for one row at least (AMD two, Intel one)
     assert (torch.ops.nxcore._gemv_rows() > 0) == torch.ops.nxcore._gemv_supported()
+
+
+@pytest.mark.parametrize(("n", "k", "bias"), [(100, 64, True), (64, 130, False), (5, 2, True), (300, 512, False), (48, 2048, True)])
+def test_the_invariant_linear_on_its_vnni_copy(n: int, k: int, bias: bool) -> None:
+    """Batch-invariant mode's bf16 linear on the weight's VNNI copy (nxcore/csrc/invariant.cpp): a
+    row's bits are the same whatever rows come with it and however many threads run, the values
+    those of a float32 product rounded once, for output widths that end inside a panel."""
+    if not native.available() or not torch.ops.nxcore._pack_invariant(torch.zeros(2, 2, dtype=torch.bfloat16)):
+        pytest.skip("needs nxcore's C++ ops on a CPU with AVX512-BF16")
+    torch.ops.nxcore._unpack_invariant(torch.zeros(2, 2, dtype=torch.bfloat16))
+    torch.manual_seed(n + k)
+    w = torch.randn(n, k, dtype=torch.bfloat16)
+    b = torch.randn(n, dtype=torch.bfloat16) if bias else None
+    x = torch.randn(103, k, dtype=torch.bfloat16)
+    assert torch.ops.nxcore._pack_invariant(w)
+    threads = torch.get_num_threads()
+    try:
+        full = torch.ops.nxcore.linear_invariant(x, w, b)
+        for start, rows in [(0, 1), (7, 2), (11, 5), (20, 6), (40, 7), (50, 13), (3, 100)]:
+            assert torch.equal(torch.ops.nxcore.linear_invariant(x[start : start + rows], w, b), full[start : start + rows])
+        torch.set_num_threads(1)
+        assert torch.equal(torch.ops.nxcore.linear_invariant(x, w, b), full)
+    finally:
+        torch.set_num_threads(threads)
+        torch.ops.nxcore._unpack_invariant(w)
+    exact = x.float() @ w.float().T + (b.float() if b is not None else 0)
+    torch.testing.assert_close(full.float(), exact.bfloat16().float(), rtol=1.6e-2, atol=1e-2 * k**0.5)
+    # unregistered, the op runs its dot-product tiles: other additions, the same values to bf16 noise
+    tiles = torch.ops.nxcore.linear_invariant(x, w, b)
+    torch.testing.assert_close(tiles.float(), full.float(), rtol=1.6e-2, atol=1e-2 * k**0.5)
+    if k >= 512:  # so the packed copy was what ran above: its order of additions gives other bits somewhere (rounded to bf16, short sums rarely differ)
+        assert not torch.equal(tiles, full)
+
+
+def test_the_default_linear_runs_the_vnni_copies_where_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NXSERVE_BF16_LINEAR=vnni (auto on CPUs with AVX512-BF16 and no AMX): `prepack` gives every
+    bf16 Linear a VNNI copy instead of a oneDNN one, and `nxcore::linear` runs on it at every row
+    count: float32 sums rounded once, a row's bits the same alone or among others. The copies die
+    with the model."""
+    if not native.available():
+        pytest.skip("nxcore's C++ ops are not built here")
+    monkeypatch.setenv(packed_linear.KERNEL_ENV, "vnni")
+    model = _model(True, (64, 200, 40))
+    before, onednn_before = torch.ops.nxcore._invariant_packed_count(), len(packed_linear._PACKED)
+    if prepack(model) == 0:
+        pytest.skip("no AVX512-BF16 on this CPU")
+    assert torch.ops.nxcore._invariant_packed_count() == before + 2 and len(packed_linear._PACKED) == onednn_before
+    x = torch.randn(33, 64, dtype=torch.bfloat16)
+    first = model[0]
+    with torch.profiler.profile() as prof:
+        got = first(x)
+    names = {event.name for event in prof.events()}
+    assert "nxcore::linear" in names and "mkldnn::_linear_pointwise" not in names
+    exact = F.linear(x.float(), first.weight.float(), first.bias.float())
+    torch.testing.assert_close(got.float(), exact.to(torch.bfloat16).float(), rtol=BF16_ULP, atol=1e-2)
+    for rows in (1, 2, 3, 7):
+        assert torch.equal(first(x[5 : 5 + rows]), got[5 : 5 + rows])
+    del model, first
+    gc.collect()
+    assert torch.ops.nxcore._invariant_packed_count() == before
+
+
+def test_an_unknown_kernel_choice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(packed_linear.KERNEL_ENV, "mkl")
+    with pytest.raises(ValueError, match="NXSERVE_BF16_LINEAR='mkl': use auto, vnni or onednn"):
+        prepack(_model(False))
