@@ -261,7 +261,9 @@ def test_the_invariant_linear_on_its_vnni_copy(n: int, k: int, bias: bool) -> No
     # unregistered, the op runs its dot-product tiles: other additions, the same values to bf16 noise
     tiles = torch.ops.nxcore.linear_invariant(x, w, b)
     torch.testing.assert_close(tiles.float(), full.float(), rtol=1.6e-2, atol=1e-2 * k**0.5)
-    if k >= 512:  # so the packed copy was what ran above: its order of additions gives other bits somewhere (rounded to bf16, short sums rarely differ)
+    # so the packed copy was what ran above: its order of additions gives other bits somewhere
+    # (rounded to bf16, short sums rarely differ)
+    if k >= 512:
         assert not torch.equal(tiles, full)
 
 
