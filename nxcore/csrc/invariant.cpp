@@ -28,10 +28,10 @@
 #include <torch/library.h>
 
 #include "cpu_features.h"
+#include "vnni_gemm.h"
 #include "vnni_linear.h"
 
 #include <algorithm>
-#include <cstring>
 #include <mutex>
 #include <optional>
 #include <unordered_map>
@@ -44,7 +44,7 @@
 namespace {
 
 constexpr int64_t kRowBlock = 64;  // rows of x kept hot (L2) while a task's weight rows stream past them
-constexpr int64_t kPanel = 64;     // output features per panel of a VNNI-packed weight (see linear_vnni)
+constexpr int64_t kPanel = 64;     // output features per panel of a VNNI-packed weight (see linear_vnni; vnni_gemm.h)
 
 #ifdef NXCORE_X86_GNU
 #define NXCORE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -196,55 +196,20 @@ void linear_avx512(const at::Tensor& x, const at::Tensor& w, const float* bias, 
 // (the dot-product tiles ran 1.4-1.5x the default mode's time; see `pack_invariant`).
 constexpr int64_t kVnniRowBlock = 96;  // rows of x per pass over a thread's panels (L2-resident)
 
-template <int MR, int NV>
-NXCORE_BF16_TARGET void vnni_tile(int64_t pairs, const at::BFloat16* x, int64_t K, const uint32_t* panel, const float* bias, int64_t n0,
-                                  at::BFloat16* y, int64_t N, __mmask16 tail) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    __m512bh wv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(panel + kp * kPanel + 16 * v);
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      uint32_t word;
-      std::memcpy(&word, x + m * K + 2 * kp, sizeof(word));
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], wv[v], xv);
-    }
+// A tile's store: + bias, rounded once to bf16.
+struct Bf16Out {
+  at::BFloat16* y;
+  int64_t N;
+  const float* bias;
+  NXCORE_BF16_TARGET NXCORE_VNNI_INLINE __m512 init(int64_t, int, __mmask16) const { return _mm512_setzero_ps(); }
+  NXCORE_BF16_TARGET NXCORE_VNNI_INLINE void store(int64_t r, int v, __mmask16 mask, __m512 acc) const {
+    if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias + 16 * v));
+    _mm256_mask_storeu_epi16(y + r * N + 16 * v, mask, (__m256i)_mm512_cvtneps_pbh(acc));
   }
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) {
-    const __mmask16 mask = v == NV - 1 ? tail : __mmask16(0xffff);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + 16 * v) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const __m256i out = (__m256i)_mm512_cvtneps_pbh(bias ? _mm512_add_ps(acc[m][v], b) : acc[m][v]);
-      _mm256_mask_storeu_epi16(y + m * N + n0 + 16 * v, mask, out);
-    }
-  }
-}
-
-template <int NV>
-NXCORE_BF16_TARGET void vnni_rows(int64_t M, int64_t pairs, const at::BFloat16* x, int64_t K, const uint32_t* panel, const float* bias, int64_t n0,
-                                  at::BFloat16* y, int64_t N, __mmask16 tail) {
-  int64_t m = 0;
-  for (; m + 6 <= M; m += 6) vnni_tile<6, NV>(pairs, x + m * K, K, panel, bias, n0, y + m * N, N, tail);
-  switch (M - m) {
-    case 5: return vnni_tile<5, NV>(pairs, x + m * K, K, panel, bias, n0, y + m * N, N, tail);
-    case 4: return vnni_tile<4, NV>(pairs, x + m * K, K, panel, bias, n0, y + m * N, N, tail);
-    case 3: return vnni_tile<3, NV>(pairs, x + m * K, K, panel, bias, n0, y + m * N, N, tail);
-    case 2: return vnni_tile<2, NV>(pairs, x + m * K, K, panel, bias, n0, y + m * N, N, tail);
-    case 1: return vnni_tile<1, NV>(pairs, x + m * K, K, panel, bias, n0, y + m * N, N, tail);
-    default: return;
-  }
-}
+};
 
 void linear_vnni(const at::Tensor& x, const at::Tensor& packed, int64_t N, const float* bias, at::Tensor& y) {
+  static_assert(kPanel == nxcore::vnni::kPanel, "the packed panels are the micro-kernel's");
   const int64_t M = x.size(0), K = x.size(1), pairs = K / 2, panels = (N + kPanel - 1) / kPanel;
   const auto* xp = x.const_data_ptr<at::BFloat16>();
   const auto* wp = reinterpret_cast<const uint32_t*>(packed.const_data_ptr<at::BFloat16>());
@@ -253,17 +218,9 @@ void linear_vnni(const at::Tensor& x, const at::Tensor& packed, int64_t N, const
     for (int64_t m0 = 0; m0 < M; m0 += kVnniRowBlock) {
       const int64_t rows = std::min(kVnniRowBlock, M - m0);
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0), nv = (cols + 15) / 16;
-        const __mmask16 tail = static_cast<__mmask16>((1u << (cols - 16 * (nv - 1))) - 1u);
-        const uint32_t* panel = wp + p * pairs * kPanel;
-        const at::BFloat16* xr = xp + m0 * K;
-        at::BFloat16* yr = yp + m0 * N;
-        switch (nv) {
-          case 4: vnni_rows<4>(rows, pairs, xr, K, panel, bias, n0, yr, N, tail); break;
-          case 3: vnni_rows<3>(rows, pairs, xr, K, panel, bias, n0, yr, N, tail); break;
-          case 2: vnni_rows<2>(rows, pairs, xr, K, panel, bias, n0, yr, N, tail); break;
-          default: vnni_rows<1>(rows, pairs, xr, K, panel, bias, n0, yr, N, tail); break;
-        }
+        const int64_t n0 = p * kPanel;
+        nxcore::vnni::panel(rows, K, xp + m0 * K, K, wp + p * pairs * kPanel, kPanel, std::min(kPanel, N - n0),
+                            Bf16Out{yp + m0 * N + n0, N, bias ? bias + n0 : nullptr});
       }
     }
   });

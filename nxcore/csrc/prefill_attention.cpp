@@ -36,9 +36,9 @@
 
 #include "cpu_features.h"
 #include "vec_exp.h"
+#include "vnni_gemm.h"
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -58,74 +58,27 @@ bool prefill_attention_supported() {
 #ifdef NXCORE_X86_GNU
 #define NXCORE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
-// Both products where ATen's brgemm does not run bf16 (could_pack is false without AMX):
-// c[M, N] (=|+=) a[M, K] . b[K, N], a row-major bf16 (row stride lda), b in the VNNI layout the
-// caller packs ([K / 2][ldb][2]: one 32-bit word per (row pair, column)), c float32 (row stride
-// ldc). Tiles of up to 6 rows by 4 vectors of 16 columns (24 accumulators in registers); each step
-// of a tile broadcasts one pair of a row and multiply-adds it against a pair of b's rows with
-// vdpbf16ps. K is even; N any (the last vector of a row is masked).
-template <int MR, int NV>
-NXCORE_TARGET void vnni_tile(int64_t pairs, const at::BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb, float* c, int64_t ldc, __mmask16 tail,
-                             bool add) {
-  // Every loop over r and v unrolled, so the accumulators live in registers (left as loops, GCC
-  // kept them in a stack array and stored all 24 at every step: half the speed).
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __mmask16 mask = v == NV - 1 ? tail : __mmask16(0xffff);
-      acc[r][v] = add ? _mm512_maskz_loadu_ps(mask, c + r * ldc + 16 * v) : _mm512_setzero_ps();
-    }
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    __m512bh bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      bv[v] = (__m512bh)(v == NV - 1 ? _mm512_maskz_loadu_epi32(tail, b + kp * ldb + 16 * v) : _mm512_loadu_si512(b + kp * ldb + 16 * v));
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      uint32_t word;
-      std::memcpy(&word, a + r * lda + 2 * kp, sizeof(word));
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
-    }
+// Both products where ATen's brgemm does not run bf16 (could_pack is false without AMX): nxcore's
+// vdpbf16ps micro-kernel (vnni_gemm.h) on the blocks packed below, c float32 (row stride ldc),
+// overwritten or added to.
+struct FloatOut {
+  float* c;
+  int64_t ldc;
+  bool add;
+  NXCORE_TARGET NXCORE_VNNI_INLINE __m512 init(int64_t r, int v, __mmask16 mask) const {
+    return add ? _mm512_maskz_loadu_ps(mask, c + r * ldc + 16 * v) : _mm512_setzero_ps();
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, v == NV - 1 ? tail : __mmask16(0xffff), acc[r][v]);
-}
-
-template <int NV>
-NXCORE_TARGET void vnni_rows(int64_t M, int64_t pairs, const at::BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb, float* c, int64_t ldc,
-                             __mmask16 tail, bool add) {
-  int64_t m = 0;
-  for (; m + 6 <= M; m += 6) vnni_tile<6, NV>(pairs, a + m * lda, lda, b, ldb, c + m * ldc, ldc, tail, add);
-  switch (M - m) {
-    case 5: vnni_tile<5, NV>(pairs, a + m * lda, lda, b, ldb, c + m * ldc, ldc, tail, add); break;
-    case 4: vnni_tile<4, NV>(pairs, a + m * lda, lda, b, ldb, c + m * ldc, ldc, tail, add); break;
-    case 3: vnni_tile<3, NV>(pairs, a + m * lda, lda, b, ldb, c + m * ldc, ldc, tail, add); break;
-    case 2: vnni_tile<2, NV>(pairs, a + m * lda, lda, b, ldb, c + m * ldc, ldc, tail, add); break;
-    case 1: vnni_tile<1, NV>(pairs, a + m * lda, lda, b, ldb, c + m * ldc, ldc, tail, add); break;
-    default: break;
+  NXCORE_TARGET NXCORE_VNNI_INLINE void store(int64_t r, int v, __mmask16 mask, __m512 acc) const {
+    _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask, acc);
   }
-}
+};
 
 // Same arguments as at::native::cpublas::brgemm.
 NXCORE_TARGET void gemm_vnni(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const at::BFloat16* a,
                              const at::BFloat16* b, float* c) {
   const auto* bw = reinterpret_cast<const uint32_t*>(b);
-  for (int64_t n0 = 0; n0 < N; n0 += 64) {
-    const int64_t cols = std::min<int64_t>(64, N - n0), nv = (cols + 15) / 16;
-    const __mmask16 tail = nxcore::tail_mask(cols - 16 * (nv - 1));
-    switch (nv) {
-      case 4: vnni_rows<4>(M, K / 2, a, lda, bw + n0, ldb, c + n0, ldc, tail, add); break;
-      case 3: vnni_rows<3>(M, K / 2, a, lda, bw + n0, ldb, c + n0, ldc, tail, add); break;
-      case 2: vnni_rows<2>(M, K / 2, a, lda, bw + n0, ldb, c + n0, ldc, tail, add); break;
-      default: vnni_rows<1>(M, K / 2, a, lda, bw + n0, ldb, c + n0, ldc, tail, add); break;
-    }
-  }
+  for (int64_t n0 = 0; n0 < N; n0 += nxcore::vnni::kPanel)
+    nxcore::vnni::panel(M, K, a, lda, bw + n0, ldb, std::min(nxcore::vnni::kPanel, N - n0), FloatOut{c + n0, ldc, add});
 }
 
 // The products of query_block: AMX through ATen's brgemm where it packs bf16, else gemm_vnni.
