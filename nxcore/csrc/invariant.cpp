@@ -32,6 +32,7 @@
 #include "vnni_linear.h"
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <optional>
 #include <unordered_map>
@@ -255,10 +256,14 @@ struct WeightKeyHash {
 };
 std::mutex vnni_mutex;
 std::unordered_map<WeightKey, at::Tensor, WeightKeyHash> vnni_registry;
+// Its size, read without the lock: every nxcore::linear call asks for a copy first, and on CPUs
+// with AMX (oneDNN's kernels, no copies) the answer is known without locking or hashing.
+std::atomic<int64_t> vnni_entries{0};
 
 WeightKey weight_key(const at::Tensor& w) { return {w.const_data_ptr(), w.size(0), w.size(1)}; }
 
 std::optional<at::Tensor> vnni_of(const at::Tensor& w) {
+  if (vnni_entries.load(std::memory_order_relaxed) == 0) return std::nullopt;
   std::lock_guard<std::mutex> lock(vnni_mutex);
   auto it = vnni_registry.find(weight_key(w));
   if (it == vnni_registry.end()) return std::nullopt;
@@ -291,6 +296,7 @@ bool pack_invariant(const at::Tensor& weight) {
   });
   std::lock_guard<std::mutex> lock(vnni_mutex);
   vnni_registry[weight_key(weight)] = packed;
+  vnni_entries.store(static_cast<int64_t>(vnni_registry.size()), std::memory_order_relaxed);
   return true;
 }
 
@@ -303,6 +309,7 @@ void unpack_invariant(const at::Tensor& weight) {
   if (weight.dim() != 2) return;
   std::lock_guard<std::mutex> lock(vnni_mutex);
   vnni_registry.erase(weight_key(weight));
+  vnni_entries.store(static_cast<int64_t>(vnni_registry.size()), std::memory_order_relaxed);
 }
 
 at::Tensor linear_invariant(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {

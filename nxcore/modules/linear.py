@@ -16,7 +16,8 @@ compiled graph, so the packing is done here instead, once per weight at load:
 
 On CPUs with AVX512-BF16 and no AMX (AMD EPYC), `prepack` makes nxcore's own VNNI copy instead
 (`nxcore/csrc/invariant.cpp`; `vnni_preferred`, NXSERVE_BF16_LINEAR), and `nxcore::linear` runs
-on it at every row count: faster than oneDNN there, and batch-invariant.
+on it at every row count: faster than oneDNN there up to a few dozen rows, level beyond, and
+batch-invariant.
 
 `nxcore::linear` is defined in C++ (`nxcore/csrc/linear.cpp`, built by `nxcore.native`): it runs
 the VNNI copy where there is one, oneDNN on the packed copy, on AMD CPUs an AVX512-BF16 GEMV on the dense weight for one or two rows
@@ -107,9 +108,10 @@ KERNEL_ENV = "NXSERVE_BF16_LINEAR"
 
 def vnni_preferred() -> bool:
     """Whether `prepack` gives bf16 linears nxcore's own VNNI-packed weights rather than oneDNN's.
-    `auto`: on CPUs with AVX512-BF16 and no AMX, where they measured faster at every row count
-    (AMD EPYC, one thread: 1.0-1.9x oneDNN's packed GEMM from 1 to 512 rows, the most at few rows;
-    1.1-1.4x the C++ GEMV at one row); oneDNN's AMX kernels elsewhere. `vnni` wherever AVX512-BF16
+    `auto`: on CPUs with AVX512-BF16 and no AMX, where they measured faster at few rows and level
+    beyond (AMD EPYC, one thread, ten weight shapes: 1.2-1.97x oneDNN's packed GEMM at 1-8 rows,
+    0.99-1.21x at 32, 0.93-1.09x at 128-512; 1.0-1.37x the C++ GEMV at one row); oneDNN's AMX
+    kernels elsewhere. `vnni` wherever AVX512-BF16
     runs, `onednn` never (NXSERVE_BF16_LINEAR)."""
     choice = os.environ.get(KERNEL_ENV, "auto")
     if choice not in ("auto", "vnni", "onednn"):
