@@ -196,6 +196,30 @@ NXCORE_INLINE void prefetch_ahead(const at::BFloat16* row, int64_t D) {
   for (int64_t off = 0; off < D * 2; off += 64) _mm_prefetch(at + off, _MM_HINT_T0);
 }
 
+// The next task's key and value rows, brought into L2 while this task computes: one row of each
+// per key this task reads (its first query's scores pass issues the keys, its weighted-sum pass the
+// values), so the loads spread over the task instead of stalling on a burst, and each task starts
+// on rows already near. Without it every task began two cold streams: on an AMD EPYC (Zen 4,
+// 32 rows of 8 query over 4 KV heads of 64, 130-200 positions, bf16, 16 layers' caches cycled, one
+// thread; /tmp harness, five alternating rounds) 594-714 us a layer against 386-469 with it; two
+// threads and 12 query heads 497-507 against 382-465. Two or four tasks ahead measured no better.
+struct NextRows {
+  const at::BFloat16* keys = nullptr;
+  const at::BFloat16* values = nullptr;
+  int64_t ks = 0, vs = 0, n = 0;  // row strides, and the rows that task reads
+
+  NXCORE_INLINE static void to_l2(const at::BFloat16* row, int64_t D) {
+    const char* at = reinterpret_cast<const char*>(row);
+    for (int64_t off = 0; off < D * 2; off += 64) _mm_prefetch(at + off, _MM_HINT_T1);
+  }
+  NXCORE_INLINE void key(int64_t s, int64_t D) const {
+    if (s < n) to_l2(keys + s * ks, D);
+  }
+  NXCORE_INLINE void value(int64_t s, int64_t D) const {
+    if (s < n) to_l2(values + s * vs, D);
+  }
+};
+
 // acc[i * D + 16 * c] += scores[i * S + s] * value[s][16 * c ...] for the QN queries from `scores` and
 // `acc` on, over keys s < longest, CH vectors of 16 floats per value row (D = 16 * CH): the
 // accumulators stay in registers for the whole pass, where the loop over memory below loads and
@@ -207,13 +231,14 @@ NXCORE_INLINE void prefetch_ahead(const at::BFloat16* row, int64_t D) {
 // small llama moved within its run-to-run noise (21.3-23.6 ms either way).
 template <int CH, int QN>
 NXCORE_AVX512_BF16 void weighted_values(const at::BFloat16* values, int64_t vs2, int64_t longest, const float* scores, int64_t S,
-                                        float* acc, bool prefetch) {
+                                        float* acc, bool prefetch, const NextRows* next) {
   __m512 a[QN][CH];
   for (int q = 0; q < QN; ++q)
     for (int c = 0; c < CH; ++c) a[q][c] = _mm512_setzero_ps();
   for (int64_t s = 0; s < longest; ++s) {
     const at::BFloat16* vr = values + s * vs2;
     if (prefetch) prefetch_ahead(vr, 16 * CH);
+    if (next) next->value(s, 16 * CH);
     __m512 vf[CH];
     for (int c = 0; c < CH; ++c)
       vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + 16 * c))), 16));
@@ -229,20 +254,20 @@ NXCORE_AVX512_BF16 void weighted_values(const at::BFloat16* values, int64_t vs2,
 }
 
 // The weighted sum of values for all Q queries with register accumulators, in groups of up to
-// 16 / CH queries (at most 4).
+// 16 / CH queries (at most 4); the first group also prefetches the next task's values.
 template <int CH>
 NXCORE_AVX512_BF16 void weighted_values_by_group(const at::BFloat16* values, int64_t vs2, int64_t longest, const float* scores,
-                                                 int64_t S, float* acc, int64_t Q) {
+                                                 int64_t S, float* acc, int64_t Q, const NextRows& next) {
   constexpr int G = std::min(4, 16 / CH);
   for (int64_t i0 = 0; i0 < Q; i0 += G) {
     const float* sc = scores + i0 * S;
     float* ac = acc + i0 * 16 * CH;
     const bool first = i0 == 0;  // later groups find the values in cache
     switch (std::min<int64_t>(G, Q - i0)) {
-      case 1: weighted_values<CH, 1>(values, vs2, longest, sc, S, ac, first); break;
-      case 2: if constexpr (G >= 2) weighted_values<CH, 2>(values, vs2, longest, sc, S, ac, first); break;
-      case 3: if constexpr (G >= 3) weighted_values<CH, 3>(values, vs2, longest, sc, S, ac, first); break;
-      default: if constexpr (G >= 4) weighted_values<CH, 4>(values, vs2, longest, sc, S, ac, first); break;
+      case 1: weighted_values<CH, 1>(values, vs2, longest, sc, S, ac, first, first ? &next : nullptr); break;
+      case 2: if constexpr (G >= 2) weighted_values<CH, 2>(values, vs2, longest, sc, S, ac, first, first ? &next : nullptr); break;
+      case 3: if constexpr (G >= 3) weighted_values<CH, 3>(values, vs2, longest, sc, S, ac, first, first ? &next : nullptr); break;
+      default: if constexpr (G >= 4) weighted_values<CH, 4>(values, vs2, longest, sc, S, ac, first, first ? &next : nullptr); break;
     }
   }
 }
@@ -250,11 +275,11 @@ NXCORE_AVX512_BF16 void weighted_values_by_group(const at::BFloat16* values, int
 // Whether the weighted sum ran with register accumulators: false where D is not 32, 64 or 128
 // (the caller's loop over memory runs then).
 NXCORE_AVX512_BF16 bool weighted_values_in_registers(const at::BFloat16* values, int64_t vs2, int64_t longest, const float* scores,
-                                                     int64_t S, float* acc, int64_t Q, int64_t D) {
+                                                     int64_t S, float* acc, int64_t Q, int64_t D, const NextRows& next) {
   switch (D) {
-    case 32: weighted_values_by_group<2>(values, vs2, longest, scores, S, acc, Q); return true;
-    case 64: weighted_values_by_group<4>(values, vs2, longest, scores, S, acc, Q); return true;
-    case 128: weighted_values_by_group<8>(values, vs2, longest, scores, S, acc, Q); return true;
+    case 32: weighted_values_by_group<2>(values, vs2, longest, scores, S, acc, Q, next); return true;
+    case 64: weighted_values_by_group<4>(values, vs2, longest, scores, S, acc, Q, next); return true;
+    case 128: weighted_values_by_group<8>(values, vs2, longest, scores, S, acc, Q, next); return true;
     default: return false;
   }
 }
@@ -270,6 +295,12 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
     const int64_t b = task / p.KV, h = task % p.KV;
     const at::BFloat16* keys = p.keys(b, h);
     const at::BFloat16* values = p.values(b, h);
+    NextRows next;
+    if (task + 1 < end) {
+      const int64_t nb = (task + 1) / p.KV, nh = (task + 1) % p.KV;
+      next = {p.keys(nb, nh), p.values(nb, nh), p.ks2, p.vs2, 0};
+      for (int64_t i = 0; i < Q; ++i) next.n = std::max(next.n, keys_used(p.mask_row(nb, i), S));
+    }
     int64_t longest = 0;  // keys any query of the task reads
     for (int64_t i = 0; i < Q; ++i) {
       const at::BFloat16* qi = p.q + p.query_offset(b, h, i);
@@ -284,7 +315,10 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
         __m512 part[16];
         for (int j = 0; j < 16; ++j) {
           const at::BFloat16* kr = keys + (s0 + j) * p.ks2;
-          if (i == 0) prefetch_ahead(kr, D);
+          if (i == 0) {
+            prefetch_ahead(kr, D);
+            next.key(s0 + j, D);
+          }
           __m512 a = _mm512_setzero_ps();
           for (int64_t c = 0; c < chunks; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kr + 32 * c), qv[c]);
           part[j] = a;
@@ -319,8 +353,11 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
       for (int64_t s = V; s < E; ++s) si[s] *= inv;
       std::fill(si + E, si + S, 0.f);
     }
+    // the next task's keys the first query's blocks of 16 did not reach, and its values past ours
+    for (int64_t s = keys_used(p.mask_row(b, 0), S) / 16 * 16; s < next.n; ++s) next.key(s, D);
+    for (int64_t s = longest; s < next.n; ++s) next.value(s, D);
     // weighted sum of values: each value row widened once, for every query
-    if (weighted_values_in_registers(values, p.vs2, longest, scores, S, acc, Q, D)) {
+    if (weighted_values_in_registers(values, p.vs2, longest, scores, S, acc, Q, D, next)) {
       p.store(b, h, acc);
       continue;
     }
@@ -328,6 +365,7 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
     for (int64_t s = 0; s < longest; ++s) {
       const at::BFloat16* vr = values + s * p.vs2;
       prefetch_ahead(vr, D);
+      next.value(s, D);
       __m512 vf[16];
       for (int64_t c = 0; c < 2 * chunks; ++c)
         vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
