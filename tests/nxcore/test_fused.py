@@ -93,6 +93,8 @@ def test_rotary_equals_the_chain_on_transposed_views(head_dim: int, chains: None
         (1, 2, 1, 700, 128),
         (1, 4, 2, 131, 48),
         (2, 2, 2, 69, 96),
+        (1, 4, 2, 160, 64),  # query blocks whose last key ends a group of 32 columns exactly
+        (1, 4, 2, 33, 64),  # one key past a group of 32
     ],
 )
 def test_prefill_attention_is_as_close_to_float32_as_sdpa(batch: int, heads: int, kv_heads: int, length: int, head_dim: int) -> None:
