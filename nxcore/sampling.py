@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nxcore.modules import fused
 from nxcore.modules.eager import on_xla, runs_eagerly
 from nxcore.parallel.comm import TPComm
 
@@ -91,8 +92,13 @@ def sample(
     offset = comm.vocab_offset if comm is not None else 0
     sharded = comm is not None and comm.world > 1
     # max(dim) returns argmax's index (the first of equal maxima) with the value, and ran 2.8x faster
-    # than argmax on [32, 32000] float32 here (0.51 against 1.42 ms, one thread)
-    best_value, local_best = logits.max(dim=-1, keepdim=True)
+    # than argmax on [32, 32000] float32 here (0.51 against 1.42 ms, one thread); run eagerly,
+    # nxcore::row_max gives the same (NaN and ties included) in 0.10 ms where ATen took 0.92 (AMD
+    # EPYC, one thread): ~4% of an eager batch-32 decode step of the llama 512x8
+    if fused.row_max_applies(logits):
+        best_value, local_best = torch.ops.nxcore.row_max(logits)
+    else:
+        best_value, local_best = logits.max(dim=-1, keepdim=True)
     best_index = local_best + offset
     if comm is not None and sharded:
         best_value, best_index = comm.all_gather(best_value, dim=1), comm.all_gather(best_index, dim=1)

@@ -1,5 +1,6 @@
 """nxcore's fused bf16 elementwise ops (nxcore/csrc/fused.cpp) against the ATen chains they replace
-in eager code: RMSNorm, residual add + RMSNorm, SiLU-and-multiply, rotary embedding."""
+in eager code: RMSNorm, residual add + RMSNorm, SiLU-and-multiply, rotary embedding; and the greedy
+token's reduction (`row_max`) against `torch.max`."""
 
 from __future__ import annotations
 
@@ -114,11 +115,62 @@ def test_prefill_attention_is_as_close_to_float32_as_sdpa(batch: int, heads: int
     torch.testing.assert_close(out.float(), exact, rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("rows, vocab", [(32, 32000), (1, 7), (3, 16), (5, 33), (2, 151936)])
+def test_row_max_is_torch_max(rows: int, vocab: int) -> None:
+    """The greedy token's reduction: the maximum and the index of its first occurrence, as
+    `max(dim=-1, keepdim=True)` gives them, for vocabularies inside, at and past a vector of 16."""
+    torch.manual_seed(vocab)
+    x = torch.randn(rows, vocab)
+    x[0, vocab // 3] = x[0, vocab // 2] = x.max() + 1  # a tie: the first wins
+    values, indices = torch.ops.nxcore.row_max(x)
+    expected_values, expected_indices = x.max(dim=-1, keepdim=True)
+    assert indices.dtype == torch.int64 and torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
+    assert indices[0, 0] == vocab // 3
+
+
+def test_row_max_keeps_torch_max_on_infinities_and_nan() -> None:
+    x = torch.zeros(4, 40)
+    x[0] = float("-inf")  # a row of masked logits: index 0, as torch.max
+    x[1, 7], x[1, 3] = float("nan"), 9.0  # NaN propagates, at its index
+    x[2, 2] = x[2, 20] = float("nan")  # the first NaN
+    x[3, 39] = float("inf")
+    values, indices = torch.ops.nxcore.row_max(x)
+    expected_values, expected_indices = x.max(dim=-1, keepdim=True)
+    torch.testing.assert_close(values, expected_values, equal_nan=True)
+    assert indices.flatten().tolist() == expected_indices.flatten().tolist() == [0, 7, 2, 39]
+
+
+def test_eager_sampling_uses_row_max_with_the_same_tokens() -> None:
+    from nxcore.sampling import sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1000)
+    logits[2, 10] = logits[2, 500] = 50.0
+    params = dict(
+        temperature=torch.tensor([0.0, 0.0, 0.0, 0.8, 0.0, 1.2]),
+        top_k=torch.tensor([0, 0, 0, 40, 0, 0]),
+        top_p=torch.tensor([1.0, 1.0, 1.0, 0.9, 1.0, 1.0]),
+        rand=torch.rand(6),
+        max_topk=64,
+    )
+    assert fused.row_max_applies(logits)
+    got = sample(logits, **params)
+    fused.enabled = False
+    try:
+        assert not fused.row_max_applies(logits)
+        expected = sample(logits, **params)
+    finally:
+        fused.enabled = True
+    assert torch.equal(got, expected) and got[2] == 10
+
+
 def test_ops_refuse_what_they_do_not_compute() -> None:
     with pytest.raises(RuntimeError, match="x must be bfloat16"):
         torch.ops.nxcore.rms_norm(torch.ones(2, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6)
     with pytest.raises(RuntimeError, match="does not end in the weight's size"):
         torch.ops.nxcore.rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.nxcore.row_max(torch.ones(2, 8, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="must be even"):
         torch.ops.nxcore.silu_mul(torch.ones(2, 7, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match=r"must be \[B, T, D\]"):
