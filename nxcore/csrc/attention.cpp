@@ -201,7 +201,7 @@ NXCORE_INLINE void prefetch_ahead(const at::BFloat16* row, int64_t D) {
 // values), so the loads spread over the task instead of stalling on a burst, and each task starts
 // on rows already near. Without it every task began two cold streams: on an AMD EPYC (Zen 4,
 // 32 rows of 8 query over 4 KV heads of 64, 130-200 positions, bf16, 16 layers' caches cycled, one
-// thread; /tmp harness, five alternating rounds) 594-714 us a layer against 386-469 with it; two
+// thread; /tmp harness, alternating rounds over three runs) 594-714 us a layer against 386-498 with it; two
 // threads and 12 query heads 497-507 against 382-465. Two or four tasks ahead measured no better.
 struct NextRows {
   const at::BFloat16* keys = nullptr;
