@@ -44,11 +44,12 @@ h = torch.randn(4096, 512, dtype=torch.bfloat16)
 with torch.no_grad():
     for _ in range(2):
         mlp(h)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
+    per_call = []
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         mlp(h)
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps({"applied": applied, "mmapped_blocks": mmapped, "kept": kept, "faults": faults, "n": n, "pages": n // 4096}))
+        per_call.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "mmapped_blocks": mmapped, "kept": kept, "per_call": per_call, "n": n, "pages": n // 4096}))
 """
 
 
@@ -65,7 +66,11 @@ def test_freed_large_buffers_stay_and_are_reused() -> None:
     assert retained["applied"] == "retain"
     assert retained["mmapped_blocks"] == 0  # served from the heap
     assert retained["kept"] > retained["n"] // 2  # freeing it gave nothing back to the system
-    assert retained["faults"] < 2048  # three MLP calls reuse the memory the first ones freed
+    # Calls after the first reuse the memory earlier ones freed: they fault nothing in. Twice in full
+    # suites on a 2-core VM, three calls together faulted 8095 and 8096 pages (one 32 MiB buffer,
+    # once), never in the probe alone (20 runs, loaded or not), so the median call is asserted;
+    # under glibc's defaults every call faults its 32 MiB in (8193 pages each, below).
+    assert sorted(retained["per_call"])[2] < 2048, retained["per_call"]
 
 
 def test_system_keeps_glibcs_defaults() -> None:
@@ -74,7 +79,7 @@ def test_system_keeps_glibcs_defaults() -> None:
     assert system["mmapped_blocks"] >= 1  # glibc mmaps it
     assert system["kept"] < system["n"] // 2  # and unmaps it on free
     if "[always]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
-        assert system["faults"] >= 3 * (32 << 20) // 4096  # then faults the 32 MiB output in again, each call
+        assert min(system["per_call"]) >= (32 << 20) // 4096, system["per_call"]  # then faults the 32 MiB output in again, each call
 
 
 def test_a_misspelled_setting_is_an_error() -> None:
