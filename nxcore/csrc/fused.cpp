@@ -132,7 +132,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void row_max_one(c
     const __mmask16 tail = tail_mask(V - i);
     const __mmask16 hit = _mm512_mask_cmp_ps_mask(tail, _mm512_maskz_loadu_ps(tail, x + i), mv, _CMP_EQ_OQ);
     if (hit) {
-      *value = m, *index = i + __builtin_ctz(hit);
+      *index = i + __builtin_ctz(hit);
+      *value = x[*index];  // the element itself: where the maximum is 0, its sign is that element's
       return;
     }
   }

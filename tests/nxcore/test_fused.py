@@ -138,6 +138,12 @@ def test_row_max_keeps_torch_max_on_infinities_and_nan() -> None:
     expected_values, expected_indices = x.max(dim=-1, keepdim=True)
     torch.testing.assert_close(values, expected_values, equal_nan=True)
     assert indices.flatten().tolist() == expected_indices.flatten().tolist() == [0, 7, 2, 39]
+    zeros = -torch.ones(2, 40)
+    zeros[0, 5], zeros[0, 30] = -0.0, 0.0  # equal maxima of either sign: the first, with its sign
+    zeros[1, 5], zeros[1, 30] = 0.0, -0.0
+    values, indices = torch.ops.nxcore.row_max(zeros)
+    expected_values, expected_indices = zeros.max(dim=-1, keepdim=True)
+    assert torch.equal(indices, expected_indices) and torch.equal(values.signbit(), expected_values.signbit())
 
 
 def test_eager_sampling_uses_row_max_with_the_same_tokens() -> None:
