@@ -302,6 +302,7 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
       for (int64_t i = 0; i < Q; ++i) next.n = std::max(next.n, keys_used(p.mask_row(nb, i), S));
     }
     int64_t longest = 0;  // keys any query of the task reads
+    int64_t first = 0;    // and the first query (whose pass prefetched the next task's keys)
     for (int64_t i = 0; i < Q; ++i) {
       const at::BFloat16* qi = p.q + p.query_offset(b, h, i);
       const bool* mi = p.mask_row(b, i);
@@ -309,6 +310,7 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
       // Keys [0, E) are read (see keys_used): whole blocks of 16 up to V, then one by one.
       const int64_t E = keys_used(mi, S), V = E / 16 * 16;
       longest = std::max(longest, E);
+      if (i == 0) first = E;
       __m512bh qv[8];
       for (int64_t c = 0; c < chunks; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qi + 32 * c);
       for (int64_t s0 = 0; s0 < V; s0 += 16) {
@@ -354,7 +356,7 @@ NXCORE_AVX512_BF16 void attend_bf16_avx512(const Problem<at::BFloat16>& p, int64
       std::fill(si + E, si + S, 0.f);
     }
     // the next task's keys the first query's blocks of 16 did not reach, and its values past ours
-    for (int64_t s = keys_used(p.mask_row(b, 0), S) / 16 * 16; s < next.n; ++s) next.key(s, D);
+    for (int64_t s = first / 16 * 16; s < next.n; ++s) next.key(s, D);
     for (int64_t s = longest; s < next.n; ++s) next.value(s, D);
     // weighted sum of values: each value row widened once, for every query
     if (weighted_values_in_registers(values, p.vs2, longest, scores, S, acc, Q, D, next)) {
