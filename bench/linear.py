@@ -7,8 +7,11 @@ For every linear a decode step of the engine runs (fused qkv, o, fused gate-up, 
 then the LM head: `nxcore.modules`), with random bf16 weights of the checkpoint's shapes (default: the TinyLlama shape), it
 times the whole chain at each row count (tokens in the step) through:
 - `nxcore::linear`, the op the engine calls (C++ GEMV up to `torch.ops.nxcore._gemv_rows()` rows,
-  oneDNN packed beyond; the Python op where the C++ ops are not built);
+  on CPUs with AMX nxcore's AMX kernel up to `torch.ops.nxcore._amx_rows()`, oneDNN packed beyond;
+  the Python op where the C++ ops are not built);
 - oneDNN on the weights packed once (`mkldnn::_linear_pointwise`);
+- on CPUs with AMX, nxcore's AMX kernel at every row count (`nxcore::amx_linear`, the copies
+  `prepack` made);
 - `F.linear` on the dense weights;
 - the C++ GEMV forced on (for row counts it takes, 1 and 2), streaming one weight row at a time
   and eight (`torch.ops.nxcore._set_gemv_streams`), whichever the vendor's default is.
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         lin.weight.data = w
         model.add_module(f"l{i}", lin)
     nx_linear.prepack(model)
+    if status is None and torch.ops.nxcore._amx_packed_count() > 0:
+        kernels["AMX (nxcore)"] = lambda x, i: torch.ops.nxcore.amx_linear(x, weights[i], None)
     print(f"{'rows':>4} {'kernel':<26} {'ms/step':>8} {'GB/s':>7} {'of bw':>6}")
     for rows in args.rows:
         fns = {name: chain(kernel, rows) for name, kernel in kernels.items()}

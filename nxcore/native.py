@@ -29,7 +29,9 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / name for name in ("linear.cpp", "invariant.cpp", "attention.cpp", "prefill_attention.cpp", "fused.cpp", "graph.cpp"))
+SOURCES = tuple(
+    CSRC / name for name in ("linear.cpp", "amx_linear.cpp", "invariant.cpp", "attention.cpp", "prefill_attention.cpp", "fused.cpp", "graph.cpp")
+)
 ENV_DISABLE = "NXSERVE_NATIVE"
 ENV_CACHE = "NXSERVE_NATIVE_CACHE"
 

@@ -29,6 +29,7 @@
 
 #include "cpu_features.h"
 #include "vnni_gemm.h"
+#include "amx_linear.h"
 #include "vnni_linear.h"
 
 #include <algorithm>
@@ -328,6 +329,8 @@ at::Tensor linear_invariant(const at::Tensor& x, const at::Tensor& weight, const
   const float* bp = bias_f ? bias_f->const_data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({x2d.size(0), N}, x.options());
   if (x2d.size(0) == 0) return y.view(out_shape);
+  // An AMX copy (CPUs with AMX): as invariant, at every row count (nxcore/csrc/amx_linear.cpp).
+  if (auto amx = nxcore::amx_linear(x2d, weight, bias, -1)) return amx->view(out_shape);
 #ifdef NXCORE_X86_GNU
   if (x.scalar_type() == at::kBFloat16 && nxcore::cpu_has_avx512_bf16()) {
     if (const auto packed = vnni_of(weight)) {

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include "cpu_features.h"
+#include "amx_linear.h"
 #include "vnni_linear.h"
 
 #include <algorithm>
@@ -336,6 +337,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
     return y.view(out_shape);
   }
 #endif
+  if (auto y = nxcore::amx_linear(x2d, weight, bias, nxcore::amx_linear_rows())) return y->view(out_shape);
   if (auto packed = packed_for(weight)) return linear_pointwise(x2d, *packed, bias).view(out_shape);
   return at::linear(x, weight, bias);
 }

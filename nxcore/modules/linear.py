@@ -19,6 +19,11 @@ On CPUs with AVX512-BF16 and no AMX (AMD EPYC), `prepack` makes nxcore's own VNN
 on it at every row count: faster than oneDNN there up to a few dozen rows, level beyond, and
 batch-invariant.
 
+On CPUs with AMX-BF16 (Intel Xeon), `prepack` also makes nxcore's AMX copy
+(`nxcore/csrc/amx_linear.cpp`, `amx_preferred`): `nxcore::linear` runs it for 2 to
+`torch.ops.nxcore._amx_rows()` rows (decode's batches, where it reads the weights faster than
+oneDNN), and batch-invariant linears at every row count.
+
 `nxcore::linear` is defined in C++ (`nxcore/csrc/linear.cpp`, built by `nxcore.native`): it runs
 the VNNI copy where there is one, oneDNN on the packed copy, on AMD CPUs an AVX512-BF16 GEMV on the dense weight for one or two rows
 (decode; measured faster there, slower than oneDNN on Intel), and `at::linear` otherwise, and compiled graphs call it without entering
@@ -127,22 +132,41 @@ def can_pack(dtype: torch.dtype) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def amx_preferred() -> bool:
+    """Whether `prepack` gives bf16 linears nxcore's AMX copies (nxcore/csrc/amx_linear.cpp): on CPUs
+    with AMX-BF16 unless NXSERVE_BF16_LINEAR says `onednn` or `vnni`. `nxcore::linear` runs them up
+    to `torch.ops.nxcore._amx_rows()` rows (decode's row counts, where they read the weights faster
+    than oneDNN) and oneDNN's packed copy beyond; `nxcore::linear_invariant` at every row count."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "vnni", "onednn"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: use auto, vnni or onednn")
+    return choice == "auto" and native.available() and bool(torch.ops.nxcore._amx_supported())
+
+
 def prepack(model: nn.Module) -> int:
     """Pack the weight of every `Linear` in `model` (CPU, packable dtype); returns how many.
     The packed copies are dropped when `model` is garbage-collected."""
     _drop_deferred()
     weights = []
+    amx = amx_preferred()
     vnni = vnni_preferred()
     for module in model.modules():
-        if isinstance(module, Linear) and (module.invariant or vnni) and module.weight.device.type == "cpu" and native.available():
-            # nxcore::linear and nxcore::linear_invariant run on the VNNI copy where there is one
-            # (bf16, AVX512-BF16; nxcore/csrc/invariant.cpp) and never read oneDNN's
-            weight = module.weight.detach()
-            if torch.ops.nxcore._pack_invariant(weight):
+        if not isinstance(module, Linear) or module.weight.device.type != "cpu":
+            continue
+        weight = module.weight.detach()
+        if native.available():
+            if amx and torch.ops.nxcore._pack_amx(weight):
+                # nxcore::linear runs it for few rows and oneDNN's copy (below) beyond;
+                # nxcore::linear_invariant runs it at every row count and never reads oneDNN's
+                weights.append(weight)
+                if module.invariant:
+                    continue
+            elif (module.invariant or vnni) and torch.ops.nxcore._pack_invariant(weight):
+                # nxcore::linear and nxcore::linear_invariant run on the VNNI copy where there is one
+                # (bf16, AVX512-BF16; nxcore/csrc/invariant.cpp) and never read oneDNN's
                 weights.append(weight)
                 continue
-        if isinstance(module, Linear) and module.weight.device.type == "cpu" and can_pack(module.weight.dtype):
-            weight = module.weight.detach()
+        if can_pack(module.weight.dtype):
             key = _key(weight)
             if key not in _PACKED:
                 _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(weight, None)
@@ -151,7 +175,7 @@ def prepack(model: nn.Module) -> int:
                 weights.append(weight)
     if weights:
         weakref.finalize(model, _drop, weights)
-    return len(weights)
+    return len({_key(w) for w in weights})
 
 
 _DEFERRED: list[list[torch.Tensor]] = []
@@ -176,3 +200,4 @@ def _drop_deferred() -> None:
             if native.available():
                 torch.ops.nxcore._unregister_packed(weight)
                 torch.ops.nxcore._unpack_invariant(weight)
+                torch.ops.nxcore._unpack_amx(weight)
