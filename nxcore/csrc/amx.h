@@ -59,20 +59,28 @@ NXCORE_AMX_TARGET inline void configure() {
 
 NXCORE_AMX_TARGET inline void release() { _tile_release(); }
 
-// C[16 RT x 16 CT] (float32, row stride ldc floats) = A . B over `steps` steps of 32 along K.
+// C[16 RT x 16 CT] (float32, row stride ldc floats) = A . B over `steps` steps of 32 along K
+// (ACC: C + A . B, C read first).
 // A: bf16 rows, row stride lda elements (16 RT rows are read). B: tile (step s, column tile j) at
 // b + s * b_step + j * b_col bytes, 16 rows of 64 bytes, row stride ldb bytes. Tiles 0-3 hold C,
 // 4-5 A, 6-7 B. With PF, each step also prefetches the b_step bytes `prefetch` bytes past its B
 // tiles (B contiguous, streamed from memory once: a tile register is not renamed, so a tile load
 // that misses the cache stalls the next step's products).
-template <int RT, int CT, bool PF = false>
+template <int RT, int CT, bool PF = false, bool ACC = false>
 NXCORE_AMX_TARGET inline void block(const uint16_t* a, int64_t lda, const char* b, int64_t b_step, int64_t b_col, int64_t ldb, int64_t steps,
                                     float* c, int64_t ldc, int64_t prefetch = 0) {
   static_assert((RT == 1 || RT == 2) && (CT == 1 || CT == 2));
-  _tile_zero(0);
-  if constexpr (CT > 1) _tile_zero(1);
-  if constexpr (RT > 1) _tile_zero(2);
-  if constexpr (RT > 1 && CT > 1) _tile_zero(3);
+  if constexpr (ACC) {
+    _tile_loadd(0, c, ldc * 4);
+    if constexpr (CT > 1) _tile_loadd(1, c + 16, ldc * 4);
+    if constexpr (RT > 1) _tile_loadd(2, c + 16 * ldc, ldc * 4);
+    if constexpr (RT > 1 && CT > 1) _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+  } else {
+    _tile_zero(0);
+    if constexpr (CT > 1) _tile_zero(1);
+    if constexpr (RT > 1) _tile_zero(2);
+    if constexpr (RT > 1 && CT > 1) _tile_zero(3);
+  }
   for (int64_t s = 0; s < steps; ++s) {
     const uint16_t* as = a + 32 * s;
     const char* bs = b + s * b_step;

@@ -30,6 +30,16 @@
 // exact zeros); on AMD EPYC, same harness and shape: 0.23 -> 0.18 ms at 128 tokens, 2.12 -> 1.93 at
 // 512, 29.0 -> 28.5 at 2048.
 //
+// On CPUs with AMX both products run on nxcore's own AMX tiles (nxcore/csrc/amx.h) where head_dim
+// is a multiple of 32, ATen's brgemm otherwise: brgemm looks its kernel up and loads a tile
+// configuration on each call, two calls a (query block, key block), where the tiles are configured
+// once per task; and the products stop at the last key a query block sees, as on the vdpbf16ps
+// path. Same bits (each element's sum over K runs in 32-element steps in order either way); on the
+// Intel Xeon (one thread, 8 heads of 64 over 4 KV heads, median of 9 alternating calls in one
+// process): 0.142 -> 0.112 ms at 128 tokens, 1.43 -> 1.19 at 512, 19.3 -> 17.0 at 2048. There the
+// softmax between the products is most of the time at 2048 tokens; key blocks of 256 and query
+// blocks of 32 measured within noise of these.
+//
 // Layout: q [B, H, T, D], k and v [B, KV, T, D] (KV divides H: query head h reads KV head
 // h / (H / KV)); out [B, H, T, D]. Query i attends keys 0..i. D must be even (bf16 pairs).
 // Each (batch row, KV head) packs its K^T and V blocks once into brgemm's VNNI layout; then
@@ -40,6 +50,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include "amx.h"
 #include "cpu_features.h"
 #include "vec_exp.h"
 #include "vnni_gemm.h"
@@ -92,15 +103,58 @@ NXCORE_TARGET void gemm_vnni(int64_t M, int64_t N, int64_t K, int64_t lda, int64
     nxcore::vnni::panel(M, K, a, lda, bw + n0, ldb, std::min(nxcore::vnni::kPanel, N - n0), FloatOut{c + n0, ldc, add});
 }
 
-// The products of query_block: AMX through ATen's brgemm where it packs bf16, else gemm_vnni.
+// Both products on AMX tiles (nxcore/csrc/amx.h), same arguments as at::native::cpublas::brgemm
+// with B in its VNNI layout ([K / 2][ldb][2]): M <= 64 rows of A are read in whole tiles of 16
+// (query_block pads q; p's extra rows are scratch whose results are never read), N and K multiples
+// of 32 (a head_dim that is not runs ATen's brgemm instead, see Products).
+template <int RT, int CT, bool ACC>
+NXCORE_AMX_TARGET inline void tiles(const at::BFloat16* a, int64_t lda, const char* b, int64_t ldb, int64_t steps, float* c, int64_t ldc) {
+  nxcore::amx::block<RT, CT, false, ACC>(reinterpret_cast<const uint16_t*>(a), lda, b, 16 * ldb * 4, 64, ldb * 4, steps, c, ldc);
+}
+
+template <bool ACC>
+NXCORE_AMX_TARGET void gemm_tiles(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, const at::BFloat16* a,
+                                  const at::BFloat16* b, float* c) {
+  const char* bb = reinterpret_cast<const char*>(b);
+  for (int64_t m0 = 0; m0 < M; m0 += 32) {
+    const at::BFloat16* am = a + m0 * lda;
+    float* cm = c + m0 * ldc;
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+      const bool two_rows = M - m0 > 16, two_cols = N - n0 > 16;
+      if (two_rows && two_cols)
+        tiles<2, 2, ACC>(am, lda, bb + n0 * 4, ldb, K / 32, cm + n0, ldc);
+      else if (two_rows)
+        tiles<2, 1, ACC>(am, lda, bb + n0 * 4, ldb, K / 32, cm + n0, ldc);
+      else if (two_cols)
+        tiles<1, 2, ACC>(am, lda, bb + n0 * 4, ldb, K / 32, cm + n0, ldc);
+      else
+        tiles<1, 1, ACC>(am, lda, bb + n0 * 4, ldb, K / 32, cm + n0, ldc);
+    }
+  }
+}
+
+// Which kernel runs the products of query_block: nxcore's AMX tiles (CPUs with AMX, head_dim a
+// multiple of 32), ATen's brgemm (oneDNN's AMX micro-kernels: other head_dims), else gemm_vnni.
+// Against ATen's brgemm on the Intel Xeon (one thread, 8 heads of 64 over 4 KV heads, the tiles
+// configured once per task instead of per call, products past a query block's last key skipped):
+// see the header.
+enum class Kernel { kTiles, kBrgemm, kVnni };
+
 struct Products {
-  bool amx;
+  Kernel kernel;
+  bool amx() const { return kernel != Kernel::kVnni; }
   void operator()(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add, const at::BFloat16* a, const at::BFloat16* b,
                   float* c) const {
-    if (amx)
+    if (kernel == Kernel::kTiles) {
+      if (add)
+        gemm_tiles<true>(M, N, K, lda, ldb, ldc, a, b, c);
+      else
+        gemm_tiles<false>(M, N, K, lda, ldb, ldc, a, b, c);
+    } else if (kernel == Kernel::kBrgemm) {
       at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, a, b, c);
-    else
+    } else {
       gemm_vnni(M, N, K, lda, ldb, ldc, add, a, b, c);
+    }
   }
 };
 
@@ -119,9 +173,9 @@ NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t 
     const int64_t keys = std::min(kKBlock, T - j0);
     // Columns of the block any row of this query block may see, in whole vectors of 32 (the
     // block's rest is masked for every row); ATen's brgemm keeps the whole block.
-    const int64_t cols = brgemm.amx ? kKBlock : std::min(kKBlock, (last_key - j0 + 32) / 32 * 32);
+    const int64_t cols = brgemm.kernel == Kernel::kBrgemm ? kKBlock : std::min(kKBlock, (last_key - j0 + 32) / 32 * 32);
     // s[rows, cols] = q[rows, D] . K^T[D, cols]
-    brgemm(rows, cols, D, q_stride, kKBlock, kKBlock, false, q + i0 * q_stride, kt + blk * D * kKBlock, s);
+    brgemm(rows, cols, D, q_stride, kKBlock, kKBlock, false, q, kt + blk * D * kKBlock, s);
     for (int64_t r = 0; r < rows; ++r) {
       const float* sr = s + r * kKBlock;
       const int64_t allowed = std::min(keys, i0 + r - j0 + 1);  // keys j0 .. j0 + allowed - 1 are at or before the query
@@ -218,8 +272,10 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
       }
     }
   });
-  const Products products{at::native::cpublas::could_pack(at::kBFloat16)};
-  const int64_t qblock = products.amx ? kQBlockAmx : kQBlockVnni;
+  const Products products{nxcore::amx::supported() && D % 32 == 0    ? Kernel::kTiles
+                           : at::native::cpublas::could_pack(at::kBFloat16) ? Kernel::kBrgemm
+                                                                            : Kernel::kVnni};
+  const int64_t qblock = products.amx() ? kQBlockAmx : kQBlockVnni;
   const int64_t qblocks = (T + qblock - 1) / qblock, group = H / KV;
   const auto* qp = qc.const_data_ptr<at::BFloat16>();
   auto* op = out.mutable_data_ptr<at::BFloat16>();
@@ -227,15 +283,23 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   // threads finish together.
   at::parallel_for(0, B * H * qblocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s(qblock * kKBlock), acc(qblock * D), m(qblock), l(qblock);
-    std::vector<at::BFloat16> p(qblock * kKBlock);
+    std::vector<at::BFloat16> p(qblock * kKBlock), qpad(products.kernel == Kernel::kTiles ? qblock * D : 0);
+    if (products.kernel == Kernel::kTiles) nxcore::amx::configure();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / qblocks, qb = qblocks - 1 - t % qblocks;
       const int64_t b = bh / H, h = bh % H, bk = b * KV + h / group;
       const int64_t i0 = qb * qblock, rows = std::min(qblock, T - i0);
-      query_block(qp + bh * T * D, D, i0, rows, T, D, ktp + bk * nblk * D * kKBlock, vpp + bk * nblk * kKBlock * D, static_cast<float>(scale),
+      const at::BFloat16* qrows = qp + (bh * T + i0) * D;
+      if (products.kernel == Kernel::kTiles && rows % 16 != 0) {  // the tiles read whole 16-row tiles of q
+        std::copy(qrows, qrows + rows * D, qpad.begin());
+        std::fill(qpad.begin() + rows * D, qpad.end(), at::BFloat16(0.f));
+        qrows = qpad.data();
+      }
+      query_block(qrows, D, i0, rows, T, D, ktp + bk * nblk * D * kKBlock, vpp + bk * nblk * kKBlock * D, static_cast<float>(scale),
                   op + bh * T * D, D, s.data(), p.data(), acc.data(), m.data(), l.data(), products);
     }
-    if (products.amx) at::native::cpublas::brgemm_release();
+    if (products.kernel == Kernel::kTiles) nxcore::amx::release();
+    if (products.kernel == Kernel::kBrgemm) at::native::cpublas::brgemm_release();
   });
 #endif
   return out;
