@@ -15,6 +15,8 @@
 //   on AMD and eight at once on Intel. A TinyLlama-shaped chain of decode linears ran at 90-94% of a
 //   `torch.sum` read of the same bytes on AMD, where oneDNN's packed GEMV ran at 66-74% and
 //   `F.linear` at about 50%; at 83-90% on Intel against oneDNN's 76-86% (`python -m bench.linear`).
+// - bf16 on CPUs with AMX, where prepack made an AMX copy: 2-32 rows, and one row over weights of
+//   at most 1024 in_features (nxcore/csrc/amx_linear.cpp).
 // - bf16, more rows (prefill, batched decode): oneDNN on the weight packed once at load
 //   (`mkldnn::_linear_pointwise`, packing registered by `nxcore::_register_packed`).
 // - anything else (float32, an unregistered weight, no AVX512-BF16): `at::linear`.
@@ -43,6 +45,7 @@
 namespace {
 
 constexpr int64_t kGemvMaxRows = NXCORE_GEMV_MAX_ROWS;  // at most 2: see gemv_bf16
+constexpr int64_t kAmxOneRowMaxK = 1024;  // in_features up to which one row runs the AMX copy, see linear()
 static_assert(kGemvMaxRows >= 0 && kGemvMaxRows <= 2);
 
 // ---- registry of oneDNN-packed weights, keyed by the dense weight they were packed from ----
@@ -330,6 +333,11 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   out_shape.back() = N;
   const at::Tensor x2d = x.reshape({-1, K}).contiguous();
   if (auto y = nxcore::vnni_linear(x2d, weight, bias)) return y->view(out_shape);
+  // One row over short weight rows: the AMX copy's contiguous tiles stream faster than the GEMV's
+  // row after row (Intel Xeon, one thread, one row, weights from memory: 10.1-10.8 against
+  // 8.2-9.1 GB/s at K = 512 and 576, 1.04-1.07x at 1024, the GEMV 1.05-1.09x from K = 1536 on).
+  if (K <= kAmxOneRowMaxK)
+    if (auto y = nxcore::amx_linear(x2d, weight, bias, nxcore::amx_linear_rows())) return y->view(out_shape);
 #ifdef NXCORE_X86_GNU
   if (gemv_applies(x2d, weight, bias)) {
     at::Tensor y = at::empty({x2d.size(0), N}, x.options());

@@ -112,6 +112,8 @@ def test_the_default_linear_runs_the_amx_copy_up_to_its_rows_and_onednn_beyond()
     few = x[:limit]
     assert "mkldnn::_linear_pointwise" not in _ops(first, few)
     assert torch.equal(first(few), torch.ops.nxcore.amx_linear(few, first.weight, first.bias))
+    # one row over short weight rows (in_features <= 1024) too, rather than the GEMV
+    assert torch.equal(first(x[3:4]), torch.ops.nxcore.amx_linear(x[3:4], first.weight, first.bias))
     assert "mkldnn::_linear_pointwise" in _ops(first, x)
     torch.testing.assert_close(first(x).float(), F.linear(x.float(), first.weight.float(), first.bias.float()), rtol=1.6e-2, atol=0.1)
     before = torch.ops.nxcore._set_amx_rows(0)  # off: oneDNN from two rows on
