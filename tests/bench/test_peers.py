@@ -354,7 +354,7 @@ def test_vllm_worker_sizes_the_model_for_the_ttft_prompts(monkeypatch: pytest.Mo
     assert result["version"] == "0.0-test" and set(Figures.from_dict(result).ttft_ms) == {16, 300}
 
 
-def test_vllm_gets_tcmalloc_where_its_wheel_bundles_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vllm_gets_tcmalloc_and_intel_openmp_preloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bench.peers import vllm_env
 
     libs = tmp_path / "sys"
@@ -371,3 +371,10 @@ def test_vllm_gets_tcmalloc_where_its_wheel_bundles_none(tmp_path: Path, monkeyp
     (site / "vllm" / "libs").mkdir()
     (site / "vllm" / "libs" / "libtcmalloc_minimal.so.4").write_bytes(b"")
     assert vllm_env.with_allocator({}, venv) == {}  # vLLM preloads its own copy
+    # Intel OpenMP from the venv on x86, after TCMalloc, unless an OpenMP is preloaded already
+    (venv / "lib" / "libiomp5.so").write_bytes(b"")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert vllm_env.with_allocator({}, venv) == {"LD_PRELOAD": str(venv / "lib" / "libiomp5.so")}
+    assert vllm_env.with_allocator({"LD_PRELOAD": "/x/libgomp.so"}, venv) == {"LD_PRELOAD": "/x/libgomp.so"}
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert vllm_env.with_allocator({}, venv) == {}
