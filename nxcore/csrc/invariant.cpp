@@ -20,6 +20,10 @@
 // `linear_vnni` instead: one float32 lane per output element over the pairs of K in order, as
 // invariant and ~1.5x faster (see there). On CPUs without AMX the default mode's `nxcore::linear`
 // runs it too (`nxcore::vnni_linear`), so there the mode costs nothing in the linears.
+//
+// On CPUs with AMX a bf16 weight with an AMX copy (`_pack_amx`) runs nxcore/csrc/amx_linear.cpp
+// instead, at every row count: each element one tile lane summed over K in steps of 32 in order,
+// as invariant, and the default mode's kernel there for 2-32 rows.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
