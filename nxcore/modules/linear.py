@@ -22,7 +22,9 @@ batch-invariant.
 On CPUs with AMX-BF16 (Intel Xeon), `prepack` also makes nxcore's AMX copy
 (`nxcore/csrc/amx_linear.cpp`, `amx_preferred`): `nxcore::linear` runs it for 2 to
 `torch.ops.nxcore._amx_rows()` rows (decode's batches, where it reads the weights faster than
-oneDNN), and batch-invariant linears at every row count.
+oneDNN) and for one row over weights of at most 1024 in_features (faster than the GEMV there), and
+batch-invariant linears at every row count. Such CPUs then hold three copies of each bf16 weight
+(dense, AMX, oneDNN's for more rows).
 
 `nxcore::linear` is defined in C++ (`nxcore/csrc/linear.cpp`, built by `nxcore.native`): it runs
 the VNNI copy where there is one, oneDNN on the packed copy, on AMD CPUs an AVX512-BF16 GEMV on the dense weight for one or two rows
@@ -136,7 +138,8 @@ def amx_preferred() -> bool:
     """Whether `prepack` gives bf16 linears nxcore's AMX copies (nxcore/csrc/amx_linear.cpp): on CPUs
     with AMX-BF16 unless NXSERVE_BF16_LINEAR says `onednn` or `vnni`. `nxcore::linear` runs them up
     to `torch.ops.nxcore._amx_rows()` rows (decode's row counts, where they read the weights faster
-    than oneDNN) and oneDNN's packed copy beyond; `nxcore::linear_invariant` at every row count."""
+    than oneDNN; one row only over short weight rows, see nxcore/csrc/linear.cpp) and oneDNN's
+    packed copy beyond; `nxcore::linear_invariant` at every row count."""
     choice = os.environ.get(KERNEL_ENV, "auto")
     if choice not in ("auto", "vnni", "onednn"):
         raise ValueError(f"{KERNEL_ENV}={choice!r}: use auto, vnni or onednn")
