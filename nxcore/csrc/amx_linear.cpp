@@ -31,13 +31,12 @@
 
 #include "amx.h"
 #include "amx_linear.h"
+#include "weight_registry.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <mutex>
 #include <optional>
-#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -48,27 +47,9 @@ constexpr int64_t kRowBlock = 32;         // rows of x per block (two row tiles)
 constexpr int64_t kChunkBytes = 1 << 20;  // weight bytes per thread chunk
 
 
-struct WeightKey {
-  const void* data;
-  int64_t n, k;
-  bool operator==(const WeightKey& o) const { return data == o.data && n == o.n && k == o.k; }
-};
-struct WeightKeyHash {
-  size_t operator()(const WeightKey& key) const { return std::hash<const void*>()(key.data) ^ (std::hash<int64_t>()(key.n) << 1); }
-};
-std::mutex amx_mutex;
-std::unordered_map<WeightKey, at::Tensor, WeightKeyHash> amx_registry;
-std::atomic<int64_t> amx_entries{0};  // read without the lock: most calls on CPUs without AMX ask first
+nxcore::WeightRegistry amx_registry;
 
-WeightKey weight_key(const at::Tensor& w) { return {w.const_data_ptr(), w.size(0), w.size(1)}; }
-
-std::optional<at::Tensor> amx_of(const at::Tensor& w) {
-  if (amx_entries.load(std::memory_order_relaxed) == 0 || w.dim() != 2) return std::nullopt;
-  std::lock_guard<std::mutex> lock(amx_mutex);
-  auto it = amx_registry.find(weight_key(w));
-  if (it == amx_registry.end()) return std::nullopt;
-  return it->second;
-}
+std::optional<at::Tensor> amx_of(const at::Tensor& w) { return amx_registry.find(w); }
 
 // Bytes ahead of its B tiles each step prefetches when every panel is read once (M <= 32). 0: off.
 std::atomic<int64_t>& prefetch_setting() {
@@ -179,23 +160,13 @@ bool pack_amx(const at::Tensor& weight) {
             for (int64_t kp = 0; kp < 16; ++kp) out[(((p * steps + s) * 2 + j) * 16 + kp) * 16 + col] = w[n * (K / 2) + s * 16 + kp];
           }
   });
-  std::lock_guard<std::mutex> lock(amx_mutex);
-  amx_registry[weight_key(weight)] = packed;
-  amx_entries.store(static_cast<int64_t>(amx_registry.size()), std::memory_order_relaxed);
+  amx_registry.put(weight, packed);
   return true;
 }
 
-void unpack_amx(const at::Tensor& weight) {
-  if (weight.dim() != 2) return;
-  std::lock_guard<std::mutex> lock(amx_mutex);
-  amx_registry.erase(weight_key(weight));
-  amx_entries.store(static_cast<int64_t>(amx_registry.size()), std::memory_order_relaxed);
-}
+void unpack_amx(const at::Tensor& weight) { amx_registry.erase(weight); }
 
-int64_t amx_packed_count() {
-  std::lock_guard<std::mutex> lock(amx_mutex);
-  return static_cast<int64_t>(amx_registry.size());
-}
+int64_t amx_packed_count() { return amx_registry.size(); }
 
 int64_t amx_rows() { return rows_setting().load(); }
 

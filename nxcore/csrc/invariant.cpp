@@ -35,12 +35,10 @@
 #include "vnni_gemm.h"
 #include "amx_linear.h"
 #include "vnni_linear.h"
+#include "weight_registry.h"
 
 #include <algorithm>
-#include <atomic>
-#include <mutex>
 #include <optional>
-#include <unordered_map>
 #include <type_traits>
 
 #ifdef NXCORE_X86_GNU
@@ -251,29 +249,9 @@ void linear_scalar(const at::Tensor& x, const at::Tensor& w, const float* bias, 
 }
 
 // ---- registry of VNNI copies, keyed by the dense weight they were packed from ----
-struct WeightKey {
-  const void* data;
-  int64_t n, k;
-  bool operator==(const WeightKey& o) const { return data == o.data && n == o.n && k == o.k; }
-};
-struct WeightKeyHash {
-  size_t operator()(const WeightKey& key) const { return std::hash<const void*>()(key.data) ^ (std::hash<int64_t>()(key.n) << 1); }
-};
-std::mutex vnni_mutex;
-std::unordered_map<WeightKey, at::Tensor, WeightKeyHash> vnni_registry;
-// Its size, read without the lock: every nxcore::linear call asks for a copy first, and on CPUs
-// with AMX (oneDNN's kernels, no copies) the answer is known without locking or hashing.
-std::atomic<int64_t> vnni_entries{0};
+nxcore::WeightRegistry vnni_registry;
 
-WeightKey weight_key(const at::Tensor& w) { return {w.const_data_ptr(), w.size(0), w.size(1)}; }
-
-std::optional<at::Tensor> vnni_of(const at::Tensor& w) {
-  if (vnni_entries.load(std::memory_order_relaxed) == 0) return std::nullopt;
-  std::lock_guard<std::mutex> lock(vnni_mutex);
-  auto it = vnni_registry.find(weight_key(w));
-  if (it == vnni_registry.end()) return std::nullopt;
-  return it->second;
-}
+std::optional<at::Tensor> vnni_of(const at::Tensor& w) { return vnni_registry.find(w); }
 
 bool vnni_supported() {
 #ifdef NXCORE_X86_GNU
@@ -299,23 +277,13 @@ bool pack_invariant(const at::Tensor& weight) {
       for (int64_t j = 0; j < std::min(kPanel, N - p * kPanel); ++j)
         for (int64_t kp = 0; kp < pairs; ++kp) out[(p * pairs + kp) * kPanel + j] = w[(p * kPanel + j) * pairs + kp];
   });
-  std::lock_guard<std::mutex> lock(vnni_mutex);
-  vnni_registry[weight_key(weight)] = packed;
-  vnni_entries.store(static_cast<int64_t>(vnni_registry.size()), std::memory_order_relaxed);
+  vnni_registry.put(weight, packed);
   return true;
 }
 
-int64_t invariant_packed_count() {
-  std::lock_guard<std::mutex> lock(vnni_mutex);
-  return static_cast<int64_t>(vnni_registry.size());
-}
+int64_t invariant_packed_count() { return vnni_registry.size(); }
 
-void unpack_invariant(const at::Tensor& weight) {
-  if (weight.dim() != 2) return;
-  std::lock_guard<std::mutex> lock(vnni_mutex);
-  vnni_registry.erase(weight_key(weight));
-  vnni_entries.store(static_cast<int64_t>(vnni_registry.size()), std::memory_order_relaxed);
-}
+void unpack_invariant(const at::Tensor& weight) { vnni_registry.erase(weight); }
 
 at::Tensor linear_invariant(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2, "nxcore::linear_invariant: weight must be 2-D, got ", weight.sizes());
