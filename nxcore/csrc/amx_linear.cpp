@@ -1,14 +1,17 @@
 // bf16 linears on Intel AMX tiles, on a copy of the weight packed once at load (`_pack_amx`, made
 // by nxcore.modules.linear.prepack on CPUs with AMX).
 //
-// Why: on the Intel Xeon with AMX of this project (2 cores, one thread here), oneDNN's packed GEMM
-// at decode's row counts (2-32 rows) reads the weights slower than memory allows: a chain of the
-// llama 512x8's linears (8 layers and the LM head, 92 MB) took 15.6-16.6 ms at 2-16 rows and 25 ms
-// at 32 where this kernel took 12.0-12.9 and 20.6 (1.22-1.30x; 1.30-1.40x on two threads), the
-// weight streamed at ~7.7 GB/s, what a plain read of it reaches. From 64 rows on the products
-// are the work, and oneDNN's kernels ran them faster (this kernel 0.73-0.90x at 64-256 rows), so
-// `nxcore::linear` runs this one up to `_amx_rows()` rows (32) and oneDNN beyond; one-row calls keep
-// the GEMV of nxcore/csrc/linear.cpp. Measured with `python -m bench.linear --kernels amx onednn`.
+// Why: on the Intel Xeon with AMX of this project (2 cores), oneDNN's packed GEMM at decode's row
+// counts reads the weights slower than memory allows. A chain of the llama 512x8's decode linears
+// (8 layers and the LM head, 92 MB; one thread, median of six alternating rounds) took 10.0-11.9 ms
+// at 1-32 rows on this kernel against oneDNN's 16.3-17.9 (1.5-1.8x; 1.7-2.0x on two threads), the
+// weight streamed at ~10 GB/s, what a plain read of it reaches; 10.4-14.5 against 13.0-15.0 at
+// 40-64 rows (6.0-6.7 against 7.3-8.4 on two threads), level at 96-128. Without the weight
+// prefetch below it was 1.3-1.4x slower at 1-32 rows and 0.77x oneDNN at 64. Beyond, the products
+// are the work and oneDNN's kernels ran them faster (this kernel 0.65-0.9x at 256-2048 rows, with
+// or without blocking K), so `nxcore::linear` runs this one up to `_amx_rows()` rows (64) and
+// oneDNN beyond; one row only over short weight rows (nxcore/csrc/linear.cpp). Measured with
+// `python -m bench.linear --model /tmp/peers/llama-512x8 --rows 1 8 32 64`.
 //
 // Batch invariance: each output element is one float32 tile lane summed over the pairs of K in
 // order (TDPBF16PS, 32 elements of K a step, steps in order), rounded once to bf16 after the bias.
@@ -45,13 +48,14 @@ constexpr int64_t kPanel = 32;            // output features per panel (two colu
 constexpr int64_t kStep = 32;             // elements of K per tile step
 constexpr int64_t kRowBlock = 32;         // rows of x per block (two row tiles)
 constexpr int64_t kChunkBytes = 1 << 20;  // weight bytes per thread chunk
+constexpr int64_t kPrefetchRows = 64;     // rows up to which the weight stream is prefetched
 
 
 nxcore::WeightRegistry amx_registry;
 
 std::optional<at::Tensor> amx_of(const at::Tensor& w) { return amx_registry.find(w); }
 
-// Bytes ahead of its B tiles each step prefetches when every panel is read once (M <= 32). 0: off.
+// Bytes ahead of its B tiles each step prefetches (M <= kPrefetchRows). 0: off.
 std::atomic<int64_t>& prefetch_setting() {
   static std::atomic<int64_t> bytes{1024};
   return bytes;
@@ -59,7 +63,7 @@ std::atomic<int64_t>& prefetch_setting() {
 
 // Rows up to which nxcore::linear runs this kernel (default mode). 0: never.
 std::atomic<int64_t>& rows_setting() {
-  static std::atomic<int64_t> rows{32};
+  static std::atomic<int64_t> rows{64};
   return rows;
 }
 
@@ -97,7 +101,7 @@ NXCORE_AMX_TARGET void run_panels(const uint16_t* x, const uint16_t* tail, int64
     const uint16_t* a = rows == kRowBlock ? x + m0 * K : tail;
     for (int64_t p = p0; p < p1; ++p) {
       const char* b = packed + p * panel_bytes;
-      if (M <= kRowBlock && prefetch > 0) {  // each panel read once, from memory
+      if (M <= kPrefetchRows && prefetch > 0) {  // each panel read once or twice, from memory
         if (rows > 16)
           nxcore::amx::block<2, 2, true>(a, K, b, 2048, 1024, 64, steps, c, kPanel, prefetch);
         else

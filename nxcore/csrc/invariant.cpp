@@ -23,7 +23,7 @@
 //
 // On CPUs with AMX a bf16 weight with an AMX copy (`_pack_amx`) runs nxcore/csrc/amx_linear.cpp
 // instead, at every row count: each element one tile lane summed over K in steps of 32 in order,
-// as invariant, and the default mode's kernel there for 2-32 rows.
+// as invariant, and the default mode's kernel there for 2-64 rows.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -15,7 +15,7 @@
 //   on AMD and eight at once on Intel. A TinyLlama-shaped chain of decode linears ran at 90-94% of a
 //   `torch.sum` read of the same bytes on AMD, where oneDNN's packed GEMV ran at 66-74% and
 //   `F.linear` at about 50%; at 83-90% on Intel against oneDNN's 76-86% (`python -m bench.linear`).
-// - bf16 on CPUs with AMX, where prepack made an AMX copy: 2-32 rows, and one row over weights of
+// - bf16 on CPUs with AMX, where prepack made an AMX copy: 2-64 rows, and one row over weights of
 //   at most 1024 in_features (nxcore/csrc/amx_linear.cpp).
 // - bf16, more rows (prefill, batched decode): oneDNN on the weight packed once at load
 //   (`mkldnn::_linear_pointwise`, packing registered by `nxcore::_register_packed`).

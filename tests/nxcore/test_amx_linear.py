@@ -56,9 +56,11 @@ def test_amx_linear_is_a_float32_product_and_rows_are_independent(n: int, k: int
         torch.ops.nxcore._unpack_amx(w)
     torch.testing.assert_close(full.float(), _exact(x, w, b), rtol=1.6e-2, atol=1e-2 * k**0.5)
     assert torch.ops.nxcore._pack_amx(w)
-    before = torch.ops.nxcore._set_amx_prefetch(0)  # the prefetch (M <= 32) moves no bits
+    # the weight prefetch (up to 64 rows; the 103-row call above ran without) moves no bits
+    assert torch.equal(torch.ops.nxcore.amx_linear(x[:64], w, b), full[:64])
+    before = torch.ops.nxcore._set_amx_prefetch(0)
     try:
-        assert torch.equal(torch.ops.nxcore.amx_linear(x[:32], w, b), full[:32])
+        assert torch.equal(torch.ops.nxcore.amx_linear(x[:64], w, b), full[:64])
     finally:
         torch.ops.nxcore._set_amx_prefetch(before)
         torch.ops.nxcore._unpack_amx(w)
