@@ -159,6 +159,8 @@ struct Products {
 };
 
 // One query block of one head: out[rows, D] = softmax(q k^T * scale, causal) v.
+// q: the block's first query row (query i0), rows q_stride apart (on AMX tiles, whole tiles of 16
+// rows are read: the caller pads a last block that ends inside one).
 // kt: K^T blocks packed for brgemm ([nblk][D/2][kKBlock][2]); vp: V blocks packed ([nblk][kKBlock/2][D][2]).
 NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t i0, int64_t rows, int64_t T, int64_t D,
                                const at::BFloat16* kt, const at::BFloat16* vp, float scale, at::BFloat16* out, int64_t out_stride,
