@@ -3,12 +3,12 @@
 //
 // Why: on the Intel Xeon with AMX of this project (2 cores), oneDNN's packed GEMM at decode's row
 // counts reads the weights slower than memory allows. A chain of the llama 512x8's decode linears
-// (8 layers and the LM head, 92 MB; one thread, median of six alternating rounds) took 10.0-11.9 ms
-// at 1-32 rows on this kernel against oneDNN's 16.3-17.9 (1.5-1.8x; 1.7-2.0x on two threads), the
-// weight streamed at ~10 GB/s, what a plain read of it reaches; 10.4-14.5 against 13.0-15.0 at
-// 40-64 rows (6.0-6.7 against 7.3-8.4 on two threads), level at 96-128. Without the weight
-// prefetch below it was 1.3-1.4x slower at 1-32 rows and 0.77x oneDNN at 64. Beyond, the products
-// are the work and oneDNN's kernels ran them faster (this kernel 0.65-0.9x at 256-2048 rows, with
+// (8 layers and the LM head, 92 MB; one thread, median of six alternating rounds, two runs) took
+// 9.5-13.6 ms at 1-32 rows on this kernel against oneDNN's 16.3-26.3 (1.5-1.9x; 1.7-2.0x on two
+// threads), the weight streamed at ~10 GB/s, what a plain read of it reaches; 10.4-14.5 against
+// 12.0-15.0 at 40-64 rows (6.0-6.7 against 7.3-8.4 on two threads), level at 96-128. Without the
+// weight prefetch below it was 1.06-1.45x slower at 1-32 rows and 0.77x oneDNN at 64. Beyond, the
+// products are the work and oneDNN's kernels ran them faster (this kernel 0.61-0.93x at 256-2048 rows, with
 // or without blocking K), so `nxcore::linear` runs this one up to `_amx_rows()` rows (64) and
 // oneDNN beyond; one row only over short weight rows (nxcore/csrc/linear.cpp). Measured with
 // `python -m bench.linear --model /tmp/peers/llama-512x8 --rows 1 8 32 64`.
@@ -49,7 +49,6 @@ constexpr int64_t kStep = 32;             // elements of K per tile step
 constexpr int64_t kRowBlock = 32;         // rows of x per block (two row tiles)
 constexpr int64_t kChunkBytes = 1 << 20;  // weight bytes per thread chunk
 constexpr int64_t kPrefetchRows = 64;     // rows up to which the weight stream is prefetched
-
 
 nxcore::WeightRegistry amx_registry;
 
@@ -172,8 +171,6 @@ void unpack_amx(const at::Tensor& weight) { amx_registry.erase(weight); }
 
 int64_t amx_packed_count() { return amx_registry.size(); }
 
-int64_t amx_rows() { return rows_setting().load(); }
-
 int64_t set_amx_prefetch(int64_t bytes) {
   TORCH_CHECK(bytes >= 0 && bytes % 64 == 0, "nxcore::_set_amx_prefetch: bytes must be a multiple of 64, >= 0, got ", bytes);
   return prefetch_setting().exchange(bytes);
@@ -225,7 +222,7 @@ TORCH_LIBRARY_FRAGMENT(nxcore, m) {
   m.def("_pack_amx(Tensor weight) -> bool", &pack_amx);
   m.def("_unpack_amx(Tensor weight) -> ()", &unpack_amx);
   m.def("_amx_packed_count() -> int", &amx_packed_count);
-  m.def("_amx_rows() -> int", &amx_rows);
+  m.def("_amx_rows() -> int", &nxcore::amx_linear_rows);
   m.def("_set_amx_rows(int rows) -> int", &set_amx_rows);
   m.def("_set_amx_prefetch(int bytes) -> int", &set_amx_prefetch);
 }

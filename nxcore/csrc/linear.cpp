@@ -333,19 +333,21 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   out_shape.back() = N;
   const at::Tensor x2d = x.reshape({-1, K}).contiguous();
   if (auto y = nxcore::vnni_linear(x2d, weight, bias)) return y->view(out_shape);
-  // One row over short weight rows: the AMX copy's contiguous tiles stream faster than the GEMV's
-  // row after row (Intel Xeon, one thread, one row, weights from memory: 10.1-10.8 against
-  // 8.2-9.1 GB/s at K = 512 and 576, 1.04-1.07x at 1024, the GEMV 1.05-1.09x from K = 1536 on).
-  if (K <= kAmxOneRowMaxK)
+  const bool gemv = gemv_applies(x2d, weight, bias);
+  // The AMX copy (up to amx_linear_rows() rows) before the GEMV, except over long weight rows: for
+  // one row its contiguous tiles stream faster than the GEMV's row after row over short ones
+  // (Intel Xeon, one thread, one row, weights from memory: 10.1-10.8 against 8.2-9.1 GB/s at K =
+  // 512 and 576, 1.04-1.07x at 1024, 0.97-1.05x at 1536), the GEMV faster over long ones (1.04-1.09x
+  // at K = 2048-5632).
+  if (!gemv || K <= kAmxOneRowMaxK)
     if (auto y = nxcore::amx_linear(x2d, weight, bias, nxcore::amx_linear_rows())) return y->view(out_shape);
 #ifdef NXCORE_X86_GNU
-  if (gemv_applies(x2d, weight, bias)) {
+  if (gemv) {
     at::Tensor y = at::empty({x2d.size(0), N}, x.options());
     gemv_bf16(x2d, weight, bias, y);
     return y.view(out_shape);
   }
 #endif
-  if (auto y = nxcore::amx_linear(x2d, weight, bias, nxcore::amx_linear_rows())) return y->view(out_shape);
   if (auto packed = packed_for(weight)) return linear_pointwise(x2d, *packed, bias).view(out_shape);
   return at::linear(x, weight, bias);
 }

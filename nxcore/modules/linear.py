@@ -113,6 +113,13 @@ KERNEL_ENV = "NXSERVE_BF16_LINEAR"
 """Which kernel bf16 linears run (read by `prepack`): `auto` (default), `vnni` or `onednn`."""
 
 
+def _kernel_choice() -> str:
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "vnni", "onednn"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: use auto, vnni or onednn")
+    return choice
+
+
 def vnni_preferred() -> bool:
     """Whether `prepack` gives bf16 linears nxcore's own VNNI-packed weights rather than oneDNN's.
     `auto`: on CPUs with AVX512-BF16 and no AMX, where they measured faster at few rows and level
@@ -120,9 +127,7 @@ def vnni_preferred() -> bool:
     0.99-1.21x at 32, 0.93-1.09x at 128-512; 1.0-1.37x the C++ GEMV at one row); oneDNN's AMX
     kernels elsewhere. `vnni` wherever AVX512-BF16
     runs, `onednn` never (NXSERVE_BF16_LINEAR)."""
-    choice = os.environ.get(KERNEL_ENV, "auto")
-    if choice not in ("auto", "vnni", "onednn"):
-        raise ValueError(f"{KERNEL_ENV}={choice!r}: use auto, vnni or onednn")
+    choice = _kernel_choice()
     if choice == "onednn" or not native.available():
         return False
     return choice == "vnni" or bool(torch.ops.nxcore._linear_vnni_preferred())
@@ -140,10 +145,7 @@ def amx_preferred() -> bool:
     to `torch.ops.nxcore._amx_rows()` rows (decode's row counts, where they read the weights faster
     than oneDNN; one row only over short weight rows, see nxcore/csrc/linear.cpp) and oneDNN's
     packed copy beyond; `nxcore::linear_invariant` at every row count."""
-    choice = os.environ.get(KERNEL_ENV, "auto")
-    if choice not in ("auto", "vnni", "onednn"):
-        raise ValueError(f"{KERNEL_ENV}={choice!r}: use auto, vnni or onednn")
-    return choice == "auto" and native.available() and bool(torch.ops.nxcore._amx_supported())
+    return _kernel_choice() == "auto" and native.available() and bool(torch.ops.nxcore._amx_supported())
 
 
 def prepack(model: nn.Module) -> int:
