@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from nxserve.rpc.flags import SERVICE_DEFAULTS, SERVICE_GRAPHS, EngineFlags, add_core_turns_flag, add_kv_shm_flag, add_server_flags
+from nxserve.rpc.gcheap import freeze_startup_heap
 from nxserve.rpc.server import DECODE_MAX_MESSAGE_BYTES, install_shutdown, run_service, set_health, start_server
 from nxserve.v1 import decode_pb2
 
@@ -75,6 +76,7 @@ async def serve(args: argparse.Namespace) -> None:
     servicer.attach(loop, limits=Limits.for_engine(engine))
     servicer.metrics.observe(loop.load)
     kv.advertise()
+    freeze_startup_heap()
     await set_health(started.health, SERVICE, serving=True)
     log.info(
         "SERVING %s on port %d after %.1fs: %d slots, seq_len %d",

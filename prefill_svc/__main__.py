@@ -21,6 +21,7 @@ from nxserve.rpc.flags import (
     positive_int,
     stream_interval,
 )
+from nxserve.rpc.gcheap import freeze_startup_heap
 from nxserve.rpc.security import ApiKeys, ChannelTLS, ClientGate
 from nxserve.rpc.server import MAX_KV_CHUNK_BYTES, add_service, install_shutdown, run_service, set_health, start_server
 from nxserve.rpc.validate import PROMPT_BYTES_PER_TOKEN
@@ -247,6 +248,7 @@ async def serve(args: argparse.Namespace) -> None:
     await router.start()
     limits = Limits.for_engine(engine, max_prompt_bytes=args.max_prompt_bytes)
     servicer.attach(engine=engine, worker=worker, router=router, tokenizer=tokenizer, kv=kv, limits=limits)
+    freeze_startup_heap()
     await set_health(started.health, SERVICE, serving=True)
     log.info(
         "SERVING %s on port %d after %.1fs: buckets %s, %d decode replica(s), %d up",

@@ -52,6 +52,7 @@ async def serve(args: argparse.Namespace) -> None:
 
     from nxserve.client import AsyncClient
     from nxserve.openai.server import Gateway
+    from nxserve.rpc.gcheap import freeze_startup_heap
 
     context = _ssl_context(args)
     client = AsyncClient(args.target, timeout=args.timeout, tls_ca=args.target_tls_ca, tls=args.target_tls)
@@ -60,6 +61,7 @@ async def serve(args: argparse.Namespace) -> None:
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, ssl_context=context)
     await site.start()
+    freeze_startup_heap()
     port = runner.addresses[0][1]
     scheme = "https" if context else "http"
     log.info("OpenAI-compatible API on %s://%s:%d/v1 over nxserve.v1.Generation at %s", scheme, args.host, port, args.target)

@@ -39,6 +39,8 @@ def test_full_decode_queue_is_resource_exhausted_and_cluster_stops_cleanly(model
     cluster.start()
     log_dir = cluster.log_dir
     assert (log_dir / "prefill.log").is_file() and (log_dir / "decode-0.log").is_file()
+    for name in ("prefill.log", "decode-0.log"):  # started, each froze its start-up heap (nxserve.rpc.gcheap)
+        assert "start-up objects out of the garbage collector's walks" in (log_dir / name).read_text()
     try:
         with Client(cluster.target) as client:
             stream = client.generate([5, 6, 7], max_new_tokens=240, ignore_eos=True)

@@ -114,6 +114,10 @@ def test_chat_uses_the_chat_template(api: openai.OpenAI, svc_model: Path, capsys
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_gateway_froze_its_startup_heap(gateway: GatewayProcess) -> None:
+    assert "start-up objects out of the garbage collector's walks" in gateway.log_path.read_text()  # nxserve.rpc.gcheap
+
+
 def test_models_and_health(api: openai.OpenAI, gateway: GatewayProcess, svc_model: Path) -> None:
     assert [m.id for m in api.models.list().data] == [svc_model.name]
     assert http(f"http://127.0.0.1:{gateway.port}/health") == (200, {"status": "ok"})
