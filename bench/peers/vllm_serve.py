@@ -12,7 +12,8 @@ greedy) to /v1/completions at each Poisson `--rates` (`inf`: all at once, full c
 writes its result JSON. Printed: TTFT, inter-token latency and end-to-end latency at p50/p99 and
 output throughput per server and rate, with nxserve/vLLM ratios (`--stream-interval N` gives both servers
 theirs: tokens per streamed chunk at least); `--out-dir` gets the JSON of every
-run, `table.md` and PNG plots. Not part of CI: it needs the vLLM venv (~3.5 GB) and minutes per server.
+run, `table.md` and PNG plots. `--rounds N` runs both servers N times, alternating which goes first,
+and adds the median nxserve/vLLM ratio of every figure with its range over the rounds. Not part of CI: it needs the vLLM venv (~3.5 GB) and minutes per server.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -60,7 +62,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: flo
 
 def _bench(args: argparse.Namespace, *, server: str, base_url: str, model_name: str, rate: str, env: dict[str, str]) -> dict[str, Any]:
     """One `vllm bench serve` run; its result JSON (plus server and rate)."""
-    name = f"{server}-rate-{rate}.json"
+    name = f"{server}-rate-{rate}{args.tag}.json"
     cmd = [
         str(vllm_env.venv_python(args.venv)), "-c", BENCH_SERVE,
         "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
@@ -70,13 +72,13 @@ def _bench(args: argparse.Namespace, *, server: str, base_url: str, model_name: 
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
         "--save-result", "--save-detailed", "--result-dir", str(args.out_dir), "--result-filename", name,
     ]  # fmt: skip
-    log = args.out_dir / f"{server}-rate-{rate}.log"
+    log = args.out_dir / f"{server}-rate-{rate}{args.tag}.log"
     print(f"[{server}] vllm bench serve --request-rate {rate} ({log})", file=sys.stderr, flush=True)
     with log.open("w") as out:
         code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=args.bench_timeout).returncode
     if code != 0:
         raise RuntimeError(f"vllm bench serve failed (exit {code}): {log.read_text(errors='replace')[-3000:]}")
-    return {**json.loads((args.out_dir / name).read_text()), "server": server, "rate": rate}
+    return {**json.loads((args.out_dir / name).read_text()), "server": server, "rate": rate, "round": args.round}
 
 
 def _run_nxserve(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, Any]]:
@@ -84,7 +86,7 @@ def _run_nxserve(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str
     from nxserve.openai.launch import GatewayProcess
 
     engine_args = ["--dtype", "bfloat16", "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), *args.nxserve_args.split()]
-    log_dir = args.out_dir / "nxserve-logs"
+    log_dir = args.out_dir / f"nxserve-logs{args.tag}"
     with (
         LocalCluster(
             args.model,
@@ -110,7 +112,7 @@ def _run_vllm(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, A
         "--max-num-seqs", str(args.batch_size), "--stream-interval", str(args.stream_interval),
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    log = args.out_dir / "vllm-server.log"
+    log = args.out_dir / f"vllm-server{args.tag}.log"
     print(f"[vllm] starting its OpenAI server ({log}) ...", file=sys.stderr, flush=True)
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, env=vllm_env.with_allocator(env, args.venv), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -133,6 +135,7 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "server": result["server"],
         "rate": result["rate"],
+        "round": result.get("round", 1),
         "completed": result.get("completed"),
         "failed": result.get("failed", 0),
     }
@@ -157,6 +160,26 @@ def table(rows: list[dict[str, Any]]) -> str:
         if len(pair) == 2:
             ratios = [pair["nxserve"][c] / pair["vllm"][c] if pair["nxserve"][c] and pair["vllm"][c] else None for c in cols]
             lines.append(f"| {rate} | nxserve/vLLM | " + " | ".join(f"{x:.2f}x" if x is not None else "-" for x in ratios) + " |")
+    return "\n".join(lines)
+
+
+def ratio_summary(rows: list[dict[str, Any]]) -> str:
+    """Over rounds (each a run of both servers): per rate and figure, the median nxserve/vLLM ratio
+    and its range, from the rounds that measured both servers."""
+    cols = [f"{k}_{p}_ms" for k, _ in METRICS for p in ("p50", "p99")] + ["output_tok_s"]
+    heads = [f"{label} {p} ms" for _, label in METRICS for p in ("p50", "p99")] + ["output tok/s"]
+    rounds = sorted({r["round"] for r in rows})
+    lines = [f"nxserve/vLLM over {len(rounds)} rounds: median (min-max)", "", "| rate | " + " | ".join(heads) + " |", "|" + "---|" * (len(heads) + 1)]
+    for rate in dict.fromkeys(r["rate"] for r in rows):
+        cells = []
+        for c in cols:
+            ratios = []
+            for k in rounds:
+                pair = {r["server"]: r[c] for r in rows if r["rate"] == rate and r["round"] == k}
+                if pair.get("nxserve") and pair.get("vllm"):
+                    ratios.append(pair["nxserve"] / pair["vllm"])
+            cells.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-")
+        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -214,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         "`nxserve compile --for decode` with the same engine flags)",
     )
     p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of both servers, alternating which goes first (this VM's speed drifts over minutes); "
+        "prints each round's table and the median ratio with its range (default: 1)",
+    )
     p.add_argument("--out-dir", type=Path, default=Path("peers-serve"))
     p.add_argument("--bench-timeout", type=float, default=900.0, help="seconds per `vllm bench serve` run")
     p.add_argument("--vllm-start-timeout", type=float, default=600.0, help="seconds vLLM's server gets to start (it compiles)")
@@ -223,17 +253,28 @@ def main(argv: list[str] | None = None) -> int:
     vllm_env.require(args.venv)
     env = {**os.environ, **vllm_env.ENV_DEFAULTS}
     env.pop("PYTHONPATH", None)  # vLLM's venv must not see nxserve's packages
-    results = []
-    if "nxserve" in args.servers:
-        results += _run_nxserve(args, env)
-    if "vllm" in args.servers:
-        results += _run_vllm(args, env)
-    rows = [_row(r) for r in results]
-    text = table(rows)
-    print(text)
-    (args.out_dir / "table.md").write_text(text + "\n")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: run at least one round")
+    runners = {"nxserve": _run_nxserve, "vllm": _run_vllm}
+    rows: list[dict[str, Any]] = []
+    texts = []
+    for k in range(1, args.rounds + 1):
+        args.round, args.tag = k, f"-r{k}" if args.rounds > 1 else ""
+        order = [s for s in SERVERS if s in args.servers]
+        if k % 2 == 0:
+            order.reverse()  # the other server first: drift over the run falls on both
+        results = [r for server in order for r in runners[server](args, env)]
+        round_rows = [_row(r) for r in results]
+        rows += round_rows
+        text = table(round_rows)
+        texts.append(f"round {k} ({' then '.join(order)}):\n\n{text}" if args.rounds > 1 else text)
+        print(texts[-1], flush=True)
+    if args.rounds > 1:
+        texts.append(ratio_summary(rows))
+        print(texts[-1])
+    (args.out_dir / "table.md").write_text("\n\n".join(texts) + "\n")
     (args.out_dir / "summary.json").write_text(json.dumps(rows, indent=1))
-    for path in plot(rows, args.out_dir):
+    for path in plot([r for r in rows if r["round"] == args.rounds], args.out_dir):
         print(f"plot: {path}")
     return 0
 

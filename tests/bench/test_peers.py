@@ -378,3 +378,32 @@ def test_vllm_gets_tcmalloc_and_intel_openmp_preloaded(tmp_path: Path, monkeypat
     assert vllm_env.with_allocator({"LD_PRELOAD": "/x/libgomp.so"}, venv) == {"LD_PRELOAD": "/x/libgomp.so"}
     monkeypatch.setattr("platform.machine", lambda: "aarch64")
     assert vllm_env.with_allocator({}, venv) == {}
+
+
+def test_serving_rounds_summarize_the_median_ratio_and_its_range() -> None:
+    from bench.peers import vllm_serve
+
+    def row(server: str, rate: str, k: int, tok_s: float, ttft_p99: float) -> dict:
+        keys = {f"{m}_{p}_ms": 10.0 for m, _ in vllm_serve.METRICS for p in ("p50", "p99")}
+        return {"server": server, "rate": rate, "round": k, **keys, "ttft_p99_ms": ttft_p99, "output_tok_s": tok_s}
+
+    rows = [
+        row("nxserve", "inf", 1, 400.0, 100.0),
+        row("vllm", "inf", 1, 400.0, 200.0),
+        row("nxserve", "inf", 2, 600.0, 100.0),
+        row("vllm", "inf", 2, 300.0, 100.0),
+        row("nxserve", "inf", 3, 450.0, 150.0),
+        row("vllm", "inf", 3, 300.0, 100.0),
+        row("nxserve", "1", 1, 60.0, 80.0),  # vLLM missing at this rate in every round: no ratio
+    ]
+    text = vllm_serve.ratio_summary(rows)
+    assert text.startswith("nxserve/vLLM over 3 rounds")
+    heads = next(line for line in text.splitlines() if line.startswith("| rate")).split(" | ")
+    inf = next(line for line in text.splitlines() if line.startswith("| inf")).split(" | ")
+    assert inf[heads.index("output tok/s |")].rstrip(" |") == "1.50x (1.00-2.00)"
+    assert inf[heads.index("TTFT p99 ms")] == "1.00x (0.50-1.50)"
+    one = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    assert set(one.strip("| ").split(" | ")[1:]) == {"-"}
+    # each round's own table pairs the servers of that round only
+    ratio_line = next(line for line in vllm_serve.table([r for r in rows if r["round"] == 1]).splitlines() if "nxserve/vLLM" in line)
+    assert ratio_line.startswith("| inf |") and ratio_line.endswith("| 1.00x |")
