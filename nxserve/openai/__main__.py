@@ -60,8 +60,8 @@ async def serve(args: argparse.Namespace) -> None:
     runner = web.AppRunner(Gateway(client).app(), handler_cancellation=True, access_log=None, shutdown_timeout=args.grace)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, ssl_context=context)
+    freeze_startup_heap()  # before it listens: the collection holds the event loop for ~0.1-0.3 s
     await site.start()
-    freeze_startup_heap()
     port = runner.addresses[0][1]
     scheme = "https" if context else "http"
     log.info("OpenAI-compatible API on %s://%s:%d/v1 over nxserve.v1.Generation at %s", scheme, args.host, port, args.target)

@@ -4,7 +4,7 @@ A service holds a few hundred thousand gc-tracked objects once it has started (t
 and sympy's modules, grpc, the tokenizer, transformers in the gateway): 345k in a decode replica of
 the small llama, 224k in the OpenAI gateway. CPython's full (generation 2) collection walks all of
 them every time enough new objects survived, about once a minute at a request a second, and holds
-the GIL meanwhile: 170-310 ms on the 2-core VM (Intel Xeon), measured by a gc callback in the
+the GIL meanwhile: 171-313 ms on the 2-core VM (Intel Xeon), measured by a gc callback in the
 prefill service and in a decode replica while `bench.peers.vllm_serve` sent a request a second. A
 pause in a decode replica stalls every stream it runs; one in a process that shares the cores with
 another's compute takes a core from it (the other engine's OpenMP threads then wait for each other
@@ -34,7 +34,8 @@ PAUSE_LOG_MS = 10.0
 
 def freeze_startup_heap() -> int:
     """Collect every generation, then freeze what is left; returns how many objects are frozen.
-    Call it once start-up (loading, warm-up) is done, just before serving."""
+    Call it once start-up (loading, warm-up) is done, just before serving: it takes as long as
+    one full collection (~0.1-0.3 s here) on the calling thread."""
     start = time.perf_counter()
     for generation in (0, 1, 2):  # survivors move down to the oldest generation before the freeze
         gc.collect(generation)
