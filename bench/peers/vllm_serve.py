@@ -13,7 +13,8 @@ writes its result JSON. Printed: TTFT, inter-token latency and end-to-end latenc
 output throughput per server and rate, with nxserve/vLLM ratios (`--stream-interval N` gives both servers
 theirs: tokens per streamed chunk at least); `--out-dir` gets the JSON of every
 run, `table.md` and PNG plots. `--rounds N` runs both servers N times, alternating which goes first,
-and adds the median nxserve/vLLM ratio of every figure with its range over the rounds. Not part of CI: it needs the vLLM venv (~3.5 GB) and minutes per server.
+and adds the median nxserve/vLLM ratio of every figure with its range over the rounds. Not part of
+CI: it needs the vLLM venv (~3.5 GB) and minutes per server.
 """
 
 from __future__ import annotations
