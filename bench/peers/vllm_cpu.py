@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -113,6 +114,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where vLLM's own output goes (default: %(default)s)",
     )
     p.add_argument("--json", type=Path, help="also write the figures, each engine's pinning and both comparisons to this file")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every engine this many times, vLLM first in odd rounds and last in even ones (this VM's speed drifts over "
+        "minutes); prints each round's tables, then each ratio's median and range over the rounds (default: 1)",
+    )
 
 
 def load_workload(args: argparse.Namespace) -> Workload:
@@ -245,12 +253,13 @@ def run_engines(
     *,
     default_threads: int,
     cpus: int,
+    vllm_last: bool = False,
 ) -> dict[str, dict]:
-    """vLLM first, once (its own processes, gone before the next engine loads, started before any
-    pinning so it gets every core); then nxserve per backend and transformers, each at every thread
-    setting. Keys: "vllm", "nxserve eager, 2 threads", "transformers, 1 thread (core 0)", ..."""
+    """vLLM first (or last: `vllm_last`), once (its own processes, gone before the next engine loads,
+    started outside any pinning so it gets every core); nxserve per backend and transformers, each at
+    every thread setting. Keys: "vllm", "nxserve eager, 2 threads", "transformers, 1 thread (core 0)", ..."""
     results: dict[str, dict] = {}
-    if "vllm" in args.engines:
+    if "vllm" in args.engines and not vllm_last:
         results["vllm"] = run_vllm(args, prompts, new_tokens, ttft_prompts, cpus=cpus)
     common = dict(repeats=args.repeats, ttft_prompts=ttft_prompts)
     if "nxserve" in args.engines:
@@ -266,6 +275,8 @@ def run_engines(
             with applied(threads, default_threads=default_threads):
                 figures = transformers_figures(args.model, prompts, new_tokens, dtype=args.dtype, tag=threads.label, **common)
             results[f"transformers, {threads.label}"] = {"engine": "transformers", **figures, "pinning": threads.to_dict()}
+    if "vllm" in args.engines and vllm_last:
+        results = {"vllm": run_vllm(args, prompts, new_tokens, ttft_prompts, cpus=cpus), **results}
     return results
 
 
@@ -364,6 +375,36 @@ def _comparison(results: dict[str, dict], threads: Threads, title: str, rows: li
     }
 
 
+def round_summary(rounds: list[dict[str, dict]], rows: list[tuple[str, str, bool]]) -> dict[str, dict]:
+    """Per comparison table and ratio (nxserve run / peer), per row: the median over the rounds that
+    have it, with its min and max and the values in round order."""
+    summary: dict[str, dict] = {}
+    for key in dict.fromkeys(k for tables in rounds for k in tables):
+        pairs = dict.fromkeys(pair for tables in rounds if key in tables for pair in tables[key]["ratios"])
+        out: dict[str, dict] = {}
+        for pair in pairs:
+            out[pair] = {}
+            for row, _, _ in rows:
+                values = [t[key]["ratios"][pair][row] for t in rounds if key in t and pair in t[key]["ratios"]]
+                values = [v for v in values if v is not None]
+                if values:
+                    out[pair][row] = {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
+        summary[key] = {"title": next(t[key]["title"] for t in rounds if key in t), "ratios": out}
+    return summary
+
+
+def print_round_summary(summary: dict[str, dict], rows: list[tuple[str, str, bool]], n: int) -> None:
+    print(f"\n== over {n} rounds: nxserve's speed over the peer's, median (min-max) ==")
+    for table in summary.values():
+        print(f"\n{table['title']}")
+        for pair, figures in table["ratios"].items():
+            print(f"  {pair}")
+            for key, label, _ in rows:
+                if key in figures:
+                    f = figures[key]
+                    print(f"    {label:26}{f['median']:6.2f}x ({f['min']:.2f}-{f['max']:.2f})")
+
+
 def print_comparisons(results: dict[str, dict], tables: dict[str, dict], rows: list[tuple[str, str, bool]], vllm: dict[str, Any]) -> None:
     """Each table: its title, a pinning line per engine, the figures, nxserve's ratio to each peer,
     and the nxserve runs' decode-step figures. When the like-for-like setting is the default one,
@@ -430,19 +471,33 @@ def main(argv: list[str] | None = None) -> int:
         prompts = cast(list[list[int]], [r.prompt for r in workload.make_requests(config.vocab_size)])  # load_workload admits token ids only
         new_tokens = int(workload.output_len.a)
         ttft_prompts = make_ttft_prompts(ttft_lens, args.repeats + 1, config.vocab_size, seed=workload.seed)
-        results = run_engines(args, prompts, new_tokens, ttft_prompts, settings, default_threads=default_threads, cpus=len(process_cores))
+        if args.rounds < 1:
+            raise UsageError(f"--rounds {args.rounds}: run at least one round")
+        rows = table_rows(workload.requests, ttft_lens)
+        per_round: list[tuple[dict[str, dict], dict[str, dict]]] = []
+        for k in range(1, args.rounds + 1):
+            if args.rounds > 1:
+                print(f"\n=== round {k} of {args.rounds} (vLLM {'last' if k % 2 == 0 else 'first'}) ===", file=sys.stderr, flush=True)
+            results = run_engines(
+                args, prompts, new_tokens, ttft_prompts, settings, default_threads=default_threads, cpus=len(process_cores), vllm_last=k % 2 == 0
+            )
+            if "vllm" in results:
+                vllm = results["vllm"]["pinning"]  # what it logged, where it did
+            tables = comparisons(results, settings, vllm["compute_cores"], rows)
+            if args.rounds > 1:
+                print(f"\n=== round {k} of {args.rounds} ===")
+            print(
+                f"\n{args.model} ({args.dtype}); {workload.requests} prompts x {len(prompts[0])} token ids, {new_tokens} greedy new tokens, "
+                f"all at once (seed {workload.seed}); TTFT b1 L: fresh prompts of L random token ids, 1 new token; median of {args.repeats}"
+            )
+            print_comparisons(results, tables, rows, vllm)
+            per_round.append((results, tables))
     except (vllm_env.VllmEnvError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if "vllm" in results:
-        vllm = results["vllm"]["pinning"]  # what it logged, where it did
-    rows = table_rows(workload.requests, ttft_lens)
-    tables = comparisons(results, settings, vllm["compute_cores"], rows)
-    print(
-        f"\n{args.model} ({args.dtype}); {workload.requests} prompts x {len(prompts[0])} token ids, {new_tokens} greedy new tokens, "
-        f"all at once (seed {workload.seed}); TTFT b1 L: fresh prompts of L random token ids, 1 new token; median of {args.repeats}"
-    )
-    print_comparisons(results, tables, rows, vllm)
+    summary = round_summary([t for _, t in per_round], rows) if args.rounds > 1 else None
+    if summary is not None:
+        print_round_summary(summary, rows, args.rounds)
     if args.json:
         report = {
             "model": str(args.model),
@@ -458,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
             "engines": results,
             "comparisons": tables,
         }
+        if summary is not None:  # the last round's figures above; every round's, and the summary, here
+            report["rounds"] = [{"engines": r, "comparisons": t} for r, t in per_round]
+            report["summary"] = summary
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -407,3 +407,49 @@ def test_serving_rounds_summarize_the_median_ratio_and_its_range() -> None:
     # each round's own table pairs the servers of that round only
     ratio_line = next(line for line in vllm_serve.table([r for r in rows if r["round"] == 1]).splitlines() if "nxserve/vLLM" in line)
     assert ratio_line.startswith("| inf |") and ratio_line.endswith("| 1.00x |")
+
+
+def test_rounds_summarize_each_ratio_over_the_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = [Threads(0, 2, (0, 1)), Threads(1, 1, (0,))]
+    rows = vllm_cpu.table_rows(4, [16])
+    rounds = []
+    for vllm_tok_s in (100.0, 50.0, 80.0):  # vLLM's batch figure drifts from round to round
+        results = _fake_results(settings)
+        results["vllm"]["batch_tok_s"] = vllm_tok_s
+        rounds.append(vllm_cpu.comparisons(results, settings, 1, rows))
+    summary = vllm_cpu.round_summary(rounds, rows)
+    batch = summary["like_for_like"]["ratios"]["nxserve eager, 1 thread (core 0) / vllm"]["batch_tok_s"]
+    assert batch["rounds"] == pytest.approx([0.8, 1.6, 1.0]) and batch == {**batch, "median": pytest.approx(1.0), "min": 0.8, "max": 1.6}
+    steady = summary["like_for_like"]["ratios"]["nxserve eager, 1 thread (core 0) / vllm"]["ttft_16_ms"]
+    assert steady["min"] == steady["max"] == steady["median"] == pytest.approx(0.5)
+    vllm_cpu.print_round_summary(summary, rows, 3)
+    out = capsys.readouterr().out
+    assert "over 3 rounds" in out and "1.00x (0.80-1.60)" in out
+
+
+@pytest.mark.parametrize("vllm_last", [False, True])
+def test_rounds_alternate_whether_vllm_runs_first(monkeypatch: pytest.MonkeyPatch, vllm_last: bool) -> None:
+    order: list[str] = []
+    monkeypatch.setattr(vllm_cpu, "run_vllm", lambda *a, **k: order.append("vllm") or {"engine": "vllm"})
+    monkeypatch.setattr(vllm_cpu, "nxserve_figures", lambda *a, **k: order.append("nxserve") or {})
+    args = _args("--model", "m", "--engines", "vllm", "nxserve")
+    results = vllm_cpu.run_engines(args, [[1]], 2, [], [Threads(0, 1, (0,))], default_threads=1, cpus=1, vllm_last=vllm_last)
+    assert order == (["nxserve", "vllm"] if vllm_last else ["vllm", "nxserve"])
+    assert next(iter(results)) == "vllm"  # the tables list it first either way
+
+
+def test_two_rounds_on_the_tiny_model_report_each_round_and_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nxserve.testing.model_factory import make_model
+
+    tiny = make_model(arch="llama", preset="tiny", out=tmp_path / "tiny")
+    out = tmp_path / "peers.json"
+    args = ["--model", str(tiny), "--engines", "nxserve", "transformers", "--dtype", "float32", "--requests", "2", "--prompt-len", "8"]
+    args += ["--new-tokens", "2", "--threads", "1", "--ttft-lens", "8", "--rounds", "2", "--json", str(out)]
+    assert vllm_cpu.main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert len(report["rounds"]) == 2 and report["engines"] == report["rounds"][-1]["engines"]
+    pair = next(iter(report["summary"]["like_for_like"]["ratios"].values()))
+    assert len(pair["batch_tok_s"]["rounds"]) == 2 and pair["batch_tok_s"]["min"] <= pair["batch_tok_s"]["median"] <= pair["batch_tok_s"]["max"]
+    assert printed.count("=== round ") == 2 and "over 2 rounds" in printed
+    assert vllm_cpu.main([*args[:-2], "--rounds", "0"]) == 2
