@@ -147,19 +147,22 @@ def _row(result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+COLUMNS = [f"{k}_{p}_ms" for k, _ in METRICS for p in ("p50", "p99")] + ["output_tok_s"]
+"""A row's figures (`_row`), in table order."""
+HEADS = [f"{label} {p} ms" for _, label in METRICS for p in ("p50", "p99")] + ["output tok/s"]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = [f"{k}_{p}_ms" for k, _ in METRICS for p in ("p50", "p99")] + ["output_tok_s"]
-    heads = [f"{label} {p} ms" for _, label in METRICS for p in ("p50", "p99")] + ["output tok/s"]
-    lines = ["| rate | server | " + " | ".join(heads) + " |", "|" + "---|" * (len(heads) + 2)]
+    lines = ["| rate | server | " + " | ".join(HEADS) + " |", "|" + "---|" * (len(HEADS) + 2)]
     for rate in dict.fromkeys(r["rate"] for r in rows):
         pair = {r["server"]: r for r in rows if r["rate"] == rate}
         for server in SERVERS:
             if server in pair:
                 lines.append(
-                    f"| {rate} | {server} | " + " | ".join(f"{pair[server][c]:.1f}" if pair[server][c] is not None else "-" for c in cols) + " |"
+                    f"| {rate} | {server} | " + " | ".join(f"{pair[server][c]:.1f}" if pair[server][c] is not None else "-" for c in COLUMNS) + " |"
                 )
         if len(pair) == 2:
-            ratios = [pair["nxserve"][c] / pair["vllm"][c] if pair["nxserve"][c] and pair["vllm"][c] else None for c in cols]
+            ratios = [pair["nxserve"][c] / pair["vllm"][c] if pair["nxserve"][c] and pair["vllm"][c] else None for c in COLUMNS]
             lines.append(f"| {rate} | nxserve/vLLM | " + " | ".join(f"{x:.2f}x" if x is not None else "-" for x in ratios) + " |")
     return "\n".join(lines)
 
@@ -167,13 +170,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 def ratio_summary(rows: list[dict[str, Any]]) -> str:
     """Over rounds (each a run of both servers): per rate and figure, the median nxserve/vLLM ratio
     and its range, from the rounds that measured both servers."""
-    cols = [f"{k}_{p}_ms" for k, _ in METRICS for p in ("p50", "p99")] + ["output_tok_s"]
-    heads = [f"{label} {p} ms" for _, label in METRICS for p in ("p50", "p99")] + ["output tok/s"]
     rounds = sorted({r["round"] for r in rows})
-    lines = [f"nxserve/vLLM over {len(rounds)} rounds: median (min-max)", "", "| rate | " + " | ".join(heads) + " |", "|" + "---|" * (len(heads) + 1)]
+    lines = [f"nxserve/vLLM over {len(rounds)} rounds: median (min-max)", "", "| rate | " + " | ".join(HEADS) + " |", "|" + "---|" * (len(HEADS) + 1)]
     for rate in dict.fromkeys(r["rate"] for r in rows):
         cells = []
-        for c in cols:
+        for c in COLUMNS:
             ratios = []
             for k in rounds:
                 pair = {r["server"]: r[c] for r in rows if r["rate"] == rate and r["round"] == k}
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="runs of both servers, alternating which goes first (this VM's speed drifts over minutes); "
-        "prints each round's table and the median ratio with its range (default: 1)",
+        "prints each round's table and the median ratio with its range; the plot shows the last round (default: 1)",
     )
     p.add_argument("--out-dir", type=Path, default=Path("peers-serve"))
     p.add_argument("--bench-timeout", type=float, default=900.0, help="seconds per `vllm bench serve` run")
@@ -251,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.rates = args.rates.split(",")
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: run at least one round")
     vllm_env.require(args.venv)
     env = {**os.environ, **vllm_env.ENV_DEFAULTS}
     env.pop("PYTHONPATH", None)  # vLLM's venv must not see nxserve's packages
-    if args.rounds < 1:
-        p.error(f"--rounds {args.rounds}: run at least one round")
     runners = {"nxserve": _run_nxserve, "vllm": _run_vllm}
     rows: list[dict[str, Any]] = []
     texts = []
