@@ -277,11 +277,16 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   const auto *cp = cc.const_data_ptr<at::BFloat16>(), *sp = sc.const_data_ptr<at::BFloat16>();
   auto* op = out.mutable_data_ptr<at::BFloat16>();
   const int64_t sb = xs.stride(0), sh = xs.stride(1), st = xs.stride(2);
-  at::parallel_for(0, B * H * T, grain_rows(D), [&](int64_t i0, int64_t i1) {
+  // Positions outermost, heads innermost: x is usually a view of the fused QKV projection's
+  // output ([B, T, H, D] storage), so one position's heads are one contiguous read, and its cos and
+  // sin rows are read once for all of them. Heads outermost read D elements every H * D: 2.33
+  // against 1.79 ms for 32 prompts of 128 tokens of 8 heads of 64, 0.99 against 0.65 for one of
+  // 2048 (Intel Xeon, one thread, alternating in one process; the same bits).
+  at::parallel_for(0, B * T * H, grain_rows(D), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
+      const int64_t b = i / (T * H), t = (i / H) % T, h = i % H;
       const int64_t table = (b * T + t) * D;
-      rotary_row(xp + b * sb + h * sh + t * st, cp + table, sp + table, op + i * D, D);
+      rotary_row(xp + b * sb + h * sh + t * st, cp + table, sp + table, op + ((b * H + h) * T + t) * D, D);
     }
   });
 #endif

@@ -104,7 +104,8 @@ def test_prefill_attention_is_as_close_to_float32_as_sdpa(batch: int, heads: int
     a block and query/key blocks of every position relative to the diagonal."""
     torch.manual_seed(length)
     q = torch.randn(batch, length, heads, head_dim, dtype=torch.bfloat16).transpose(1, 2)  # a view, as attention hands it
-    k, v = (torch.randn(batch, kv_heads, length, head_dim, dtype=torch.bfloat16) for _ in range(2))
+    k = torch.randn(batch, kv_heads, length, head_dim, dtype=torch.bfloat16)
+    v = torch.randn(batch, length, kv_heads, head_dim, dtype=torch.bfloat16).transpose(1, 2)
     scale = head_dim**-0.5
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scale, enable_gqa=True)
     sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -113,6 +114,29 @@ def test_prefill_attention_is_as_close_to_float32_as_sdpa(batch: int, heads: int
     sdpa_error = (sdpa.float() - exact).abs().max().item()
     assert (out.float() - exact).abs().max().item() <= 1.5 * sdpa_error + 1e-3
     torch.testing.assert_close(out.float(), exact, rtol=0.02, atol=0.02)
+
+
+def test_prefill_attention_reads_views_in_place_and_writes_rows_for_the_output_projection() -> None:
+    """q, k and v as any strided views give what their contiguous copies give (read in place where
+    each position's elements are contiguous and the strides even, copied otherwise), and the
+    output's memory is [B, T, H, D], so the output projection's reshape needs no copy."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, head_dim = 2, 4, 2, 150, 64
+    qkv = torch.randn(batch, length, (heads + 2 * kv_heads) * head_dim, dtype=torch.bfloat16)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(batch, length, heads, head_dim).transpose(1, 2)
+    k = k.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    v = v.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    odd = torch.randn(batch, kv_heads, length, head_dim + 1, dtype=torch.bfloat16)[..., :head_dim]  # odd strides: copied
+    expected = torch.ops.nxcore.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.125)
+    for kk, vv in ((k, v), (odd, v), (k, odd)):
+        reference = torch.ops.nxcore.prefill_attention(q.contiguous(), kk.contiguous(), vv.contiguous(), 0.125)
+        out = torch.ops.nxcore.prefill_attention(q, kk, vv, 0.125)
+        assert torch.equal(out, reference)
+    out = torch.ops.nxcore.prefill_attention(q, k, v, 0.125)
+    assert torch.equal(out, expected) and out.shape == (batch, heads, length, head_dim)
+    rows = out.transpose(1, 2)
+    assert rows.is_contiguous() and rows.reshape(batch, length, -1).data_ptr() == out.data_ptr()
 
 
 @pytest.mark.parametrize("rows, vocab", [(32, 32000), (1, 7), (3, 16), (5, 33), (2, 151936)])

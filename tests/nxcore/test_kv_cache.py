@@ -26,6 +26,27 @@ def test_prefix_write_and_scatter_touch_only_their_cells() -> None:
     assert cache.export(0, 7).keys.shape == (1, 2, 7, 4)
 
 
+def test_prefix_write_eager_copies_equal_the_traced_index_copy() -> None:
+    """Eagerly, write_prefix copies each row's block (a Python loop over slot ids); traced, it is one
+    index_copy_. Both give the same cache for views (v transposed, as attention hands it) and a
+    padding row on the scratch slot, and leave the other slots' cells untouched."""
+    caches = [KVCache(num_layers=1, slots=4, kv_heads=2, seq_len=8, head_dim=4, dtype=torch.bfloat16) for _ in range(2)]
+    k = torch.randn(3, 2, 6, 4, dtype=torch.bfloat16)
+    v = torch.randn(3, 6, 2, 4, dtype=torch.bfloat16).transpose(1, 2)
+    slots = torch.tensor([3, 1, 4])  # 4: the scratch slot
+
+    def traced(cache: KVCache) -> None:
+        cache.write_prefix(0, slots, k, v)
+
+    caches[0].write_prefix(0, slots, k, v)
+    torch.compile(traced, backend="eager", fullgraph=True)(caches[1])
+    for a, b in zip(caches[0].buffers_of(0), caches[1].buffers_of(0), strict=True):
+        assert torch.equal(a, b)
+    k_buf, v_buf = caches[0].buffers_of(0)
+    assert torch.equal(k_buf[3, :, :6], k[0]) and torch.equal(v_buf[1, :, :6], v[1]) and torch.equal(v_buf[4, :, :6], v[2])
+    assert k_buf[[0, 2]].abs().sum() == 0 and k_buf[:, :, 6:].abs().sum() == 0
+
+
 def test_import_writes_only_the_slots_first_tokens_in_any_dtype_and_layout() -> None:
     """Same dtype (copied as bytes), another dtype (converted) and a non-contiguous snapshot."""
     for cache_dtype, kv_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
