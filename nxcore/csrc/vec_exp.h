@@ -34,10 +34,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 exp1
   return _mm512_scalef_ps(exp_reduced16(f), n);
 }
 
-// 2^x for x <= 0 (a softmax's exponent less its max, in base 2): 2^n * p(f) with n = round(x),
+// 2^x (a softmax's exponent less its max, in base 2; SiLU's e^-g): 2^n * p(f) with n = round(x),
 // f = x - n in [-1/2, 1/2] and p a degree-5 polynomial fitted to 2^f for the least relative error
 // (7.5e-8 on the interval, before float32 rounding; the degree-6 Taylor series of e^(f ln 2) it
-// replaced was ~2e-7 and two instructions longer). Clamped at -126, so never a denormal (slow).
+// replaced was ~2e-7 and two instructions longer). Clamped at -126, so never a denormal (slow);
+// past 128 it is +inf.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m512 exp2_16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
