@@ -46,10 +46,11 @@
 // work waited on. With exp2_16 two instructions shorter (vec_exp.h), q, k and v read in place
 // (v is a view of the QKV projection's output, copied before) and out written as the output
 // projection reads it ([B, T, H, D] in memory, which attention copied into after), the op and that
-// copy took 0.102 / 0.98 / 13.2 ms against 0.120 / 1.23 / 16.1 at 128 / 512 / 2048 tokens (Intel
-// Xeon, one thread, 8 heads of 64 over 4 KV heads, 21 alternating calls in one process; 0.26 /
-// 1.82 / 22.4 against 0.31 / 2.24 / 26.2 in a slower hour). Outputs move by at most one bf16 unit
-// in 0.01-0.1% of elements (the vectorized exp2 of the corrections against libm's).
+// copy took 0.185 / 1.61 / 22.2 ms against 0.211 / 1.90 / 25.3 at 128 / 512 / 2048 tokens (Intel
+// Xeon, one thread, 8 heads of 64 over 4 KV heads, 15-21 alternating calls in one process; 0.26 /
+// 1.82 / 22.4 against 0.31 / 2.24 / 26.2 in another run). Outputs move by one bf16 unit in
+// 0.03-0.1% of elements at 512-2048 tokens (the polynomial exp2 of the corrections, where libm's
+// ran before).
 //
 // Layout: q [B, H, T, D], k and v [B, KV, T, D] (KV divides H: query head h reads KV head
 // h / (H / KV)); out [B, H, T, D]. Query i attends keys 0..i. D must be even (bf16 pairs).
