@@ -191,11 +191,13 @@ NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t 
     const int64_t cols = brgemm.kernel == Kernel::kBrgemm ? kKBlock : std::min(kKBlock, (last_key - j0 + 32) / 32 * 32);
     // s[rows, cols] = q[rows, D] . K^T[D, cols]
     brgemm(rows, cols, D, q_stride, kKBlock, kKBlock, false, q, kt + blk * D * kKBlock, s);
-    // Pass 1, every row: the block's max of the raw scores (two accumulators), in base 2.
+    // Pass 1, every row: the running max of the raw scores (two accumulators), in base 2. scale > 0,
+    // so max(s) * scale is the max of the scaled scores, and the scores need no pass of their own
+    // to be scaled and masked before the exp.
     alignas(64) float mnew[kQBlockAmx], corr[kQBlockAmx];  // kQBlockAmx >= kQBlockVnni
     for (int64_t r = 0; r < rows; ++r) {
       const float* sr = s + r * kKBlock;
-      const int64_t allowed = std::min(keys, i0 + r - j0 + 1);
+      const int64_t allowed = std::min(keys, i0 + r - j0 + 1);  // keys j0 .. j0 + allowed - 1 are at or before the query
       __m512 top0 = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), top1 = top0;
       if (allowed == kKBlock) {
         for (int64_t c = 0; c < kKBlock; c += 32) {
@@ -225,10 +227,12 @@ NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t 
       __m512 total = _mm512_setzero_ps();
       at::BFloat16* pr = p + r * kKBlock;
       for (int64_t c = 0; c < cols; c += 16) {
+        // exp(s * scale - max) = 2^(s * scale * log2(e) - max * log2(e)); masked keys get an exact 0
         __m512 e = nxcore::exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + c), log2_scale_v, mv));
         if (c + 16 > allowed) e = _mm512_maskz_mov_ps(nxcore::tail_mask(allowed - c), e);
         const __m256i eb = (__m256i)_mm512_cvtneps_pbh(e);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c), eb);
+        // sum what the product with V will see: the bf16-rounded probabilities
         total = _mm512_add_ps(total, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(eb), 16)));
       }
       const float correction = corr[r];
