@@ -11,7 +11,8 @@
 // Every op rounds where the ATen chain it replaces rounds (the model code in nxcore/modules, which
 // follows transformers), so the bf16 results are those of that chain: the only differences are the
 // order of the fp32 sum of squares in RMSNorm (vector lanes, then across them) and `exp` in SiLU
-// (nxcore's exp2_16 of -g log2(e), ~1e-6 relative where ATen calls Sleef's), which move a bf16 output by at most one unit in
+// (nxcore's exp2_16 of -g log2(e), where ATen calls Sleef's: rounding -g log2(e) to float32 adds up to
+// |g| x 6e-8 relative to the polynomial's 7.5e-8), which move a bf16 output by at most one unit in
 // its last place, and rarely (none in 4M SiLU outputs of N(0, 16) inputs). tests/nxcore/test_fused.py compares them with the chains.
 //
 // They are called only from eager code (`nxcore.modules.fused`): traced graphs (the compile and

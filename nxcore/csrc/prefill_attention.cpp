@@ -80,6 +80,7 @@ namespace {
 // harness, five alternating rounds): 0.19-0.20 against 0.21-0.23 ms at 128 tokens, 1.84-2.02
 // against 1.96-2.10 at 512, level at 2048.
 constexpr int64_t kQBlockAmx = 64, kQBlockVnni = 32;
+static_assert(kQBlockAmx >= kQBlockVnni, "query_block's per-row scratch is sized for kQBlockAmx rows");
 constexpr int64_t kKBlock = 128;  // keys per block (even: VNNI packs pairs of keys for P.V)
 
 bool prefill_attention_supported() {
@@ -194,7 +195,7 @@ NXCORE_TARGET void query_block(const at::BFloat16* q, int64_t q_stride, int64_t 
     // Pass 1, every row: the running max of the raw scores (two accumulators), in base 2. scale > 0,
     // so max(s) * scale is the max of the scaled scores, and the scores need no pass of their own
     // to be scaled and masked before the exp.
-    alignas(64) float mnew[kQBlockAmx], corr[kQBlockAmx];  // kQBlockAmx >= kQBlockVnni
+    alignas(64) float mnew[kQBlockAmx], corr[kQBlockAmx];
     for (int64_t r = 0; r < rows; ++r) {
       const float* sr = s + r * kKBlock;
       const int64_t allowed = std::min(keys, i0 + r - j0 + 1);  // keys j0 .. j0 + allowed - 1 are at or before the query
